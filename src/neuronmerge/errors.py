@@ -1,0 +1,49 @@
+"""Exceptions raised by neuronmerge.
+
+Every failure a user can cause maps to one class here, so that the command line can print one clear
+sentence and exit with a code that scripts can test, instead of a traceback from deep inside.
+"""
+
+from __future__ import annotations
+
+
+class NeuronMergeError(Exception):
+    """Base class of every error neuronmerge raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidArgumentError(NeuronMergeError, ValueError):
+    """An argument is out of range or of the wrong kind (ratio, threshold, criterion, ...)."""
+
+    exit_code = 2
+
+
+class UnknownArchitectureError(NeuronMergeError, ValueError):
+    """An architecture name that the model registry does not know."""
+
+    exit_code = 3
+
+
+class CheckpointError(NeuronMergeError):
+    """A checkpoint or saved model that is missing, unreadable, corrupt or of the wrong architecture."""
+
+    exit_code = 4
+
+
+class DatasetNotFoundError(NeuronMergeError, FileNotFoundError):
+    """The files of a dataset are not where we looked; the message says how to get them."""
+
+    exit_code = 5
+
+
+class CaptureError(NeuronMergeError):
+    """The model could not be traced into a graph; the message names the call to fix."""
+
+    exit_code = 6
+
+
+class OutputExistsError(NeuronMergeError, FileExistsError):
+    """Refusing to overwrite an existing output file without ``force``."""
+
+    exit_code = 7
