@@ -1,0 +1,291 @@
+"""The ``neuronmerge`` command line: a thin layer over the library.
+
+argparse rather than typer/click because the documented interface takes several values after one flag
+(``--ratios 0.5 0.6 0.7``), which click-based parsers do not support. Results go to stdout (a rich
+table, or exactly one JSON object with ``--json``); progress and errors go to stderr. Every error that
+neuronmerge raises on purpose becomes one line and its own exit code (see ``errors``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from neuronmerge import __version__  # noqa: I001
+from neuronmerge.api import DEFAULT_THRESHOLD, Report, compress
+from neuronmerge.api import plan as plan_sites
+from neuronmerge.criteria import CRITERIA
+from neuronmerge.errors import NeuronMergeError
+from neuronmerge.evaluate import accuracy, count_parameters
+from neuronmerge.experiments.reproduce import paper_setup, reproduce, test_split
+from neuronmerge.io import load, load_checkpoint, read_metadata, save
+from neuronmerge.models import available_models, get_spec
+
+stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
+
+
+def _threshold(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _emit_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2))
+
+
+# -- commands -------------------------------------------------------------------------------------
+
+
+def cmd_reproduce(args: argparse.Namespace) -> None:
+    setup = paper_setup(args.arch)
+    if args.checkpoint is not None:
+        model = load_checkpoint(args.checkpoint, setup.arch)
+        source = str(args.checkpoint)
+    else:
+        from neuronmerge.training import trained_model
+
+        if not args.quiet:
+            stderr.print(f"No --checkpoint: training {setup.arch} on {setup.dataset} (cached).")
+        model, info = trained_model(setup.arch, data_dir=args.data_dir, progress=not args.quiet)
+        source = f"trained here ({info['weights']})"
+
+    def show(row: dict[str, Any]) -> None:
+        if not args.quiet and not args.json:
+            stderr.print(f"  ratio {row['ratio']:.2f} {row['method']:<5} {row['accuracy']:.2f}%")
+
+    outcome = reproduce(model, setup, args.ratios, data_dir=args.data_dir, on_row=show)
+    if args.json:
+        _emit_json(outcome)
+        return
+    paper_column = args.checkpoint is not None
+    table = Table(
+        title=f"{setup.arch} on {setup.dataset}, test split: prune vs merge",
+        caption=f"weights: {source}",
+    )
+    for column in ("ratio", "method", "accuracy %", "params"):
+        table.add_column(column, justify="right")
+    if paper_column:
+        table.add_column("paper %", justify="right")
+    table.add_row(
+        "0",
+        "baseline",
+        f"{outcome['baseline_accuracy']:.2f}",
+        str(outcome["params"]),
+        *([f"{setup.baseline:.2f}"] if paper_column else []),
+    )
+    for row in outcome["results"]:
+        reported = setup.reported.get((row["ratio"], row["method"]))
+        extra = [f"{reported:.2f}" if reported is not None else "-"] if paper_column else []
+        table.add_row(
+            f"{row['ratio']:.2f}", row["method"], f"{row['accuracy']:.2f}", str(row["params"]), *extra
+        )
+    stdout.print(table)
+
+
+def _report_dict(report: Report) -> dict[str, Any]:
+    return dataclasses.asdict(report)
+
+
+def _report_table(report: Report) -> Table:
+    table = Table(title=f"{report.method} ratio {report.ratio} ({report.fidelity} fidelity)")
+    for column in ("layer", "channels", "kept", "merged", "dropped"):
+        table.add_column(column, justify="right" if column != "layer" else "left")
+    for site in report.sites:
+        table.add_row(
+            site.producer, str(site.channels), str(site.kept), str(site.merged), str(site.dropped)
+        )
+    for skip in report.skipped:
+        table.add_row(f"[dim]{skip.producer}[/dim]", "-", "-", "-", f"[dim]{skip.reason}[/dim]")
+    return table
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    spec = get_spec(args.arch)
+    model = load_checkpoint(args.checkpoint, spec.name)
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        from neuronmerge.errors import OutputExistsError
+
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    result = compress(
+        model,
+        spec.example_inputs(),
+        args.ratio,
+        method=args.method,
+        criterion=args.criterion,
+        threshold=args.threshold,
+        lam=args.lam,
+        fidelity=args.fidelity,
+    )
+    description = {"source": str(args.checkpoint), "report": _report_dict(result.report)}
+    save(result.model, out, arch=spec.name, description=description, force=args.force)
+    if args.json:
+        _emit_json({"out": str(out), **_report_dict(result.report)})
+        return
+    stdout.print(_report_table(result.report))
+    report = result.report
+    stdout.print(
+        f"parameters {report.params_before:,} -> {report.params_after:,} "
+        f"({report.params_after / report.params_before:.1%}); saved to {out}"
+    )
+
+
+def _load_any(path: str, arch: str | None) -> tuple[Any, str]:
+    meta = read_metadata(path) if Path(path).is_file() else {}
+    if meta.get("format") == "neuronmerge":
+        return load(path), str(meta["arch"])
+    if arch is None:
+        from neuronmerge.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(
+            f"{path} is a plain checkpoint; say which architecture it holds with --arch "
+            f"({', '.join(available_models())})"
+        )
+    return load_checkpoint(path, arch), get_spec(arch).name
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    model, arch = _load_any(args.path, args.arch)
+    spec = get_spec(arch)
+    images, labels = test_split(spec.dataset, args.data_dir)
+    outcome = {
+        "model": arch,
+        "dataset": spec.dataset,
+        "accuracy": round(accuracy(model, images, labels), 2),
+        "params": count_parameters(model),
+    }
+    if args.json:
+        _emit_json(outcome)
+    else:
+        stdout.print(
+            f"{arch} on the {spec.dataset} test split: accuracy {outcome['accuracy']:.2f}%, "
+            f"{outcome['params']:,} parameters"
+        )
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    model, arch = _load_any(args.path, args.arch)
+    found = plan_sites(model, get_spec(arch).example_inputs())
+    if args.json:
+        _emit_json(
+            {
+                "model": arch,
+                "sites": [dataclasses.asdict(site) for site in found.sites],
+                "skipped": [dataclasses.asdict(skip) for skip in found.skipped],
+            }
+        )
+    else:
+        stdout.print(str(found))
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    rows = [
+        {"name": name, "dataset": get_spec(name).dataset, "description": get_spec(name).description}
+        for name in available_models()
+    ]
+    if args.json:
+        _emit_json(rows)
+        return
+    table = Table(title="registered architectures")
+    for column in ("name", "dataset", "description"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["name"], row["dataset"], row["description"])
+    stdout.print(table)
+
+
+# -- parser ---------------------------------------------------------------------------------------
+
+
+def _common(parser: argparse.ArgumentParser, *, data: bool = False) -> None:
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
+    if data:
+        parser.add_argument(
+            "--data-dir", default=None, help="folder with the dataset files (default: system path)"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuronmerge",
+        description="Shrink trained networks without data or fine-tuning by neuron merging.",
+    )
+    parser.add_argument("--version", action="version", version=f"neuronmerge {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    rep = commands.add_parser("reproduce", help="the paper's prune-vs-merge table on a model")
+    rep.add_argument("arch", help="architecture, e.g. lenet-300-100")
+    rep.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="weights to use (default: train the model here, cached)",
+    )
+    rep.add_argument(
+        "--ratios", type=float, nargs="+", default=None, help="pruning ratios (default: the paper's)"
+    )
+    _common(rep, data=True)
+    rep.set_defaults(run=cmd_reproduce)
+
+    com = commands.add_parser("compress", help="merge or prune a checkpoint and save the result")
+    com.add_argument("checkpoint", type=Path)
+    com.add_argument("--arch", required=True)
+    com.add_argument("--ratio", type=float, required=True, help="fraction removed per layer")
+    com.add_argument("--method", choices=("merge", "prune"), default="merge")
+    com.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
+    com.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        help=f"cosine threshold, or 'none' (default {DEFAULT_THRESHOLD})",
+    )
+    com.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
+    com.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
+    com.add_argument("--out", required=True, help="output .safetensors file")
+    com.add_argument("--force", action="store_true", help="replace an existing output file")
+    _common(com)
+    com.set_defaults(run=cmd_compress)
+
+    ev = commands.add_parser("evaluate", help="test accuracy and parameter count of a model")
+    ev.add_argument("path", help="a checkpoint (with --arch) or a file saved by compress")
+    ev.add_argument("--arch", default=None)
+    _common(ev, data=True)
+    ev.set_defaults(run=cmd_evaluate)
+
+    pl = commands.add_parser("plan", help="list mergeable and skipped layers, and why")
+    pl.add_argument("path", help="a checkpoint (with --arch) or a file saved by compress")
+    pl.add_argument("--arch", default=None)
+    _common(pl)
+    pl.set_defaults(run=cmd_plan)
+
+    mo = commands.add_parser("models", help="list the registered architectures")
+    _common(mo)
+    mo.set_defaults(run=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except NeuronMergeError as exc:
+        stderr.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        stderr.print("interrupted")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

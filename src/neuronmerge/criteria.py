@@ -1,0 +1,68 @@
+"""Criteria: which neurons to keep at a site, from importance scores of their weight rows.
+
+The paper's three criteria score each neuron's weight row (higher score = keep):
+
+* ``l1-norm`` and ``l2-norm``: magnitude of the row (Li et al., 2017).
+* ``l2-GM``: sum of Euclidean distances to all other rows (He et al., 2019, FPGM). Rows near the
+  geometric median are the most replaceable by the others, so the rows *far* from it are kept.
+
+Ties are broken towards the lower index (a stable sort), so the kept set is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from neuronmerge.errors import InvalidArgumentError
+
+CRITERIA = ("l1-norm", "l2-norm", "l2-GM")
+
+# Rows per block when summing pairwise distances: bounds l2-GM's memory to block x N, not N x N.
+_GM_BLOCK = 1024
+
+
+def channel_scores(rows: torch.Tensor, criterion: str) -> torch.Tensor:
+    """One importance score per row of ``rows`` (N x D); higher means more worth keeping."""
+    if criterion == "l1-norm":
+        return rows.abs().sum(dim=1)
+    if criterion == "l2-norm":
+        return torch.linalg.vector_norm(rows, dim=1)
+    if criterion == "l2-GM":
+        # Float64 and exact differences (not the matmul expansion) so that rankings of
+        # near-equal sums do not depend on rounding.
+        rows64 = rows.double()
+        total = torch.zeros(rows.shape[0], dtype=torch.float64)
+        for start in range(0, rows.shape[0], _GM_BLOCK):
+            block = rows64[start : start + _GM_BLOCK]
+            total += torch.cdist(block, rows64, compute_mode="donot_use_mm_for_euclid_dist").sum(0)
+        return total
+    raise InvalidArgumentError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def select_kept(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """Indices of the ``keep`` highest scores, in increasing index order."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    return torch.sort(order[:keep]).values
+
+
+def kept_count(channels: int, ratio: float, rounding: str = "round") -> int:
+    """How many of ``channels`` neurons survive removing the fraction ``ratio``.
+
+    ``round`` is Python's rounding of ``channels * (1 - ratio)``, as the authors do for
+    LeNet-300-100; ``floor`` truncates as they do for their CIFAR conv nets.
+    """
+    exact = channels * (1 - ratio)
+    return int(exact) if rounding == "floor" else round(exact)
+
+
+def check_ratio(ratio: float) -> float:
+    """Validate a pruning ratio: a real number in [0, 1)."""
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+        raise InvalidArgumentError(f"ratio must be a number in [0, 1), got {ratio!r}")
+    if not 0 <= ratio < 1:
+        raise InvalidArgumentError(
+            f"ratio must be in [0, 1) (the fraction of neurons removed per layer), got {ratio}"
+        )
+    return float(ratio)

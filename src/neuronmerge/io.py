@@ -1,0 +1,146 @@
+"""Reading checkpoints and saving / loading compressed models, without ever unpickling code.
+
+* ``load_checkpoint(path, arch)`` reads the authors' format ``{'acc': float, 'state_dict': ...}``, a
+  bare state dict, or a safetensors file, with ``torch.load(weights_only=True)``.
+* ``save(model, path, arch=...)`` writes one ``.safetensors`` file whose header metadata holds a small
+  JSON description (architecture, how it was compressed). Because every registered architecture can
+  rebuild itself at any widths from tensor shapes, ``load(path)`` returns an ordinary module with no
+  pickle involved. The write is atomic: a temporary file in the same folder, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from neuronmerge.errors import CheckpointError, OutputExistsError
+from neuronmerge.models import get_spec, model_from_state_dict
+
+FORMAT = "neuronmerge"
+FORMAT_VERSION = 1
+_METADATA_KEY = "neuronmerge"
+
+
+def _existing_file(path: str | os.PathLike[str]) -> Path:
+    file = Path(path)
+    if not file.exists():
+        raise CheckpointError(f"no such file: {file}")
+    if not file.is_file():
+        raise CheckpointError(f"not a file: {file}")
+    return file
+
+
+def _is_safetensors(file: Path) -> bool:
+    try:
+        with safe_open(str(file), framework="pt"):
+            return True
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint file, on the CPU; clear errors for every way it can be wrong."""
+    file = _existing_file(path)
+    if _is_safetensors(file):
+        return load_file(str(file), device="cpu")
+    try:
+        payload = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{file} holds Python objects beyond tensors, which are not loaded for safety "
+            f"(torch.load weights_only=True refused it: {str(exc).splitlines()[0]}). Re-save its "
+            "state_dict, or pass --trust if you trust where it came from."
+        ) from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise CheckpointError(f"cannot read {file}: corrupt or truncated? ({exc})") from exc
+    return _state_dict_of(payload, file)
+
+
+def _state_dict_of(payload: Any, file: Path) -> dict[str, torch.Tensor]:
+    if isinstance(payload, Mapping) and "state_dict" in payload:
+        payload = payload["state_dict"]
+    if not isinstance(payload, Mapping) or not payload:
+        raise CheckpointError(f"{file} holds no state dict (a mapping of names to tensors)")
+    if not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(f"{file}: its state dict holds values that are not tensors")
+    # Checkpoints saved from nn.DataParallel prefix every key with "module.".
+    return {str(k).removeprefix("module."): v for k, v in payload.items()}
+
+
+def load_checkpoint(path: str | os.PathLike[str], arch: str) -> nn.Module:
+    """Build architecture ``arch`` at the widths of the checkpoint at ``path`` and load it."""
+    get_spec(arch)  # an unknown name fails before the file is read
+    return model_from_state_dict(arch, read_state_dict(path))
+
+
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON description stored in a file written by ``save`` (empty if there is none)."""
+    file = _existing_file(path)
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            raw = (handle.metadata() or {}).get(_METADATA_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return {}
+    if raw is None:
+        return {}
+    try:
+        description = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{file}: its neuronmerge description is not valid JSON") from exc
+    return description if isinstance(description, dict) else {}
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike[str],
+    *,
+    arch: str,
+    description: Mapping[str, Any] | None = None,
+    force: bool = False,
+) -> Path:
+    """Write ``model``'s tensors and a JSON description to one safetensors file, atomically.
+
+    ``arch`` names the registered architecture the tensors belong to (possibly narrower than its
+    default widths). Refuses to replace an existing file unless ``force``.
+    """
+    spec = get_spec(arch)
+    target = Path(path)
+    if target.exists() and not force:
+        raise OutputExistsError(f"{target} exists; pass force=True (--force) to replace it")
+    if not target.parent.is_dir():
+        raise CheckpointError(f"folder {target.parent} does not exist")
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    model_from_state_dict(spec.name, tensors)  # refuse to write what load() could not read back
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": spec.name, **(description or {})}
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(meta, sort_keys=True)})
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return target
+
+
+def load(path: str | os.PathLike[str]) -> nn.Module:
+    """Read a model written by ``save`` back as an ordinary ``nn.Module`` in eval mode."""
+    file = _existing_file(path)
+    meta = read_metadata(file)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(
+            f"{file} is not a model saved by neuronmerge; for a checkpoint use "
+            "load_checkpoint(path, arch=...)"
+        )
+    return model_from_state_dict(str(meta["arch"]), load_file(str(file), device="cpu"))

@@ -1,0 +1,212 @@
+"""The merge engine end to end: exactness on constructed duplicates, topology, reports, refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import neuronmerge as nm
+from neuronmerge.criteria import kept_count
+from tests.builders import duplicated_convnet, duplicated_mlp
+
+
+def split(width: int, ratio: float) -> tuple[int, int]:
+    """(base, dups) so that removing ``ratio`` of ``width`` neurons removes exactly the dups."""
+    keep = kept_count(width, ratio)
+    return keep, width - keep
+
+
+def params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("criterion", ["l1-norm", "l2-norm"])
+def test_merge_is_exact_on_duplicate_fc_neurons(criterion: str) -> None:
+    ratio = 0.4
+    (b1, d1), (b2, d2) = split(20, ratio), split(10, ratio)
+    model = duplicated_mlp(12, [b1, b2], [d1, d2], criterion, seed=1)
+    x = torch.randn(64, 12, dtype=torch.float64)
+    small = nm.merge(model, x[:2], ratio, criterion=criterion, threshold=None)
+    assert torch.allclose(small(x), model(x), rtol=1e-9, atol=1e-10)
+    assert [small.get_submodule(f"layers.{i}").out_features for i in (0, 1)] == [b1, b2]
+    pruned = nm.prune(model, x[:2], ratio, criterion=criterion)
+    assert not torch.allclose(pruned(x), model(x), atol=1e-3)
+
+
+@pytest.mark.parametrize("criterion", ["l1-norm", "l2-norm"])
+def test_merge_is_exact_on_conv_batchnorm_and_flatten(criterion: str) -> None:
+    ratio = 0.5
+    bases, dups = zip(*(split(w, ratio) for w in (8, 6, 10)))
+    model = duplicated_convnet(list(bases), list(dups), criterion, seed=2)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    result = nm.compress(model, x[:2], ratio, criterion=criterion, threshold=None)
+    small = result.model
+    assert torch.allclose(small(x), model(x), rtol=1e-9, atol=1e-10)
+    assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == bases
+    assert small.fc1.in_features == bases[1] * 16
+    assert [(s.producer, s.kept, s.merged, s.dropped) for s in result.report.sites] == [
+        ("conv1", bases[0], dups[0], 0),
+        ("conv2", bases[1], dups[1], 0),
+        ("fc1", bases[2], dups[2], 0),
+    ]
+    assert result.report.params_after == params(small) < params(model)
+
+
+def test_paper_conv_bn_scale_is_not_exact_where_folded_rows_are() -> None:
+    """The authors' algorithm 3 compares raw conv weights and scales with the BN variance: on
+    duplicates defined by what channels compute (folded rows) it misses what exact mode gets."""
+    ratio = 0.5
+    bases, dups = zip(*(split(w, ratio) for w in (8, 6, 10)))
+    model = duplicated_convnet(list(bases), list(dups), "l1-norm", seed=3)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    paper = nm.merge(model, x[:2], ratio, threshold=None, fidelity="paper", include=["conv*"])
+    exact = nm.merge(model, x[:2], ratio, threshold=None, include=["conv*"])
+    assert torch.allclose(exact(x), model(x), rtol=1e-9, atol=1e-10)
+    assert (paper(x) - model(x)).abs().max() > 1e-5  # far beyond float64 rounding
+
+
+def test_prune_and_merge_share_topology_and_kept_neurons() -> None:
+    model = duplicated_mlp(12, [12, 6], [8, 4], "l1-norm", seed=4)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    merged = nm.compress(model, x, 0.4, method="merge", threshold=None)
+    pruned = nm.compress(model, x, 0.4, method="prune")
+    shapes = {k: v.shape for k, v in merged.model.state_dict().items()}
+    assert shapes == {k: v.shape for k, v in pruned.model.state_dict().items()}
+    assert merged.report.params_after == pruned.report.params_after
+    for name in ("layers.0", "layers.1"):
+        # Same kept neurons: identical kept biases (the weights' columns may differ by merging).
+        bias_m = merged.model.get_submodule(name).bias
+        assert torch.equal(bias_m, pruned.model.get_submodule(name).bias)
+    assert all(s.merged == 0 for s in pruned.report.sites)
+
+
+def test_threshold_drops_dissimilar_neurons() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 2)).eval()
+    x = torch.randn(3, 6)
+    strict = nm.compress(model, x, 0.5, threshold=0.999).report.sites[0]
+    loose = nm.compress(model, x, 0.5, threshold=None).report.sites[0]
+    assert (strict.merged, strict.dropped) == (0, 5)
+    assert (loose.merged, loose.dropped) == (5, 0)
+
+
+def test_input_model_is_never_modified() -> None:
+    model = duplicated_convnet([4, 3, 5], [4, 3, 5], "l1-norm", seed=5)
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    nm.merge(model, x, 0.5)
+    nm.prune(model, x, 0.5)
+    nm.plan(model, x)
+    with pytest.raises(nm.InvalidArgumentError):
+        nm.merge(model, x, 1.0)
+    assert model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
+def test_bad_ratio_is_refused(ratio: object) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(nm.InvalidArgumentError, match="ratio"):
+        nm.merge(model, torch.randn(1, 4), ratio)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"criterion": "l3"}, "unknown criterion 'l3'"),
+        ({"fidelity": "approx"}, "fidelity must be"),
+        ({"threshold": 2.0}, "threshold is a cosine similarity"),
+        ({"lam": 0.5}, "lam applies to fidelity='paper' only"),
+    ],
+)
+def test_bad_options_are_refused(kwargs: dict[str, object], message: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(nm.InvalidArgumentError, match=message):
+        nm.merge(model, torch.randn(1, 4), 0.5, **kwargs)  # type: ignore[arg-type]
+
+
+def test_zero_kept_neurons_is_refused_with_the_layer_name() -> None:
+    model = nn.Sequential(nn.Linear(4, 2), nn.ReLU(), nn.Linear(2, 2))
+    with pytest.raises(nm.InvalidArgumentError, match="keeps 0 of the 2 channels of 0"):
+        nm.merge(model, torch.randn(1, 4), 0.9)
+
+
+def test_non_finite_weights_are_refused() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight[1, 2] = float("nan")
+    with pytest.raises(nm.InvalidArgumentError, match="0: weight holds NaN"):
+        nm.merge(model, torch.randn(1, 4), 0.5)
+
+
+def test_untraceable_model_names_the_problem() -> None:
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.sum() > 0:  # data-dependent control flow
+                return self.fc(x)
+            return x
+
+    with pytest.raises(nm.CaptureError, match="torch.fx could not trace Branchy"):
+        nm.plan(Branchy(), torch.randn(1, 4))
+
+
+class _Skips(nn.Module):
+    """One site of each refusal kind next to one mergeable site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)  # -> ReLU -> b: mergeable
+        self.b = nn.Linear(6, 6)  # -> GELU: refused
+        self.c = nn.Linear(6, 6)  # -> residual add: refused
+        self.d = nn.Linear(6, 3)  # model output: refused
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        h = nn.functional.gelu(h)
+        return self.d(self.c(h) + h)
+
+
+def test_plan_lists_sites_and_reasons() -> None:
+    found = nm.plan(_Skips(), torch.randn(2, 4))
+    assert [(s.producer, s.channels, [c.module for c in s.consumers]) for s in found.sites] == [
+        ("a", 6, ["b"])
+    ]
+    reasons = {s.producer: s.reason for s in found.skipped}
+    assert reasons == {
+        "b": "channels reach gelu, which merging cannot pass through",
+        "c": "channels are tied to a residual add",
+        "d": "channels are part of the model's output",
+    }
+    assert "merge a (6 ch) -> b" in str(found)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(2, 24), min_size=1, max_size=3),
+    ratio=st.sampled_from([0.25, 0.5, 0.6]),
+    criterion=st.sampled_from(["l1-norm", "l2-norm"]),
+    seed=st.integers(0, 2**16),
+)
+def test_property_random_mlps_merge_exactly(
+    widths: list[int], ratio: float, criterion: str, seed: int
+) -> None:
+    bases, dups = zip(*(split(w, ratio) for w in widths))
+    model = duplicated_mlp(5, list(bases), list(dups), criterion, seed)
+    x = torch.randn(8, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    small = nm.merge(model, x[:2], ratio, criterion=criterion, threshold=None)
+    assert torch.allclose(small(x), model(x), rtol=1e-9, atol=1e-10)
+    expected = 5 * bases[0] + bases[0]
+    expected += sum(a * b + b for a, b in zip(bases, bases[1:]))
+    expected += bases[-1] * 3 + 3
+    assert params(small) == expected
