@@ -46,7 +46,7 @@ def _key(name: str) -> str:
 
 
 def register(spec: ModelSpec) -> ModelSpec:
-    """Add ``spec`` under its name and aliases; names compare case- and ``_``/``-``-insensitively."""
+    """Add ``spec`` under its name and aliases (compared ignoring case and ``_`` vs ``-``)."""
     for alias in (spec.name, *spec.aliases):
         key = _key(alias)
         if key in _ALIASES and _ALIASES[key] != spec.name:
