@@ -57,10 +57,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if "global" not in str(exc).lower():  # not a refused class: the bytes are not a pickle
+            raise CheckpointError(f"cannot read {file}: corrupt or not a checkpoint") from exc
         raise CheckpointError(
-            f"{file} holds Python objects beyond tensors, which are not loaded for safety "
-            f"(torch.load weights_only=True refused it: {str(exc).splitlines()[0]}). Re-save its "
-            "state_dict, or pass --trust if you trust where it came from."
+            f"{file} holds Python objects beyond tensors (a pickled class), which are not loaded "
+            "for safety (torch.load weights_only=True). Re-save its state_dict, or pass --trust if "
+            "you trust where it came from."
         ) from exc
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
         raise CheckpointError(f"cannot read {file}: corrupt or truncated? ({exc})") from exc

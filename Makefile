@@ -1,0 +1,33 @@
+# One-command entry points (see README.md). Each target sets up what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: setup data demo test lint
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package (skipped when already present or when
+# NEURONMERGE_FASHION_MNIST_DIR points elsewhere).
+data:
+	@if [ -z "$$NEURONMERGE_FASHION_MNIST_DIR" ] && [ ! -e $(FMNIST) ]; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
+
+# The main job: train LeNet-300-100 here (cached) and print the paper's prune-vs-merge table.
+demo: setup data
+	$(VENV)/bin/neuronmerge reproduce lenet-300-100
+
+test: setup data
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks experiments)
+	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks experiments)

@@ -1,0 +1,86 @@
+"""Kept-neuron criteria and the scaling matrix, checked against hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import neuronmerge as nm
+from neuronmerge import criteria
+from neuronmerge.decompose import norm_ratio
+
+ROWS = torch.tensor(
+    [
+        [3.0, 0.0, 0.0],  # l1 3, l2 3
+        [1.0, 1.0, 1.0],  # l1 3, l2 1.73
+        [0.0, -2.0, 0.0],  # l1 2, l2 2
+        [0.1, 0.1, 0.0],  # small: near the others' median
+    ]
+)
+
+
+def test_l1_and_l2_scores() -> None:
+    assert torch.allclose(criteria.channel_scores(ROWS, "l1-norm"), torch.tensor([3.0, 3.0, 2.0, 0.2]))
+    assert torch.allclose(criteria.channel_scores(ROWS, "l2-norm"), ROWS.norm(dim=1))
+
+
+def test_l2_gm_is_sum_of_distances_and_blocking_does_not_change_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    expected = torch.tensor(
+        [sum(float((a - b).norm()) for b in ROWS.double()) for a in ROWS.double()], dtype=torch.float64
+    )
+    assert torch.allclose(criteria.channel_scores(ROWS, "l2-GM"), expected)
+    monkeypatch.setattr(criteria, "_GM_BLOCK", 3)
+    assert torch.allclose(criteria.channel_scores(ROWS, "l2-GM"), expected)
+    # The row closest to the others (the geometric median's neighbour) is the first to go.
+    assert criteria.select_kept(criteria.channel_scores(ROWS, "l2-GM"), 3).tolist() == [0, 1, 2]
+
+
+def test_select_kept_is_sorted_and_breaks_ties_towards_lower_index() -> None:
+    scores = criteria.channel_scores(ROWS, "l1-norm")
+    assert criteria.select_kept(scores, 1).tolist() == [0]
+    assert criteria.select_kept(scores, 2).tolist() == [0, 1]
+    assert criteria.select_kept(torch.tensor([1.0, 5.0, 1.0, 5.0]), 3).tolist() == [0, 1, 3]
+
+
+def test_kept_count_rounding() -> None:
+    assert criteria.kept_count(16, 0.7) == 5  # round(4.8)
+    assert criteria.kept_count(16, 0.7, "floor") == 4  # int(4.8), the authors' conv nets
+    assert criteria.kept_count(300, 0.6) == 120
+    with pytest.raises(nm.InvalidArgumentError):
+        criteria.channel_scores(ROWS, "random")
+
+
+def test_scaling_matrix_by_hand() -> None:
+    rows = torch.tensor([[1.0, 0.0], [0.0, 2.0], [2.0, 0.2], [-1.0, -1.0]])
+    dec = norm_ratio(rows, torch.tensor([0, 1]), threshold=None)
+    z = dec.matrix()
+    assert z[:2].tolist() == [[1.0, 0.0], [0.0, 1.0]]
+    # row 2 is most similar to row 0: scale ||r2|| / ||r0||
+    assert z[2, 1] == 0 and z[2, 0] == pytest.approx(float(rows[2].norm()))
+    # row 3 has cosine -0.71 with both: merged anyway without a threshold (first best: row 0)
+    assert z[3].tolist() == pytest.approx([float(rows[3].norm()), 0.0])
+    strict = norm_ratio(rows, torch.tensor([0, 1]), threshold=0.0).matrix()
+    assert strict[3].tolist() == [0.0, 0.0]
+    assert (z >= 0).all() and ((z > 0).sum(dim=1) <= 1).all()
+
+
+def test_zero_norm_kept_row_never_absorbs() -> None:
+    rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
+    dec = norm_ratio(rows, torch.tensor([0, 2]), threshold=None)
+    assert dec.target.tolist() == [0, 1, 1]
+    assert torch.isfinite(dec.scale).all()
+
+
+@pytest.mark.parametrize("criterion", criteria.CRITERIA)
+def test_every_criterion_runs_end_to_end(criterion: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2))
+    result = nm.compress(model, torch.randn(2, 8), 0.5, criterion=criterion)
+    assert [(s.producer, s.kept, s.merged + s.dropped) for s in result.report.sites] == [
+        ("0", 6, 6),
+        ("2", 3, 3),
+    ]
+    assert result.model(torch.randn(3, 8)).shape == (3, 2)
