@@ -31,3 +31,4 @@ test: setup data
 lint: setup
 	$(VENV)/bin/ruff check src tests $(wildcard benchmarks experiments)
 	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks experiments)
+	$(VENV)/bin/mypy src

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -84,3 +87,8 @@ def test_every_criterion_runs_end_to_end(criterion: str) -> None:
         ("2", 3, 3),
     ]
     assert result.model(torch.randn(3, 8)).shape == (3, 2)
+
+
+def test_default_threshold_is_the_validation_winner() -> None:
+    record = Path(__file__).resolve().parents[1] / "experiments" / "threshold_validation.json"
+    assert nm.DEFAULT_THRESHOLD == json.loads(record.read_text())["best_threshold"]

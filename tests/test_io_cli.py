@@ -1,4 +1,4 @@
-"""Checkpoints, saved models and the command line: round trips, and every bad input's message and code."""
+"""Checkpoints, saved models and the command line: round trips, and each bad input's message and code."""
 
 from __future__ import annotations
 

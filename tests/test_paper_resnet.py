@@ -1,7 +1,10 @@
-"""Paper fidelity on conv + BatchNorm: the authors' ResNet-56, merged and pruned by our vectorised engine,
-must compute what their procedure computes. The oracle below follows their algorithm 3 literally, one
-neuron and one candidate at a time, on the raw state dict (written here from the paper and the
-published procedure's semantics; no shared code with the engine)."""
+"""Paper fidelity on conv + BatchNorm.
+
+The authors' ResNet-56, merged and pruned by our vectorised engine, must compute what their procedure
+computes. The oracle below follows their algorithm 3 literally, one neuron and one candidate at a time,
+on the raw state dict (written here from the paper and the published procedure's semantics; no shared
+code with the engine).
+"""
 
 from __future__ import annotations
 

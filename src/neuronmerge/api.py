@@ -28,7 +28,7 @@ Fidelity = Literal["exact", "paper"]
 #: (``fidelity="exact"``); ``None`` merges every removed neuron into its most similar kept one. Chosen
 #: on a validation split carved from Fashion-MNIST's training data: the best mean accuracy over ratios
 #: 0.5-0.8 (``experiments/threshold_validation.json``).
-DEFAULT_THRESHOLD: float | None = None
+DEFAULT_THRESHOLD: float | None = 0.2
 #: The paper's lambda for conv + BatchNorm sites (their scripts use 0.85 for VGG-16 and ResNet-56).
 PAPER_LAMBDA = 0.85
 

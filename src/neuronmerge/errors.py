@@ -47,3 +47,9 @@ class OutputExistsError(NeuronMergeError, FileExistsError):
     """Refusing to overwrite an existing output file without ``force``."""
 
     exit_code = 7
+
+
+class DatasetCorruptError(NeuronMergeError):
+    """A dataset file exists but is not what it claims to be (bad header, truncated payload)."""
+
+    exit_code = 8

@@ -94,8 +94,9 @@ def _resize_norm(bn: nn.Module, kept: torch.Tensor) -> None:
 def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
     """Shift the literal size at ``dim`` of a view/reshape node's target shape by ``delta``."""
     args = list(node.args)
-    nested = len(args) == 2 and isinstance(args[1], (tuple, list))
-    sizes = list(args[1]) if nested else args[1:]
+    shape = args[1] if len(args) == 2 else None
+    nested = isinstance(shape, (tuple, list))
+    sizes = list(shape) if isinstance(shape, (tuple, list)) else args[1:]
     size = sizes[dim] if dim < len(sizes) else None
     if not isinstance(size, int) or size == -1:
         return  # computed at run time (x.size(0), -1): nothing stale to rewrite
