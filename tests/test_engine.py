@@ -110,6 +110,21 @@ def test_input_model_is_never_modified() -> None:
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_result_shares_no_tensor_with_the_input_model() -> None:
+    model = duplicated_convnet([4, 3, 5], [4, 3, 5], "l1-norm", seed=6)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    small = nm.merge(model, x, 0.5, include=["conv2"])  # conv1/bn1/fc layers stay untouched
+
+    def pointers(m: nn.Module) -> set[int]:
+        return {t.data_ptr() for t in [*m.parameters(), *m.buffers()]}
+
+    assert not pointers(small) & pointers(model)
+    assert torch.equal(small.conv1.weight, model.conv1.weight)
+    with torch.no_grad():
+        small.conv1.weight.zero_()
+    assert model.conv1.weight.abs().sum() > 0
+
+
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])
 def test_bad_ratio_is_refused(ratio: object) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))

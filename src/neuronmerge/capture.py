@@ -1,15 +1,21 @@
 """Capture: trace a model once into a ``torch.fx.GraphModule`` annotated with tensor shapes.
 
 Everything downstream reads the graph, never the user's Python code, which is what makes the engine
-architecture-agnostic. The trace runs on a deep copy in eval mode (merging is an inference-time
-transformation: BatchNorm uses its running statistics, dropout is the identity), so the caller's model
-is never touched.
+architecture-agnostic. Merging is an inference-time transformation (BatchNorm uses its running
+statistics, dropout is the identity), so tracing happens in eval mode.
+
+The trace does not copy the model: like every fx trace, the GraphModule shares the caller's leaf layers
+and tensors. That keeps peak memory near the size of the *result* rather than twice the model; the
+rest of the pipeline never writes to a shared layer (``surgery`` builds new ones) and ``detach`` copies
+whatever is still shared before the result is returned. ``eval_mode`` restores the caller's train/eval
+flags on the way out, so the caller's model ends exactly as it started.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import fx, nn
@@ -31,19 +37,31 @@ def as_input_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     )
 
 
-def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
-    """Trace a deep copy of ``model`` and record every node's output shape in ``node.meta``.
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every submodule of ``model`` in eval mode for the block, then restore each one's flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
-    Raises ``CaptureError`` naming the failing call when the model cannot be traced symbolically
-    (data-dependent control flow, for instance); the usual fix is to wrap that call with
-    ``torch.fx.wrap`` or to move it into a leaf module.
+
+def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
+    """Trace ``model`` (which the caller has put in eval mode) and record every node's output shape.
+
+    The GraphModule shares ``model``'s layers; see the module docstring. Raises ``CaptureError`` naming
+    the failing call when the model cannot be traced symbolically (data-dependent control flow, for
+    instance); the usual fix is to wrap that call with ``torch.fx.wrap`` or to move it into a leaf
+    module.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
-    copied = copy.deepcopy(model).eval()
     try:
-        graph_module = fx.symbolic_trace(copied)
+        graph_module = fx.symbolic_trace(model)
     except Exception as exc:  # fx raises many kinds; all mean "cannot trace"
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {exc}. Data-dependent Python "
@@ -58,3 +76,13 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
             f"running {type(model).__name__} on the example inputs failed: {exc}"
         ) from exc
     return graph_module
+
+
+def detach(graph_module: fx.GraphModule, owned: Iterable[torch.Tensor]) -> fx.GraphModule:
+    """A copy of ``graph_module`` that shares nothing with the traced model.
+
+    Tensors in ``owned`` (the new weights that surgery created) are moved over as they are; everything
+    else (layers that were not resized) is copied once, layer by layer.
+    """
+    memo: dict[int, object] = {id(tensor): tensor for tensor in owned}
+    return copy.deepcopy(graph_module, memo)

@@ -10,12 +10,15 @@ For a site with decomposition (K, Z):
 * views on the path whose target shapes hold a literal channel count are rewritten.
 
 A layer that is the consumer of one site and the producer of another gets both; row selection and
-column mixing commute, so the order does not matter. Layers are updated inside the captured copy (never
-the caller's model) and resized in place, so subclasses, hooks and attributes survive.
+column mixing commute, so the order does not matter. The captured graph shares its layers with the
+caller's model, so a touched layer is never written to: it is replaced in the graph by a new instance
+(a shallow copy with its own parameter and buffer tables, so subclasses and attributes survive)
+holding the new tensors.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -35,60 +38,94 @@ def _mix_columns(
     for piece, dec in sorted(slices, key=lambda item: item[0].offset):
         if piece.offset < cursor:
             raise RuntimeError("overlapping channel slices on one consumer")
-        pieces.append(weight[:, cursor : piece.offset])
+        if piece.offset > cursor:
+            pieces.append(weight[:, cursor : piece.offset])
         end = piece.offset + dec.channels * piece.block
         segment = weight[:, piece.offset : end]
         segment = segment.reshape(weight.shape[0], dec.channels, piece.block, *weight.shape[2:])
-        mixed = segment[:, dec.kept].clone()
+        mixed = segment[:, dec.kept]  # advanced indexing: a new tensor, ours to write
         merged = dec.merged()
         if merged.numel():
-            scale = dec.scale[merged].to(weight.dtype)
-            scale = scale.view(1, -1, *([1] * (segment.dim() - 2)))
-            mixed.index_add_(1, dec.target[merged], segment[:, merged] * scale)
+            scale = dec.scale[merged].to(weight.dtype).view(1, -1, *([1] * (segment.dim() - 2)))
+            mixed.index_add_(1, dec.target[merged], segment[:, merged].mul_(scale))
         pieces.append(mixed.reshape(weight.shape[0], -1, *weight.shape[2:]))
         cursor = end
-    pieces.append(weight[:, cursor:])
-    return torch.cat(pieces, dim=1)
+    if cursor < weight.shape[1]:
+        pieces.append(weight[:, cursor:])
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def _set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    old = getattr(module, name)
-    setattr(module, name, nn.Parameter(value.contiguous(), requires_grad=old.requires_grad))
+def _fresh(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` with its own parameter, buffer and submodule tables."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = dict(module._modules)
+    return new
 
 
-def _resize_layer(
+def _parameter(old: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
+    requires_grad = True if old is None else old.requires_grad
+    return nn.Parameter(value.contiguous(), requires_grad=requires_grad)
+
+
+def _resized_layer(
     module: nn.Module,
     kept: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
-) -> None:
-    """Select output rows ``kept`` and mix input columns per ``slices``, then fix size fields."""
+) -> nn.Module:
+    """A new layer: output rows ``kept`` and input columns mixed per ``slices``."""
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    new = _fresh(module)
     with torch.no_grad():
         weight = module.weight.detach()
         if kept is not None:
             weight = weight[kept]
             if module.bias is not None:
-                _set_parameter(module, "bias", module.bias.detach()[kept])
+                new.bias = _parameter(module.bias, module.bias.detach()[kept])
         if slices:
             weight = _mix_columns(weight, slices)
-        _set_parameter(module, "weight", weight)
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = weight.shape[0], weight.shape[1]
+        new.weight = _parameter(module.weight, weight)
+    if isinstance(new, nn.Linear):
+        new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
-        module.out_channels, module.in_channels = weight.shape[0], weight.shape[1]
+        assert isinstance(new, (nn.Conv1d, nn.Conv2d))
+        new.out_channels, new.in_channels = weight.shape[0], weight.shape[1]
+    return new
 
 
-def _resize_norm(bn: nn.Module, kept: torch.Tensor) -> None:
+def _resized_norm(bn: nn.Module, kept: torch.Tensor) -> nn.Module:
+    """A new BatchNorm keeping channels ``kept``."""
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    assert bn.running_mean is not None and bn.running_var is not None
+    new = _fresh(bn)
+    assert isinstance(new, nn.modules.batchnorm._BatchNorm)
     with torch.no_grad():
         if bn.weight is not None:
-            _set_parameter(bn, "weight", bn.weight.detach()[kept])
+            new.weight = _parameter(bn.weight, bn.weight.detach()[kept])
         if bn.bias is not None:
-            _set_parameter(bn, "bias", bn.bias.detach()[kept])
-        assert bn.running_mean is not None and bn.running_var is not None
-        bn.running_mean = bn.running_mean[kept].clone()
-        bn.running_var = bn.running_var[kept].clone()
-    bn.num_features = int(kept.shape[0])
+            new.bias = _parameter(bn.bias, bn.bias.detach()[kept])
+        new.running_mean = bn.running_mean[kept]
+        new.running_var = bn.running_var[kept]
+        if bn.num_batches_tracked is not None:
+            new.num_batches_tracked = bn.num_batches_tracked.clone()
+    new.num_features = int(kept.shape[0])
+    return new
+
+
+def _install(graph_module: fx.GraphModule, name: str, module: nn.Module) -> list[torch.Tensor]:
+    """Put ``module`` at path ``name`` in the graph module, in place of the (shared) layer there.
+
+    Returns the tensors that ``module`` created; tensors it still shares with the old layer (an
+    untouched bias, say) are not returned, so that ``capture.detach`` copies them.
+    """
+    parent, _, leaf = name.rpartition(".")
+    owner = graph_module.get_submodule(parent) if parent else graph_module
+    old = getattr(owner, leaf)
+    shared = {id(t) for t in [*old.parameters(recurse=False), *old.buffers(recurse=False)]}
+    setattr(owner, leaf, module)
+    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+    return [t for t in tensors if id(t) not in shared]
 
 
 def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
@@ -106,19 +143,25 @@ def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
 
 def apply(
     graph_module: fx.GraphModule, sites: list[Site], decompositions: Mapping[str, Decomposition]
-) -> fx.GraphModule:
-    """Resize every layer touched by ``sites`` in ``graph_module`` (in place) and recompile it."""
+) -> list[torch.Tensor]:
+    """Replace every layer touched by ``sites`` in ``graph_module`` by a resized one, and recompile.
+
+    Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
+    """
     slices: dict[str, list[tuple[ConsumerSlice, Decomposition]]] = defaultdict(list)
     for site in sites:
         for piece in site.consumers:
             slices[piece.module].append((piece, decompositions[site.producer]))
 
+    owned: list[torch.Tensor] = []
     kept_of = {site.producer: decompositions[site.producer].kept for site in sites}
     for name in dict.fromkeys([*kept_of, *slices]):
-        _resize_layer(graph_module.get_submodule(name), kept_of.get(name), slices.get(name, []))
+        layer = _resized_layer(graph_module.get_submodule(name), kept_of.get(name), slices.get(name, []))
+        owned += _install(graph_module, name, layer)
     for site in sites:
         if site.norm is not None:
-            _resize_norm(graph_module.get_submodule(site.norm), kept_of[site.producer])
+            norm = _resized_norm(graph_module.get_submodule(site.norm), kept_of[site.producer])
+            owned += _install(graph_module, site.norm, norm)
 
     deltas: dict[tuple[str, int], int] = defaultdict(int)
     for site in sites:
@@ -131,4 +174,4 @@ def apply(
 
     graph_module.graph.lint()
     graph_module.recompile()
-    return graph_module
+    return owned
