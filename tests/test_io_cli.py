@@ -171,7 +171,7 @@ def test_cli_compress_then_evaluate(
             7,
             "exists; pass --force",
         ),
-        (["evaluate", "{ckpt}"], 2, "say which architecture it holds with --arch"),
+        (["evaluate", "{ckpt}"], 2, "holds a state dict; say which architecture it is"),
         (
             ["evaluate", "{ckpt}", "--arch", "lenet-300-100", "--data-dir", "{missing}"],
             5,
@@ -200,3 +200,38 @@ def test_cli_errors_are_one_line_with_distinct_codes(
     assert "Traceback" not in captured.err
     assert checkpoint.read_bytes() == before
     assert not (tmp_path / "o.safetensors").exists()
+
+
+class _Custom(torch.nn.Module):
+    """A model of no registered architecture (module-level so that it can be pickled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.fc = torch.nn.Linear(8 * 6 * 6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_trusted_pickled_module_compresses_to_a_torch_export_program(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    pickled, out = tmp_path / "custom.pt", tmp_path / "small.pt2"
+    torch.save(_Custom(), pickled)
+    argv = ["compress", str(pickled), "--ratio", "0.5", "--out", str(out), "--input-shape", "3,8,8"]
+    assert main(argv) == 4  # refused without --trust
+    assert "--trust" in capsys.readouterr().err
+    assert main([*argv, "--trust", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "can run arbitrary code" in captured.err
+    assert [(s["producer"], s["kept"]) for s in json.loads(captured.out)["sites"]] == [("conv", 4)]
+    exported = torch.export.load(out).module()  # plain PyTorch, no neuronmerge needed
+    x = torch.randn(3, 3, 8, 8)
+    assert exported(x).shape == (3, 4)
+    assert torch.allclose(nm.load(out)(x), exported(x))
+    assert main(["plan", str(pickled), "--trust", "--input-shape", "3,8,8", "--json", "-q"]) == 0
+    assert [s["producer"] for s in json.loads(capsys.readouterr().out)["sites"]] == ["conv"]
+    assert main(["plan", str(pickled), "--trust", "-q"]) == 2
+    assert "give --input-shape" in capsys.readouterr().err

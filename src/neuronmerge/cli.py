@@ -16,14 +16,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
+from torch import nn
 
 from neuronmerge import __version__  # noqa: I001
 from neuronmerge.api import DEFAULT_THRESHOLD, Report, compress
 from neuronmerge.api import plan as plan_sites
 from neuronmerge.criteria import CRITERIA
-from neuronmerge.errors import NeuronMergeError
+from neuronmerge.errors import InvalidArgumentError, NeuronMergeError, OutputExistsError
 from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.experiments.reproduce import paper_setup, reproduce, test_split
 from neuronmerge.io import load, load_checkpoint, read_metadata, save
@@ -107,17 +109,42 @@ def _report_table(report: Report) -> Table:
     return table
 
 
+def _warn_trust(args: argparse.Namespace, path: object) -> None:
+    if getattr(args, "trust", False) and not args.quiet:
+        stderr.print(
+            f"[yellow]warning:[/yellow] --trust fully unpickles {path}, which can run arbitrary code; "
+            "use it only on files from a source you trust."
+        )
+
+
+def _example_inputs(arch: str | None, input_shape: str | None) -> torch.Tensor:
+    if input_shape is not None:
+        try:
+            shape = tuple(int(part) for part in input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if not shape or min(shape) < 1:
+            raise InvalidArgumentError(
+                f"--input-shape takes positive sizes like 3,32,32, got {input_shape!r}"
+            )
+        return torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
+    if arch is None:
+        raise InvalidArgumentError(
+            "this model is of no registered architecture: give --input-shape C,H,W"
+        )
+    return get_spec(arch).example_inputs()
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
-    spec = get_spec(args.arch)
-    model = load_checkpoint(args.checkpoint, spec.name)
+    _warn_trust(args, args.checkpoint)
+    model, arch = _load_any(args.checkpoint, args.arch, args.trust)
     out = Path(args.out)
     if out.exists() and not args.force:
-        from neuronmerge.errors import OutputExistsError
-
         raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    example = _example_inputs(arch, args.input_shape)
     result = compress(
         model,
-        spec.example_inputs(),
+        example,
         args.ratio,
         method=args.method,
         criterion=args.criterion,
@@ -126,7 +153,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         fidelity=args.fidelity,
     )
     description = {"source": str(args.checkpoint), "report": _report_dict(result.report)}
-    save(result.model, out, arch=spec.name, description=description, force=args.force)
+    save(result.model, out, arch=arch, example_inputs=example, description=description, force=args.force)
     if args.json:
         _emit_json({"out": str(out), **_report_dict(result.report)})
         return
@@ -138,22 +165,21 @@ def cmd_compress(args: argparse.Namespace) -> None:
     )
 
 
-def _load_any(path: str, arch: str | None) -> tuple[Any, str]:
+def _load_any(path: str | Path, arch: str | None, trust: bool = False) -> tuple[nn.Module, str | None]:
+    """A model from a neuronmerge file, a checkpoint of ``arch``, or (``trust``) a pickled module."""
     meta = read_metadata(path) if Path(path).is_file() else {}
     if meta.get("format") == "neuronmerge":
         return load(path), str(meta["arch"])
-    if arch is None:
-        from neuronmerge.errors import InvalidArgumentError
-
-        raise InvalidArgumentError(
-            f"{path} is a plain checkpoint; say which architecture it holds with --arch "
-            f"({', '.join(available_models())})"
-        )
-    return load_checkpoint(path, arch), get_spec(arch).name
+    model = load_checkpoint(path, arch, trust=trust)
+    return model, None if arch is None else get_spec(arch).name
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     model, arch = _load_any(args.path, args.arch)
+    if arch is None:
+        raise InvalidArgumentError(
+            "evaluate needs a registered architecture (--arch) to pick the dataset"
+        )
     spec = get_spec(arch)
     images, labels = test_split(spec.dataset, args.data_dir)
     outcome = {
@@ -172,8 +198,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    model, arch = _load_any(args.path, args.arch)
-    found = plan_sites(model, get_spec(arch).example_inputs())
+    _warn_trust(args, args.path)
+    model, arch = _load_any(args.path, args.arch, args.trust)
+    found = plan_sites(model, _example_inputs(arch, args.input_shape))
     if args.json:
         _emit_json(
             {
@@ -214,6 +241,17 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = False) -> None:
         )
 
 
+def _trust(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust",
+        action="store_true",
+        help="unpickle whole modules (runs code from the file: trusted files only)",
+    )
+    parser.add_argument(
+        "--input-shape", default=None, help="C,H,W of one example, for unregistered models"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuronmerge",
@@ -238,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     com = commands.add_parser("compress", help="merge or prune a checkpoint and save the result")
     com.add_argument("checkpoint", type=Path)
-    com.add_argument("--arch", required=True)
+    com.add_argument("--arch", default=None, help="registered architecture of the checkpoint")
     com.add_argument("--ratio", type=float, required=True, help="fraction removed per layer")
     com.add_argument("--method", choices=("merge", "prune"), default="merge")
     com.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
@@ -250,9 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     com.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
     com.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
-    com.add_argument("--out", required=True, help="output .safetensors file")
+    com.add_argument(
+        "--out", required=True, help="output file (.safetensors; a torch.export .pt2 without --arch)"
+    )
     com.add_argument("--force", action="store_true", help="replace an existing output file")
     _common(com)
+    _trust(com)
     com.set_defaults(run=cmd_compress)
 
     ev = commands.add_parser("evaluate", help="test accuracy and parameter count of a model")
@@ -265,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("path", help="a checkpoint (with --arch) or a file saved by compress")
     pl.add_argument("--arch", default=None)
     _common(pl)
+    _trust(pl)
     pl.set_defaults(run=cmd_plan)
 
     mo = commands.add_parser("models", help="list the registered architectures")

@@ -5,7 +5,10 @@
 * ``save(model, path, arch=...)`` writes one ``.safetensors`` file whose header metadata holds a small
   JSON description (architecture, how it was compressed). Because every registered architecture can
   rebuild itself at any widths from tensor shapes, ``load(path)`` returns an ordinary module with no
-  pickle involved. The write is atomic: a temporary file in the same folder, then ``os.replace``.
+  pickle involved. A model of no registered architecture is saved with ``torch.export`` instead (a
+  ``.pt2`` program that ``torch.export.load(path).module()`` runs without neuronmerge installed).
+  Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+* Whole pickled modules are read only when the caller says ``trust=True``: unpickling runs code.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
-from neuronmerge.errors import CheckpointError, OutputExistsError
+from neuronmerge.capture import ExampleInputs, as_input_tuple
+from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
 from neuronmerge.models import get_spec, model_from_state_dict
 
 FORMAT = "neuronmerge"
@@ -80,10 +84,32 @@ def _state_dict_of(payload: Any, file: Path) -> dict[str, torch.Tensor]:
     return {str(k).removeprefix("module."): v for k, v in payload.items()}
 
 
-def load_checkpoint(path: str | os.PathLike[str], arch: str) -> nn.Module:
-    """Build architecture ``arch`` at the widths of the checkpoint at ``path`` and load it."""
-    get_spec(arch)  # an unknown name fails before the file is read
-    return model_from_state_dict(arch, read_state_dict(path))
+def load_checkpoint(
+    path: str | os.PathLike[str], arch: str | None = None, *, trust: bool = False
+) -> nn.Module:
+    """Build architecture ``arch`` at the widths of the checkpoint at ``path`` and load it.
+
+    With ``trust=True`` the file is fully unpickled (this can run arbitrary code): a whole pickled
+    ``nn.Module`` is returned as it is, and ``arch`` may be left out.
+    """
+    if arch is not None:
+        get_spec(arch)  # an unknown name fails before the file is read
+    if trust:
+        file = _existing_file(path)
+        try:
+            payload = torch.load(file, map_location="cpu", weights_only=False)
+        except Exception as exc:  # unpickling can raise anything
+            raise CheckpointError(f"cannot read {file}: corrupt or truncated? ({exc})") from exc
+        if isinstance(payload, nn.Module):
+            return payload.eval()
+        state = _state_dict_of(payload, file)
+    else:
+        state = read_state_dict(path)
+    if arch is None:
+        raise InvalidArgumentError(
+            f"{path} holds a state dict; say which architecture it is (arch=..., --arch NAME)"
+        )
+    return model_from_state_dict(arch, state)
 
 
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -103,36 +129,53 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return description if isinstance(description, dict) else {}
 
 
+def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        write(temp)
+        os.replace(temp, target)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
 def save(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
-    arch: str,
+    arch: str | None = None,
+    example_inputs: ExampleInputs | None = None,
     description: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
-    """Write ``model``'s tensors and a JSON description to one safetensors file, atomically.
+    """Write ``model`` to ``path`` atomically; refuse to replace an existing file unless ``force``.
 
-    ``arch`` names the registered architecture the tensors belong to (possibly narrower than its
-    default widths). Refuses to replace an existing file unless ``force``.
+    With ``arch`` (a registered architecture, possibly narrower than its default widths): one
+    safetensors file with a JSON description in its header. Without: a ``torch.export`` program traced
+    on ``example_inputs`` (required then), loadable with plain PyTorch.
     """
-    spec = get_spec(arch)
     target = Path(path)
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass force=True (--force) to replace it")
     if not target.parent.is_dir():
         raise CheckpointError(f"folder {target.parent} does not exist")
+    if arch is None:
+        if example_inputs is None:
+            raise InvalidArgumentError(
+                "saving a model of no registered architecture needs example inputs"
+            )
+        inputs = as_input_tuple(example_inputs)
+        batch_dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)  # any batch size
+        program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
+        _atomic_write(target, lambda temp: torch.export.save(program, temp))
+        return target
+    spec = get_spec(arch)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     model_from_state_dict(spec.name, tensors)  # refuse to write what load() could not read back
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": spec.name, **(description or {})}
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temp, metadata={_METADATA_KEY: json.dumps(meta, sort_keys=True)})
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    metadata = {_METADATA_KEY: json.dumps(meta, sort_keys=True)}
+    _atomic_write(target, lambda temp: save_file(tensors, temp, metadata=metadata))
     return target
 
 
@@ -140,9 +183,14 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
     """Read a model written by ``save`` back as an ordinary ``nn.Module`` in eval mode."""
     file = _existing_file(path)
     meta = read_metadata(file)
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{file} is not a model saved by neuronmerge; for a checkpoint use "
-            "load_checkpoint(path, arch=...)"
-        )
-    return model_from_state_dict(str(meta["arch"]), load_file(str(file), device="cpu"))
+    if meta.get("format") == FORMAT:
+        return model_from_state_dict(str(meta["arch"]), load_file(str(file), device="cpu"))
+    if zipfile.is_zipfile(file):
+        try:
+            return torch.export.load(file).module()
+        except Exception:  # not an exported program: fall through to the message below
+            pass
+    raise CheckpointError(
+        f"{file} is not a model saved by neuronmerge; "
+        "for a checkpoint use load_checkpoint(path, arch=...)"
+    )
