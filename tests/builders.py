@@ -9,8 +9,13 @@ merging must reproduce the network's function exactly.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
+
+from neuronmerge.criteria import kept_count
+from neuronmerge.sites import Site
 
 
 def _norm(rows: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -58,13 +63,17 @@ def set_conv_bn(
         if conv.bias is None
         else torch.randn(n, generator=generator, dtype=torch.float64)
     )
+    if bn.weight is None:  # affine=False: gamma = 1 and beta = 0, so the statistics carry a and c
+        var = 1 / a**2 - bn.eps
+        mean = conv_bias - folded[:, -1] / a
     beta = folded[:, -1] - a * (conv_bias - mean)
     with torch.no_grad():
         conv.weight.copy_((folded[:, :-1] / a[:, None]).view_as(conv.weight))
         if conv.bias is not None:
             conv.bias.copy_(conv_bias)
-        bn.weight.copy_(gamma)
-        bn.bias.copy_(beta)
+        if bn.weight is not None:
+            bn.weight.copy_(gamma)
+            bn.bias.copy_(beta)
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
 
@@ -131,3 +140,42 @@ def duplicated_convnet(bases: list[int], dups: list[int], criterion: str, seed: 
     rows, _, _ = duplicate_rows(bases[2], dups[2], model.fc1.in_features + 1, criterion, generator)
     set_linear(model.fc1, rows[torch.randperm(h, generator=generator)])
     return model.eval()
+
+
+def set_rows(layer: nn.Module, rows: torch.Tensor) -> None:
+    """Load rows ``[w | b]`` (or ``w`` alone for a bias-free layer) into a Linear or Conv layer."""
+    assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    with torch.no_grad():
+        width = layer.weight[0].numel()
+        layer.weight.copy_(rows[:, :width].reshape(layer.weight.shape))
+        if layer.bias is not None:
+            layer.bias.copy_(rows[:, width])
+
+
+def plant_duplicates(
+    model: nn.Module,
+    sites: Sequence[Site],
+    ratio: float,
+    criterion: str,
+    generator: torch.Generator,
+) -> dict[str, tuple[int, int]]:
+    """Give every site of ``model`` exactly mergeable duplicates: removing ``ratio`` of its channels
+    removes exactly the duplicates. Rows are what each channel computes before its activation (the
+    folded rows where a BatchNorm follows). Returns ``{producer: (kept, duplicates)}``."""
+    counts: dict[str, tuple[int, int]] = {}
+    for site in sites:
+        layer = model.get_submodule(site.producer)
+        assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        keep = kept_count(site.channels, ratio)
+        dups = site.channels - keep
+        has_column = layer.bias is not None or site.norm is not None
+        width = layer.weight[0].numel() + int(has_column)
+        rows, _, _ = duplicate_rows(keep, dups, width, criterion, generator)
+        rows = rows[torch.randperm(site.channels, generator=generator)]
+        if site.norm is None:
+            set_rows(layer, rows)
+        else:
+            norm = model.get_submodule(site.norm)
+            set_conv_bn(layer, norm, rows, generator)  # type: ignore[arg-type]
+        counts[site.producer] = (keep, dups)
+    return counts

@@ -16,7 +16,7 @@ import torch
 from torch import fx, nn
 
 from neuronmerge import criteria, decompose, surgery
-from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach, eval_mode
+from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.evaluate import count_parameters
 from neuronmerge.sites import Site, Skipped, find_sites
@@ -196,27 +196,26 @@ def compress(
     if fidelity == "paper" and threshold == 0:
         threshold = None
     inputs = as_input_tuple(example_inputs)
-    with eval_mode(model):
-        gm = capture(model, inputs)
-        all_sites, skipped = find_sites(gm)
-        sites, left_out = _select(all_sites, include, exclude)
-        params_before = count_parameters(gm)
-        decompositions: dict[str, decompose.Decomposition] = {}
-        for site in sites:
-            decompositions[site.producer] = _decompose_site(
-                site,
-                _site_tensors(gm, site),
-                ratio=ratio,
-                method=method,
-                criterion=criterion,
-                threshold=threshold,
-                lam=PAPER_LAMBDA if lam is None else lam,
-                fidelity=fidelity,
-            )
-        with torch.no_grad():
-            expected = gm(*inputs)
-        owned = surgery.apply(gm, sites, decompositions)
-        small = detach(gm, owned)
+    gm = capture(model, inputs)
+    all_sites, skipped = find_sites(gm)
+    sites, left_out = _select(all_sites, include, exclude)
+    params_before = count_parameters(gm)
+    decompositions: dict[str, decompose.Decomposition] = {}
+    for site in sites:
+        decompositions[site.producer] = _decompose_site(
+            site,
+            _site_tensors(gm, site),
+            ratio=ratio,
+            method=method,
+            criterion=criterion,
+            threshold=threshold,
+            lam=PAPER_LAMBDA if lam is None else lam,
+            fidelity=fidelity,
+        )
+    with torch.no_grad():
+        expected = gm(*inputs)
+    owned = surgery.apply(gm, sites, decompositions)
+    small = detach(gm, owned)
     try:
         with torch.no_grad():
             produced = small(*inputs)
@@ -317,6 +316,5 @@ def prune(
 
 def plan(model: nn.Module, example_inputs: ExampleInputs) -> Plan:
     """Every candidate site of ``model``: mergeable or skipped, and why. Changes nothing."""
-    with eval_mode(model):
-        sites, skipped = find_sites(capture(model, example_inputs))
+    sites, skipped = find_sites(capture(model, example_inputs))
     return Plan(tuple(sites), tuple(skipped))

@@ -4,18 +4,17 @@ Everything downstream reads the graph, never the user's Python code, which is wh
 architecture-agnostic. Merging is an inference-time transformation (BatchNorm uses its running
 statistics, dropout is the identity), so tracing happens in eval mode.
 
-The trace does not copy the model: like every fx trace, the GraphModule shares the caller's leaf layers
-and tensors. That keeps peak memory near the size of the *result* rather than twice the model; the
-rest of the pipeline never writes to a shared layer (``surgery`` builds new ones) and ``detach`` copies
-whatever is still shared before the result is returned. ``eval_mode`` restores the caller's train/eval
-flags on the way out, so the caller's model ends exactly as it started.
+The trace runs on a *structural* copy: every module object is copied (so whatever the forward or the
+tracer sets on modules, and the eval-mode flags, stay off the caller's model) but parameters and
+buffers are shared, not copied. That keeps peak memory near the size of the *result* rather than twice
+the model; the rest of the pipeline never writes to a shared tensor (``surgery`` builds new layers) and
+``detach`` copies whatever is still shared before the result is returned.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import fx, nn
@@ -37,31 +36,44 @@ def as_input_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     )
 
 
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every submodule of ``model`` in eval mode for the block, then restore each one's flag."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
+def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
+    """A copy of ``module`` with new module objects (and attribute, parameter, buffer and child tables)
+    that share its parameters and buffers. Built field by field rather than with ``copy.deepcopy``,
+    which parametrized modules refuse; a submodule used in two places stays one module."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    new = object.__new__(type(module))
+    memo[id(module)] = new
+    new.__dict__.update(module.__dict__)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {
+        name: None if child is None else structural_copy(child, memo)
+        for name, child in module._modules.items()
+    }
+    return new
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
-    """Trace ``model`` (which the caller has put in eval mode) and record every node's output shape.
+    """Trace a structural copy of ``model`` in eval mode and record every node's output shape.
 
-    The GraphModule shares ``model``'s layers; see the module docstring. Raises ``CaptureError`` naming
-    the failing call when the model cannot be traced symbolically (data-dependent control flow, for
-    instance); the usual fix is to wrap that call with ``torch.fx.wrap`` or to move it into a leaf
-    module.
+    The GraphModule shares ``model``'s tensors, never its module objects (see the module docstring).
+    Raises ``CaptureError`` naming the failing call when the model cannot be traced symbolically
+    (data-dependent control flow, for instance); the usual fix is to wrap that call with
+    ``torch.fx.wrap`` or to move it into a leaf module.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
+    lazy = [name for name, p in model.named_parameters() if nn.parameter.is_lazy(p)]
+    if lazy:
+        raise InvalidArgumentError(
+            f"{lazy[0]} is an uninitialised lazy parameter: run the model once on real inputs first"
+        )
+    copied = structural_copy(model).eval()
     try:
-        graph_module = fx.symbolic_trace(model)
+        graph_module = fx.symbolic_trace(copied)
     except Exception as exc:  # fx raises many kinds; all mean "cannot trace"
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}: {exc}. Data-dependent Python "

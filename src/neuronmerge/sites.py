@@ -12,7 +12,10 @@ pooling, dropout (identity in eval mode), flatten/view/reshape and concatenation
 axis. While walking we track where the producer's channels sit in each tensor: their axis, the column
 offset of the first one (concatenation shifts it) and how many columns each channel owns (flattening a
 conv map gives every channel a block of H*W columns). Any other use of the channels (a residual add, a
-non-homogeneous activation, the model output, a grouped conv) refuses the site, with the reason.
+non-homogeneous activation, the model output, a grouped conv) refuses the site, with the reason. So
+does a producer, BatchNorm or consumer whose tensors are not its own plain parameters (tied to another
+module, read directly by the graph, or computed by a parametrization or weight_norm hook): resizing it
+would untie them, change what the other use reads, or be undone at the next forward.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d)
@@ -146,6 +150,15 @@ _HOMOGENEOUS_METHODS = {"relu", "relu_"}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 _SHAPE_METHODS = {"size", "dim"}
+# ``x.shape`` and friends trace to ``getattr(x, "shape")``: metadata, like ``x.size()``, not a use of
+# the channels (``x.view(x.shape[0], -1)`` is computed at run time and follows any new width).
+_METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
+
+
+def _spatial_dims(kind: object) -> int:
+    """How many spatial axes a conv or pooling layer (or function) works on: 1 for ``*1d``, else 2."""
+    name = type(kind).__name__ if isinstance(kind, nn.Module) else getattr(kind, "__name__", "")
+    return 1 if name.endswith("1d") else 2
 
 
 def _name_of(node: fx.Node, module: nn.Module | None) -> str:
@@ -178,6 +191,15 @@ class SiteFinder:
         for node in graph_module.graph.nodes:
             if node.op == "call_module":
                 self.calls[node.target] = self.calls.get(node.target, 0) + 1
+        # Tensors held by more than one module (tied weights) or read by the graph itself (get_attr):
+        # resizing a layer that holds one would silently untie it, or change what the other use reads.
+        self.owners: dict[int, list[str]] = {}
+        for module_name, module in self.modules.items():
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                self.owners.setdefault(id(tensor), []).append(module_name)
+        self.read_directly = {
+            str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"
+        }
 
     def find(self) -> tuple[list[Site], list[Skipped]]:
         """Every producer call in graph order, each either a Site or a Skipped with its reason."""
@@ -200,16 +222,36 @@ class SiteFinder:
             return None
         return self.modules.get(str(node.target))
 
+    def _check_resizable(self, name: str) -> None:
+        """Refuse when layer ``name``'s tensors are not its own plain parameters and buffers: tied to
+        another module, read directly by the graph, or computed (parametrizations, weight_norm hooks).
+        """
+        module = self.modules[name]
+        if parametrize.is_parametrized(module) or "weight" not in module._parameters:
+            raise _Refusal(f"{name}.weight is computed (a parametrization or weight_norm hook)")
+        for key, tensor in [
+            *module.named_parameters(recurse=False),
+            *module.named_buffers(recurse=False),
+        ]:
+            others = [owner for owner in self.owners.get(id(tensor), []) if owner != name]
+            if others:
+                raise _Refusal(f"{name}.{key} is shared with {others[0]} (tied weights)")
+            if f"{name}.{key}" in self.read_directly:
+                raise _Refusal(f"{name}.{key} is also read directly by the graph")
+
     def _site(self, node: fx.Node, producer: nn.Module) -> Site:
         name = str(node.target)
         if self.calls[name] > 1:
             raise _Refusal(f"module is called {self.calls[name]} times (shared weights)")
+        self._check_resizable(name)
         if isinstance(producer, (nn.Conv1d, nn.Conv2d)) and producer.groups != 1:
             raise _Refusal(f"grouped convolution (groups={producer.groups}) ties channels to groups")
         if isinstance(producer, (nn.Conv1d, nn.Conv2d)) and producer.padding_mode != "zeros":
             raise _Refusal(f"padding_mode={producer.padding_mode!r} is not supported")
         shape = _shape(node)
         kind: Literal["linear", "conv"] = "linear" if isinstance(producer, nn.Linear) else "conv"
+        if kind == "conv" and len(shape) != _spatial_dims(producer) + 2:
+            raise _Refusal(f"unbatched input of shape {shape}: the channels are not on axis 1")
         layout = _Layout(dim=len(shape) - 1 if kind == "linear" else 1, offset=0, block=1)
         channels = shape[layout.dim]
 
@@ -225,6 +267,7 @@ class SiteFinder:
                 raise _Refusal(f"{bn_node.target} has no running statistics to fold")
             if self.calls[str(bn_node.target)] > 1:
                 raise _Refusal(f"{bn_node.target} is called more than once")
+            self._check_resizable(str(bn_node.target))
             start, norm = bn_node, str(bn_node.target)
 
         path: list[str] = []
@@ -284,7 +327,7 @@ class SiteFinder:
             if isinstance(module, _POOL_MODULES):
                 if getattr(module, "return_indices", False):
                     raise _Refusal(f"{label} returns indices")
-                return self._pooled(layout, user, label)
+                return self._pooled(layout, user, label, _spatial_dims(module))
             if isinstance(module, nn.Flatten):
                 return self._reshaped(source, user, layout, label, reshapes, patchable=False)
             if isinstance(module, _NON_HOMOGENEOUS_MODULES):
@@ -295,6 +338,8 @@ class SiteFinder:
 
         if user.op == "call_function":
             target = user.target
+            if target is getattr and user.args[1:2] and user.args[1] in _METADATA_ATTRIBUTES:
+                return None
             if target in _HOMOGENEOUS_FUNCTIONS:
                 return layout
             if target in _IDENTITY_FUNCTIONS:
@@ -304,7 +349,7 @@ class SiteFinder:
             if target in _POOL_FUNCTIONS:
                 if user.kwargs.get("return_indices", False):
                     raise _Refusal(f"{label} returns indices")
-                return self._pooled(layout, user, label)
+                return self._pooled(layout, user, label, _spatial_dims(target))
             if target in _RESHAPE_FUNCTIONS:
                 return self._reshaped(
                     source, user, layout, label, reshapes, patchable=target is torch.reshape
@@ -334,9 +379,11 @@ class SiteFinder:
     # -- layout rules --------------------------------------------------------------------------
 
     @staticmethod
-    def _pooled(layout: _Layout, user: fx.Node, label: str) -> _Layout:
+    def _pooled(layout: _Layout, user: fx.Node, label: str, spatial: int) -> _Layout:
+        # A 2d pool on a 3-D (N, C, L) tensor takes it as an unbatched (C, H, W) one and pools
+        # across the channels: only a batched input of the pool's own rank leaves axis 1 alone.
         shape = _shape(user)
-        if layout.dim != 1 or layout.block != 1 or len(shape) < 3:
+        if layout.dim != 1 or layout.block != 1 or len(shape) != spatial + 2:
             raise _Refusal(f"{label} would pool across the channel axis")
         return layout
 
@@ -353,6 +400,9 @@ class SiteFinder:
         before, after = _shape(source), _shape(user)
         d = layout.dim
         if before == after:
+            # No-op in shape, but a literal size in it (``x.view(-1, 120)``) still goes stale.
+            if patchable:
+                reshapes.append(ReshapeFix(user.name, d, layout.block))
             return layout
         trailing = math.prod(before[d + 1 :])
         if len(after) == d + 1 and after[:d] == before[:d] and after[d] == before[d] * trailing:
@@ -384,6 +434,7 @@ class SiteFinder:
         self, user: fx.Node, module: nn.Module, layout: _Layout, channels: int
     ) -> ConsumerSlice:
         label = _name_of(user, module)
+        self._check_resizable(str(user.target))
         ndim = len(_shape(user.args[0])) if isinstance(user.args[0], fx.Node) else 0
         if isinstance(module, nn.Linear):
             if layout.dim != ndim - 1:
@@ -392,7 +443,7 @@ class SiteFinder:
             assert isinstance(module, (nn.Conv1d, nn.Conv2d))
             if module.groups != 1:
                 raise _Refusal(f"{label} is a grouped convolution (groups={module.groups})")
-            if layout.dim != 1 or layout.block != 1:
+            if layout.dim != 1 or layout.block != 1 or ndim != _spatial_dims(module) + 2:
                 raise _Refusal(f"{label} reads the channels with a different layout")
         return ConsumerSlice(str(user.target), layout.offset, layout.block)
 

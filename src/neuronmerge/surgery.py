@@ -18,13 +18,13 @@ holding the new tensors.
 
 from __future__ import annotations
 
-import copy
 from collections import defaultdict
 from collections.abc import Mapping
 
 import torch
 from torch import fx, nn
 
+from neuronmerge.capture import structural_copy
 from neuronmerge.decompose import Decomposition
 from neuronmerge.sites import ConsumerSlice, Site
 
@@ -55,15 +55,6 @@ def _mix_columns(
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
-def _fresh(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` with its own parameter, buffer and submodule tables."""
-    new = copy.copy(module)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = dict(module._modules)
-    return new
-
-
 def _parameter(old: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
     requires_grad = True if old is None else old.requires_grad
     return nn.Parameter(value.contiguous(), requires_grad=requires_grad)
@@ -76,7 +67,7 @@ def _resized_layer(
 ) -> nn.Module:
     """A new layer: output rows ``kept`` and input columns mixed per ``slices``."""
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
-    new = _fresh(module)
+    new = structural_copy(module)
     with torch.no_grad():
         weight = module.weight.detach()
         if kept is not None:
@@ -98,7 +89,7 @@ def _resized_norm(bn: nn.Module, kept: torch.Tensor) -> nn.Module:
     """A new BatchNorm keeping channels ``kept``."""
     assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
     assert bn.running_mean is not None and bn.running_var is not None
-    new = _fresh(bn)
+    new = structural_copy(bn)
     assert isinstance(new, nn.modules.batchnorm._BatchNorm)
     with torch.no_grad():
         if bn.weight is not None:
@@ -130,6 +121,13 @@ def _install(graph_module: fx.GraphModule, name: str, module: nn.Module) -> list
 
 def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
     """Shift the literal size at ``dim`` of a view/reshape node's target shape by ``delta``."""
+    key = next((k for k in ("shape", "size") if k in node.kwargs), None)
+    if key is not None:  # torch.reshape(x, shape=...) / x.view(size=...)
+        sizes = list(node.kwargs[key])  # type: ignore[arg-type]
+        if dim < len(sizes) and isinstance(sizes[dim], int) and sizes[dim] != -1:
+            sizes[dim] += delta
+            node.kwargs = {**node.kwargs, key: tuple(sizes)}
+        return
     args = list(node.args)
     shape = args[1] if len(args) == 2 else None
     nested = isinstance(shape, (tuple, list))
