@@ -129,15 +129,18 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return description if isinstance(description, dict) else {}
 
 
-def _atomic_write(target: Path, write: Callable[[str], None]) -> None:
+def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write`` on a temporary file beside ``target``, then rename it over ``target``.
+
+    Readers never see half a file, and an interrupted write leaves any old ``target`` intact.
+    """
     handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(handle)
     try:
-        write(temp)
+        write(Path(temp))
         os.replace(temp, target)
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        Path(temp).unlink(missing_ok=True)
 
 
 def save(
@@ -168,14 +171,14 @@ def save(
         inputs = as_input_tuple(example_inputs)
         batch_dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)  # any batch size
         program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
-        _atomic_write(target, lambda temp: torch.export.save(program, temp))
+        atomic_write(target, lambda temp: torch.export.save(program, temp))
         return target
     spec = get_spec(arch)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     model_from_state_dict(spec.name, tensors)  # refuse to write what load() could not read back
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": spec.name, **(description or {})}
     metadata = {_METADATA_KEY: json.dumps(meta, sort_keys=True)}
-    _atomic_write(target, lambda temp: save_file(tensors, temp, metadata=metadata))
+    atomic_write(target, lambda temp: save_file(tensors, str(temp), metadata=metadata))
     return target
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -29,6 +28,7 @@ from torch import Tensor, nn
 from neuronmerge.data.fashion_mnist import load_fashion_mnist, train_val_split
 from neuronmerge.errors import CheckpointError, InvalidArgumentError
 from neuronmerge.evaluate import accuracy
+from neuronmerge.io import atomic_write
 from neuronmerge.models import create_model, get_spec, model_from_state_dict
 
 CACHE_ENV_VAR = "NEURONMERGE_CACHE_DIR"
@@ -128,18 +128,6 @@ def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
         yield lambda description: bar.update(task, advance=1, description=description)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Write through a temporary file in the same folder, then rename, so readers never see half."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _load_cached(arch: str, weights: Path, sidecar: Path) -> tuple[nn.Module, dict[str, Any]]:
     info = json.loads(sidecar.read_text())
     model = model_from_state_dict(arch, load_file(weights))
@@ -210,7 +198,7 @@ def trained_model(
     }
     folder.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"arch": spec.name}))
+    atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"arch": spec.name}))
     # The sidecar is written last: its presence marks the cache entry as complete.
-    _atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+    atomic_write(sidecar, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
     return model, {**info, "weights": str(weights), "cached": False}
