@@ -17,12 +17,15 @@ from neuronmerge.api import (
 from neuronmerge.errors import (
     CaptureError,
     CheckpointError,
+    DatasetCorruptError,
     DatasetNotFoundError,
     InvalidArgumentError,
+    MissingDependencyError,
     NeuronMergeError,
     OutputExistsError,
     UnknownArchitectureError,
 )
+from neuronmerge.export import OnnxExport, export_onnx
 from neuronmerge.io import load, load_checkpoint, save
 from neuronmerge.models import available_models, create_model
 
@@ -32,9 +35,12 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "CaptureError",
     "CheckpointError",
+    "DatasetCorruptError",
     "DatasetNotFoundError",
     "InvalidArgumentError",
+    "MissingDependencyError",
     "NeuronMergeError",
+    "OnnxExport",
     "OutputExistsError",
     "Plan",
     "Report",
@@ -43,6 +49,7 @@ __all__ = [
     "available_models",
     "compress",
     "create_model",
+    "export_onnx",
     "load",
     "load_checkpoint",
     "merge",

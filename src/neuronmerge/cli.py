@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -213,6 +214,29 @@ def cmd_plan(args: argparse.Namespace) -> None:
         stdout.print(str(found))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from neuronmerge.export import export_onnx  # imports the exporter only when asked for
+
+    _warn_trust(args, args.path)
+    if Path(args.onnx).exists() and not args.force:  # before any slow work
+        raise OutputExistsError(f"{args.onnx} exists; pass --force to replace it")
+    model, arch = _load_any(args.path, args.arch, args.trust)
+    done = export_onnx(model, args.onnx, _example_inputs(arch, args.input_shape), force=args.force)
+    outcome = {
+        "out": str(done.path),
+        "format": "onnx",
+        "onnxruntime_max_abs_diff": done.max_abs_diff,
+        "batch_checked": done.batch_checked,
+    }
+    if args.json:
+        _emit_json(outcome)
+    elif not args.quiet:
+        stdout.print(
+            f"wrote {done.path} (dynamic batch); onnxruntime matches PyTorch on a batch of "
+            f"{done.batch_checked} (max abs difference {done.max_abs_diff:.2g})"
+        )
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     rows = [
         {"name": name, "dataset": get_spec(name).dataset, "description": get_spec(name).description}
@@ -309,6 +333,15 @@ def build_parser() -> argparse.ArgumentParser:
     _trust(pl)
     pl.set_defaults(run=cmd_plan)
 
+    ex = commands.add_parser("export", help="write a model as ONNX, checked with onnxruntime")
+    ex.add_argument("path", help="a file saved by compress, or a checkpoint (with --arch)")
+    ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    ex.add_argument("--arch", default=None)
+    ex.add_argument("--force", action="store_true", help="replace an existing output file")
+    _common(ex)
+    _trust(ex)
+    ex.set_defaults(run=cmd_export)
+
     mo = commands.add_parser("models", help="list the registered architectures")
     _common(mo)
     mo.set_defaults(run=cmd_models)
@@ -321,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except NeuronMergeError as exc:
-        stderr.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        # escape: messages quote paths and names like neuronmerge[onnx], which are not markup
+        stderr.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         stderr.print("interrupted")

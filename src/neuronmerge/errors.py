@@ -53,3 +53,9 @@ class DatasetCorruptError(NeuronMergeError):
     """A dataset file exists but is not what it claims to be (bad header, truncated payload)."""
 
     exit_code = 8
+
+
+class MissingDependencyError(NeuronMergeError, ImportError):
+    """An optional feature's packages are not installed; the message names the extra to install."""
+
+    exit_code = 9

@@ -129,6 +129,13 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return description if isinstance(description, dict) else {}
 
 
+def _umask() -> int:
+    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     """Call ``write`` on a temporary file beside ``target``, then rename it over ``target``.
 
@@ -138,6 +145,8 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     os.close(handle)
     try:
         write(Path(temp))
+        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
+        os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, target)
     finally:
         Path(temp).unlink(missing_ok=True)
