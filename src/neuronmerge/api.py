@@ -19,6 +19,7 @@ from neuronmerge import criteria, decompose, surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.evaluate import count_parameters
+from neuronmerge.planning import LayerRow, Totals, layer_rows
 from neuronmerge.sites import Site, Skipped, find_sites
 
 Method = Literal["merge", "prune"]
@@ -52,6 +53,9 @@ class Plan:
 
     sites: tuple[Site, ...]
     skipped: tuple[Skipped, ...]
+    #: With ``plan(..., ratio=...)``: every Linear/Conv layer before and after, and the model totals.
+    layers: tuple[LayerRow, ...] = ()
+    totals: Totals | None = None
 
     def __str__(self) -> str:
         lines = [f"{len(self.sites)} mergeable site(s), {len(self.skipped)} skipped"]
@@ -61,6 +65,12 @@ class Plan:
             lines.append(f"  merge {site.producer}{norm} ({site.channels} ch) -> {readers}")
         for skip in self.skipped:
             lines.append(f"  skip  {skip.producer}: {skip.reason}")
+        if self.totals is not None:
+            t = self.totals
+            lines.append(
+                f"parameters {t.params_before:,} -> {t.params_after:,}, "
+                f"MACs per example {t.macs_before:,} -> {t.macs_after:,}"
+            )
         return "\n".join(lines)
 
 
@@ -314,7 +324,51 @@ def prune(
     ).model
 
 
-def plan(model: nn.Module, example_inputs: ExampleInputs) -> Plan:
-    """Every candidate site of ``model``: mergeable or skipped, and why. Changes nothing."""
-    sites, skipped = find_sites(capture(model, example_inputs))
-    return Plan(tuple(sites), tuple(skipped))
+def plan(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    ratio: float | None = None,
+    *,
+    method: Method = "merge",
+    criterion: str = "l1-norm",
+    threshold: float | None = DEFAULT_THRESHOLD,
+    lam: float | None = None,
+    fidelity: Fidelity = "exact",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+) -> Plan:
+    """Every candidate site of ``model``: mergeable or skipped, and why. Changes nothing.
+
+    With ``ratio`` (and the options of ``compress``) the plan also runs the compression, without
+    returning the model, and fills ``layers``: each Linear/Conv layer's channels kept / merged /
+    dropped, or the reason it is skipped, with its parameters and MACs before and after, and
+    ``totals`` for the whole model. ``sites`` are then the sites the compression used.
+    """
+    found, skipped = find_sites(capture(model, example_inputs))
+    if ratio is None:
+        return Plan(tuple(found), tuple(skipped))
+    result = compress(
+        model,
+        example_inputs,
+        ratio,
+        method=method,
+        criterion=criterion,
+        threshold=threshold,
+        lam=lam,
+        fidelity=fidelity,
+        include=include,
+        exclude=exclude,
+    )
+    report = result.report
+    used = {s.producer for s in report.sites}
+    rows, totals = layer_rows(
+        model,
+        result.model,
+        as_input_tuple(example_inputs),
+        method,
+        report.sites,
+        report.skipped,
+    )
+    return Plan(
+        tuple(s for s in found if s.producer in used), report.skipped, layers=rows, totals=totals
+    )

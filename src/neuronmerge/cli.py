@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ from rich.table import Table
 from torch import nn
 
 from neuronmerge import __version__  # noqa: I001
-from neuronmerge.api import DEFAULT_THRESHOLD, Report, compress
+from neuronmerge.api import DEFAULT_THRESHOLD, Plan, Report, compress
 from neuronmerge.api import plan as plan_sites
 from neuronmerge.criteria import CRITERIA
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError, OutputExistsError
@@ -201,17 +202,88 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     _warn_trust(args, args.path)
     model, arch = _load_any(args.path, args.arch, args.trust)
-    found = plan_sites(model, _example_inputs(arch, args.input_shape))
+    options: dict[str, Any] = {}
+    if args.ratio is not None:
+        options = {
+            "method": args.method,
+            "criterion": args.criterion,
+            "threshold": args.threshold,
+            "lam": args.lam,
+            "fidelity": args.fidelity,
+        }
+    found = plan_sites(model, _example_inputs(arch, args.input_shape), args.ratio, **options)
     if args.json:
-        _emit_json(
-            {
-                "model": arch,
-                "sites": [dataclasses.asdict(site) for site in found.sites],
-                "skipped": [dataclasses.asdict(skip) for skip in found.skipped],
-            }
-        )
+        payload: dict[str, Any] = {
+            "model": arch,
+            "sites": [dataclasses.asdict(site) for site in found.sites],
+            "skipped": [dataclasses.asdict(skip) for skip in found.skipped],
+        }
+        if found.totals is not None:
+            payload["settings"] = {"ratio": args.ratio, **options}
+            payload["layers"] = [dataclasses.asdict(row) for row in found.layers]
+            payload["totals"] = dataclasses.asdict(found.totals)
+        _emit_json(payload)
+    elif found.totals is None:
+        stdout.print(escape(str(found)))
     else:
-        stdout.print(str(found))
+        # Piped into a file or a pager, lay the table out wide instead of at the default 80 columns.
+        wide = Console(highlight=False, width=None if stdout.is_terminal else 150)
+        wide.print(_plan_table(found, args.ratio, options))
+
+
+def _short(count: int) -> str:
+    """A count for people: exact below 10,000, else 3 significant digits with k / M / G."""
+    if count < 10_000:
+        return f"{count:,}"
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    raise AssertionError("unreachable")
+
+
+def _plan_table(found: Plan, ratio: float, options: dict[str, Any]) -> Table:
+    """One row per Linear/Conv layer and a total row: what happens to it, what it costs.
+
+    Before -> after in one cell, counts rounded (``--json`` has them exact); only the notes wrap.
+    """
+    settings = ", ".join(f"{k} {v}" for k, v in options.items() if v is not None)
+    table = Table(title=f"plan: ratio {ratio} ({settings})", caption="MACs per example")
+    table.add_column("layer", no_wrap=True)
+    for column in ("channels", "merged", "dropped", "params", "MACs"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("note")
+
+    def change(before: int, after: int | None) -> str:
+        if after is None or after == before:
+            return _short(before)
+        return f"{_short(before)} -> {_short(after)}"
+
+    for row in found.layers:
+        skipped = row.action == "skip"
+        table.add_row(
+            escape(row.layer),
+            change(row.channels, row.kept),
+            "-" if row.merged is None else str(row.merged),
+            "-" if row.dropped is None else str(row.dropped),
+            change(row.params_before, row.params_after),
+            change(row.macs_before, row.macs_after),
+            escape(f"skipped: {row.reason}" if skipped else row.action),
+            style="dim" if skipped else None,
+        )
+    totals = found.totals
+    assert totals is not None
+    table.add_section()
+    table.add_row(
+        "whole model",
+        "",
+        "",
+        "",
+        change(totals.params_before, totals.params_after),
+        change(totals.macs_before, totals.macs_after),
+        f"{totals.params_after / max(totals.params_before, 1):.0%} of the parameters",
+        style="bold",
+    )
+    return table
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -326,9 +398,26 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev, data=True)
     ev.set_defaults(run=cmd_evaluate)
 
-    pl = commands.add_parser("plan", help="list mergeable and skipped layers, and why")
+    pl = commands.add_parser(
+        "plan",
+        help="list mergeable and skipped layers, and why; with --ratio, a per-layer table of "
+        "channels, parameters and MACs before and after",
+    )
     pl.add_argument("path", help="a checkpoint (with --arch) or a file saved by compress")
     pl.add_argument("--arch", default=None)
+    pl.add_argument(
+        "--ratio", type=float, default=None, help="fraction removed per layer: show its effect"
+    )
+    pl.add_argument("--method", choices=("merge", "prune"), default="merge")
+    pl.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
+    pl.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        help=f"cosine threshold, or 'none' (default {DEFAULT_THRESHOLD})",
+    )
+    pl.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
+    pl.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
     _common(pl)
     _trust(pl)
     pl.set_defaults(run=cmd_plan)
@@ -360,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         stderr.print("interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (`neuronmerge ... | head`): not an error of ours
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

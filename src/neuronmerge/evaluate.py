@@ -7,7 +7,7 @@ they are called on models the user is about to save or compare.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -69,24 +69,34 @@ def count_flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -
     are not seen. The count covers the whole batch: pass a batch of one for per-example MACs.
     A grouped convolution costs ``out.numel() * in_channels / groups * kernel area``.
     """
-    total = 0
+    return sum(flops_by_layer(model, example_inputs).values())
 
-    def linear_hook(module: nn.Linear, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        nonlocal total
-        total += output.numel() * module.in_features
 
-    def conv_hook(
-        module: nn.Conv1d | nn.Conv2d | nn.Conv3d, _inputs: tuple[Tensor, ...], output: Tensor
-    ) -> None:
-        nonlocal total
-        total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+def flops_by_layer(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> dict[str, int]:
+    """MACs of each Linear/Conv module of ``model`` (by qualified name) in one forward pass.
 
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            handles.append(module.register_forward_hook(conv_hook))
+    The per-layer breakdown of ``count_flops`` (same rules), for tables that compare a model with its
+    merged version layer by layer. Modules that the forward pass does not call are left out.
+    """
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if isinstance(module, nn.Linear):
+                macs = output.numel() * module.in_features
+            else:
+                assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                kernel = math.prod(module.kernel_size)
+                macs = output.numel() * (module.in_channels // module.groups) * kernel
+            counts[name] = counts.get(name, 0) + macs
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(hook_for(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     device = _device(model)
     try:
@@ -96,4 +106,4 @@ def count_flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -
     finally:
         for handle in handles:
             handle.remove()
-    return total
+    return counts
