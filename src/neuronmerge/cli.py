@@ -32,6 +32,7 @@ from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.experiments.reproduce import paper_setup, reproduce, test_split
 from neuronmerge.io import load, load_checkpoint, read_metadata, save
 from neuronmerge.models import available_models, get_spec
+from neuronmerge.progress import progress_bar
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
@@ -39,6 +40,11 @@ stderr = Console(stderr=True, highlight=False)
 
 def _threshold(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars (stderr) unless the user asked for silence or for machine-readable output."""
+    return not (args.quiet or args.json)
 
 
 def _emit_json(payload: Any) -> None:
@@ -58,14 +64,16 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
         if not args.quiet:
             stderr.print(f"No --checkpoint: training {setup.arch} on {setup.dataset} (cached).")
-        model, info = trained_model(setup.arch, data_dir=args.data_dir, progress=not args.quiet)
+        model, info = trained_model(setup.arch, data_dir=args.data_dir, progress=_show_progress(args))
         source = f"trained here ({info['weights']})"
 
-    def show(row: dict[str, Any]) -> None:
-        if not args.quiet and not args.json:
-            stderr.print(f"  ratio {row['ratio']:.2f} {row['method']:<5} {row['accuracy']:.2f}%")
+    ratios = setup.ratios if args.ratios is None else args.ratios
+    with progress_bar(_show_progress(args), 2 * len(ratios), "prune and merge") as advance:
 
-    outcome = reproduce(model, setup, args.ratios, data_dir=args.data_dir, on_row=show)
+        def show(row: dict[str, Any]) -> None:
+            advance(f"ratio {row['ratio']:.2f} {row['method']:<5} {row['accuracy']:.2f}%")
+
+        outcome = reproduce(model, setup, ratios, data_dir=args.data_dir, on_row=show)
     if args.json:
         _emit_json(outcome)
         return
@@ -184,10 +192,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         )
     spec = get_spec(arch)
     images, labels = test_split(spec.dataset, args.data_dir)
+    with progress_bar(_show_progress(args), len(images), "evaluating") as advance:
+        correct = accuracy(model, images, labels, on_batch=lambda n: advance(steps=n))
     outcome = {
         "model": arch,
         "dataset": spec.dataset,
-        "accuracy": round(accuracy(model, images, labels), 2),
+        "accuracy": round(correct, 2),
         "params": count_parameters(model),
     }
     if args.json:

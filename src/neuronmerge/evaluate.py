@@ -33,11 +33,19 @@ def _device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+def accuracy(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int = 1000,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> float:
     """Top-1 accuracy of ``model`` on ``(images, labels)`` in percent (0-100).
 
     Runs in eval mode under ``torch.inference_mode()`` in batches of ``batch_size``, moving each
     batch to the model's device; the model's train/eval flags are restored afterwards.
+    ``on_batch`` is called with the number of images of each finished batch (for a progress bar).
     """
     if len(images) == 0 or len(images) != len(labels):
         raise InvalidArgumentError(
@@ -53,6 +61,8 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
             logits = model(images[start : start + batch_size].to(device))
             target = labels[start : start + batch_size].to(device)
             correct += int((logits.argmax(dim=1) == target).sum())
+            if on_batch is not None:
+                on_batch(len(target))
     return 100.0 * correct / len(images)
 
 
