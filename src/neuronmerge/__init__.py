@@ -23,6 +23,7 @@ from neuronmerge.errors import (
     MissingDependencyError,
     NeuronMergeError,
     OutputExistsError,
+    OutputWriteError,
     UnknownArchitectureError,
 )
 from neuronmerge.export import OnnxExport, export_onnx
@@ -42,6 +43,7 @@ __all__ = [
     "NeuronMergeError",
     "OnnxExport",
     "OutputExistsError",
+    "OutputWriteError",
     "Plan",
     "Report",
     "Result",

@@ -180,6 +180,15 @@ def _check_options(
             raise InvalidArgumentError(f"lam must be in [0, 1], got {lam}")
 
 
+def _check_finite(gm: fx.GraphModule) -> None:
+    """Refuse NaN or infinite parameters anywhere: merging would spread them through Z into the
+    kept neurons and the readers, and the similarity scores would be meaningless."""
+    for name, parameter in gm.named_parameters():
+        if not torch.isfinite(parameter.detach()).all():
+            module, _, leaf = name.rpartition(".")
+            raise InvalidArgumentError(f"{module or '<model>'}: {leaf} holds NaN or infinite values")
+
+
 def compress(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -207,6 +216,7 @@ def compress(
         threshold = None
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs)
+    _check_finite(gm)
     all_sites, skipped = find_sites(gm)
     sites, left_out = _select(all_sites, include, exclude)
     params_before = count_parameters(gm)

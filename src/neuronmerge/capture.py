@@ -13,7 +13,9 @@ the model; the rest of the pipeline never writes to a shared tensor (``surgery``
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -81,11 +83,15 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
             "move it into a submodule."
         ) from exc
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node itself; the error below says it all.
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(graph_module).propagate(*(t.clone() for t in inputs))
     except Exception as exc:
+        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a long one
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise CaptureError(
-            f"running {type(model).__name__} on the example inputs failed: {exc}"
+            f"running {type(model).__name__} on the example inputs (shape {shapes}) failed: "
+            f"{str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
         ) from exc
     return graph_module
 

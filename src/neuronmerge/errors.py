@@ -59,3 +59,10 @@ class MissingDependencyError(NeuronMergeError, ImportError):
     """An optional feature's packages are not installed; the message names the extra to install."""
 
     exit_code = 9
+
+
+class OutputWriteError(NeuronMergeError, OSError):
+    """An output file could not be written (missing folder, no permission, disk full); any file that
+    was there before is left as it was."""
+
+    exit_code = 10

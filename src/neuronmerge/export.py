@@ -22,10 +22,10 @@ from torch import nn
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.errors import (
     CaptureError,
-    CheckpointError,
     MissingDependencyError,
     NeuronMergeError,
     OutputExistsError,
+    OutputWriteError,
 )
 from neuronmerge.evaluate import _eval_mode
 from neuronmerge.io import atomic_write
@@ -72,7 +72,7 @@ def export_onnx(
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass force=True (--force) to replace it")
     if not target.parent.is_dir():
-        raise CheckpointError(f"folder {target.parent} does not exist")
+        raise OutputWriteError(f"cannot write {target}: folder {target.parent} does not exist")
     inputs = as_input_tuple(example_inputs)
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} for _ in inputs)

@@ -28,7 +28,12 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from neuronmerge.capture import ExampleInputs, as_input_tuple
-from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
+from neuronmerge.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    OutputExistsError,
+    OutputWriteError,
+)
 from neuronmerge.models import get_spec, model_from_state_dict
 
 FORMAT = "neuronmerge"
@@ -68,7 +73,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "for safety (torch.load weights_only=True). Re-save its state_dict, or pass --trust if "
             "you trust where it came from."
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read {file}: corrupt or truncated? ({exc})") from exc
     return _state_dict_of(payload, file)
 
@@ -139,15 +144,24 @@ def _umask() -> int:
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     """Call ``write`` on a temporary file beside ``target``, then rename it over ``target``.
 
-    Readers never see half a file, and an interrupted write leaves any old ``target`` intact.
+    Readers never see half a file, and an interrupted write leaves any old ``target`` intact. An
+    ``OSError`` on the way (no such folder, no permission, disk full) becomes ``OutputWriteError``.
     """
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
     os.close(handle)
     try:
         write(Path(temp))
         # mkstemp makes the file private (0600); give it the mode a plain open() would have.
         os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, target)
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot write {target}: {exc.strerror or exc}"
+            + ("; the existing file is unchanged" if target.exists() else "")
+        ) from exc
     finally:
         Path(temp).unlink(missing_ok=True)
 
@@ -171,7 +185,7 @@ def save(
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass force=True (--force) to replace it")
     if not target.parent.is_dir():
-        raise CheckpointError(f"folder {target.parent} does not exist")
+        raise OutputWriteError(f"cannot write {target}: folder {target.parent} does not exist")
     if arch is None:
         if example_inputs is None:
             raise InvalidArgumentError(
