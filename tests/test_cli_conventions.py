@@ -81,3 +81,28 @@ def test_python_dash_m_runs_the_cli() -> None:
 
 def test_package_is_typed() -> None:
     assert resources.files("neuronmerge").joinpath("py.typed").is_file()
+
+
+def test_compress_is_bit_identical_across_runs_and_processes(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Same inputs, same bytes: the saved weights, the description in the header, the report."""
+    argv = ["compress", str(checkpoint), "--arch", "lenet-300-100", "--ratio", "0.6", "--json"]
+    outs = [tmp_path / f"run{i}.safetensors" for i in range(3)]
+    reports = []
+    for out in outs[:2]:
+        assert main([*argv, "--out", str(out)]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    done = subprocess.run(
+        [sys.executable, "-m", "neuronmerge", *argv, "--out", str(outs[2])],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    reports.append(json.loads(done.stdout))
+    assert outs[0].read_bytes() == outs[1].read_bytes() == outs[2].read_bytes()
+    for report in reports:
+        report.pop("out")
+    assert reports[0] == reports[1] == reports[2]
