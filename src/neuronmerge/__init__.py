@@ -9,6 +9,7 @@ from neuronmerge.api import (
     Plan,
     Report,
     Result,
+    SiteReport,
     compress,
     merge,
     plan,
@@ -29,6 +30,8 @@ from neuronmerge.errors import (
 from neuronmerge.export import OnnxExport, export_onnx
 from neuronmerge.io import load, load_checkpoint, save
 from neuronmerge.models import available_models, create_model
+from neuronmerge.planning import LayerRow, Totals
+from neuronmerge.sites import Site, Skipped
 
 __version__ = "0.1.0"
 
@@ -39,6 +42,7 @@ __all__ = [
     "DatasetCorruptError",
     "DatasetNotFoundError",
     "InvalidArgumentError",
+    "LayerRow",
     "MissingDependencyError",
     "NeuronMergeError",
     "OnnxExport",
@@ -47,6 +51,10 @@ __all__ = [
     "Plan",
     "Report",
     "Result",
+    "Site",
+    "SiteReport",
+    "Skipped",
+    "Totals",
     "UnknownArchitectureError",
     "available_models",
     "compress",

@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex = commands.add_parser("export", help="write a model as ONNX, checked with onnxruntime")
     ex.add_argument("path", help="a file saved by compress, or a checkpoint (with --arch)")
     ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write")
-    ex.add_argument("--arch", default=None)
+    ex.add_argument("--arch", default=None, help="registered architecture of a checkpoint")
     ex.add_argument("--force", action="store_true", help="replace an existing output file")
     _common(ex)
     _trust(ex)
