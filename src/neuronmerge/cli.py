@@ -123,7 +123,8 @@ def _warn_trust(args: argparse.Namespace, path: object) -> None:
     if getattr(args, "trust", False) and not args.quiet:
         stderr.print(
             f"[yellow]warning:[/yellow] --trust fully unpickles {path}, which can run arbitrary code; "
-            "use it only on files from a source you trust."
+            "use it only on files from a source you trust.",
+            soft_wrap=True,  # a long path must not split the sentence across lines
         )
 
 

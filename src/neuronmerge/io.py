@@ -148,7 +148,10 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     ``OSError`` on the way (no such folder, no permission, disk full) becomes ``OutputWriteError``.
     """
     try:
-        handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        # The target's extension stays last: writers such as torch.export.save check it.
+        handle, temp = tempfile.mkstemp(
+            dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
+        )
     except OSError as exc:
         raise OutputWriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
     os.close(handle)
