@@ -40,6 +40,10 @@ from tests.builders import plant_duplicates
 
 RTOL, ATOL = 1e-9, 1e-10
 OUTPUT = "channels are part of the model's output"
+NON_HOMOGENEOUS = (
+    "{} is not positively homogeneous (f(s*x) != s*f(x)); "
+    "approximate=True merges through it and measures the error"
+)
 RESIDUAL = "channels are tied to a residual add"
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -685,12 +689,12 @@ CASES: dict[str, Case] = {
         (4, 4),
         {"fc.6": (None, {("fc.7", 0, 1)})},
         {
-            "fc.0": "gelu (GELU) is not positively homogeneous (f(s*x) != s*f(x))",
-            "fc.1": "silu (SiLU) is not positively homogeneous (f(s*x) != s*f(x))",
-            "fc.2": "channels reach tanh, which merging cannot pass through",
-            "fc.3": "tanh (Tanh) is not positively homogeneous (f(s*x) != s*f(x))",
-            "fc.4": "channels reach silu, which merging cannot pass through",
-            "fc.5": "relu6 (ReLU6) is not positively homogeneous (f(s*x) != s*f(x))",
+            "fc.0": NON_HOMOGENEOUS.format("gelu (GELU)"),
+            "fc.1": NON_HOMOGENEOUS.format("silu (SiLU)"),
+            "fc.2": NON_HOMOGENEOUS.format("tanh"),
+            "fc.3": NON_HOMOGENEOUS.format("tanh (Tanh)"),
+            "fc.4": NON_HOMOGENEOUS.format("silu"),
+            "fc.5": NON_HOMOGENEOUS.format("relu6 (ReLU6)"),
             "fc.7": OUTPUT,
         },
     ),

@@ -14,7 +14,9 @@ the model; the rest of the pipeline never writes to a shared tensor (``surgery``
 from __future__ import annotations
 
 import copy
+import traceback
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -55,6 +57,27 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     return new
 
 
+_LIBRARY_DIRS = (Path(torch.__file__).parent, Path(__file__).parent)
+
+
+def _failing_line(exc: BaseException) -> str:
+    """``file:line in function: `code``` of the innermost frame of the user's own code that was
+    running when tracing failed, or "" when the failure happened inside PyTorch alone."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [i for i, f in enumerate(frames) if Path(f.filename).is_relative_to(_LIBRARY_DIRS[0])]
+    if not inside:
+        return ""
+    user = [
+        f
+        for f in frames[inside[0] :]
+        if not any(Path(f.filename).is_relative_to(d) for d in _LIBRARY_DIRS)
+    ]
+    if not user:
+        return ""
+    frame = user[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}: `{(frame.line or '').strip()}`"
+
+
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     """Trace a structural copy of ``model`` in eval mode and record every node's output shape.
 
@@ -75,10 +98,13 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     try:
         graph_module = fx.symbolic_trace(copied)
     except Exception as exc:  # fx raises many kinds; all mean "cannot trace"
+        where = _failing_line(exc)
         raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}. Data-dependent Python "
-            "control flow cannot be traced; wrap the offending function with torch.fx.wrap or "
-            "move it into a submodule."
+            f"torch.fx could not trace {type(model).__name__}: {exc}"
+            + (f", at {where}" if where else "")
+            + ". Python control flow on tensor values cannot be traced: move that code into a "
+            "module-level function and register it with torch.fx.wrap('its_name') (it then runs as "
+            "one opaque call and the layers next to it stay unmerged), or remove the branch."
         ) from exc
     try:
         with torch.no_grad():

@@ -64,6 +64,9 @@ class Site:
     path: tuple[str, ...]
     consumers: tuple[ConsumerSlice, ...]
     reshapes: tuple[ReshapeFix, ...]
+    #: Non-homogeneous activations the channels pass through (``approximate=True`` only): merging
+    #: here treats them as if ``f(s*z) == s*f(z)``, so the result is an approximation.
+    approximate_through: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ _POOL_MODULES = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
 )
+# Elementwise activations that are not positively homogeneous: refused, or with ``approximate=True``
+# passed through as if ``f(s*z) == s*f(z)`` (the error is then measured, see ``api.compress``).
 _NON_HOMOGENEOUS_MODULES = (
     nn.ReLU6,
     nn.Hardtanh,
@@ -117,8 +122,18 @@ _NON_HOMOGENEOUS_MODULES = (
     nn.Mish,
     nn.Hardswish,
     nn.Hardsigmoid,
-    nn.Softmax,
-    nn.LogSoftmax,
+)
+# Not elementwise: each output mixes every channel, so no scale can pass through, approximately or not.
+_CHANNEL_MIXING_MODULES = (nn.Softmax, nn.LogSoftmax)
+
+# Modules without weights: calling one in several places shares nothing that a merge would resize.
+_STATELESS_MODULES = (
+    *_HOMOGENEOUS_MODULES,
+    *_IDENTITY_MODULES,
+    *_POOL_MODULES,
+    *_NON_HOMOGENEOUS_MODULES,
+    *_CHANNEL_MIXING_MODULES,
+    nn.Flatten,
 )
 
 _HOMOGENEOUS_FUNCTIONS: set[Callable[..., Any]] = {
@@ -127,6 +142,23 @@ _HOMOGENEOUS_FUNCTIONS: set[Callable[..., Any]] = {
     torch.relu,
     torch.relu_,
     F.leaky_relu,
+}
+_NON_HOMOGENEOUS_FUNCTIONS: set[Callable[..., Any]] = {
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.softplus,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.relu6,
+    F.tanh,
+    F.sigmoid,
+    torch.tanh,
+    torch.sigmoid,
 }
 _IDENTITY_FUNCTIONS: set[Callable[..., Any]] = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
 _POOL_FUNCTIONS: set[Callable[..., Any]] = {
@@ -147,6 +179,7 @@ _CAT_FUNCTIONS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concat
 _ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, torch.add, operator.sub}
 
 _HOMOGENEOUS_METHODS = {"relu", "relu_"}
+_NON_HOMOGENEOUS_METHODS = {"tanh", "tanh_", "sigmoid", "sigmoid_"}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 _SHAPE_METHODS = {"size", "dim"}
@@ -184,8 +217,10 @@ def _dropout_is_identity(node: fx.Node) -> bool:
 class SiteFinder:
     """Walks a shape-annotated GraphModule and classifies every producer as a Site or Skipped."""
 
-    def __init__(self, graph_module: fx.GraphModule) -> None:
+    def __init__(self, graph_module: fx.GraphModule, approximate: bool = False) -> None:
         self.gm = graph_module
+        self.approximate = approximate
+        self._approximated: list[str] = []  # filled while walking one site
         self.modules = dict(graph_module.named_modules())
         self.calls: dict[str, int] = {}
         for node in graph_module.graph.nodes:
@@ -273,6 +308,7 @@ class SiteFinder:
         path: list[str] = []
         consumers: list[ConsumerSlice] = []
         reshapes: list[ReshapeFix] = []
+        self._approximated = []
         frontier: list[tuple[fx.Node, _Layout]] = [(start, layout)]
         while frontier:
             current, current_layout = frontier.pop()
@@ -291,7 +327,18 @@ class SiteFinder:
             path=tuple(dict.fromkeys(path)),
             consumers=tuple(consumers),
             reshapes=tuple(reshapes),
+            approximate_through=tuple(dict.fromkeys(self._approximated)),
         )
+
+    def _not_homogeneous(self, label: str, layout: _Layout) -> _Layout:
+        """Refuse a non-homogeneous activation, or pass through it when approximating."""
+        if not self.approximate:
+            raise _Refusal(
+                f"{label} is not positively homogeneous (f(s*x) != s*f(x)); "
+                "approximate=True merges through it and measures the error"
+            )
+        self._approximated.append(label)
+        return layout
 
     def _step(
         self,
@@ -309,9 +356,7 @@ class SiteFinder:
             raise _Refusal("channels are part of the model's output")
 
         if module is not None:
-            if self.calls[str(user.target)] > 1 and not isinstance(
-                module, (*_HOMOGENEOUS_MODULES, *_IDENTITY_MODULES, *_POOL_MODULES, nn.Flatten)
-            ):
+            if self.calls[str(user.target)] > 1 and not isinstance(module, _STATELESS_MODULES):
                 raise _Refusal(f"{label} is called more than once (shared weights)")
             if isinstance(module, PRODUCER_TYPES):
                 consumers.append(self._consumer(user, module, layout, channels))
@@ -331,7 +376,9 @@ class SiteFinder:
             if isinstance(module, nn.Flatten):
                 return self._reshaped(source, user, layout, label, reshapes, patchable=False)
             if isinstance(module, _NON_HOMOGENEOUS_MODULES):
-                raise _Refusal(f"{label} is not positively homogeneous (f(s*x) != s*f(x))")
+                return self._not_homogeneous(label, layout)
+            if isinstance(module, _CHANNEL_MIXING_MODULES):
+                raise _Refusal(f"{label} mixes the channels")
             if isinstance(module, NORM_TYPES):
                 raise _Refusal(f"{label} normalises the channels after a nonlinearity or a join")
             raise _Refusal(f"channels reach {label}, which merging cannot pass through")
@@ -342,6 +389,8 @@ class SiteFinder:
                 return None
             if target in _HOMOGENEOUS_FUNCTIONS:
                 return layout
+            if target in _NON_HOMOGENEOUS_FUNCTIONS:
+                return self._not_homogeneous(label, layout)
             if target in _IDENTITY_FUNCTIONS:
                 if not _dropout_is_identity(user):
                     raise _Refusal(f"{label} is active (training=True) in the traced graph")
@@ -366,6 +415,8 @@ class SiteFinder:
                 return None
             if method in _HOMOGENEOUS_METHODS or method in _IDENTITY_METHODS:
                 return layout
+            if method in _NON_HOMOGENEOUS_METHODS:
+                return self._not_homogeneous(f".{method}()", layout)
             if method in _RESHAPE_METHODS:
                 return self._reshaped(
                     source, user, layout, label, reshapes, patchable=method != "flatten"
@@ -448,6 +499,13 @@ class SiteFinder:
         return ConsumerSlice(str(user.target), layout.offset, layout.block)
 
 
-def find_sites(graph_module: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:
-    """Classify every producer in ``graph_module`` (which must carry ShapeProp metadata)."""
-    return SiteFinder(graph_module).find()
+def find_sites(
+    graph_module: fx.GraphModule, approximate: bool = False
+) -> tuple[list[Site], list[Skipped]]:
+    """Classify every producer in ``graph_module`` (which must carry ShapeProp metadata).
+
+    With ``approximate``, elementwise activations that are not positively homogeneous (GELU, SiLU,
+    tanh, ...) are passed through as if they were; each such site lists them in
+    ``Site.approximate_through``.
+    """
+    return SiteFinder(graph_module, approximate).find()
