@@ -23,6 +23,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from neuronmerge.errors import CaptureError, InvalidArgumentError
+from neuronmerge.exported import export_graph
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -78,13 +79,26 @@ def _failing_line(exc: BaseException) -> str:
     return f"{frame.filename}:{frame.lineno} in {frame.name}: `{(frame.line or '').strip()}`"
 
 
+def _untraceable(model: nn.Module, fx_error: Exception, export_error: Exception) -> CaptureError:
+    where = _failing_line(fx_error)
+    export_reason = str(export_error).strip().splitlines()[0] if str(export_error).strip() else ""
+    return CaptureError(
+        f"torch.fx could not trace {type(model).__name__}: {fx_error}"
+        + (f", at {where}" if where else "")
+        + f"; torch.export failed too ({type(export_error).__name__}: {export_reason}). "
+        "Python control flow on tensor values cannot be captured: move that code into a "
+        "module-level function and register it with torch.fx.wrap('its_name') (it then runs as "
+        "one opaque call and the layers next to it stay unmerged), or remove the branch."
+    )
+
+
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     """Trace a structural copy of ``model`` in eval mode and record every node's output shape.
 
     The GraphModule shares ``model``'s tensors, never its module objects (see the module docstring).
-    Raises ``CaptureError`` naming the failing call when the model cannot be traced symbolically
-    (data-dependent control flow, for instance); the usual fix is to wrap that call with
-    ``torch.fx.wrap`` or to move it into a leaf module.
+    Where torch.fx cannot trace (a Python decision on a shape, say), ``torch.export`` captures the
+    model instead (see ``exported``). Where neither can (data-dependent control flow), raises
+    ``CaptureError`` naming the user's line that failed and how to wrap it with ``torch.fx.wrap``.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"expected an nn.Module, got {type(model).__name__}")
@@ -97,15 +111,11 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     copied = structural_copy(model).eval()
     try:
         graph_module = fx.symbolic_trace(copied)
-    except Exception as exc:  # fx raises many kinds; all mean "cannot trace"
-        where = _failing_line(exc)
-        raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}"
-            + (f", at {where}" if where else "")
-            + ". Python control flow on tensor values cannot be traced: move that code into a "
-            "module-level function and register it with torch.fx.wrap('its_name') (it then runs as "
-            "one opaque call and the layers next to it stay unmerged), or remove the branch."
-        ) from exc
+    except Exception as fx_error:  # fx raises many kinds; all mean "cannot trace symbolically"
+        try:
+            graph_module = export_graph(copied, tuple(t.clone() for t in inputs))
+        except Exception as export_error:
+            raise _untraceable(model, fx_error, export_error) from fx_error
     try:
         with torch.no_grad():
             ShapeProp(graph_module).propagate(*(t.clone() for t in inputs))

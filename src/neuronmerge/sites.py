@@ -175,8 +175,49 @@ _POOL_FUNCTIONS: set[Callable[..., Any]] = {
     torch.avg_pool1d,
 }
 _RESHAPE_FUNCTIONS: set[Callable[..., Any]] = {torch.flatten, torch.reshape}
+# Reshapes whose target sizes are literals in the graph, rewritten when the channel count changes.
+_PATCHABLE_RESHAPES: set[Callable[..., Any]] = {torch.reshape}
 _CAT_FUNCTIONS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concatenate}
 _ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, torch.add, operator.sub}
+_METADATA_FUNCTIONS: set[Callable[..., Any]] = set()
+
+# The same ops as torch.export writes them (ATen overloads), for graphs captured by ``exported``.
+_aten = torch.ops.aten
+_HOMOGENEOUS_FUNCTIONS |= {
+    _aten.relu.default,
+    _aten.relu_.default,
+    _aten.leaky_relu.default,
+    _aten.leaky_relu_.default,
+}
+_NON_HOMOGENEOUS_FUNCTIONS |= {
+    _aten.gelu.default,
+    _aten.silu.default,
+    _aten.mish.default,
+    _aten.elu.default,
+    _aten.selu.default,
+    _aten.celu.default,
+    _aten.softplus.default,
+    _aten.hardswish.default,
+    _aten.hardsigmoid.default,
+    _aten.hardtanh.default,
+    _aten.tanh.default,
+    _aten.sigmoid.default,
+}
+_IDENTITY_FUNCTIONS |= {_aten.dropout.default}
+_POOL_FUNCTIONS |= {
+    _aten.max_pool1d.default,
+    _aten.max_pool2d.default,
+    _aten.avg_pool1d.default,
+    _aten.avg_pool2d.default,
+    _aten.adaptive_avg_pool1d.default,
+    _aten.adaptive_avg_pool2d.default,
+}
+_RESHAPE_FUNCTIONS |= {_aten.flatten.using_ints, _aten.view.default, _aten.reshape.default}
+_PATCHABLE_RESHAPES |= {_aten.view.default, _aten.reshape.default}
+_CAT_FUNCTIONS |= {_aten.cat.default}
+_ADD_FUNCTIONS |= {_aten.add.Tensor, _aten.add_.Tensor, _aten.sub.Tensor, _aten.sub_.Tensor}
+_IDENTITY_FUNCTIONS |= {_aten.clone.default, _aten.detach.default, _aten.alias.default}
+_METADATA_FUNCTIONS |= {_aten.sym_size.int}
 
 _HOMOGENEOUS_METHODS = {"relu", "relu_"}
 _NON_HOMOGENEOUS_METHODS = {"tanh", "tanh_", "sigmoid", "sigmoid_"}
@@ -191,7 +232,7 @@ _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 def _spatial_dims(kind: object) -> int:
     """How many spatial axes a conv or pooling layer (or function) works on: 1 for ``*1d``, else 2."""
     name = type(kind).__name__ if isinstance(kind, nn.Module) else getattr(kind, "__name__", "")
-    return 1 if name.endswith("1d") else 2
+    return 1 if name.split(".")[0].endswith("1d") else 2  # ATen names end in ".default"
 
 
 def _name_of(node: fx.Node, module: nn.Module | None) -> str:
@@ -387,6 +428,8 @@ class SiteFinder:
             target = user.target
             if target is getattr and user.args[1:2] and user.args[1] in _METADATA_ATTRIBUTES:
                 return None
+            if target in _METADATA_FUNCTIONS:
+                return None
             if target in _HOMOGENEOUS_FUNCTIONS:
                 return layout
             if target in _NON_HOMOGENEOUS_FUNCTIONS:
@@ -401,7 +444,7 @@ class SiteFinder:
                 return self._pooled(layout, user, label, _spatial_dims(target))
             if target in _RESHAPE_FUNCTIONS:
                 return self._reshaped(
-                    source, user, layout, label, reshapes, patchable=target is torch.reshape
+                    source, user, layout, label, reshapes, patchable=target in _PATCHABLE_RESHAPES
                 )
             if target in _CAT_FUNCTIONS:
                 return self._concatenated(source, user, layout, label)
