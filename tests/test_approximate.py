@@ -141,3 +141,21 @@ def test_cli_approximate_reports_the_output_error(
     assert [s["producer"] for s in json.loads(capsys.readouterr().out)["sites"]] == ["conv"]
     assert main([*argv[:-1], "--approximate", "--force"]) == 0
     assert "output changed by" in capsys.readouterr().out
+
+
+def test_every_smooth_activation_form_is_approximated() -> None:
+    """Module, function and method forms of GELU, SiLU, tanh and ReLU6 all pass when approximating."""
+    from tests.test_zoo import Smooth
+
+    found = nm.plan(Smooth(), torch.randn(2, 4), approximate=True)
+    assert {s.producer: s.approximate_through for s in found.sites} == {
+        "fc.0": ("gelu (GELU)",),
+        "fc.1": ("silu (SiLU)",),
+        "fc.2": ("tanh",),
+        "fc.3": ("tanh (Tanh)",),
+        "fc.4": ("silu",),
+        "fc.5": ("relu6 (ReLU6)",),
+        "fc.6": (),
+    }
+    small = nm.merge(Smooth(), torch.randn(2, 4), 0.5, approximate=True)
+    assert [small.get_submodule(f"fc.{i}").out_features for i in range(8)] == [2] * 7 + [4]
