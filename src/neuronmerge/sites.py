@@ -180,6 +180,10 @@ _PATCHABLE_RESHAPES: set[Callable[..., Any]] = {torch.reshape}
 _CAT_FUNCTIONS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concatenate}
 _ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, torch.add, operator.sub}
 _METADATA_FUNCTIONS: set[Callable[..., Any]] = set()
+# Reductions over axes other than the channels' (global pooling written as ``x.mean((2, 3))``):
+# ``max``/``mean``/``sum`` of ``s * x`` is ``s`` times that of ``x`` for every ``s > 0``.
+_REDUCE_FUNCTIONS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax}
+_REDUCE_METHODS = {"mean", "sum", "amax"}
 
 # The same ops as torch.export writes them (ATen overloads), for graphs captured by ``exported``.
 _aten = torch.ops.aten
@@ -218,6 +222,7 @@ _CAT_FUNCTIONS |= {_aten.cat.default}
 _ADD_FUNCTIONS |= {_aten.add.Tensor, _aten.add_.Tensor, _aten.sub.Tensor, _aten.sub_.Tensor}
 _IDENTITY_FUNCTIONS |= {_aten.clone.default, _aten.detach.default, _aten.alias.default}
 _METADATA_FUNCTIONS |= {_aten.sym_size.int}
+_REDUCE_FUNCTIONS |= {_aten.mean.dim, _aten.sum.dim_IntList, _aten.amax.default}
 
 _HOMOGENEOUS_METHODS = {"relu", "relu_"}
 _NON_HOMOGENEOUS_METHODS = {"tanh", "tanh_", "sigmoid", "sigmoid_"}
@@ -248,6 +253,18 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     if meta is None or not hasattr(meta, "shape"):
         raise _Refusal(f"no tensor shape recorded for {node.name}")
     return tuple(meta.shape)
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` reads only a tensor's shape, dtype or device (``x.size(0)``, ``x.shape``),
+    which follows any new width at run time rather than using the channels' values."""
+    if node.op == "call_method":
+        return str(node.target) in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+        return node.target in _METADATA_FUNCTIONS
+    return False
 
 
 def _dropout_is_identity(node: fx.Node) -> bool:
@@ -332,7 +349,7 @@ class SiteFinder:
         channels = shape[layout.dim]
 
         start, norm = node, None
-        users = list(node.users)
+        users = [user for user in node.users if not _reads_metadata(user)]
         if len(users) == 1 and isinstance(self._module(users[0]), NORM_TYPES):
             bn_node = users[0]
             bn = self._module(bn_node)
@@ -424,12 +441,11 @@ class SiteFinder:
                 raise _Refusal(f"{label} normalises the channels after a nonlinearity or a join")
             raise _Refusal(f"channels reach {label}, which merging cannot pass through")
 
+        if _reads_metadata(user):
+            return None
+
         if user.op == "call_function":
             target = user.target
-            if target is getattr and user.args[1:2] and user.args[1] in _METADATA_ATTRIBUTES:
-                return None
-            if target in _METADATA_FUNCTIONS:
-                return None
             if target in _HOMOGENEOUS_FUNCTIONS:
                 return layout
             if target in _NON_HOMOGENEOUS_FUNCTIONS:
@@ -448,16 +464,18 @@ class SiteFinder:
                 )
             if target in _CAT_FUNCTIONS:
                 return self._concatenated(source, user, layout, label)
+            if target in _REDUCE_FUNCTIONS:
+                return self._reduced(source, user, layout, label)
             if target in _ADD_FUNCTIONS:
                 raise _Refusal(f"channels are tied to a residual {label}")
             raise _Refusal(f"channels reach {label}, which merging cannot pass through")
 
         if user.op == "call_method":
             method = str(user.target)
-            if method in _SHAPE_METHODS:
-                return None
             if method in _HOMOGENEOUS_METHODS or method in _IDENTITY_METHODS:
                 return layout
+            if method in _REDUCE_METHODS:
+                return self._reduced(source, user, layout, f".{method}()")
             if method in _NON_HOMOGENEOUS_METHODS:
                 return self._not_homogeneous(f".{method}()", layout)
             if method in _RESHAPE_METHODS:
@@ -505,6 +523,22 @@ class SiteFinder:
                 reshapes.append(ReshapeFix(user.name, d, new.block))
             return new
         raise _Refusal(f"{label} reshapes {before} -> {after}, mixing the channel axis")
+
+    @staticmethod
+    def _reduced(source: fx.Node, user: fx.Node, layout: _Layout, label: str) -> _Layout:
+        """A mean/sum/max over axes that are not the channels' keeps every channel apart."""
+        dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        keepdim = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
+        ndim = len(_shape(source))
+        if isinstance(dims, int):
+            dims = [dims]
+        if not isinstance(dims, (tuple, list)) or not dims or not isinstance(keepdim, bool):
+            raise _Refusal(f"{label} reduces over every axis, the channels' included")
+        axes = {int(d) % ndim for d in dims}
+        if layout.dim in axes:
+            raise _Refusal(f"{label} reduces over the channel axis")
+        dim = layout.dim if keepdim else layout.dim - sum(1 for a in axes if a < layout.dim)
+        return _Layout(dim=dim, offset=layout.offset, block=layout.block)
 
     @staticmethod
     def _concatenated(source: fx.Node, user: fx.Node, layout: _Layout, label: str) -> _Layout:
