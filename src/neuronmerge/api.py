@@ -45,6 +45,7 @@ class SiteReport:
     merged: int
     dropped: int
     consumers: tuple[str, ...]
+    approximate_through: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,12 @@ class Plan:
         for site in self.sites:
             norm = f" -> {site.norm}" if site.norm else ""
             readers = ", ".join(c.module for c in site.consumers)
-            lines.append(f"  merge {site.producer}{norm} ({site.channels} ch) -> {readers}")
+            approx = (
+                f" [approximate through {', '.join(site.approximate_through)}]"
+                if site.approximate_through
+                else ""
+            )
+            lines.append(f"  merge {site.producer}{norm} ({site.channels} ch) -> {readers}{approx}")
         for skip in self.skipped:
             lines.append(f"  skip  {skip.producer}: {skip.reason}")
         if self.totals is not None:
@@ -87,6 +93,11 @@ class Report:
     params_after: int
     sites: tuple[SiteReport, ...] = field(default=())
     skipped: tuple[Skipped, ...] = field(default=())
+    approximate: bool = False
+    #: With ``approximate=True``: the relative L2 change of the model's output on the example inputs,
+    #: ``||small(x) - model(x)|| / ||model(x)||``. It measures everything the compression changed
+    #: (non-duplicate neurons merged or dropped, and activations treated as homogeneous).
+    output_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -201,6 +212,7 @@ def compress(
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    approximate: bool = False,
 ) -> Result:
     """Remove the fraction ``ratio`` of neurons at every mergeable site; return model and report.
 
@@ -208,7 +220,10 @@ def compress(
     similarity reaches ``threshold``; ``None`` merges all); ``"prune"`` drops them. ``fidelity="paper"``
     reproduces the authors' code, including where it deviates from exactness (conv + BatchNorm, with
     ``lam`` weighing cosine against BN-bias distance, and a threshold of 0 meaning "none").
-    ``include``/``exclude`` are glob patterns on producer layer names. The input model is not modified.
+    ``include``/``exclude`` are glob patterns on producer layer names. ``approximate=True`` also
+    merges through elementwise activations that are not positively homogeneous (GELU, SiLU, tanh...),
+    which is no longer exact: the report then carries the measured ``output_error``. The input model
+    is not modified.
     """
     ratio = criteria.check_ratio(ratio)
     _check_options(method, criterion, fidelity, threshold, lam)
@@ -217,7 +232,7 @@ def compress(
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs)
     _check_finite(gm)
-    all_sites, skipped = find_sites(gm)
+    all_sites, skipped = find_sites(gm, approximate)
     sites, left_out = _select(all_sites, include, exclude)
     params_before = count_parameters(gm)
     decompositions: dict[str, decompose.Decomposition] = {}
@@ -258,6 +273,7 @@ def compress(
                 merged=merged,
                 dropped=site.channels - kept - merged,
                 consumers=tuple(dict.fromkeys(c.module for c in site.consumers)),
+                approximate_through=site.approximate_through,
             )
         )
     report = Report(
@@ -270,8 +286,28 @@ def compress(
         params_after=count_parameters(small),
         sites=tuple(reports),
         skipped=tuple(skipped + left_out),
+        approximate=approximate,
+        output_error=_relative_error(produced, expected) if approximate else None,
     )
     return Result(small, report)
+
+
+def _flat(output: object) -> torch.Tensor:
+    """Every floating-point tensor of a (nested) model output, as one float64 vector."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return output.detach().flatten().double()
+    if isinstance(output, dict):
+        output = list(output.values())
+    parts = [_flat(item) for item in output] if isinstance(output, (tuple, list)) else []
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _relative_error(produced: object, expected: object) -> float:
+    """``||produced - expected|| / ||expected||`` over all floating outputs (0 when both are 0)."""
+    got, want = _flat(produced), _flat(expected)
+    scale = torch.linalg.vector_norm(want)
+    change = torch.linalg.vector_norm(got - want)
+    return float(change / scale) if scale > 0 else float(change)
 
 
 def _shapes(output: object) -> object:
@@ -295,8 +331,13 @@ def merge(
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    approximate: bool = False,
 ) -> fx.GraphModule:
-    """Neuron merging: a smaller model whose removed neurons are folded into kept ones."""
+    """Neuron merging: a smaller model whose removed neurons are folded into kept ones.
+
+    ``approximate=True`` merges through non-homogeneous activations too; use ``compress`` to read
+    the measured output error from its report.
+    """
     return compress(
         model,
         example_inputs,
@@ -308,6 +349,7 @@ def merge(
         fidelity=fidelity,
         include=include,
         exclude=exclude,
+        approximate=approximate,
     ).model
 
 
@@ -320,8 +362,13 @@ def prune(
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    approximate: bool = False,
 ) -> fx.GraphModule:
-    """Structured pruning with the same topology as ``merge`` and no compensation."""
+    """Structured pruning with the same topology as ``merge`` and no compensation.
+
+    ``approximate=True`` also prunes layers followed by non-homogeneous activations (the same sites
+    that approximate merging uses).
+    """
     return compress(
         model,
         example_inputs,
@@ -331,6 +378,7 @@ def prune(
         fidelity=fidelity,
         include=include,
         exclude=exclude,
+        approximate=approximate,
     ).model
 
 
@@ -346,6 +394,7 @@ def plan(
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    approximate: bool = False,
 ) -> Plan:
     """Every candidate site of ``model``: mergeable or skipped, and why. Changes nothing.
 
@@ -353,8 +402,9 @@ def plan(
     returning the model, and fills ``layers``: each Linear/Conv layer's channels kept / merged /
     dropped, or the reason it is skipped, with its parameters and MACs before and after, and
     ``totals`` for the whole model. ``sites`` are then the sites the compression used.
+    ``approximate=True`` plans as ``compress(..., approximate=True)`` would merge.
     """
-    found, skipped = find_sites(capture(model, example_inputs))
+    found, skipped = find_sites(capture(model, example_inputs), approximate)
     if ratio is None:
         return Plan(tuple(found), tuple(skipped))
     result = compress(
@@ -368,6 +418,7 @@ def plan(
         fidelity=fidelity,
         include=include,
         exclude=exclude,
+        approximate=approximate,
     )
     report = result.report
     used = {s.producer for s in report.sites}

@@ -16,13 +16,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
+import traceback
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from neuronmerge.errors import CaptureError, InvalidArgumentError
+from neuronmerge.exported import export_graph
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -57,13 +60,47 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
     return new
 
 
+_LIBRARY_DIRS = (Path(torch.__file__).parent, Path(__file__).parent)
+
+
+def _failing_line(exc: BaseException) -> str:
+    """``file:line in function: `code``` of the innermost frame of the user's own code that was
+    running when tracing failed, or "" when the failure happened inside PyTorch alone."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [i for i, f in enumerate(frames) if Path(f.filename).is_relative_to(_LIBRARY_DIRS[0])]
+    if not inside:
+        return ""
+    user = [
+        f
+        for f in frames[inside[0] :]
+        if not any(Path(f.filename).is_relative_to(d) for d in _LIBRARY_DIRS)
+    ]
+    if not user:
+        return ""
+    frame = user[-1]
+    return f"{frame.filename}:{frame.lineno} in {frame.name}: `{(frame.line or '').strip()}`"
+
+
+def _untraceable(model: nn.Module, fx_error: Exception, export_error: Exception) -> CaptureError:
+    where = _failing_line(fx_error)
+    export_reason = str(export_error).strip().splitlines()[0] if str(export_error).strip() else ""
+    return CaptureError(
+        f"torch.fx could not trace {type(model).__name__}: {fx_error}"
+        + (f", at {where}" if where else "")
+        + f"; torch.export failed too ({type(export_error).__name__}: {export_reason}). "
+        "Python control flow on tensor values cannot be captured: move that code into a "
+        "module-level function and register it with torch.fx.wrap('its_name') (it then runs as "
+        "one opaque call and the layers next to it stay unmerged), or remove the branch."
+    )
+
+
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     """Trace a structural copy of ``model`` in eval mode and record every node's output shape.
 
     The GraphModule shares ``model``'s tensors, never its module objects (see the module docstring).
-    Raises ``CaptureError`` naming the failing call when the model cannot be traced symbolically
-    (data-dependent control flow, for instance); the usual fix is to wrap that call with
-    ``torch.fx.wrap`` or to move it into a leaf module.
+    Where torch.fx cannot trace (a Python decision on a shape, say), ``torch.export`` captures the
+    model instead (see ``exported``). Where neither can (data-dependent control flow), raises
+    ``CaptureError`` naming the user's line that failed and how to wrap it with ``torch.fx.wrap``.
     """
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"expected an nn.Module, got {type(model).__name__}")
@@ -76,12 +113,11 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     copied = structural_copy(model).eval()
     try:
         graph_module = fx.symbolic_trace(copied)
-    except Exception as exc:  # fx raises many kinds; all mean "cannot trace"
-        raise CaptureError(
-            f"torch.fx could not trace {type(model).__name__}: {exc}. Data-dependent Python "
-            "control flow cannot be traced; wrap the offending function with torch.fx.wrap or "
-            "move it into a submodule."
-        ) from exc
+    except Exception as fx_error:  # fx raises many kinds; all mean "cannot trace symbolically"
+        try:
+            graph_module = export_graph(copied, tuple(t.clone() for t in inputs))
+        except Exception as export_error:
+            raise _untraceable(model, fx_error, export_error) from fx_error
     try:
         # ShapeProp prints the traceback of a failing node itself; the error below says it all.
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):

@@ -162,7 +162,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         lam=args.lam,
         fidelity=args.fidelity,
+        approximate=args.approximate,
     )
+    _warn_unmerged(args, result.report)
     description = {"source": str(args.checkpoint), "report": _report_dict(result.report)}
     save(result.model, out, arch=arch, example_inputs=example, description=description, force=args.force)
     if args.json:
@@ -173,6 +175,24 @@ def cmd_compress(args: argparse.Namespace) -> None:
     stdout.print(
         f"parameters {report.params_before:,} -> {report.params_after:,} "
         f"({report.params_after / report.params_before:.1%}); saved to {out}"
+    )
+    if report.output_error is not None:
+        stdout.print(
+            f"approximate: output changed by {report.output_error:.2%} (relative L2) "
+            "on the example inputs"
+        )
+
+
+def _warn_unmerged(args: argparse.Namespace, report: Report) -> None:
+    """Say so when no layer was compressed, and point at ``--approximate`` where it would help."""
+    if report.sites or args.quiet:
+        return
+    smooth = sum("approximate=True" in skip.reason for skip in report.skipped)
+    hint = f"; {smooth} are followed by non-homogeneous activations (--approximate)" if smooth else ""
+    stderr.print(
+        f"[yellow]warning:[/yellow] no layer could be compressed (see `neuronmerge plan`){hint}; "
+        "the saved model computes the same function",
+        soft_wrap=True,
     )
 
 
@@ -222,7 +242,13 @@ def cmd_plan(args: argparse.Namespace) -> None:
             "lam": args.lam,
             "fidelity": args.fidelity,
         }
-    found = plan_sites(model, _example_inputs(arch, args.input_shape), args.ratio, **options)
+    found = plan_sites(
+        model,
+        _example_inputs(arch, args.input_shape),
+        args.ratio,
+        approximate=args.approximate,
+        **options,
+    )
     if args.json:
         payload: dict[str, Any] = {
             "model": arch,
@@ -230,7 +256,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             "skipped": [dataclasses.asdict(skip) for skip in found.skipped],
         }
         if found.totals is not None:
-            payload["settings"] = {"ratio": args.ratio, **options}
+            payload["settings"] = {"ratio": args.ratio, **options, "approximate": args.approximate}
             payload["layers"] = [dataclasses.asdict(row) for row in found.layers]
             payload["totals"] = dataclasses.asdict(found.totals)
         _emit_json(payload)
@@ -359,6 +385,14 @@ def _trust(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _approximate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also merge through GELU, SiLU, tanh... (not exact; the output change is reported)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuronmerge",
@@ -399,6 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output file (.safetensors; a torch.export .pt2 without --arch)"
     )
     com.add_argument("--force", action="store_true", help="replace an existing output file")
+    _approximate(com)
     _common(com)
     _trust(com)
     com.set_defaults(run=cmd_compress)
@@ -429,6 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pl.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
     pl.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
+    _approximate(pl)
     _common(pl)
     _trust(pl)
     pl.set_defaults(run=cmd_plan)

@@ -13,6 +13,8 @@ import importlib.util
 import logging
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,11 +78,8 @@ def export_onnx(
     inputs = as_input_tuple(example_inputs)
     batch = torch.export.Dim("batch")
     dynamic = tuple({0: batch} for _ in inputs)
-    # The exporter logs a warning for every optional torchvision operator it cannot register.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
     check = tuple(torch.cat([t, t[:1]]) for t in inputs)  # one more row than the traced batch
-    with _eval_mode(model):
+    with _eval_mode(model), _quiet_exporter():
         try:
             program = torch.onnx.export(
                 model, inputs, dynamic_shapes=dynamic, dynamo=True, verbose=False
@@ -101,6 +100,21 @@ def export_onnx(
 
     atomic_write(target, write_and_check)
     return OnnxExport(target, diff, int(check[0].shape[0]))
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence, for the export only, the exporter's log line for every optional torchvision operator
+    it cannot register and a deprecation warning from inside torch: noise to a user."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def _max_diff_onnxruntime(
