@@ -94,3 +94,6 @@ def test_cli_plan_table_and_json_agree(
 
     assert main([*argv[:4], "--ratio", "1.0"]) == 2
     assert "ratio must be in [0, 1)" in capsys.readouterr().err
+    assert main([*argv[:4], "--criterion", "l2-norm", "--fidelity", "paper"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--criterion, --fidelity take effect only with --ratio" in err

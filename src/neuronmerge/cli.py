@@ -233,15 +233,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     _warn_trust(args, args.path)
     model, arch = _load_any(args.path, args.arch, args.trust)
-    options: dict[str, Any] = {}
-    if args.ratio is not None:
-        options = {
-            "method": args.method,
-            "criterion": args.criterion,
-            "threshold": args.threshold,
-            "lam": args.lam,
-            "fidelity": args.fidelity,
-        }
+    options: dict[str, Any] = {
+        "method": args.method,
+        "criterion": args.criterion,
+        "threshold": args.threshold,
+        "lam": args.lam,
+        "fidelity": args.fidelity,
+    }
+    if args.ratio is None:
+        defaults = {"method": "merge", "criterion": "l1-norm", "threshold": DEFAULT_THRESHOLD}
+        defaults |= {"lam": None, "fidelity": "exact"}
+        changed = [f"--{name}" for name, value in options.items() if value != defaults[name]]
+        if changed:  # silently ignoring them would show a plan the user did not ask for
+            raise InvalidArgumentError(f"{', '.join(changed)} take effect only with --ratio")
+        options = {}
     found = plan_sites(
         model,
         _example_inputs(arch, args.input_shape),
