@@ -99,3 +99,35 @@ def test_missing_onnx_extra_is_named(
     assert not out.exists()
     with pytest.raises(nm.MissingDependencyError):
         export.export_onnx(nm.load(merged), out, torch.randn(2, 1, 28, 28))
+
+
+class _Custom(torch.nn.Module):
+    """A model of no registered architecture (module level so that it can be pickled)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6 * 4 * 4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.max_pool2d(torch.relu(self.bn(self.conv(x))), 2)
+        return self.fc(h.flatten(1))
+
+
+def test_cli_exports_a_trusted_pickled_module(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    torch.manual_seed(0)
+    model = _Custom().eval()
+    pickled, out = tmp_path / "custom.pt", tmp_path / "custom.onnx"
+    torch.save(model, pickled)
+    argv = ["export", str(pickled), "--onnx", str(out), "--input-shape", "3,8,8", "--json"]
+    assert main(argv) == 4  # a pickle is refused without --trust
+    assert not out.exists()
+    capsys.readouterr()
+    assert main([*argv, "--trust"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == str(out)
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(run_onnx(out, x), model(x), atol=1e-5, rtol=1e-5)

@@ -97,3 +97,27 @@ def test_cli_plan_table_and_json_agree(
     assert main([*argv[:4], "--criterion", "l2-norm", "--fidelity", "paper"]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "--criterion, --fidelity take effect only with --ratio" in err
+
+
+class _Gelu(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 8)
+        self.fc2 = torch.nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+
+
+def test_approximate_plan_carries_the_output_error() -> None:
+    torch.manual_seed(0)
+    model, x = _Gelu().eval(), torch.randn(16, 6)
+    exact = nm.plan(model, x, 0.5)
+    assert exact.output_error is None and [r.action for r in exact.layers] == ["skip", "skip"]
+    approx = nm.plan(model, x, 0.5, approximate=True)
+    assert [(r.layer, r.action, r.kept) for r in approx.layers] == [
+        ("fc1", "merge", 4),
+        ("fc2", "skip", None),
+    ]
+    report = nm.compress(model, x, 0.5, approximate=True).report
+    assert approx.output_error == report.output_error and 0 < report.output_error < 10

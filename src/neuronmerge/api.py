@@ -57,6 +57,8 @@ class Plan:
     #: With ``plan(..., ratio=...)``: every Linear/Conv layer before and after, and the model totals.
     layers: tuple[LayerRow, ...] = ()
     totals: Totals | None = None
+    #: With ``ratio`` and ``approximate=True``: the measured output change (see ``Report``).
+    output_error: float | None = None
 
     def __str__(self) -> str:
         lines = [f"{len(self.sites)} mergeable site(s), {len(self.skipped)} skipped"]
@@ -431,5 +433,9 @@ def plan(
         report.skipped,
     )
     return Plan(
-        tuple(s for s in found if s.producer in used), report.skipped, layers=rows, totals=totals
+        tuple(s for s in found if s.producer in used),
+        report.skipped,
+        layers=rows,
+        totals=totals,
+        output_error=report.output_error,
     )

@@ -264,6 +264,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
             payload["settings"] = {"ratio": args.ratio, **options, "approximate": args.approximate}
             payload["layers"] = [dataclasses.asdict(row) for row in found.layers]
             payload["totals"] = dataclasses.asdict(found.totals)
+            payload["output_error"] = found.output_error
         _emit_json(payload)
     elif found.totals is None:
         stdout.print(escape(str(found)))
@@ -289,7 +290,10 @@ def _plan_table(found: Plan, ratio: float, options: dict[str, Any]) -> Table:
     Before -> after in one cell, counts rounded (``--json`` has them exact); only the notes wrap.
     """
     settings = ", ".join(f"{k} {v}" for k, v in options.items() if v is not None)
-    table = Table(title=f"plan: ratio {ratio} ({settings})", caption="MACs per example")
+    caption = "MACs per example"
+    if found.output_error is not None:
+        caption += f"; approximate: output changed by {found.output_error:.2%} (relative L2)"
+    table = Table(title=f"plan: ratio {ratio} ({settings})", caption=caption)
     table.add_column("layer", no_wrap=True)
     for column in ("channels", "merged", "dropped", "params", "MACs"):
         table.add_column(column, justify="right", no_wrap=True)
