@@ -66,6 +66,9 @@ def write_inputs(folder: Path) -> dict[str, Path]:
         == 0
     )
     files["small.safetensors"] = saved
+    files["program.pt2"] = folder / "program.pt2"
+    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    nm.save(mlp, files["program.pt2"], example_inputs=torch.randn(2, 4))
     files["truncated.safetensors"] = folder / "truncated.safetensors"
     files["truncated.safetensors"].write_bytes(saved.read_bytes()[:2000])
     return files
@@ -78,6 +81,12 @@ CASES = [
     (["compress", "{other_arch}", *LENET, "--ratio", "0.5"], 4, "not a lenet-300-100"),
     (["compress", "{module}", *LENET, "--ratio", "0.5"], 4, "pass --trust if you trust"),
     (["evaluate", "{truncated_st}"], 4, "corrupt or truncated"),
+    (
+        ["plan", "{program}", "--trust", "--input-shape", "4"],
+        4,
+        "is a torch.export program (compress's output for a model of no registered architecture)",
+    ),
+    (["export", "{program}", "--onnx", "{folder}/p.onnx", "--input-shape", "4"], 4, "torch.export.load"),
     (["compress", "{good}", *LENET, "--ratio", "-0.1"], 2, "ratio must be in [0, 1)"),
     (["compress", "{good}", *LENET, "--ratio", "1"], 2, "ratio must be in [0, 1)"),
     (["compress", "{good}", *LENET, "--ratio", "0.999"], 2, "keeps 0 of the 300 channels of ip1"),
@@ -176,12 +185,15 @@ def test_api_refusals_leave_the_model_as_it_was() -> None:
         nm.merge(broken, x, 0.5)
 
 
-def test_api_untraceable_model_is_named_and_left_alone() -> None:
+def test_api_untraceable_model_is_named_and_left_alone(tmp_path: Path) -> None:
     model = Untraceable()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(nm.CaptureError, match="could not trace Untraceable") as caught:
         nm.merge(model, torch.randn(2, 4), 0.5)
     assert "torch.fx.wrap" in str(caught.value)  # says how to fix it
+    with pytest.raises(nm.CaptureError, match="torch.export could not save Untraceable"):
+        nm.save(model, tmp_path / "u.pt2", example_inputs=torch.randn(2, 4))
+    assert list(tmp_path.iterdir()) == []
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

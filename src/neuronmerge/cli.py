@@ -27,10 +27,15 @@ from neuronmerge import __version__  # noqa: I001
 from neuronmerge.api import DEFAULT_THRESHOLD, Plan, Report, compress
 from neuronmerge.api import plan as plan_sites
 from neuronmerge.criteria import CRITERIA
-from neuronmerge.errors import InvalidArgumentError, NeuronMergeError, OutputExistsError
+from neuronmerge.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    NeuronMergeError,
+    OutputExistsError,
+)
 from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.experiments.reproduce import paper_setup, reproduce, test_split
-from neuronmerge.io import load, load_checkpoint, read_metadata, save
+from neuronmerge.io import is_exported_program, load, load_checkpoint, read_metadata, save
 from neuronmerge.models import available_models, get_spec
 from neuronmerge.progress import progress_bar
 
@@ -201,6 +206,13 @@ def _load_any(path: str | Path, arch: str | None, trust: bool = False) -> tuple[
     meta = read_metadata(path) if Path(path).is_file() else {}
     if meta.get("format") == "neuronmerge":
         return load(path), str(meta["arch"])
+    if is_exported_program(path):  # written by compress for a model of no registered architecture
+        # Its module refuses .eval() and the like, so the pipeline cannot take it as input.
+        raise CheckpointError(
+            f"{path} is a torch.export program (compress's output for a model of no registered "
+            "architecture): run it with torch.export.load(path).module(); to plan, compress or "
+            "export again, start from the original model"
+        )
     model = load_checkpoint(path, arch, trust=trust)
     return model, None if arch is None else get_spec(arch).name
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -29,6 +30,7 @@ from torch import nn
 
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.errors import (
+    CaptureError,
     CheckpointError,
     InvalidArgumentError,
     OutputExistsError,
@@ -134,31 +136,22 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return description if isinstance(description, dict) else {}
 
 
-def _umask() -> int:
-    """The process's file-creation mask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temporary file beside ``target``, then rename it over ``target``.
+    """Call ``write`` on a file of the same name in a temporary folder beside ``target``, then rename
+    it over ``target``.
 
-    Readers never see half a file, and an interrupted write leaves any old ``target`` intact. An
-    ``OSError`` on the way (no such folder, no permission, disk full) becomes ``OutputWriteError``.
+    Readers never see half a file, and an interrupted write leaves any old ``target`` intact. The
+    writer sees the final file name (torch.export names its archive after it, ONNX its external
+    data), and creates the file itself, so it gets the usual permissions. An ``OSError`` on the way
+    (no such folder, no permission, disk full) becomes ``OutputWriteError``.
     """
     try:
-        # The target's extension stays last: writers such as torch.export.save check it.
-        handle, temp = tempfile.mkstemp(
-            dir=target.parent, prefix=f".{target.name}.", suffix=f".tmp{target.suffix}"
-        )
+        folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
     except OSError as exc:
         raise OutputWriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
-    os.close(handle)
     try:
-        write(Path(temp))
-        # mkstemp makes the file private (0600); give it the mode a plain open() would have.
-        os.chmod(temp, 0o666 & ~_umask())
+        temp = folder / target.name
+        write(temp)
         os.replace(temp, target)
     except OSError as exc:
         raise OutputWriteError(
@@ -166,7 +159,16 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
             + ("; the existing file is unchanged" if target.exists() else "")
         ) from exc
     finally:
-        Path(temp).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def is_exported_program(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a ``torch.export`` archive (what ``save`` writes without ``arch``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/archive_format") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def save(
@@ -196,7 +198,11 @@ def save(
             )
         inputs = as_input_tuple(example_inputs)
         batch_dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)  # any batch size
-        program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
+        try:
+            program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
+        except Exception as exc:  # torch.export raises many kinds; all mean "cannot capture"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"torch.export could not save {type(model).__name__}: {first}") from exc
         atomic_write(target, lambda temp: torch.export.save(program, temp))
         return target
     spec = get_spec(arch)
