@@ -12,7 +12,7 @@ from torch import fx, nn
 import neuronmerge as nm
 from neuronmerge.capture import capture
 from neuronmerge.criteria import kept_count
-from neuronmerge.exported import export_graph
+from neuronmerge.exported import export_graph, lift
 from tests.builders import ConvNet, duplicated_convnet
 
 
@@ -94,9 +94,23 @@ def test_lift_leaves_layers_with_computed_weights_as_aten_calls() -> None:
             return self.fc2(torch.relu(F.linear(x, 2 * self.fc1.weight, self.fc1.bias)))
 
     x = torch.randn(3, 4)
-    gm = export_graph(Scaled().eval(), (x,))
+    gm = lift(export_graph(Scaled().eval(), (x,)))
     linear = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default]
     assert len(linear) == 1  # fc1's weight is computed, so that call stays as it is
     assert [n.target for n in gm.graph.nodes if n.op == "call_module" and n.target != "_guards_fn"] == [
         "fc2"
     ]
+
+
+def test_a_model_loaded_from_a_torch_export_archive_merges(tmp_path: Path) -> None:
+    """Its layers are ATen calls and it refuses ``.eval()``: capture lifts them all the same."""
+    ratio = 0.5
+    model, bases = shape_branch(ratio)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    archived = nm.load(nm.save(model, tmp_path / "model.pt2", example_inputs=x))
+    with pytest.raises(NotImplementedError):
+        archived.eval()
+    small = nm.merge(archived, x, ratio, threshold=None)
+    assert [small.get_submodule(n).weight.shape[0] for n in ("conv1", "conv2", "fc1")] == list(bases)
+    batch = torch.randn(5, 3, 16, 16, dtype=torch.float64)
+    assert torch.allclose(small(batch), model(batch), rtol=1e-9, atol=1e-10)

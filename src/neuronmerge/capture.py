@@ -17,6 +17,7 @@ import contextlib
 import copy
 import io
 import traceback
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from neuronmerge.errors import CaptureError, InvalidArgumentError
-from neuronmerge.exported import export_graph
+from neuronmerge.exported import export_graph, lift
 
 ExampleInputs = torch.Tensor | Sequence[torch.Tensor]
 
@@ -110,7 +111,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
         raise InvalidArgumentError(
             f"{lazy[0]} is an uninitialised lazy parameter: run the model once on real inputs first"
         )
-    copied = structural_copy(model).eval()
+    copied = _in_eval_mode(structural_copy(model))
     try:
         graph_module = fx.symbolic_trace(copied)
     except Exception as fx_error:  # fx raises many kinds; all mean "cannot trace symbolically"
@@ -129,7 +130,18 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
             f"running {type(model).__name__} on the example inputs (shape {shapes}) failed: "
             f"{str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
         ) from exc
-    return graph_module
+    # Layers given as ATen calls (a model loaded from a torch.export archive) become modules too.
+    return lift(graph_module)
+
+
+def _in_eval_mode(module: nn.Module) -> nn.Module:
+    """``module.eval()``, except for the modules of torch.export archives, which refuse mode
+    switches: they compute what was exported, and a BatchNorm or dropout exported in training mode
+    is left unmerged (``exported.lift``, ``sites``)."""
+    try:
+        return module.eval()
+    except NotImplementedError:
+        return module
 
 
 def detach(graph_module: fx.GraphModule, owned: Iterable[torch.Tensor]) -> fx.GraphModule:
@@ -139,4 +151,8 @@ def detach(graph_module: fx.GraphModule, owned: Iterable[torch.Tensor]) -> fx.Gr
     else (layers that were not resized) is copied once, layer by layer.
     """
     memo: dict[int, object] = {id(tensor): tensor for tensor in owned}
-    return copy.deepcopy(graph_module, memo)
+    with warnings.catch_warnings():
+        # Copying the input/output specs that torch.export leaves on its modules trips a deprecation
+        # inside PyTorch's own pytree code; nothing the user can act on.
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        return copy.deepcopy(graph_module, memo)

@@ -86,6 +86,16 @@ def _owner(graph_module: fx.GraphModule, args: Sequence[Any], names: Sequence[st
     return None if graph_module.get_submodule(owner)._modules else owner
 
 
+def _rank(node: Any) -> int | None:
+    """The number of dimensions of ``node``'s value, from export's or ShapeProp's metadata."""
+    if not isinstance(node, fx.Node):
+        return None
+    if "val" in node.meta and hasattr(node.meta["val"], "dim"):
+        return int(node.meta["val"].dim())
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
 def _tensor(graph_module: fx.GraphModule, arg: Any) -> Any:
     """The tensor a ``get_attr`` node reads; any other argument as it is."""
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
@@ -116,11 +126,11 @@ def lift(graph_module: fx.GraphModule) -> fx.GraphModule:
         build, names = _BUILDERS[node.target]
         args = list(node.args)
         owner = _owner(graph_module, args[1 : 1 + len(names)], names)
-        value = args[0].meta.get("val") if isinstance(args[0], fx.Node) else None
-        if owner is None or owner in lifted or value is None or node.kwargs:
+        rank = _rank(args[0])
+        if owner is None or owner in lifted or rank is None or node.kwargs:
             continue
         concrete = [_tensor(graph_module, arg) for arg in args]
-        layer = build(concrete, value.dim())
+        layer = build(concrete, rank)
         if layer is None:
             continue
         _install(graph_module, owner, layer)
@@ -139,9 +149,10 @@ def lift(graph_module: fx.GraphModule) -> fx.GraphModule:
 
 
 def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """``torch.export`` ``model`` (non-strict, batch dimension dynamic where it can be) and lift it."""
+    """``torch.export`` ``model`` (non-strict, batch dimension dynamic where it can be); its layers
+    are still ATen calls until ``lift``."""
     dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in inputs)
     program = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
     graph_module = program.module()
     assert isinstance(graph_module, fx.GraphModule)
-    return lift(graph_module)
+    return graph_module
