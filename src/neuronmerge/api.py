@@ -112,13 +112,21 @@ def _site_tensors(gm: fx.GraphModule, site: Site) -> decompose.SiteTensors:
         norm = gm.get_submodule(site.norm)
         assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
         bn = decompose.BatchNormParams.of(norm)
-    tensors = decompose.SiteTensors(weight, bias, bn)
-    for label, tensor in [("weight", weight), ("bias", bias)] + (
+    return decompose.SiteTensors(weight, bias, bn)
+
+
+def _require_finite(site: Site, tensors: decompose.SiteTensors) -> None:
+    """Name the tensor of ``site`` that holds NaN or infinite values, if one does.
+
+    Called only when a cheap proxy (the scores, or the BatchNorm scale) is not finite: a full
+    ``isfinite`` pass over every weight costs more than scoring it.
+    """
+    bn = tensors.bn
+    for label, tensor in [("weight", tensors.weight), ("bias", tensors.bias)] + (
         [] if bn is None else [("BatchNorm", torch.stack([bn.weight, bn.bias, bn.mean, bn.var]))]
     ):
         if tensor is not None and not torch.isfinite(tensor).all():
             raise InvalidArgumentError(f"{site.producer}: {label} holds NaN or infinite values")
-    return tensors
 
 
 def _decompose_site(
@@ -133,7 +141,7 @@ def _decompose_site(
     fidelity: Fidelity,
 ) -> decompose.Decomposition:
     paper = fidelity == "paper"
-    rows = tensors.raw_rows() if paper else tensors.folded_rows()
+    rows = tensors.raw() if paper else tensors.folded()
     # The authors truncate kept counts for their conv nets and round them for LeNet-300-100.
     rounding = "floor" if paper and site.kind == "conv" else "round"
     keep = criteria.kept_count(site.channels, ratio, rounding)
@@ -142,12 +150,20 @@ def _decompose_site(
             f"ratio {ratio} keeps 0 of the {site.channels} channels of {site.producer}; "
             "use a smaller ratio or exclude this layer"
         )
-    kept = criteria.select_kept(criteria.channel_scores(rows, criterion), keep)
+    scores = criteria.channel_scores(rows, criterion)
+    # A NaN or infinity in a row makes its score non-finite. Paper fidelity leaves the BatchNorm
+    # statistics out of the rows; they show in a = gamma / sqrt(var + eps) times beta + mean.
+    bn = tensors.bn if paper else None
+    if not torch.isfinite(scores).all() or (
+        bn is not None and not torch.isfinite(bn.scale() * (bn.bias + bn.mean)).all()
+    ):
+        _require_finite(site, tensors)
+    kept = criteria.select_kept(scores, keep)
     if method == "prune":
-        return decompose.identity_on_kept(site.channels, kept, rows.dtype)
+        return decompose.identity_on_kept(site.channels, kept, rows.weight.dtype)
     if paper and tensors.bn is not None:
         return decompose.paper_conv_bn(tensors.weight, tensors.bn, kept, threshold, lam)
-    return decompose.norm_ratio(rows, kept, threshold)
+    return decompose.norm_ratio(rows, kept, threshold, scores if criterion == "l2-norm" else None)
 
 
 def _check_options(
