@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from neuronmerge import criteria, decompose, surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
@@ -228,8 +229,7 @@ def compress(
             lam=PAPER_LAMBDA if lam is None else lam,
             fidelity=fidelity,
         )
-    with torch.no_grad():
-        expected = gm(*inputs)
+    expected = _traced_output_shapes(gm, inputs)
     owned = surgery.apply(gm, sites, decompositions)
     small = detach(gm, owned)
     try:
@@ -237,7 +237,7 @@ def compress(
             produced = small(*inputs)
     except Exception as exc:  # a bug of ours, not the user's: say so plainly
         raise NeuronMergeError(f"the compressed model failed to run ({exc}); please report") from exc
-    if _shapes(produced) != _shapes(expected):
+    if _shapes(produced) != expected:
         raise NeuronMergeError("the compressed model's output shape changed; please report")
 
     reports = []
@@ -270,8 +270,21 @@ def compress(
     return Result(small, report)
 
 
+def _traced_output_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> object:
+    """The original model's output shapes, as ``_shapes`` writes them, from capture's shape record.
+
+    Reading them saves a forward pass of the full model (a fifth of a second for VGG-16 at 224 x 224);
+    an output holding no tensor has no record, and is run instead.
+    """
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    if "tensor_meta" not in output.meta:
+        with torch.no_grad():
+            return _shapes(gm(*inputs))
+    return _shapes(output.meta["tensor_meta"])
+
+
 def _shapes(output: object) -> object:
-    if isinstance(output, torch.Tensor):
+    if isinstance(output, (torch.Tensor, TensorMetadata)):
         return tuple(output.shape)
     if isinstance(output, (tuple, list)):
         return [_shapes(item) for item in output]
