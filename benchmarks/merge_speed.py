@@ -81,7 +81,9 @@ LAMBDA = api.PAPER_LAMBDA
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Targets from the issue (evaluated and reported here, never asserted in the test suite).
-SPEEDUP_TARGET = 50.0  # literal_s / merge_s on resnet56 and vgg16-cifar at ratio 0.5
+# literal_s / core_s on resnet56 and vgg16-cifar at ratio 0.5: the literal does what core_s does (it is
+# handed the sites and returns arrays, no traced or verified model); literal_s / merge_s is shown too.
+SPEEDUP_TARGET = 50.0
 FLOOR_TARGET = 2.0  # core_s / floor_s on vgg16-imagenet and mlp-8192
 MEMORY_TARGET = 1.0  # peak_extra_bytes / model_bytes
 LATENCY_TARGET = 1.3  # latency_ratio / flop_ratio
@@ -724,7 +726,8 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 def derived(row: dict[str, Any]) -> dict[str, float | None]:
     return {
-        "speedup": None if row["literal_s"] is None else row["literal_s"] / row["merge_s"],
+        "speedup": None if row["literal_s"] is None else row["literal_s"] / row["core_s"],
+        "speedup_end_to_end": None if row["literal_s"] is None else row["literal_s"] / row["merge_s"],
         "core_over_floor": row["core_s"] / row["floor_s"],
         "peak_over_model": row["peak_extra_bytes"] / row["model_bytes"],
         "latency_over_flops": row["latency_ratio"] / row["flop_ratio"],
@@ -742,8 +745,12 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     speed_rows = [r for r in rows if r["model"] in ("resnet56", "vgg16-cifar") and r["ratio"] == 0.5]
     if speed_rows:
         out.append(
-            check(f">= {SPEEDUP_TARGET:g}x faster than literal", speed_rows, "speedup",
+            check(f">= {SPEEDUP_TARGET:g}x faster than literal (core)", speed_rows, "speedup",
                   lambda v: v >= SPEEDUP_TARGET)
+        )  # fmt: skip
+        out.append(
+            check(f">= {SPEEDUP_TARGET:g}x faster than literal (end to end)", speed_rows,
+                  "speedup_end_to_end", lambda v: v >= SPEEDUP_TARGET)
         )  # fmt: skip
     floor_rows = [r for r in rows if r["model"] in ("vgg16-imagenet", "mlp-8192")]
     if floor_rows:
@@ -775,7 +782,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> None:
     table = Table(title="neuronmerge merge speed (seconds; medians)")
     for column in (
-        "model", "ratio", "merge_s", "core_s", "literal_s", "floor_s", "literal/merge",
+        "model", "ratio", "merge_s", "core_s", "literal_s", "floor_s", "literal/core", "literal/merge",
         "core/floor", "peak/model", "latency", "flops", "lat/flop", "det",
     ):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -792,6 +799,7 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
             literal,
             fmt(row["floor_s"]),
             fmt(d["speedup"]),
+            fmt(d["speedup_end_to_end"]),
             fmt(d["core_over_floor"]),
             fmt(d["peak_over_model"]),
             fmt(row["latency_ratio"]),

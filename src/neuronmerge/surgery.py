@@ -86,6 +86,17 @@ def _parameter(old: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(value.contiguous(), requires_grad=requires_grad)
 
 
+def _put(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Store a parameter or buffer straight into ``module``'s own table.
+
+    ``structural_copy`` gave the new layer tables of its own, so ``nn.Module.__setattr__``'s checks
+    have nothing to protect here; on a network of many small layers they are a large part of the
+    surgery's time.
+    """
+    table = module._parameters if isinstance(value, nn.Parameter) else module._buffers
+    table[name] = value
+
+
 def _resized_layer(
     module: nn.Module,
     kept: torch.Tensor | None,
@@ -97,8 +108,8 @@ def _resized_layer(
     with torch.no_grad():
         weight = _resized_weight(module.weight.detach(), kept, slices)
         if kept is not None and module.bias is not None:
-            new.bias = _parameter(module.bias, module.bias.detach()[kept])
-        new.weight = _parameter(module.weight, weight)
+            _put(new, "bias", _parameter(module.bias, module.bias.detach()[kept]))
+        _put(new, "weight", _parameter(module.weight, weight))
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
@@ -115,13 +126,13 @@ def _resized_norm(bn: nn.Module, kept: torch.Tensor) -> nn.Module:
     assert isinstance(new, nn.modules.batchnorm._BatchNorm)
     with torch.no_grad():
         if bn.weight is not None:
-            new.weight = _parameter(bn.weight, bn.weight.detach()[kept])
+            _put(new, "weight", _parameter(bn.weight, bn.weight.detach()[kept]))
         if bn.bias is not None:
-            new.bias = _parameter(bn.bias, bn.bias.detach()[kept])
-        new.running_mean = bn.running_mean[kept]
-        new.running_var = bn.running_var[kept]
+            _put(new, "bias", _parameter(bn.bias, bn.bias.detach()[kept]))
+        _put(new, "running_mean", bn.running_mean[kept])
+        _put(new, "running_var", bn.running_var[kept])
         if bn.num_batches_tracked is not None:
-            new.num_batches_tracked = bn.num_batches_tracked.clone()
+            _put(new, "num_batches_tracked", bn.num_batches_tracked.clone())
     new.num_features = int(kept.shape[0])
     return new
 
@@ -164,7 +175,10 @@ def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
 def apply(
     graph_module: fx.GraphModule, sites: list[Site], decompositions: Mapping[str, Decomposition]
 ) -> list[torch.Tensor]:
-    """Replace every layer touched by ``sites`` in ``graph_module`` by a resized one, and recompile.
+    """Replace every layer touched by ``sites`` in ``graph_module`` by a resized one.
+
+    The generated code looks layers up by name when it runs, so it is regenerated (milliseconds of
+    Python code generation) only when a view's literal size was rewritten.
 
     Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
     """
@@ -191,7 +205,7 @@ def apply(
     nodes = {node.name: node for node in graph_module.graph.nodes}
     for (node_name, dim), delta in deltas.items():
         _patch_reshape(nodes[node_name], dim, delta)
-
-    graph_module.graph.lint()
-    graph_module.recompile()
+    if deltas:
+        graph_module.graph.lint()
+        graph_module.recompile()
     return owned
