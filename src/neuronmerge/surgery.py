@@ -93,8 +93,10 @@ def _put(module: nn.Module, name: str, value: torch.Tensor) -> None:
     have nothing to protect here; on a network of many small layers they are a large part of the
     surgery's time.
     """
-    table = module._parameters if isinstance(value, nn.Parameter) else module._buffers
-    table[name] = value
+    if isinstance(value, nn.Parameter):
+        module._parameters[name] = value
+    else:
+        module._buffers[name] = value
 
 
 def _resized_layer(
