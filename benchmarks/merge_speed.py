@@ -26,7 +26,10 @@ For each model and pruning ratio it measures, in one run (medians of repeated ti
   process-lifetime peak) is used instead (``machine.memory_method`` says which).
 * ``latency_ratio``: median forward latency of the merged over the original model on a fixed batch
   (interleaved runs, ``torch.inference_mode``, the same thread count); ``flop_ratio``: MACs of the
-  merged over the original (``neuronmerge.evaluate.count_flops``).
+  merged over the original (``neuronmerge.evaluate.count_flops``: conv and linear MACs).
+  ``native_latency_ratio``: the same for the registered architecture built natively at the merged
+  widths (``model_from_state_dict``), where there is one: whether the merged model is as fast as a
+  network written at its widths (no masking, no graph overhead), which ``flop_ratio`` cannot say.
 * ``deterministic``: every repeated ``compress`` of the row gave bit-identical tensors.
 * ``cpu_pressure``: the share of the row's wall time in which some task waited for a CPU
   (``/proc/pressure/cpu``); well above 0.01 means other load on the machine disturbed the timings.
@@ -70,6 +73,7 @@ from neuronmerge import api, criteria, surgery
 from neuronmerge import capture as capture_module
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import count_flops
+from neuronmerge.models import model_from_state_dict
 from neuronmerge.sites import Site, find_sites
 
 RATIOS = (0.3, 0.5, 0.7)
@@ -640,6 +644,10 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
     row["model_bytes"] = ctx.size
     row["latency_ratio"] = latency_ratio(model, merged.model, ctx.batch, ctx.quick)
     row["flop_ratio"] = count_flops(merged.model, ctx.batch[:1]) / ctx.flops
+    row["native_latency_ratio"] = None
+    if ctx.case.name in nm.available_models():
+        native = model_from_state_dict(ctx.case.name, merged.model.state_dict()).eval()
+        row["native_latency_ratio"] = latency_ratio(model, native, ctx.batch, ctx.quick)
     row["deterministic"] = identical[0]
     report = merged.report
     removed = sum(s.channels - s.kept for s in report.sites)
@@ -729,6 +737,8 @@ def derived(row: dict[str, Any]) -> dict[str, float | None]:
         "speedup": None if row["literal_s"] is None else row["literal_s"] / row["core_s"],
         "speedup_end_to_end": None if row["literal_s"] is None else row["literal_s"] / row["merge_s"],
         "core_over_floor": row["core_s"] / row["floor_s"],
+        # The most any method could gain over the literal: it must at least do the floor's work.
+        "literal_over_floor": None if row["literal_s"] is None else row["literal_s"] / row["floor_s"],
         "peak_over_model": row["peak_extra_bytes"] / row["model_bytes"],
         "latency_over_flops": row["latency_ratio"] / row["flop_ratio"],
     }
@@ -783,7 +793,7 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
     table = Table(title="neuronmerge merge speed (seconds; medians)")
     for column in (
         "model", "ratio", "merge_s", "core_s", "literal_s", "floor_s", "literal/core", "literal/merge",
-        "core/floor", "peak/model", "latency", "flops", "lat/flop", "det",
+        "literal/floor", "core/floor", "peak/model", "latency", "flops", "lat/flop", "native lat", "det",
     ):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
@@ -800,11 +810,13 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
             fmt(row["floor_s"]),
             fmt(d["speedup"]),
             fmt(d["speedup_end_to_end"]),
+            fmt(d["literal_over_floor"]),
             fmt(d["core_over_floor"]),
             fmt(d["peak_over_model"]),
             fmt(row["latency_ratio"]),
             fmt(row["flop_ratio"]),
             fmt(d["latency_over_flops"]),
+            fmt(row["native_latency_ratio"]),
             "yes" if row["deterministic"] else "NO",
         )
     console.print(table)
@@ -827,8 +839,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="where to write the results (default: results/)")
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), help="a subset of the models")
     parser.add_argument("--ratios", nargs="+", type=float, help="override the ratios")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--child-memory", nargs=2, metavar=("MODEL", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child_memory:
         child_memory(args.child_memory[0], float(args.child_memory[1]))
         return 0
