@@ -55,6 +55,23 @@ class BatchNormParams:
         return self.weight / torch.sqrt(self.var + self.eps)
 
 
+#: Bytes of weight rows whose absolute values are summed at once by ``_l1_norms``: a cache-sized
+#: temporary instead of a copy of the whole weight.
+_L1_BLOCK_BYTES = 4 * 2**20
+
+
+def _l1_norms(weight: torch.Tensor) -> torch.Tensor:
+    """Row sums of ``|weight|``, taken ``abs().sum()`` on blocks of rows.
+
+    ``torch.linalg.vector_norm(ord=1)`` reads the weight once but runs a generic kernel two to three
+    times slower (torch 2.13, CPU); ``abs().sum()`` over the whole weight writes a full copy first.
+    """
+    rows = max(1, _L1_BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
+    if rows >= weight.shape[0]:
+        return weight.abs().sum(dim=1)
+    return torch.cat([block.abs().sum(dim=1) for block in weight.split(rows)])
+
+
 @dataclass(frozen=True)
 class Rows:
     """A site's rows ``f_i = [scale_i * w_i | shift_i]``, kept factored instead of materialised.
@@ -75,7 +92,7 @@ class Rows:
         return rows if self.shift is None else torch.cat([rows, self.shift[:, None]], dim=1)
 
     def l1_norms(self) -> torch.Tensor:
-        norms = torch.linalg.vector_norm(self.weight, 1, dim=1)
+        norms = _l1_norms(self.weight)
         if self.scale is not None:
             norms = norms * self.scale.abs()
         return norms if self.shift is None else norms + self.shift.abs()
