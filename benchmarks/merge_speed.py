@@ -529,21 +529,25 @@ def measure_memory(name: str, ratio: float) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def latency_ratio(original: nn.Module, merged: nn.Module, batch: torch.Tensor, quick: bool) -> float:
-    """Median latency of ``merged`` over ``original``, runs interleaved."""
+def latency_ratios(
+    original: nn.Module, others: list[nn.Module], batch: torch.Tensor, quick: bool
+) -> list[float]:
+    """Median latency of each of ``others`` over ``original``, all runs interleaved (so that other
+    load on the machine falls on every model alike)."""
     budget, minimum = (2.0, 5) if quick else (5.0, 9)
-    times: dict[str, list[float]] = {"original": [], "merged": []}
+    models = [original, *others]
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for _ in range(2):  # warm-up: oneDNN primitives for the new shapes, allocator
-            original(batch), merged(batch)
-        while len(times["merged"]) < minimum or (
-            sum(times["original"]) + sum(times["merged"]) < budget and len(times["merged"]) < 50
-        ):
-            for key, module in (("original", original), ("merged", merged)):
+            for module in models:
+                module(batch)
+        while len(times[0]) < minimum or (sum(map(sum, times)) < budget and len(times[0]) < 50):
+            for module, spent in zip(models, times, strict=True):
                 start = time.perf_counter()
                 module(batch)
-                times[key].append(time.perf_counter() - start)
-    return statistics.median(times["merged"]) / statistics.median(times["original"])
+                spent.append(time.perf_counter() - start)
+    base = statistics.median(times[0])
+    return [statistics.median(spent) / base for spent in times[1:]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,12 +651,13 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
     memory = measure_memory(ctx.case.name, ratio)
     row["peak_extra_bytes"] = int(memory["peak_extra_bytes"])
     row["model_bytes"] = ctx.size
-    row["latency_ratio"] = latency_ratio(model, merged.model, ctx.batch, ctx.quick)
-    row["flop_ratio"] = count_flops(merged.model, ctx.batch[:1]) / ctx.flops
-    row["native_latency_ratio"] = None
+    others = [merged.model]
     if ctx.case.name in nm.available_models():
-        native = model_from_state_dict(ctx.case.name, merged.model.state_dict()).eval()
-        row["native_latency_ratio"] = latency_ratio(model, native, ctx.batch, ctx.quick)
+        others.append(model_from_state_dict(ctx.case.name, merged.model.state_dict()).eval())
+    ratios = latency_ratios(model, others, ctx.batch, ctx.quick)
+    row["latency_ratio"] = ratios[0]
+    row["native_latency_ratio"] = ratios[1] if len(ratios) > 1 else None
+    row["flop_ratio"] = count_flops(merged.model, ctx.batch[:1]) / ctx.flops
     row["deterministic"] = identical[0]
     report = merged.report
     removed = sum(s.channels - s.kept for s in report.sites)
