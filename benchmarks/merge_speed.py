@@ -2,7 +2,11 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/merge_speed.py [--quick] [--json PATH] [--models NAME ...]
+    .venv/bin/python benchmarks/merge_speed.py [--quick] [--json PATH] [--models NAME ...] [--threads N]
+    .venv/bin/python benchmarks/merge_speed.py --markdown benchmarks/results/merge_speed.json
+
+(the second prints the README's tables from a results file). On a machine whose cores other work
+shares, ``--threads 1`` keeps torch's parallel regions from waiting on descheduled threads.
 
 For each model and pruning ratio it measures, in one run (medians of repeated timings):
 
