@@ -2,20 +2,27 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/merge_speed.py [--quick] [--json PATH] [--models NAME ...]
+    .venv/bin/python benchmarks/merge_speed.py [--quick] [--json PATH] [--models NAME ...] [--threads N]
+    .venv/bin/python benchmarks/merge_speed.py --markdown benchmarks/results/merge_speed.json
+
+(the second prints the README's tables from a results file). On a machine whose cores other work
+shares, ``--threads 1`` keeps torch's parallel regions from waiting on descheduled threads.
 
 For each model and pruning ratio it measures, in one run (medians of repeated timings):
 
 * ``merge_s``: ``neuronmerge.compress(model, x, ratio)`` end to end (exact fidelity, l1-norm, default
-  threshold): capture, sites, decomposition, surgery, detach and the two verification forwards.
+  threshold): capture, sites, decomposition, surgery, detach and the verification forward of the
+  merged model.
 * ``core_s``: decomposition + surgery alone (``api._site_tensors`` + ``api._decompose_site`` over the
   sites, then ``surgery.apply``), each repeat on a freshly captured copy whose capture is not timed.
   ``stages`` splits the pipeline further (capture, find_sites, decompose, surgery, detach, one forward).
-* ``literal_s``: the paper's algorithm 2 (algorithm 3 where a BatchNorm follows), written neuron by
-  neuron on numpy copies of the same sites (from ``neuronmerge.plan``): l1 scores and kept set, then for
-  each removed neuron a Python loop over the kept ones, one cosine (a numpy dot of two rows) and a few
-  Python-float operations per pair, the best kept neuron, Z, and a dense ``W_next @ Z`` per consumer.
-  Row norms are computed once per neuron, which makes it faster, never slower, than the pseudo-code.
+* ``literal_s``: the paper's algorithm 2 written neuron by neuron with numpy on the same sites (from
+  ``neuronmerge.plan``) and the same rows that exact fidelity compares (``[w | b]``, or ``[a*w | c]``
+  with a BatchNorm after the layer): l1 scores and kept set, then for each removed neuron a Python
+  loop over the kept ones, one cosine (a numpy dot of two rows) per pair, the best kept neuron, Z, and
+  a dense ``W_next @ Z`` per consumer. Row norms are computed once per neuron, which makes it faster,
+  never slower, than the pseudo-code. ``literal_agrees``: the share of sites where its Z equals
+  neuronmerge's (to float32 rounding): both compute the same thing.
   ``null`` when its first removed neurons per site extrapolate past ``LITERAL_LIMIT_S`` (or a run
   passes it); the estimate is kept in ``literal_estimate_s``.
 * ``floor_s``: one dense ``torch.mm`` per site of the normalised pruned rows against the kept rows,
@@ -26,7 +33,10 @@ For each model and pruning ratio it measures, in one run (medians of repeated ti
   process-lifetime peak) is used instead (``machine.memory_method`` says which).
 * ``latency_ratio``: median forward latency of the merged over the original model on a fixed batch
   (interleaved runs, ``torch.inference_mode``, the same thread count); ``flop_ratio``: MACs of the
-  merged over the original (``neuronmerge.evaluate.count_flops``).
+  merged over the original (``neuronmerge.evaluate.count_flops``: conv and linear MACs).
+  ``native_latency_ratio``: the same for the registered architecture built natively at the merged
+  widths (``model_from_state_dict``), where there is one: whether the merged model is as fast as a
+  network written at its widths (no masking, no graph overhead), which ``flop_ratio`` cannot say.
 * ``deterministic``: every repeated ``compress`` of the row gave bit-identical tensors.
 * ``cpu_pressure``: the share of the row's wall time in which some task waited for a CPU
   (``/proc/pressure/cpu``); well above 0.01 means other load on the machine disturbed the timings.
@@ -70,6 +80,7 @@ from neuronmerge import api, criteria, surgery
 from neuronmerge import capture as capture_module
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import count_flops
+from neuronmerge.models import model_from_state_dict
 from neuronmerge.sites import Site, find_sites
 
 RATIOS = (0.3, 0.5, 0.7)
@@ -81,7 +92,9 @@ LAMBDA = api.PAPER_LAMBDA
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Targets from the issue (evaluated and reported here, never asserted in the test suite).
-SPEEDUP_TARGET = 50.0  # literal_s / merge_s on resnet56 and vgg16-cifar at ratio 0.5
+# literal_s / core_s on resnet56 and vgg16-cifar at ratio 0.5: the literal does what core_s does (it is
+# handed the sites and returns arrays, no traced or verified model); literal_s / merge_s is shown too.
+SPEEDUP_TARGET = 50.0
 FLOOR_TARGET = 2.0  # core_s / floor_s on vgg16-imagenet and mlp-8192
 MEMORY_TARGET = 1.0  # peak_extra_bytes / model_bytes
 LATENCY_TARGET = 1.3  # latency_ratio / flop_ratio
@@ -288,7 +301,7 @@ def core_once(
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. The literal baseline: the paper's algorithms 2 and 3, one neuron and one pair at a time
+# 2. The literal baseline: the paper's algorithm 2, one neuron and one pair at a time
 # ---------------------------------------------------------------------------------------------
 
 
@@ -302,8 +315,8 @@ class LiteralSite:
 
     site: Site
     weight: np.ndarray  # producer weight, (N, ...)
-    rows: np.ndarray  # (N, D): [w | b] for a layer alone, raw w with BatchNorm (algorithm 3)
-    bn: dict[str, list[float]] | None
+    rows: np.ndarray  # (N, D): the rows compared, as neuronmerge's exact fidelity compares them
+    bn: dict[str, np.ndarray] | None
     kept: list[int]
     pruned: list[int]
     norms: list[float]
@@ -311,21 +324,31 @@ class LiteralSite:
 
 
 def literal_setup(model: nn.Module, site: Site, ratio: float) -> LiteralSite:
+    """Rows, l1 scores and kept set, norms and the identity part of Z, neuron by neuron.
+
+    The rows are what the benchmarked ``compress`` (exact fidelity) compares, so both compute the same
+    Z: ``[w | b]``, or with a BatchNorm after the layer the rows ``[a*w | c]`` that each channel
+    computes (``a = gamma / sqrt(var + eps)``, ``c = beta + a * (b - mean)``).
+    """
     layer = model.get_submodule(site.producer)
     weight = layer.weight.detach().numpy()
     n = weight.shape[0]
     rows = weight.reshape(n, -1)
+    bias = None if layer.bias is None else layer.bias.detach().numpy()
     bn = None
     if site.norm is not None:
         norm = model.get_submodule(site.norm)
         bn = {
-            "gamma": norm.weight.detach().tolist(),
-            "beta": norm.bias.detach().tolist(),
-            "mean": norm.running_mean.tolist(),
-            "var": norm.running_var.tolist(),
+            "gamma": norm.weight.detach().numpy(),
+            "beta": norm.bias.detach().numpy(),
+            "mean": norm.running_mean.numpy(),
+            "var": norm.running_var.numpy(),
         }
-    elif layer.bias is not None:
-        rows = np.concatenate([rows, layer.bias.detach().numpy()[:, None]], axis=1)
+        a = bn["gamma"] / np.sqrt(bn["var"] + norm.eps)
+        c = bn["beta"] + a * ((0 if bias is None else bias) - bn["mean"])
+        rows = np.concatenate([a[:, None] * rows, c[:, None]], axis=1)
+    elif bias is not None:
+        rows = np.concatenate([rows, bias[:, None]], axis=1)
     # Criterion (l1-norm), neuron by neuron; keep the highest scores.
     scores = [float(np.abs(rows[i]).sum()) for i in range(n)]
     keep = criteria.kept_count(n, ratio)
@@ -340,45 +363,19 @@ def literal_setup(model: nn.Module, site: Site, ratio: float) -> LiteralSite:
 
 
 def literal_neuron(s: LiteralSite, i: int) -> None:
-    """Find removed neuron ``i``'s best kept neuron, pair by pair, and write its row of Z."""
+    """Algorithm 2 for removed neuron ``i``: its most similar kept neuron, pair by pair; row i of Z."""
     rows, norms, kept = s.rows, s.norms, s.kept
     ri, ni = rows[i], norms[i]
-    if ni == 0:
-        return
-    if s.bn is None:  # algorithm 2: highest cosine similarity, scale = norm ratio
-        best, best_k = -math.inf, -1
-        for k, j in enumerate(kept):
-            nj = norms[j]
-            if nj == 0:
-                continue
-            cos = float(ri @ rows[j]) / (ni * nj)
-            if cos > best:
-                best, best_k = cos, k
-        if best_k >= 0 and (THRESHOLD is None or best >= THRESHOLD):
-            s.z[i, best_k] = ni / norms[kept[best_k]]
-        return
-    # algorithm 3: cosine distance and BatchNorm bias distance, per pair
-    g, b, m, v = s.bn["gamma"], s.bn["beta"], s.bn["mean"], s.bn["var"]
-    g1, b1, m1, v1 = g[i], b[i], m[i], v[i]
-    distances, scales, biases = [], [], []
-    for j in kept:
+    best, best_k = -math.inf, -1
+    for k, j in enumerate(kept):
         nj = norms[j]
-        cos = float(ri @ rows[j]) / (ni * nj) if nj else -1.0
-        ratio = ni / nj if nj else 0.0
-        scale = ratio * (g[j] / g1) * (v1 / v[j])
-        shift = abs((g[j] / v[j]) * (ratio * (-(v1 * b1 / g1) + m1) - m[j]) + b[j])
-        distances.append(1 - cos)
-        scales.append(scale)
-        biases.append(shift / scale if scale else math.inf)
-    low, high = min(biases), max(biases)
-    best, best_k = math.inf, -1
-    for k in range(len(kept)):
-        normalised = (biases[k] - low) / (high - low) if high > low else 0.0
-        score = LAMBDA * distances[k] + (1 - LAMBDA) * normalised
-        if score < best:
-            best, best_k = score, k
-    if THRESHOLD is None or 1 - distances[best_k] >= THRESHOLD:
-        s.z[i, best_k] = scales[best_k]
+        if nj == 0:
+            continue
+        cos = float(ri @ rows[j]) / (ni * nj) if ni else 0.0
+        if cos > best:
+            best, best_k = cos, k
+    if best_k >= 0 and (THRESHOLD is None or best >= THRESHOLD):
+        s.z[i, best_k] = ni / norms[kept[best_k]]
 
 
 def literal_finish(model: nn.Module, s: LiteralSite) -> list[np.ndarray]:
@@ -388,7 +385,7 @@ def literal_finish(model: nn.Module, s: LiteralSite) -> list[np.ndarray]:
     if layer.bias is not None:
         out.append(layer.bias.detach().numpy()[s.kept])
     if s.bn is not None:
-        out += [np.asarray(values)[s.kept] for values in s.bn.values()]
+        out += [values[s.kept] for values in s.bn.values()]
     n, k = s.z.shape
     for piece in s.site.consumers:
         w = model.get_submodule(piece.module).weight.detach().numpy()
@@ -402,7 +399,10 @@ def literal_finish(model: nn.Module, s: LiteralSite) -> list[np.ndarray]:
     return out
 
 
-def literal_merge(model: nn.Module, sites: list[Site], ratio: float, deadline: float) -> list[Any]:
+def literal_merge(
+    model: nn.Module, sites: list[Site], ratio: float, deadline: float
+) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Every site's Z and new weights, the literal way."""
     results = []
     for site in sites:
         s = literal_setup(model, site, ratio)
@@ -410,8 +410,19 @@ def literal_merge(model: nn.Module, sites: list[Site], ratio: float, deadline: f
             literal_neuron(s, i)
             if time.perf_counter() > deadline:
                 raise LiteralTimeout
-        results.append(literal_finish(model, s))
+        results.append((s.z, literal_finish(model, s)))
     return results
+
+
+def literal_agreement(
+    results: list[tuple[np.ndarray, list[np.ndarray]]], sites: list[Site], decompositions: dict[str, Any]
+) -> float:
+    """Share of sites where the literal's Z equals neuronmerge's (to float32 rounding)."""
+    same = []
+    for (z, _), site in zip(results, sites, strict=True):
+        expected = decompositions[site.producer].matrix().numpy()
+        same.append(z.shape == expected.shape and np.allclose(z, expected, rtol=1e-4, atol=1e-6))
+    return sum(same) / len(same) if same else 1.0
 
 
 def numpy_gflops() -> float:
@@ -522,21 +533,25 @@ def measure_memory(name: str, ratio: float) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def latency_ratio(original: nn.Module, merged: nn.Module, batch: torch.Tensor, quick: bool) -> float:
-    """Median latency of ``merged`` over ``original``, runs interleaved."""
+def latency_ratios(
+    original: nn.Module, others: list[nn.Module], batch: torch.Tensor, quick: bool
+) -> list[float]:
+    """Median latency of each of ``others`` over ``original``, all runs interleaved (so that other
+    load on the machine falls on every model alike)."""
     budget, minimum = (2.0, 5) if quick else (5.0, 9)
-    times: dict[str, list[float]] = {"original": [], "merged": []}
+    models = [original, *others]
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for _ in range(2):  # warm-up: oneDNN primitives for the new shapes, allocator
-            original(batch), merged(batch)
-        while len(times["merged"]) < minimum or (
-            sum(times["original"]) + sum(times["merged"]) < budget and len(times["merged"]) < 50
-        ):
-            for key, module in (("original", original), ("merged", merged)):
+            for module in models:
+                module(batch)
+        while len(times[0]) < minimum or (sum(map(sum, times)) < budget and len(times[0]) < 50):
+            for module, spent in zip(models, times, strict=True):
                 start = time.perf_counter()
                 module(batch)
-                times[key].append(time.perf_counter() - start)
-    return statistics.median(times["merged"]) / statistics.median(times["original"])
+                spent.append(time.perf_counter() - start)
+    base = statistics.median(times[0])
+    return [statistics.median(spent) / base for spent in times[1:]]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -614,20 +629,24 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
         forward_s = time.perf_counter() - start
 
     # 3. floor_s (before the literal, whose numpy threads could still be spinning)
-    pairs = floor_inputs(gm, sites, last.pop("decompositions"))
+    decompositions = last.pop("decompositions")
+    pairs = floor_inputs(gm, sites, decompositions)
     del gm
     row["floor_s"] = median(repeat(lambda: floor_once(pairs, ctx.weights), repeats))
 
     # 4. literal_s: extrapolate from a partial run; run it only when that is under the limit.
     estimate = literal_estimate(model, sites, ratio, ctx.gflops)
     row["literal_s"] = None
+    row["literal_agrees"] = None
     if estimate <= LITERAL_LIMIT_S:
         try:
             literal_times = repeat(
                 lambda: literal_merge(model, sites, ratio, time.perf_counter() + LITERAL_LIMIT_S),
                 repeats,
+                on_result=lambda result: last.update(literal=result),
             )
             row["literal_s"] = median(literal_times)
+            row["literal_agrees"] = literal_agreement(last.pop("literal"), sites, decompositions)
         except LiteralTimeout:
             estimate = max(estimate, LITERAL_LIMIT_S)
     row["literal_estimate_s"] = estimate
@@ -636,7 +655,12 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
     memory = measure_memory(ctx.case.name, ratio)
     row["peak_extra_bytes"] = int(memory["peak_extra_bytes"])
     row["model_bytes"] = ctx.size
-    row["latency_ratio"] = latency_ratio(model, merged.model, ctx.batch, ctx.quick)
+    others = [merged.model]
+    if ctx.case.name in nm.available_models():
+        others.append(model_from_state_dict(ctx.case.name, merged.model.state_dict()).eval())
+    ratios = latency_ratios(model, others, ctx.batch, ctx.quick)
+    row["latency_ratio"] = ratios[0]
+    row["native_latency_ratio"] = ratios[1] if len(ratios) > 1 else None
     row["flop_ratio"] = count_flops(merged.model, ctx.batch[:1]) / ctx.flops
     row["deterministic"] = identical[0]
     report = merged.report
@@ -724,8 +748,11 @@ def fmt(value: float | None, digits: int = 3) -> str:
 
 def derived(row: dict[str, Any]) -> dict[str, float | None]:
     return {
-        "speedup": None if row["literal_s"] is None else row["literal_s"] / row["merge_s"],
+        "speedup": None if row["literal_s"] is None else row["literal_s"] / row["core_s"],
+        "speedup_end_to_end": None if row["literal_s"] is None else row["literal_s"] / row["merge_s"],
         "core_over_floor": row["core_s"] / row["floor_s"],
+        # The most any method could gain over the literal: it must at least do the floor's work.
+        "literal_over_floor": None if row["literal_s"] is None else row["literal_s"] / row["floor_s"],
         "peak_over_model": row["peak_extra_bytes"] / row["model_bytes"],
         "latency_over_flops": row["latency_ratio"] / row["flop_ratio"],
     }
@@ -742,8 +769,12 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     speed_rows = [r for r in rows if r["model"] in ("resnet56", "vgg16-cifar") and r["ratio"] == 0.5]
     if speed_rows:
         out.append(
-            check(f">= {SPEEDUP_TARGET:g}x faster than literal", speed_rows, "speedup",
+            check(f">= {SPEEDUP_TARGET:g}x faster than literal (core)", speed_rows, "speedup",
                   lambda v: v >= SPEEDUP_TARGET)
+        )  # fmt: skip
+        out.append(
+            check(f">= {SPEEDUP_TARGET:g}x faster than literal (end to end)", speed_rows,
+                  "speedup_end_to_end", lambda v: v >= SPEEDUP_TARGET)
         )  # fmt: skip
     floor_rows = [r for r in rows if r["model"] in ("vgg16-imagenet", "mlp-8192")]
     if floor_rows:
@@ -775,8 +806,8 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> None:
     table = Table(title="neuronmerge merge speed (seconds; medians)")
     for column in (
-        "model", "ratio", "merge_s", "core_s", "literal_s", "floor_s", "literal/merge",
-        "core/floor", "peak/model", "latency", "flops", "lat/flop", "det",
+        "model", "ratio", "merge_s", "core_s", "literal_s", "floor_s", "literal/core", "literal/merge",
+        "literal/floor", "core/floor", "peak/model", "latency", "flops", "lat/flop", "native lat", "det",
     ):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
@@ -792,11 +823,14 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
             literal,
             fmt(row["floor_s"]),
             fmt(d["speedup"]),
+            fmt(d["speedup_end_to_end"]),
+            fmt(d["literal_over_floor"]),
             fmt(d["core_over_floor"]),
             fmt(d["peak_over_model"]),
             fmt(row["latency_ratio"]),
             fmt(row["flop_ratio"]),
             fmt(d["latency_over_flops"]),
+            fmt(row["native_latency_ratio"]),
             "yes" if row["deterministic"] else "NO",
         )
     console.print(table)
@@ -813,16 +847,55 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
     console.print(goal_table)
 
 
+def markdown(document: dict[str, Any]) -> str:
+    """The README's tables (rows, then targets) from a results file."""
+    lines = [
+        "| model | ratio | merge_s | core_s | literal_s | floor_s | literal/core | literal/merge "
+        "| literal/floor | core/floor | peak extra/model | latency | FLOPs | latency/FLOPs "
+        "| native latency | literal Z = ours |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in document["rows"]:
+        d = derived(row)
+        literal = fmt(row["literal_s"])
+        if row["literal_s"] is None:
+            literal = f"> {LITERAL_LIMIT_S:g} (est. {row['literal_estimate_s']:.0f})"
+        cells = [
+            row["model"], f"{row['ratio']:g}", fmt(row["merge_s"]), fmt(row["core_s"]), literal,
+            fmt(row["floor_s"]), fmt(d["speedup"]), fmt(d["speedup_end_to_end"]),
+            fmt(d["literal_over_floor"]), fmt(d["core_over_floor"]), fmt(d["peak_over_model"]),
+            fmt(row["latency_ratio"]), fmt(row["flop_ratio"]), fmt(d["latency_over_flops"]),
+            fmt(row.get("native_latency_ratio")),
+            "n/a" if row.get("literal_agrees") is None else f"{row['literal_agrees']:.0%}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| target | met | measured |", "|---|---|---|"]
+    for goal in document["targets"]:
+        values = ", ".join(
+            f"{m}" + ("" if r is None else f" @ {r:g}") + f": {v if isinstance(v, bool) else fmt(v)}"
+            for m, r, v in goal["values"]
+        )
+        lines.append(f"| {goal['target']} | {'met' if goal['met'] else '**missed**'} | {values} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="ratio 0.5, fewer repeats, no VGG-224")
     parser.add_argument("--json", type=Path, help="where to write the results (default: results/)")
     parser.add_argument("--models", nargs="+", choices=sorted(CASES), help="a subset of the models")
     parser.add_argument("--ratios", nargs="+", type=float, help="override the ratios")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
+    parser.add_argument("--markdown", type=Path, help="print the README tables of a results file")
     parser.add_argument("--child-memory", nargs=2, metavar=("MODEL", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child_memory:
         child_memory(args.child_memory[0], float(args.child_memory[1]))
+        return 0
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
         return 0
 
     console = Console(width=None if sys.stdout.isatty() else 180)

@@ -181,7 +181,7 @@ def test_api_refusals_leave_the_model_as_it_was() -> None:
 
     broken = copy.deepcopy(model)
     broken.get_buffer("1.running_var")[2] = float("inf")  # BatchNorm statistics folded into a site
-    with pytest.raises(nm.InvalidArgumentError, match="0: BatchNorm holds NaN or infinite"):
+    with pytest.raises(nm.InvalidArgumentError, match="1: running_var holds NaN or infinite"):
         nm.merge(broken, x, 0.5)
 
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
 
 from neuronmerge import criteria, decompose, surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
@@ -135,13 +136,21 @@ def _site_tensors(gm: fx.GraphModule, site: Site) -> decompose.SiteTensors:
         norm = gm.get_submodule(site.norm)
         assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
         bn = decompose.BatchNormParams.of(norm)
-    tensors = decompose.SiteTensors(weight, bias, bn)
-    for label, tensor in [("weight", weight), ("bias", bias)] + (
+    return decompose.SiteTensors(weight, bias, bn)
+
+
+def _require_finite(site: Site, tensors: decompose.SiteTensors) -> None:
+    """Name the tensor of ``site`` that holds NaN or infinite values, if one does.
+
+    Called only when a cheap proxy (the scores, or the BatchNorm scale) is not finite: a full
+    ``isfinite`` pass over every weight costs more than scoring it.
+    """
+    bn = tensors.bn
+    for label, tensor in [("weight", tensors.weight), ("bias", tensors.bias)] + (
         [] if bn is None else [("BatchNorm", torch.stack([bn.weight, bn.bias, bn.mean, bn.var]))]
     ):
         if tensor is not None and not torch.isfinite(tensor).all():
             raise InvalidArgumentError(f"{site.producer}: {label} holds NaN or infinite values")
-    return tensors
 
 
 def _decompose_site(
@@ -156,7 +165,7 @@ def _decompose_site(
     fidelity: Fidelity,
 ) -> decompose.Decomposition:
     paper = fidelity == "paper"
-    rows = tensors.raw_rows() if paper else tensors.folded_rows()
+    rows = tensors.raw() if paper else tensors.folded()
     # The authors truncate kept counts for their conv nets and round them for LeNet-300-100.
     rounding = "floor" if paper and site.kind == "conv" else "round"
     keep = criteria.kept_count(site.channels, ratio, rounding)
@@ -165,12 +174,20 @@ def _decompose_site(
             f"ratio {ratio} keeps 0 of the {site.channels} channels of {site.producer}; "
             "use a smaller ratio or exclude this layer"
         )
-    kept = criteria.select_kept(criteria.channel_scores(rows, criterion), keep)
+    scores = criteria.channel_scores(rows, criterion)
+    # A NaN or infinity in a row makes its score non-finite. Paper fidelity leaves the BatchNorm
+    # statistics out of the rows; they show in a = gamma / sqrt(var + eps) times beta + mean.
+    bn = tensors.bn if paper else None
+    if not torch.isfinite(scores).all() or (
+        bn is not None and not torch.isfinite(bn.scale() * (bn.bias + bn.mean)).all()
+    ):
+        _require_finite(site, tensors)
+    kept = criteria.select_kept(scores, keep)
     if method == "prune":
-        return decompose.identity_on_kept(site.channels, kept, rows.dtype)
+        return decompose.identity_on_kept(site.channels, kept, rows.weight.dtype)
     if paper and tensors.bn is not None:
         return decompose.paper_conv_bn(tensors.weight, tensors.bn, kept, threshold, lam)
-    return decompose.norm_ratio(rows, kept, threshold)
+    return decompose.norm_ratio(rows, kept, threshold, scores if criterion == "l2-norm" else None)
 
 
 def _check_options(
@@ -194,10 +211,17 @@ def _check_options(
 
 
 def _check_finite(gm: fx.GraphModule) -> None:
-    """Refuse NaN or infinite parameters anywhere: merging would spread them through Z into the
-    kept neurons and the readers, and the similarity scores would be meaningless."""
-    for name, parameter in gm.named_parameters():
-        if not torch.isfinite(parameter.detach()).all():
+    """Refuse NaN or infinite parameters or buffers (BatchNorm statistics) anywhere: merging would
+    spread them through Z into the kept neurons and the readers, and the similarity scores would be
+    meaningless."""
+    tensors = [*gm.named_parameters(), *gm.named_buffers()]
+    for name, tensor in tensors:
+        if not tensor.is_floating_point():
+            continue
+        # One summing pass screens a tensor without allocating a mask; only a non-finite sum (NaN,
+        # inf, or an overflow of finite values) pays for the exact elementwise test.
+        data = tensor.detach()
+        if not torch.isfinite(data.sum()) and not torch.isfinite(data).all():
             module, _, leaf = name.rpartition(".")
             raise InvalidArgumentError(f"{module or '<model>'}: {leaf} holds NaN or infinite values")
 
@@ -249,8 +273,9 @@ def compress(
             lam=PAPER_LAMBDA if lam is None else lam,
             fidelity=fidelity,
         )
-    with torch.no_grad():
-        expected = gm(*inputs)
+    expected = _traced_output_shapes(gm, inputs)
+    # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
+    reference = _run(gm, inputs) if approximate else None
     owned = surgery.apply(gm, sites, decompositions)
     small = detach(gm, owned)
     try:
@@ -258,7 +283,7 @@ def compress(
             produced = small(*inputs)
     except Exception as exc:  # a bug of ours, not the user's: say so plainly
         raise NeuronMergeError(f"the compressed model failed to run ({exc}); please report") from exc
-    if _shapes(produced) != _shapes(expected):
+    if _shapes(produced) != expected:
         raise NeuronMergeError("the compressed model's output shape changed; please report")
 
     reports = []
@@ -289,9 +314,14 @@ def compress(
         sites=tuple(reports),
         skipped=tuple(skipped + left_out),
         approximate=approximate,
-        output_error=_relative_error(produced, expected) if approximate else None,
+        output_error=None if reference is None else _relative_error(produced, reference),
     )
     return Result(small, report)
+
+
+def _run(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> object:
+    with torch.no_grad():
+        return gm(*inputs)
 
 
 def _flat(output: object) -> torch.Tensor:
@@ -312,8 +342,23 @@ def _relative_error(produced: object, expected: object) -> float:
     return float(change / scale) if scale > 0 else float(change)
 
 
+def _traced_output_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> object:
+    """The original model's output shapes, as ``_shapes`` writes them, from capture's shape record.
+
+    Reading them saves a forward pass of the full model (a fifth of a second for VGG-16 at 224 x 224);
+    an output holding no tensor has no record, and is run instead, as are torch.export modules.
+    """
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    # torch.export's modules rebuild their output structure in generated code (a pytree codegen):
+    # the graph's own output is then not what the caller gets, so run those too.
+    if "tensor_meta" not in output.meta or isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+        with torch.no_grad():
+            return _shapes(gm(*inputs))
+    return _shapes(output.meta["tensor_meta"])
+
+
 def _shapes(output: object) -> object:
-    if isinstance(output, torch.Tensor):
+    if isinstance(output, (torch.Tensor, TensorMetadata)):
         return tuple(output.shape)
     if isinstance(output, (tuple, list)):
         return [_shapes(item) for item in output]

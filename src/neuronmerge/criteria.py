@@ -15,6 +15,7 @@ import math
 
 import torch
 
+from neuronmerge.decompose import Rows
 from neuronmerge.errors import InvalidArgumentError
 
 CRITERIA = ("l1-norm", "l2-norm", "l2-GM")
@@ -23,18 +24,24 @@ CRITERIA = ("l1-norm", "l2-norm", "l2-GM")
 _GM_BLOCK = 1024
 
 
-def channel_scores(rows: torch.Tensor, criterion: str) -> torch.Tensor:
-    """One importance score per row of ``rows`` (N x D); higher means more worth keeping."""
+def channel_scores(rows: torch.Tensor | Rows, criterion: str) -> torch.Tensor:
+    """One importance score per row of ``rows`` (N x D); higher means more worth keeping.
+
+    The norms are single reductions over the weight (``Rows`` folds its scale and shift in
+    afterwards): no ``abs()`` or ``[w | b]`` copy of a weight that may be hundreds of megabytes.
+    """
+    if isinstance(rows, torch.Tensor):
+        rows = Rows(rows)
     if criterion == "l1-norm":
-        return rows.abs().sum(dim=1)
+        return rows.l1_norms()
     if criterion == "l2-norm":
-        return torch.linalg.vector_norm(rows, dim=1)
+        return rows.l2_norms()
     if criterion == "l2-GM":
         # Float64 and exact differences (not the matmul expansion) so that rankings of
         # near-equal sums do not depend on rounding.
-        rows64 = rows.double()
-        total = torch.zeros(rows.shape[0], dtype=torch.float64)
-        for start in range(0, rows.shape[0], _GM_BLOCK):
+        rows64 = rows.dense().double()
+        total = torch.zeros(rows64.shape[0], dtype=torch.float64)
+        for start in range(0, rows64.shape[0], _GM_BLOCK):
             block = rows64[start : start + _GM_BLOCK]
             total += torch.cdist(block, rows64, compute_mode="donot_use_mm_for_euclid_dist").sum(0)
         return total

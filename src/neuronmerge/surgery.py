@@ -5,8 +5,9 @@ For a site with decomposition (K, Z):
 * producer: keep weight rows (and bias) ``[K]``; its BatchNorm keeps ``[K]`` of every per-channel
   tensor;
 * every consumer: the input columns that carry the site's channels become ``W . Z``, computed as "copy
-  the kept columns, then add ``s * column_i`` into its target column" (one gather and one index_add,
-  proportional to the weight's size, never a dense product with Z);
+  the kept columns, then add ``s * column_i`` into its target column" (one gather, of rows and
+  columns together, and one index_add: proportional to the new weight's size, never a dense product
+  with Z);
 * views on the path whose target shapes hold a literal channel count are rewritten.
 
 A layer that is the consumer of one site and the producer of another gets both; row selection and
@@ -18,6 +19,7 @@ holding the new tensors.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping
 
@@ -29,35 +31,72 @@ from neuronmerge.decompose import Decomposition
 from neuronmerge.sites import ConsumerSlice, Site
 
 
-def _mix_columns(
-    weight: torch.Tensor, slices: list[tuple[ConsumerSlice, Decomposition]]
+def _resized_weight(
+    weight: torch.Tensor,
+    rows: torch.Tensor | None,
+    slices: list[tuple[ConsumerSlice, Decomposition]],
 ) -> torch.Tensor:
-    """Rebuild ``weight``'s input axis (dim 1) with each slice's channels merged by its Z."""
-    pieces: list[torch.Tensor] = []
-    cursor = 0
-    for piece, dec in sorted(slices, key=lambda item: item[0].offset):
-        if piece.offset < cursor:
+    """``weight`` with output rows ``rows`` and its input axis (dim 1) merged by each slice's Z.
+
+    The kept rows and columns are gathered in one indexing operation, so the new weight is written
+    once and no intermediate of the layer's size exists; the merged columns are then added in scaled.
+    Columns are indexed in groups (the largest size dividing every slice's offset and block: the 49
+    columns of one VGG channel after a 7 x 7 flatten), so each index moves a contiguous run.
+    """
+    if not slices:
+        assert rows is not None
+        return weight.index_select(0, rows)
+    width = weight.shape[1]
+    ordered = sorted(slices, key=lambda item: item[0].offset)
+    group = math.gcd(width, *(piece.offset for piece, _ in ordered), *(p.block for p, _ in ordered))
+    grouped = weight.reshape(weight.shape[0], width // group, group, *weight.shape[2:])
+    columns: list[torch.Tensor] = []
+    merges: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    cursor = written = 0  # in groups: read position in ``weight``, write position in the result
+    for piece, dec in ordered:
+        start, per = piece.offset // group, piece.block // group
+        if start < cursor:
             raise RuntimeError("overlapping channel slices on one consumer")
-        if piece.offset > cursor:
-            pieces.append(weight[:, cursor : piece.offset])
-        end = piece.offset + dec.channels * piece.block
-        segment = weight[:, piece.offset : end]
-        segment = segment.reshape(weight.shape[0], dec.channels, piece.block, *weight.shape[2:])
-        mixed = segment[:, dec.kept]  # advanced indexing: a new tensor, ours to write
+        columns.append(torch.arange(cursor, start))
+        written += start - cursor
+        within = torch.arange(per)
+        columns.append((start + dec.kept[:, None] * per + within).flatten())
         merged = dec.merged()
         if merged.numel():
-            scale = dec.scale[merged].to(weight.dtype).view(1, -1, *([1] * (segment.dim() - 2)))
-            mixed.index_add_(1, dec.target[merged], segment[:, merged].mul_(scale))
-        pieces.append(mixed.reshape(weight.shape[0], -1, *weight.shape[2:]))
-        cursor = end
-    if cursor < weight.shape[1]:
-        pieces.append(weight[:, cursor:])
-    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            source = (start + merged[:, None] * per + within).flatten()
+            target = (written + dec.target[merged][:, None] * per + within).flatten()
+            merges.append((source, target, dec.scale[merged].repeat_interleave(per)))
+        written += dec.kept.shape[0] * per
+        cursor = start + dec.channels * per
+    columns.append(torch.arange(cursor, width // group))
+    keep = torch.cat(columns)
+
+    def gather(cols: torch.Tensor) -> torch.Tensor:
+        return grouped.index_select(1, cols) if rows is None else grouped[rows[:, None], cols]
+
+    new = gather(keep)
+    for source, target, scale in merges:
+        scaled = gather(source).mul_(scale.to(weight.dtype).view(1, -1, *([1] * (grouped.dim() - 2))))
+        new.index_add_(1, target, scaled)
+    return new.reshape(new.shape[0], -1, *weight.shape[2:])
 
 
 def _parameter(old: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
     requires_grad = True if old is None else old.requires_grad
     return nn.Parameter(value.contiguous(), requires_grad=requires_grad)
+
+
+def _put(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Store a parameter or buffer straight into ``module``'s own table.
+
+    ``structural_copy`` gave the new layer tables of its own, so ``nn.Module.__setattr__``'s checks
+    have nothing to protect here; on a network of many small layers they are a large part of the
+    surgery's time.
+    """
+    if isinstance(value, nn.Parameter):
+        module._parameters[name] = value
+    else:
+        module._buffers[name] = value
 
 
 def _resized_layer(
@@ -69,14 +108,10 @@ def _resized_layer(
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     new = structural_copy(module)
     with torch.no_grad():
-        weight = module.weight.detach()
-        if kept is not None:
-            weight = weight[kept]
-            if module.bias is not None:
-                new.bias = _parameter(module.bias, module.bias.detach()[kept])
-        if slices:
-            weight = _mix_columns(weight, slices)
-        new.weight = _parameter(module.weight, weight)
+        weight = _resized_weight(module.weight.detach(), kept, slices)
+        if kept is not None and module.bias is not None:
+            _put(new, "bias", _parameter(module.bias, module.bias.detach()[kept]))
+        _put(new, "weight", _parameter(module.weight, weight))
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
@@ -93,13 +128,13 @@ def _resized_norm(bn: nn.Module, kept: torch.Tensor) -> nn.Module:
     assert isinstance(new, nn.modules.batchnorm._BatchNorm)
     with torch.no_grad():
         if bn.weight is not None:
-            new.weight = _parameter(bn.weight, bn.weight.detach()[kept])
+            _put(new, "weight", _parameter(bn.weight, bn.weight.detach()[kept]))
         if bn.bias is not None:
-            new.bias = _parameter(bn.bias, bn.bias.detach()[kept])
-        new.running_mean = bn.running_mean[kept]
-        new.running_var = bn.running_var[kept]
+            _put(new, "bias", _parameter(bn.bias, bn.bias.detach()[kept]))
+        _put(new, "running_mean", bn.running_mean[kept])
+        _put(new, "running_var", bn.running_var[kept])
         if bn.num_batches_tracked is not None:
-            new.num_batches_tracked = bn.num_batches_tracked.clone()
+            _put(new, "num_batches_tracked", bn.num_batches_tracked.clone())
     new.num_features = int(kept.shape[0])
     return new
 
@@ -142,7 +177,10 @@ def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
 def apply(
     graph_module: fx.GraphModule, sites: list[Site], decompositions: Mapping[str, Decomposition]
 ) -> list[torch.Tensor]:
-    """Replace every layer touched by ``sites`` in ``graph_module`` by a resized one, and recompile.
+    """Replace every layer touched by ``sites`` in ``graph_module`` by a resized one.
+
+    The generated code looks layers up by name when it runs, so it is regenerated (milliseconds of
+    Python code generation) only when a view's literal size was rewritten.
 
     Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
     """
@@ -169,7 +207,7 @@ def apply(
     nodes = {node.name: node for node in graph_module.graph.nodes}
     for (node_name, dim), delta in deltas.items():
         _patch_reshape(nodes[node_name], dim, delta)
-
-    graph_module.graph.lint()
-    graph_module.recompile()
+    if deltas:
+        graph_module.graph.lint()
+        graph_module.recompile()
     return owned
