@@ -40,11 +40,10 @@ from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.experiments.reproduce import PAPER_SETUPS
 from neuronmerge.io import atomic_write
 from neuronmerge.models import get_spec
+from neuronmerge.training import VAL_SEED, VAL_SIZE  # the split ``trained_model`` holds out
 
 #: The ratios of a full sweep (``--ratios`` default): 0.1 ... 0.9 and 0.95.
 DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
-#: Validation images held out of the training split, exactly as ``training.trained_model`` does.
-VAL_SIZE, VAL_SEED = 5000, 0
 #: Unlabeled training batches handed to data-aware methods (``SweepContext.calibration``).
 CALIBRATION_BATCHES, CALIBRATION_BATCH_SIZE = 8, 128
 
