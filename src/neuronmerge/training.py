@@ -50,10 +50,11 @@ class Recipe:
 #: Per-architecture recipes, chosen on the validation split; unknown names use ``DEFAULT_RECIPE``.
 RECIPES: dict[str, Recipe] = {
     "lenet-300-100": Recipe(epochs=30, lr=0.05),  # val 89.84%, test 89.83% (paper: 89.80%)
-    # The conv nets: a few epochs, so that each trains in minutes on two CPU cores.
-    "vgg-fmnist": Recipe(epochs=3, lr=0.05),
-    "alexnet-fmnist": Recipe(epochs=3, lr=0.05),
-    "resnet-fmnist": Recipe(epochs=3, lr=0.05),
+    # The conv nets: 3 epochs, so that each trains in minutes on two CPU cores; lr chosen among
+    # 0.02, 0.05, 0.1 on validation (experiments/recipe_validation.json).
+    "vgg-fmnist": Recipe(epochs=3, lr=0.05),  # val 92.06%, test 92.18%
+    "alexnet-fmnist": Recipe(epochs=3, lr=0.05),  # val 87.94%, test 87.60%
+    "resnet-fmnist": Recipe(epochs=3, lr=0.05),  # val 90.52%, test 90.43%
 }
 DEFAULT_RECIPE = Recipe(epochs=30, lr=0.05)
 
