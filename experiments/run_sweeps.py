@@ -6,23 +6,28 @@
 Models: the three Fashion-MNIST conv nets and LeNet-300-100 trained here (seed 0, their recipes,
 from the training cache, trained first if missing) and the authors' LeNet-300-100 checkpoint
 (read in place from ../shared/checkpoints/kim2020 or $NEURONMERGE_KIM2020_DIR). Each sweep writes
-sweep.json, sweep.csv and sweep.png, replacing older ones; then run experiments/sweep_tables.py to
-refresh the README tables. Torch runs on one thread: on a small shared machine OpenMP workers spinning
-against other processes cost far more than a second thread gains.
+sweep.json, sweep.csv and sweep.png. Rows of methods not rerun are kept from the previous sweep.json
+when it measured the same weights (so ``--methods my-new-method`` adds a curve; ``--replace`` starts
+afresh). Then run ``python experiments/sweep_tables.py --write`` to refresh the README tables.
+Torch runs on one thread: on a small shared machine OpenMP workers spinning against other processes
+cost far more than a second thread gains (a training epoch took about five times longer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from neuronmerge.experiments.sweep import (
     DEFAULT_RATIOS,
+    available_methods,
     fashion_mnist_eval_data,
     sweep,
     write_sweep,
@@ -45,12 +50,37 @@ MODELS: dict[str, tuple[str, str | None]] = {
 }
 
 
+def keep_other_rows(outcome: dict[str, Any], previous: Path) -> dict[str, Any]:
+    """``outcome`` plus the rows of ``previous`` for methods this run did not redo.
+
+    Only when ``previous`` measured the same weights (same baseline test and validation accuracy and
+    parameter count); otherwise its rows would describe another model and are dropped.
+    """
+    if not previous.is_file():
+        return outcome
+    old = json.loads(previous.read_text())
+    same = ("baseline_accuracy", "baseline_val_accuracy", "params")
+    if any(old.get(key) != outcome[key] for key in same):
+        print(f"{previous}: other weights, its rows are replaced", flush=True)
+        return outcome
+    redone = {row["method"] for row in outcome["results"]} | {s["method"] for s in outcome["skipped"]}
+    rows = [row for row in old["results"] if row["method"] not in redone] + outcome["results"]
+    skipped = [s for s in old.get("skipped", []) if s["method"] not in redone] + outcome["skipped"]
+    names = [*available_methods(), *(r["method"] for r in rows)]  # registry order first
+    order = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    rows.sort(key=lambda row: (row["ratio"], order[row["method"]]))
+    return {**outcome, "results": rows, "skipped": skipped}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=["all"])
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--out", type=Path, default=OUT, help="parent folder of the sweep folders")
+    parser.add_argument(
+        "--replace", action="store_true", help="drop earlier rows of methods not rerun now"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = fashion_mnist_eval_data()
@@ -75,6 +105,8 @@ def main() -> int:
         outcome["source"] = source
         if training is not None:
             outcome["training"] = training
+        if not args.replace:
+            outcome = keep_other_rows(outcome, args.out / name / "sweep.json")
         write_sweep(outcome, args.out / name, force=True)
         seconds = time.perf_counter() - started
         print(f"{name}: {len(outcome['results'])} rows in {seconds:.0f} s", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,3 +41,22 @@ def test_readme_tables_are_generated_from_the_committed_sweeps() -> None:
     assert block == tables.render(tables.load_sweeps()), (
         "README sweep tables are stale: run python experiments/sweep_tables.py --write"
     )
+
+
+def test_rerunning_some_methods_keeps_the_other_rows_of_the_same_weights(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("run_sweeps", ROOT / "experiments" / "run_sweeps.py")
+    assert spec is not None and spec.loader is not None
+    run_sweeps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_sweeps)
+    previous = tmp_path / "sweep.json"
+    old = json.loads((ROOT / "experiments" / "sweeps" / "lenet-300-100" / "sweep.json").read_text())
+    previous.write_text(json.dumps(old))
+    redone = [dict(row, accuracy=1.0) for row in old["results"] if row["method"] == "merge"]
+    new = {**old, "results": redone, "skipped": []}
+
+    kept = run_sweeps.keep_other_rows(new, previous)["results"]
+    assert len(kept) == len(old["results"])
+    for row, before in zip(kept, old["results"]):
+        assert row == (dict(before, accuracy=1.0) if row["method"] == "merge" else before)
+    # Other weights (another parameter count): the old rows describe another model and are dropped.
+    assert run_sweeps.keep_other_rows({**new, "params": 5}, previous)["results"] == redone
