@@ -54,7 +54,7 @@ RECIPES: dict[str, Recipe] = {
     # 0.02, 0.05, 0.1 on validation (experiments/recipe_validation.json).
     "vgg-fmnist": Recipe(epochs=3, lr=0.05),  # val 92.06%, test 92.18%
     "alexnet-fmnist": Recipe(epochs=3, lr=0.05),  # val 87.94%, test 87.60%
-    "resnet-fmnist": Recipe(epochs=3, lr=0.05),  # val 90.52%, test 90.43%
+    "resnet-fmnist": Recipe(epochs=3, lr=0.1),  # val 91.14% (0.05: 90.52%)
 }
 DEFAULT_RECIPE = Recipe(epochs=30, lr=0.05)
 
@@ -166,7 +166,10 @@ def trained_model(
     if epochs < 1:
         raise InvalidArgumentError(f"epochs must be at least 1, got {epochs}")
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    stem = f"{spec.name}-fashion-mnist-seed{seed}-e{epochs}"
+    # A recipe's learning rate is part of the key when it is not the default one, so that changing
+    # it trains anew instead of serving weights made with another rate (default-rate names unchanged).
+    rate = "" if recipe.lr == DEFAULT_RECIPE.lr else f"-lr{recipe.lr:g}"
+    stem = f"{spec.name}-fashion-mnist-seed{seed}-e{epochs}{rate}"
     weights, sidecar = folder / f"{stem}.safetensors", folder / f"{stem}.json"
 
     if weights.is_file() and sidecar.is_file():
