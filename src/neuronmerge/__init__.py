@@ -6,6 +6,7 @@
 
 from neuronmerge.api import (
     DEFAULT_THRESHOLD,
+    METHODS,
     Plan,
     Report,
     Result,
@@ -25,11 +26,14 @@ from neuronmerge.errors import (
 )
 from neuronmerge.io import load, load_checkpoint, save
 from neuronmerge.models import available_models, create_model
+from neuronmerge.probes import synthesize_probes
+from neuronmerge.recalibrate import recalibrate_batchnorm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "METHODS",
     "CaptureError",
     "CheckpointError",
     "DatasetNotFoundError",
@@ -48,6 +52,8 @@ __all__ = [
     "merge",
     "plan",
     "prune",
+    "recalibrate_batchnorm",
     "save",
+    "synthesize_probes",
     "__version__",
 ]
