@@ -209,14 +209,15 @@ class Moments:
     count: int
 
 
-def least_squares(moments: Moments, kept: torch.Tensor, ridge: float) -> Decomposition:
+def least_squares(moments: Moments, kept: torch.Tensor, floor: float) -> Decomposition:
     """Each removed channel as the least-squares linear combination of the kept ones, plus a constant.
 
     Minimises ``E[(h_i - sum_j z_ij h_j - m_i)^2]`` for every removed ``i`` over the kept ``j``:
-    ``Z_R = C[R, K] (C[K, K] + ridge * mean(diag C[K, K]) I)^-1`` and ``m = mu_R - Z_R mu_K``. The
-    consumer's output error is ``W[:, R]`` times these residuals, so this Z minimises it for every
-    consumer at once. ``ridge`` (relative to the kept channels' mean variance) keeps the solve stable
-    when kept channels are nearly collinear or never active.
+    ``Z_R = C[R, K] C[K, K]^-1`` and ``m = mu_R - Z_R mu_K``. The consumer's output error is
+    ``W[:, R]`` times these residuals, so this Z minimises it for every consumer at once. The inverse
+    raises the eigenvalues of ``C[K, K]`` to at least ``floor`` times their mean, which keeps the solve
+    stable when kept channels are nearly collinear or never active, and leaves a well-conditioned solve
+    untouched, so a removed channel that is a multiple of a kept one is still reproduced exactly.
     """
     n = moments.mean.shape[0]
     base = identity_on_kept(n, kept, torch.float32)
@@ -224,15 +225,13 @@ def least_squares(moments: Moments, kept: torch.Tensor, ridge: float) -> Decompo
     if removed.numel() == 0:
         return base
     cov = moments.cov
-    c_kk = cov[kept][:, kept]
-    level = c_kk.diagonal().mean().clamp_min(torch.finfo(cov.dtype).tiny)
-    regularised = c_kk + ridge * level * torch.eye(kept.shape[0], dtype=cov.dtype)
-    z_removed = torch.linalg.solve(regularised, cov[kept][:, removed]).T
+    values, vectors = torch.linalg.eigh(cov[kept][:, kept])
+    level = values.mean().clamp_min(torch.finfo(cov.dtype).tiny)
+    inverse = (vectors / values.clamp_min(floor * level)) @ vectors.T
+    z_removed = cov[removed][:, kept] @ inverse
     mixing = torch.zeros(n, kept.shape[0], dtype=cov.dtype)
     mixing[kept, torch.arange(kept.shape[0])] = 1
     mixing[removed] = z_removed
     shift = torch.zeros(n, dtype=cov.dtype)
     shift[removed] = moments.mean[removed] - z_removed @ moments.mean[kept]
-    return Decomposition(
-        base.kept, base.target, base.scale, mixing.to(torch.float32), shift.to(torch.float32)
-    )
+    return Decomposition(base.kept, base.target, base.scale, mixing, shift)

@@ -18,9 +18,9 @@ from neuronmerge.activations import site_moments
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.sites import Site
 
-#: Ridge of the least-squares solve, relative to the kept channels' mean variance. Chosen on the
-#: validation split (``experiments/methods_validation.json``).
-RIDGE = 1e-3
+#: Eigenvalue floor of the least-squares solve, relative to the kept channels' mean variance. Chosen
+#: on the validation split (``experiments/methods_validation.json``).
+FLOOR = 1e-3
 
 
 def consumer_energy(graph_module: fx.GraphModule, site: Site) -> torch.Tensor:
@@ -41,6 +41,7 @@ def decompositions(
     sites: list[Site],
     ratio: float,
     batches: list[tuple[torch.Tensor, ...]],
+    floor: float = FLOOR,
 ) -> dict[str, decompose.Decomposition]:
     """The ``merge-ls`` decomposition of every site, from moments measured on ``batches``."""
     moments = site_moments(graph_module, sites, batches)
@@ -54,5 +55,5 @@ def decompositions(
             )
         site_moment = moments[site.producer]
         kept = criteria.covering_kept(site_moment.cov, consumer_energy(graph_module, site), keep)
-        result[site.producer] = decompose.least_squares(site_moment, kept, RIDGE)
+        result[site.producer] = decompose.least_squares(site_moment, kept, floor)
     return result

@@ -46,10 +46,12 @@ def synthesize_probes(
     steps: int = STEPS,
     batch_size: int = BATCH,
     seed: int = 0,
+    prior: float = L2_PRIOR,
 ) -> list[tuple[torch.Tensor, ...]]:
     """``count`` synthetic inputs shaped like ``example[0]``, in batches, made by model inversion.
 
     ``model`` must be in eval mode and return class logits ``(batch, classes)``; it is not modified.
+    ``prior`` weighs the L2 penalty on the inputs (on their mean square).
     Returns a list of one-tensor input tuples, ready to be passed as ``calibration``.
     """
     if steps < 0 or count < 1 or batch_size < 1:
@@ -81,7 +83,7 @@ def synthesize_probes(
                     )
                 if targets is None:
                     targets = torch.randint(0, logits.shape[1], (n,), generator=generator)
-                loss = F.cross_entropy(logits, targets) + L2_PRIOR * x.square().mean()
+                loss = F.cross_entropy(logits, targets) + prior * x.square().mean()
                 for bn in norms:
                     if id(bn) not in observed:
                         continue
