@@ -81,7 +81,8 @@ def test_builds_runs_and_traces(name: str) -> None:
 def test_expected_architectures_are_registered() -> None:
     names = set(available_models())
     wanted = {"resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "wrn-40-4"}
-    assert wanted | {"vgg16-cifar", "alexnet-cifar", "lenet-300-100"} <= names
+    fmnist = {"vgg-fmnist", "alexnet-fmnist", "resnet-fmnist"}
+    assert wanted | fmnist | {"vgg16-cifar", "alexnet-cifar", "lenet-300-100"} <= names
     for name in names:
         spec = get_spec(name)
         assert spec.dataset in CLASSES_BY_DATASET
@@ -150,6 +151,23 @@ ROUND_TRIP_CASES: dict[str, Callable[[random.Random], dict[str, Any]]] = {
     "vgg16-cifar": _vgg_case(13),
     "vgg16-cifar100": _vgg_case(13),
     "vgg-cifar": _generic("depth", 11, _vgg_case(8)),
+    "vgg-fmnist": lambda rng: {
+        "num_classes": 4,
+        "conv_widths": _rand(rng, 5, 1, 20),
+        "classifier_width": rng.randint(1, 40),
+    },
+    "alexnet-fmnist": lambda rng: {
+        "num_classes": 3,
+        "conv_widths": _rand(rng, 5, 1, 20),
+        "fc_widths": _rand(rng, 2, 1, 30),
+    },
+    "resnet-fmnist": lambda rng: {
+        "num_classes": 6,
+        "stem_width": rng.randint(1, 9),
+        "stage_widths": _rand(rng, 3, 3, 12),
+        "block_widths": _rand(rng, 9, 1, 12),
+        "blocks_per_stage": 3,
+    },
     "alexnet-cifar": lambda rng: {
         "num_classes": 3,
         "conv_widths": _rand(rng, 5, 1, 20),

@@ -27,9 +27,12 @@ import neuronmerge as nm
 from neuronmerge.criteria import kept_count
 from neuronmerge.models import (
     AlexNetCifar,
+    AlexNetFmnist,
     CifarResNet,
     LeNet300100,
+    ResNetFmnist,
     VGGCifar,
+    VGGFmnist,
     WideResNet,
     available_models,
     create_model,
@@ -151,11 +154,38 @@ def expected_sites(model: nn.Module) -> SiteMap:
         return found
     if isinstance(model, LeNet300100):
         return {"ip1": (None, {("ip2", 0, 1)}), "ip2": (None, {("ip3", 0, 1)})}
+    if isinstance(model, VGGFmnist):
+        convs = [i for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+        readers = [(f"features.{i}", 1) for i in convs[1:]] + [("classifier.0", 9)]  # a 3x3 map
+        found = {
+            f"features.{i}": (f"features.{i + 1}", {(r, 0, block)})
+            for i, (r, block) in zip(convs, readers)
+        }
+        found["classifier.0"] = ("classifier.1", {("classifier.3", 0, 1)})
+        return found
+    if isinstance(model, AlexNetFmnist):
+        convs = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+        found = {c: (None, {(r, 0, 1)}) for c, r in zip(convs, convs[1:])}
+        found[convs[-1]] = (None, {("classifier.1", 0, 9)})  # a 3x3 map, flattened
+        found["classifier.1"] = (None, {("classifier.4", 0, 1)})
+        found["classifier.4"] = (None, {("classifier.6", 0, 1)})
+        return found
+    if isinstance(model, ResNetFmnist):
+        n = len(model.layer1)
+        blocks = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(n)]
+        found = {f"{b}.conv1": (f"{b}.bn1", {(f"{b}.conv2", 0, 1)}) for b in blocks}
+        # Every stage downsamples, so the first block has a conv shortcut and the stem merges too.
+        found["conv1"] = ("bn1", {("layer1.0.conv1", 0, 1), ("layer1.0.shortcut.0", 0, 1)})
+        return found
     raise AssertionError(f"no expected sites for {type(model).__name__}: add them here")
 
 
 def small_config(name: str) -> dict[str, Any]:
     """Tiny widths for each registered architecture (the float64 exactness checks)."""
+    if name == "vgg-fmnist":
+        return {"conv_widths": (4, 6, 5, 8, 7), "classifier_width": 10}
+    if name == "resnet-fmnist":
+        return {"stage_widths": (4, 6, 8), "stem_width": 5}
     if name.startswith(("wrn", "wide")):
         return {"stage_widths": (6, 8, 10), "stem_width": 4}
     if "resnet" in name:

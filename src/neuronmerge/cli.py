@@ -213,6 +213,108 @@ def cmd_plan(args: argparse.Namespace) -> None:
         stdout.print(str(found))
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from neuronmerge.training import recipe_for, trained_model
+
+    spec = get_spec(args.arch)
+    out = None if args.out is None else Path(args.out)
+    if out is not None and out.exists() and not args.force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    epochs = recipe_for(spec.name).epochs if args.epochs is None else args.epochs
+    if not args.quiet:
+        stderr.print(f"{spec.name}: {epochs} epoch(s), seed {args.seed} (cached once trained)")
+    model, info = trained_model(
+        spec.name, seed=args.seed, epochs=epochs, data_dir=args.data_dir, progress=not args.quiet
+    )
+    images, labels = test_split(spec.dataset, args.data_dir)
+    outcome = {
+        "model": spec.name,
+        "dataset": spec.dataset,
+        "seed": info["seed"],
+        "epochs": info["epochs"],
+        "val_accuracy": round(info["val_accuracy"], 2),
+        "test_accuracy": round(accuracy(model, images, labels), 2),
+        "params": count_parameters(model),
+        "train_seconds": info["train_seconds"],
+        "cached": info["cached"],
+        "weights": info["weights"],
+        "out": None,
+    }
+    if out is not None:
+        description = {"source": info["weights"], "trained": {k: outcome[k] for k in ("seed", "epochs")}}
+        save(model, out, arch=spec.name, description=description, force=args.force)
+        outcome["out"] = str(out)
+    if args.json:
+        _emit_json(outcome)
+        return
+    how = "from the cache" if info["cached"] else f"trained in {info['train_seconds']:.0f} s"
+    stdout.print(
+        f"{spec.name} ({outcome['params']:,} parameters, {how}): validation accuracy "
+        f"{outcome['val_accuracy']:.2f}%, test accuracy {outcome['test_accuracy']:.2f}%"
+    )
+    stdout.print(f"weights: {outcome['out'] or outcome['weights']}")
+
+
+def cmd_sweep(args: argparse.Namespace) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from neuronmerge.experiments.sweep import (
+        fashion_mnist_eval_data,
+        resolve_methods,
+        sweep,
+        write_sweep,
+    )
+
+    spec = get_spec(args.arch)
+    if spec.dataset != "fashion-mnist":
+        raise InvalidArgumentError(
+            f"{spec.name} is a {spec.dataset} model; sweeps evaluate on fashion-mnist only here"
+        )
+    methods = [m.name for m in resolve_methods(args.methods)]  # fail early on a bad name
+    if args.checkpoint is not None:
+        model, _ = _load_any(args.checkpoint, spec.name)
+        source = str(args.checkpoint)
+    else:
+        from neuronmerge.training import trained_model
+
+        if not args.quiet:
+            stderr.print(f"No --checkpoint: training {spec.name} on {spec.dataset} (cached).")
+        model, info = trained_model(
+            spec.name, seed=args.seed, data_dir=args.data_dir, progress=not args.quiet
+        )
+        source = f"trained here, seed {info['seed']}, {info['epochs']} epochs"
+    data = fashion_mnist_eval_data(args.data_dir)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=stderr, disable=args.quiet) as bar:
+        task = bar.add_task("sweep", total=len(args.ratios) * len(methods))
+
+        def show(row: dict[str, Any]) -> None:
+            done = f"{row['accuracy']:.2f}%" if "accuracy" in row else "skipped"
+            bar.update(task, advance=1, description=f"{row['method']} {row['ratio']:.2f}: {done}")
+
+        outcome = sweep(model, spec.name, data, args.ratios, methods, on_row=show)
+    outcome["source"] = source
+    paths = write_sweep(outcome, args.out_dir, force=args.force)
+    if args.json:
+        _emit_json(outcome)
+        return
+    table = Table(
+        title=f"{spec.name} on {spec.dataset}, test accuracy % (no fine-tuning)",
+        caption=f"weights: {source}; baseline {outcome['baseline_accuracy']:.2f}%",
+    )
+    table.add_column("ratio", justify="right")
+    for name in methods:
+        table.add_column(name, justify="right")
+    cells = {(row["ratio"], row["method"]): row for row in outcome["results"]}
+    for ratio in dict.fromkeys(row["ratio"] for row in outcome["results"]):
+        table.add_row(
+            f"{ratio:.2f}",
+            *(f"{cells[ratio, m]['accuracy']:.2f}" if (ratio, m) in cells else "-" for m in methods),
+        )
+    stdout.print(table)
+    stdout.print("wrote " + ", ".join(str(path) for path in paths))
+
+
 def cmd_models(args: argparse.Namespace) -> None:
     rows = [
         {"name": name, "dataset": get_spec(name).dataset, "description": get_spec(name).description}
@@ -308,6 +410,45 @@ def build_parser() -> argparse.ArgumentParser:
     _common(pl)
     _trust(pl)
     pl.set_defaults(run=cmd_plan)
+
+    tr = commands.add_parser(
+        "train", help="train a registered Fashion-MNIST architecture here (seeded, cached)"
+    )
+    tr.add_argument("arch", help="architecture, e.g. vgg-fmnist (see `neuronmerge models`)")
+    tr.add_argument(
+        "--epochs", type=int, default=None, help="epochs (default: the architecture's recipe)"
+    )
+    tr.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
+    tr.add_argument("--out", default=None, help="also save the weights here (.safetensors)")
+    tr.add_argument("--force", action="store_true", help="replace an existing --out file")
+    _common(tr, data=True)
+    tr.set_defaults(run=cmd_train)
+
+    from neuronmerge.experiments.sweep import DEFAULT_RATIOS, available_methods
+
+    sw = commands.add_parser(
+        "sweep", help="accuracy of every method at many ratios: CSV, JSON and a PNG plot"
+    )
+    sw.add_argument("arch", help="a Fashion-MNIST architecture, e.g. vgg-fmnist")
+    sw.add_argument("--checkpoint", default=None, help="weights to use (default: train here, cached)")
+    sw.add_argument("--seed", type=int, default=0, help="training seed when there is no checkpoint")
+    sw.add_argument(
+        "--ratios",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_RATIOS),
+        help="pruning ratios (default: 0.1 ... 0.9 and 0.95)",
+    )
+    sw.add_argument(
+        "--methods",
+        nargs="+",
+        default=["all"],
+        help=f"methods to run, or all (default): {', '.join(available_methods())}",
+    )
+    sw.add_argument("--out-dir", required=True, help="folder for sweep.json, sweep.csv, sweep.png")
+    sw.add_argument("--force", action="store_true", help="replace existing sweep files")
+    _common(sw, data=True)
+    sw.set_defaults(run=cmd_sweep)
 
     mo = commands.add_parser("models", help="list the registered architectures")
     _common(mo)

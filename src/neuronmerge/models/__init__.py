@@ -5,11 +5,13 @@ widths from its weights alone (``model_from_state_dict``), which is how merged m
 """
 
 from neuronmerge.models import alexnet as _alexnet  # noqa: F401  (registers its architecture)
+from neuronmerge.models import fmnist as _fmnist  # noqa: F401
 from neuronmerge.models import lenet as _lenet  # noqa: F401
 from neuronmerge.models import resnet as _resnet  # noqa: F401
 from neuronmerge.models import vgg as _vgg  # noqa: F401
 from neuronmerge.models import wrn as _wrn  # noqa: F401
 from neuronmerge.models.alexnet import AlexNetCifar, alexnet_cifar
+from neuronmerge.models.fmnist import AlexNetFmnist, ResNetFmnist, VGGFmnist
 from neuronmerge.models.lenet import LeNet300100
 from neuronmerge.models.registry import (
     ModelSpec,
@@ -33,10 +35,13 @@ from neuronmerge.models.wrn import WideResNet, wide_resnet, wrn_40_4
 
 __all__ = [
     "AlexNetCifar",
+    "AlexNetFmnist",
     "CifarResNet",
     "LeNet300100",
+    "ResNetFmnist",
     "ModelSpec",
     "VGGCifar",
+    "VGGFmnist",
     "WideResNet",
     "alexnet_cifar",
     "available_models",
