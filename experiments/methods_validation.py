@@ -196,6 +196,7 @@ def evaluate_model(name: str, only: list[str]) -> dict[str, Any]:
 
 
 def main(names: list[str], only: list[str]) -> None:
+    torch.set_num_threads(1)  # OpenMP workers spinning against other processes cost more than they gain
     results = json.loads(OUT.read_text()) if OUT.exists() else {"ratios": list(RATIOS), "models": {}}
     for name in names:
         results["models"][name] = evaluate_model(name, only)

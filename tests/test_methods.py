@@ -3,6 +3,7 @@ synthetic probes, and the data-aware BatchNorm recalibration."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,15 @@ from neuronmerge.data import load_fashion_mnist
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import load_checkpoint
 from tests.builders import duplicated_convnet, duplicated_mlp
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread() -> Iterator[None]:
+    """Small forwards gain nothing from threads on a shared 2-core machine (see test_models.py)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 def split(width: int, ratio: float) -> tuple[int, int]:
@@ -92,9 +102,10 @@ def test_merge_ls_refuses_paper_fidelity_and_lists_methods() -> None:
 def test_probes_are_seeded_and_leave_the_model_alone() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).eval()
-    with torch.no_grad():
-        model[1].running_mean.fill_(2.0)
-        model[1].running_var.fill_(0.25)
+    with torch.no_grad():  # running statistics of inputs ~ N(1.5, 0.5^2): what the probes should match
+        reference = model[0](1.5 + 0.5 * torch.randn(4096, 6))
+        model[1].running_mean.copy_(reference.mean(0))
+        model[1].running_var.copy_(reference.var(0))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     gm = capture(model, torch.randn(2, 6))
     first = nm.synthesize_probes(gm, torch.randn(2, 6), 96, steps=150, batch_size=64)
@@ -104,10 +115,12 @@ def test_probes_are_seeded_and_leave_the_model_alone() -> None:
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(p.grad is None for p in model.parameters())
     # the BatchNorm term pulls the probes' statistics at bn towards its running ones
-    pre = model[0](torch.cat([b[0] for b in first]))
-    noise = model[0](torch.randn(96, 6))
-    assert (pre.mean(0) - 2).abs().mean() < (noise.mean(0) - 2).abs().mean() / 4
-    assert (pre.var(0) - 0.25).abs().mean() < (noise.var(0) - 0.25).abs().mean() / 4
+    with torch.no_grad():
+        pre = model[0](torch.cat([b[0] for b in first]))
+        noise = model[0](torch.randn(96, 6))
+    mean, var = model[1].running_mean, model[1].running_var
+    assert (pre.mean(0) - mean).abs().mean() < (noise.mean(0) - mean).abs().mean() / 2
+    assert (pre.var(0) - var).abs().mean() < (noise.var(0) - var).abs().mean() / 2
 
 
 def test_recalibrate_batchnorm_measures_the_batches_and_copies() -> None:
@@ -139,3 +152,21 @@ def test_merge_ls_beats_the_paper_merge_on_the_authors_lenet_without_data(
     for ratio, paper in PAPER_MERGE.items():
         small = nm.compress(model, images[:2], ratio, method="merge-ls", calibration=probes).model
         assert accuracy(small, images, labels) >= paper + MARGIN[ratio], ratio
+
+
+def test_sweep_rows_say_which_methods_use_data_and_reuse_the_probes() -> None:
+    from neuronmerge.experiments import sweep as sweeps
+
+    assert sweeps.METHODS["merge-ls"].data_free
+    assert not sweeps.METHODS["merge-ls-data"].data_free
+    assert not sweeps.METHODS["merge-exact-recal"].data_free
+    model = duplicated_mlp(6, [5], [3], "l1-norm", seed=3).float()
+    x = torch.randn(2, 6)
+    context = sweeps.SweepContext(arch=None, calibration=(torch.randn(64, 6),))
+    first = sweeps.METHODS["merge-ls"].compress(model, x, 0.375, context)
+    probes = context.cache["probes"]
+    second = sweeps.METHODS["merge-ls"].compress(model, x, 0.375, context)
+    assert context.cache["probes"] is probes and len(probes) == 4  # made once, 2048 in batches of 512
+    assert torch.equal(first(x), second(x))
+    data_aware = sweeps.METHODS["merge-ls-data"].compress(model, x, 0.375, context)
+    assert data_aware.get_submodule("layers.0").out_features == 5

@@ -20,7 +20,7 @@ from neuronmerge.sites import Site
 
 #: Eigenvalue floor of the least-squares solve, relative to the kept channels' mean variance. Chosen
 #: on the validation split (``experiments/methods_validation.json``).
-FLOOR = 1e-3
+FLOOR = 1e-6
 
 
 def consumer_energy(graph_module: fx.GraphModule, site: Site) -> torch.Tensor:
