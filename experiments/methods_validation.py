@@ -160,6 +160,17 @@ def evaluate_model(name: str, only: list[str]) -> dict[str, Any]:
         ("merge-ls, 1024 probes", True, custom(lambda: ls_with(probes_with(count=1024)))),
         ("merge-ls, 4096 probes", True, custom(lambda: ls_with(probes_with(count=4096)))),
         ("merge-ls, 100 steps", True, custom(lambda: ls_with(probes_with(steps=100)))),
+        ("merge-ls, 50 steps", True, custom(lambda: ls_with(probes_with(steps=50)))),
+        (
+            "merge-ls, 512 probes 100 steps",
+            True,
+            custom(lambda: ls_with(probes_with(count=512, steps=100))),
+        ),
+        (
+            "merge-ls, 1024 probes 50 steps",
+            True,
+            custom(lambda: ls_with(probes_with(count=1024, steps=50))),
+        ),
         ("merge-ls, prior 0.1", True, custom(lambda: ls_with(probes_with(prior=0.1)))),
         ("merge-ls, prior 10", True, custom(lambda: ls_with(probes_with(prior=10.0)))),
         ("merge-ls, probe seed 1", True, custom(lambda: ls_with(probes_with(seed=1)))),
@@ -199,12 +210,18 @@ def main(names: list[str], only: list[str]) -> None:
     torch.set_num_threads(1)  # OpenMP workers spinning against other processes cost more than they gain
     results = json.loads(OUT.read_text()) if OUT.exists() else {"ratios": list(RATIOS), "models": {}}
     for name in names:
-        results["models"][name] = evaluate_model(name, only)
+        outcome = evaluate_model(name, only)
+        if only and name in results["models"]:  # update the rows that ran, keep the others
+            fresh = {row["method"]: row for row in outcome["rows"]}
+            kept = results["models"][name]["rows"]
+            merged = [fresh.pop(row["method"], row) for row in kept] + list(fresh.values())
+            outcome = {**results["models"][name], "rows": merged}
+        results["models"][name] = outcome
         OUT.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
-    # MODEL... [--only WORD...]: rows whose label contains a WORD (for a quick look; not saved alone)
+    # MODEL... [--only WORD...]: rerun the rows whose label contains a WORD, keep the other saved rows
     args = sys.argv[1:]
     cut = args.index("--only") if "--only" in args else len(args)
     main(args[:cut] or ["lenet-kim2020"], args[cut + 1 :])

@@ -3,9 +3,10 @@
 Per site: measure the channels' mean and covariance where the consumers read them (``activations``),
 keep the channels that best explain the others, weighted by how much the consumers read each one
 (``criteria.covering_kept``), and write every removed channel as the least-squares combination of the
-kept ones plus a constant (``decompose.least_squares``). The moments come from calibration batches:
-synthetic probes made from the model alone (``probes``; data-free, the default) or real unlabeled
-samples when the user has some (data-aware).
+kept ones plus a constant (``decompose.least_squares``). ``api.compress`` then repairs the BatchNorm
+statistics of the result on the same batches (``repair``). The batches are synthetic probes made from
+the model alone (``probes``; data-free, the default) or real unlabeled samples when the user has some
+(data-aware).
 """
 
 from __future__ import annotations

@@ -20,9 +20,10 @@ from torch import fx, nn
 from neuronmerge.errors import InvalidArgumentError
 
 #: Probe count, optimisation steps and batch size of the defaults; chosen on the validation split of
-#: the authors' LeNet-300-100 (``experiments/methods_validation.json``): more bought nothing there.
+#: the authors' LeNet-300-100 (``experiments/methods_validation.json``): 1024 probes lost 0.4 points,
+#: 4096 gained nothing, 100 steps did as well as 200 over two probe seeds.
 PROBES = 2048
-STEPS = 200
+STEPS = 100
 BATCH = 512
 #: Weight of the input L2 prior (on the mean squared input), and of the BatchNorm-statistics term.
 L2_PRIOR = 1.0
