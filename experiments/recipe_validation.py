@@ -59,10 +59,10 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", choices=ARCHS, default=list(ARCHS))
     args = parser.parse_args()
     torch.set_num_threads(1)  # see experiments/run_sweeps.py
-    record = json.loads(OUT.read_text()) if OUT.exists() else {}
     for arch in args.only:
         rows = {str(lr): validate(arch, lr) for lr in LRS}
         best = max(rows, key=lambda lr: rows[lr]["val_accuracy"])
+        record = json.loads(OUT.read_text()) if OUT.exists() else {}  # read late: runs may overlap
         record[arch] = {"epochs": recipe_for(arch).epochs, "lr": rows, "best_lr": float(best)}
         shown = {lr: round(r["val_accuracy"], 2) for lr, r in rows.items()}
         print(arch, shown, "best", best, flush=True)

@@ -28,7 +28,7 @@ from neuronmerge.experiments.sweep import (
     write_sweep,
 )
 from neuronmerge.io import load_checkpoint
-from neuronmerge.training import trained_model
+from neuronmerge.training import recipe_for, trained_model
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "sweeps"
@@ -59,12 +59,22 @@ def main() -> int:
         if checkpoint is None:
             model, info = trained_model(arch, progress=False)
             source = f"trained here: seed {info['seed']}, {info['epochs']} epochs"
+            recipe = recipe_for(arch)
+            training = {
+                "seed": info["seed"],
+                "epochs": info["epochs"],
+                "lr": recipe.lr,
+                "batch_size": recipe.batch_size,
+                "train_seconds": info["train_seconds"],
+            }
         else:
             model = load_checkpoint(KIM2020 / checkpoint, arch)
-            source = f"authors' checkpoint {checkpoint}"
+            source, training = f"authors' checkpoint {checkpoint}", None
         started = time.perf_counter()
         outcome = sweep(model, arch, data, args.ratios, args.methods)
         outcome["source"] = source
+        if training is not None:
+            outcome["training"] = training
         write_sweep(outcome, args.out / name, force=True)
         seconds = time.perf_counter() - started
         print(f"{name}: {len(outcome['results'])} rows in {seconds:.0f} s", flush=True)
