@@ -6,9 +6,11 @@ validation images held out of Fashion-MNIST's training split (``train_val_split`
 * the paper's merge and exact merge (references), plain pruning;
 * single-target variants of the paper's merge: projection scale ``<f_i, f_j> / ||f_j||^2`` instead of
   the norm ratio, and a kept set ranked by ``||f_i|| * ||consumer columns of i||`` (outgoing weights);
-* ``merge-ls`` with its choices varied one at a time: eigenvalue floor, probe count / optimisation
-  steps, the L2 prior of the probes, isotropic Gaussian noise instead of inverted probes, the norm
-  kept set instead of the covering one, no constants (no bias compensation), the probe seed;
+* ``merge-ls`` with its choices varied one at a time (the variants skip the BatchNorm repair, which
+  only matters for models with BatchNorm, where it has rows of its own): eigenvalue floor, probe
+  count / optimisation steps, the L2 prior of the probes, isotropic Gaussian noise instead of
+  inverted probes, the norm kept set instead of the covering one, no constants (no bias
+  compensation), the probe seed;
 * data-aware (labelled so): ``merge-ls`` on 8 batches of 256 real unlabeled training images.
 
 Writes ``experiments/methods_validation.json``. ``python experiments/methods_validation.py [MODEL...]``
@@ -142,14 +144,20 @@ def evaluate_model(name: str, only: list[str]) -> dict[str, Any]:
 
         return factory
 
+    def remeasured() -> Callable[[float], nn.Module]:
+        plain = ls_with(probes)
+        return lambda r: nm.recalibrate_batchnorm(build(model, example, r, plain), probes)
+
     candidates: list[tuple[str, bool, Callable[[], Callable[[float], nn.Module]]]] = [
         ("prune", True, library(method="prune")),
         ("merge (paper fidelity, t=0.45)", True, library(threshold=0.45, fidelity="paper")),
         ("merge (exact, default t=0.2)", True, library()),
         ("merge, projection scale", True, custom(lambda: single_target("projection", "l1"))),
         ("merge, outgoing-weight ranking", True, custom(lambda: single_target("norm", "outgoing"))),
-        ("merge-ls (defaults)", True, custom(lambda: ls_with(probes))),
-        ("merge-ls, floor 1e-6", True, custom(lambda: ls_with(probes, 1e-6))),
+        ("merge-ls (defaults)", True, library(method="merge-ls", calibration=probes)),
+        ("merge-ls, no BatchNorm repair", True, custom(lambda: ls_with(probes))),
+        ("merge-ls, BatchNorm re-measured instead", True, remeasured),
+        ("merge-ls, floor 1e-8", True, custom(lambda: ls_with(probes, 1e-8))),
         ("merge-ls, floor 1e-4", True, custom(lambda: ls_with(probes, 1e-4))),
         ("merge-ls, floor 1e-3", True, custom(lambda: ls_with(probes, 1e-3))),
         ("merge-ls, floor 1e-2", True, custom(lambda: ls_with(probes, 1e-2))),
@@ -159,22 +167,14 @@ def evaluate_model(name: str, only: list[str]) -> dict[str, Any]:
         ("merge-ls, Gaussian noise probes", True, custom(lambda: ls_with(gauss))),
         ("merge-ls, 1024 probes", True, custom(lambda: ls_with(probes_with(count=1024)))),
         ("merge-ls, 4096 probes", True, custom(lambda: ls_with(probes_with(count=4096)))),
-        ("merge-ls, 100 steps", True, custom(lambda: ls_with(probes_with(steps=100)))),
+        ("merge-ls, 200 steps", True, custom(lambda: ls_with(probes_with(steps=200)))),
         ("merge-ls, 50 steps", True, custom(lambda: ls_with(probes_with(steps=50)))),
-        (
-            "merge-ls, 512 probes 100 steps",
-            True,
-            custom(lambda: ls_with(probes_with(count=512, steps=100))),
-        ),
-        (
-            "merge-ls, 1024 probes 50 steps",
-            True,
-            custom(lambda: ls_with(probes_with(count=1024, steps=50))),
-        ),
+        ("merge-ls, 512 probes", True, custom(lambda: ls_with(probes_with(count=512)))),
         ("merge-ls, prior 0.1", True, custom(lambda: ls_with(probes_with(prior=0.1)))),
         ("merge-ls, prior 10", True, custom(lambda: ls_with(probes_with(prior=10.0)))),
         ("merge-ls, probe seed 1", True, custom(lambda: ls_with(probes_with(seed=1)))),
         ("merge-ls, probe seed 2", True, custom(lambda: ls_with(probes_with(seed=2)))),
+        ("merge-ls, probe seed 3", True, custom(lambda: ls_with(probes_with(seed=3)))),
         ("merge-ls on 2048 real images (data-aware)", False, custom(lambda: ls_with(real))),
     ]
     if only:

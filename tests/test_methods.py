@@ -11,11 +11,13 @@ import torch
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge.capture import capture
+from neuronmerge import lsq, surgery
+from neuronmerge.capture import capture, detach
 from neuronmerge.criteria import kept_count
 from neuronmerge.data import load_fashion_mnist
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import load_checkpoint
+from neuronmerge.sites import find_sites
 from tests.builders import duplicated_convnet, duplicated_mlp
 
 
@@ -47,14 +49,23 @@ def test_merge_ls_is_exact_on_duplicate_fc_neurons() -> None:
     assert not torch.allclose(pruned(x), model(x), atol=1e-3)
 
 
-def test_merge_ls_is_exact_on_conv_batchnorm_and_flatten() -> None:
+def test_least_squares_merge_is_exact_on_conv_batchnorm_and_flatten() -> None:
+    """The merge step of merge-ls alone: compress() then re-measures BatchNorm statistics on the
+    calibration batches, which changes any BatchNorm model (tested below and in the sweeps)."""
     ratio = 0.5
     bases, dups = zip(*(split(w, ratio) for w in (8, 6, 10)))
     model = duplicated_convnet(list(bases), list(dups), "l1-norm", seed=2)
     x = torch.randn(64, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    small = nm.compress(model, x[:2], ratio, method="merge-ls", calibration=[x]).model
+    gm = capture(model, x[:2])
+    sites, _ = find_sites(gm)
+    small = detach(gm, surgery.apply(gm, sites, lsq.decompositions(gm, sites, ratio, [(x,)])))
     assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == bases
     assert torch.allclose(small(x), model(x), rtol=1e-7, atol=1e-8)
+    remeasured = nm.compress(model, x[:2], ratio, method="merge-ls", calibration=[x]).model
+    with torch.no_grad():
+        into_bn2 = remeasured.conv2(torch.relu(remeasured.bn1(remeasured.conv1(x))))
+    assert torch.allclose(remeasured.bn2.running_mean, into_bn2.mean(dim=(0, 2, 3)), atol=1e-3)
+    assert not torch.allclose(remeasured.bn2.running_mean, small.bn2.running_mean, atol=1e-3)
 
 
 class _ConstantChannelNet(nn.Module):
@@ -80,9 +91,8 @@ def test_constant_channels_go_into_the_next_batchnorm_when_the_consumer_has_no_b
     with torch.no_grad():  # channels 4 and 5 of conv1 compute the constants relu(beta) = 0.7, 1.3
         model.conv1.weight[4:] = 0
         model.bn1.bias[4:] = torch.tensor([0.7, 1.3], dtype=torch.float64)
-        model.bn2.running_mean.uniform_(-1, 1)
-        model.bn2.running_var.uniform_(0.5, 2)
     x = torch.randn(32, 2, 9, 9, dtype=torch.float64)
+    model = nm.recalibrate_batchnorm(model, [x])  # statistics of x, which merge-ls re-measures
     small = nm.compress(model, x[:2], 2 / 6, method="merge-ls", calibration=[x], include=["conv1"]).model
     assert small.conv1.out_channels == 4 and small.conv2.bias is None
     assert torch.allclose(small(x), model(x), rtol=1e-7, atol=1e-8)
@@ -138,9 +148,11 @@ def test_recalibrate_batchnorm_measures_the_batches_and_copies() -> None:
 
 # Test accuracy (percent) of the paper's merge on the authors' checkpoint (their Table 1, reproduced
 # to the hundredth by test_reproduce.py), and the margins merge-ls must clear: >= +3 points at 0.7 and
-# 0.8, never below at 0.5 and 0.6.
+# 0.8, never below at 0.5 and 0.6; TOLERANCE (5 of the 10,000 test images) absorbs the rounding
+# differences of other CPUs and thread counts. Measured here: 88.70, 88.04, 86.13, 84.60.
 PAPER_MERGE = {0.5: 88.69, 0.6: 86.92, 0.7: 82.75, 0.8: 80.02}
 MARGIN = {0.5: 0.0, 0.6: 0.0, 0.7: 3.0, 0.8: 3.0}
+TOLERANCE = 0.05
 
 
 def test_merge_ls_beats_the_paper_merge_on_the_authors_lenet_without_data(
@@ -151,7 +163,7 @@ def test_merge_ls_beats_the_paper_merge_on_the_authors_lenet_without_data(
     probes = nm.synthesize_probes(capture(model, images[:2]), images[:2])  # no data: from the model
     for ratio, paper in PAPER_MERGE.items():
         small = nm.compress(model, images[:2], ratio, method="merge-ls", calibration=probes).model
-        assert accuracy(small, images, labels) >= paper + MARGIN[ratio], ratio
+        assert accuracy(small, images, labels) >= paper + MARGIN[ratio] - TOLERANCE, ratio
 
 
 def test_sweep_rows_say_which_methods_use_data_and_reuse_the_probes() -> None:

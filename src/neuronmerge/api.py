@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import fx, nn
 
-from neuronmerge import criteria, decompose, lsq, repair, surgery
+from neuronmerge import criteria, decompose, lsq, surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.evaluate import count_parameters
@@ -205,8 +205,8 @@ def compress(
     a least-squares combination of all kept ones plus a constant, from activation moments measured on
     ``calibration`` batches (model inputs, no labels): by default synthetic probes made from the model
     itself (``synthesize_probes``; data-free), or real samples if you pass them (then it is data-aware);
-    it ignores ``criterion`` and ``threshold``, and then repairs the BatchNorm statistics of the result
-    by the change the merge made to their inputs on the same batches (``repair``). ``fidelity="paper"``
+    it ignores ``criterion`` and ``threshold``, and then re-measures the BatchNorm statistics of the
+    result on the same batches. ``fidelity="paper"``
     reproduces the authors' code, including where it deviates from exactness (conv + BatchNorm, with
     ``lam`` weighing cosine against BN-bias distance, and a threshold of 0 meaning "none").
     ``include``/``exclude`` are glob patterns on producer layer names. The input model is not modified.
@@ -243,13 +243,10 @@ def compress(
         }
     with torch.no_grad():
         expected = gm(*inputs)
-    if method == "merge-ls":
-        norm_moments = repair.normalised_moments(gm, batches)
     owned = surgery.apply(gm, sites, decompositions)
     small = detach(gm, owned)
     if method == "merge-ls":
-        kept_of_norm = {s.norm: decompositions[s.producer].kept for s in sites if s.norm is not None}
-        repair.repair_batchnorm(small, norm_moments, batches, kept_of_norm)
+        small = lsq.remeasure_batchnorm(small, batches)
     try:
         with torch.no_grad():
             produced = small(*inputs)
