@@ -2,6 +2,7 @@
 
     python experiments/run_sweeps.py                       # every model, every registered method
     python experiments/run_sweeps.py --only vgg-fmnist --methods prune merge
+    python experiments/run_sweeps.py --add --methods merge-ls      # add rows to the existing sweeps
 
 Models: the three Fashion-MNIST conv nets and LeNet-300-100 trained here (seed 0, their recipes,
 from the training cache, trained first if missing) and the authors' LeNet-300-100 checkpoint
@@ -14,10 +15,12 @@ against other processes cost far more than a second thread gains.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,12 +48,26 @@ MODELS: dict[str, tuple[str, str | None]] = {
 }
 
 
+def add_rows(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the result and skip rows of ``new``'s methods replaced by ``new``'s."""
+    methods = {row["method"] for row in new["results"] + new["skipped"]}
+    merged = dict(old)
+    for key in ("results", "skipped"):
+        merged[key] = [row for row in old[key] if row["method"] not in methods] + new[key]
+    return merged
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument("--methods", nargs="+", default=["all"])
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--out", type=Path, default=OUT, help="parent folder of the sweep folders")
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the rows of other methods already in each sweep.json (replace only --methods)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = fashion_mnist_eval_data()
@@ -75,6 +92,9 @@ def main() -> int:
         outcome["source"] = source
         if training is not None:
             outcome["training"] = training
+        existing = args.out / name / "sweep.json"
+        if args.add and existing.exists():
+            outcome = add_rows(json.loads(existing.read_text()), outcome)
         write_sweep(outcome, args.out / name, force=True)
         seconds = time.perf_counter() - started
         print(f"{name}: {len(outcome['results'])} rows in {seconds:.0f} s", flush=True)
