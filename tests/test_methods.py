@@ -182,3 +182,16 @@ def test_sweep_rows_say_which_methods_use_data_and_reuse_the_probes() -> None:
     assert torch.equal(first(x), second(x))
     data_aware = sweeps.METHODS["merge-ls-data"].compress(model, x, 0.375, context)
     assert data_aware.get_submodule("layers.0").out_features == 5
+
+
+def test_cli_compresses_with_merge_ls_and_the_result_reloads(
+    lenet_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from neuronmerge.cli import main
+
+    out = tmp_path / "small.safetensors"
+    args = [str(lenet_checkpoint), "--arch", "lenet-300-100", "--ratio", "0.7"]
+    assert main(["compress", *args, "--method", "merge-ls", "--out", str(out), "--json"]) == 0
+    assert '"method": "merge-ls"' in capsys.readouterr().out
+    small = nm.load(out)
+    assert (small.ip1.out_features, small.ip2.out_features) == (90, 30)
