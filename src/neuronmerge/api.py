@@ -221,6 +221,10 @@ def compress(
     sites, left_out = _select(all_sites, include, exclude)
     params_before = count_parameters(gm)
     if method == "merge-ls":
+        if calibration is None and len(inputs) != 1:
+            raise InvalidArgumentError(
+                "merge-ls makes synthetic probes for single-input models only; pass calibration="
+            )
         batches = (
             synthesize_probes(gm, inputs[0])
             if calibration is None
