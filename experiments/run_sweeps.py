@@ -2,14 +2,15 @@
 
     python experiments/run_sweeps.py                       # every model, every registered method
     python experiments/run_sweeps.py --only vgg-fmnist --methods prune merge
-    python experiments/run_sweeps.py --add --methods merge-ls      # add rows to the existing sweeps
 
 Models: the three Fashion-MNIST conv nets and LeNet-300-100 trained here (seed 0, their recipes,
 from the training cache, trained first if missing) and the authors' LeNet-300-100 checkpoint
 (read in place from ../shared/checkpoints/kim2020 or $NEURONMERGE_KIM2020_DIR). Each sweep writes
-sweep.json, sweep.csv and sweep.png, replacing older ones; then run experiments/sweep_tables.py to
-refresh the README tables. Torch runs on one thread: on a small shared machine OpenMP workers spinning
-against other processes cost far more than a second thread gains.
+sweep.json, sweep.csv and sweep.png. Rows of methods not rerun are kept from the previous sweep.json
+when it measured the same weights (so ``--methods my-new-method`` adds a curve; ``--replace`` starts
+afresh). Then run ``python experiments/sweep_tables.py --write`` to refresh the README tables.
+Torch runs on one thread: on a small shared machine OpenMP workers spinning against other processes
+cost far more than a second thread gains (a training epoch took about five times longer).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch
 
 from neuronmerge.experiments.sweep import (
     DEFAULT_RATIOS,
+    available_methods,
     fashion_mnist_eval_data,
     sweep,
     write_sweep,
@@ -48,13 +50,26 @@ MODELS: dict[str, tuple[str, str | None]] = {
 }
 
 
-def add_rows(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` with the result and skip rows of ``new``'s methods replaced by ``new``'s."""
-    methods = {row["method"] for row in new["results"] + new["skipped"]}
-    merged = dict(old)
-    for key in ("results", "skipped"):
-        merged[key] = [row for row in old[key] if row["method"] not in methods] + new[key]
-    return merged
+def keep_other_rows(outcome: dict[str, Any], previous: Path) -> dict[str, Any]:
+    """``outcome`` plus the rows of ``previous`` for methods this run did not redo.
+
+    Only when ``previous`` measured the same weights (same baseline test and validation accuracy and
+    parameter count); otherwise its rows would describe another model and are dropped.
+    """
+    if not previous.is_file():
+        return outcome
+    old = json.loads(previous.read_text())
+    same = ("baseline_accuracy", "baseline_val_accuracy", "params")
+    if any(old.get(key) != outcome[key] for key in same):
+        print(f"{previous}: other weights, its rows are replaced", flush=True)
+        return outcome
+    redone = {row["method"] for row in outcome["results"]} | {s["method"] for s in outcome["skipped"]}
+    rows = [row for row in old["results"] if row["method"] not in redone] + outcome["results"]
+    skipped = [s for s in old.get("skipped", []) if s["method"] not in redone] + outcome["skipped"]
+    names = [*available_methods(), *(r["method"] for r in rows)]  # registry order first
+    order = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    rows.sort(key=lambda row: (row["ratio"], order[row["method"]]))
+    return {**outcome, "results": rows, "skipped": skipped}
 
 
 def main() -> int:
@@ -64,9 +79,7 @@ def main() -> int:
     parser.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     parser.add_argument("--out", type=Path, default=OUT, help="parent folder of the sweep folders")
     parser.add_argument(
-        "--add",
-        action="store_true",
-        help="keep the rows of other methods already in each sweep.json (replace only --methods)",
+        "--replace", action="store_true", help="drop earlier rows of methods not rerun now"
     )
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -92,9 +105,8 @@ def main() -> int:
         outcome["source"] = source
         if training is not None:
             outcome["training"] = training
-        existing = args.out / name / "sweep.json"
-        if args.add and existing.exists():
-            outcome = add_rows(json.loads(existing.read_text()), outcome)
+        if not args.replace:
+            outcome = keep_other_rows(outcome, args.out / name / "sweep.json")
         write_sweep(outcome, args.out / name, force=True)
         seconds = time.perf_counter() - started
         print(f"{name}: {len(outcome['results'])} rows in {seconds:.0f} s", flush=True)

@@ -133,6 +133,22 @@ def test_trained_model_cache_dir_seed_and_corrupt_entry(tmp_path: Path) -> None:
     assert info["cached"]
 
 
+def test_a_recipe_with_another_learning_rate_is_cached_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = tmp_path / "data"
+    write_fashion_mnist(data, n_train=5100, n_test=10)
+    cache = tmp_path / "cache"
+    options = {"epochs": 1, "data_dir": data, "cache_dir": cache, "progress": False}
+    default, info = trained_model("lenet-300-100", **options)
+    assert Path(info["weights"]).name == "lenet-300-100-fashion-mnist-seed0-e1.safetensors"
+    monkeypatch.setitem(RECIPES, "lenet-300-100", training.Recipe(epochs=30, lr=0.1))
+    faster, info = trained_model("lenet-300-100", **options)
+    assert not info["cached"]  # not the weights trained at the default rate
+    assert Path(info["weights"]).name == "lenet-300-100-fashion-mnist-seed0-e1-lr0.1.safetensors"
+    assert not torch.equal(default.ip1.weight, faster.ip1.weight)
+
+
 def test_trained_model_rejects_bad_epochs(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgumentError, match="epochs must be at least 1"):
         trained_model("lenet-300-100", epochs=0, cache_dir=tmp_path, progress=False)

@@ -7,14 +7,15 @@ defaults are chosen on), plus the parameter count each method actually reached.
 
 Adding a method takes one function and one line::
 
-    def _my_method(model, example, ratio, context):
-        batches = context.calibration  # unlabeled training images, for data-aware methods only
+    def _merge_all(model, example, ratio, context):
         return nm.merge(model, example, ratio, threshold=None)
 
-    register_method(SweepMethod("my-method", True, "merge with no threshold", _my_method))
+    register_method(SweepMethod("merge-all", True, "merge with no threshold", _merge_all))
 
 Data-aware methods may read ``context.calibration`` (a few unlabeled batches of the training split,
-never validation or test images); data-free ones must not, and are flagged ``data_free=True``.
+never validation or test images) and are registered with ``data_free=False``; data-free ones must
+not read it. A method that cannot reach a ratio raises ``InvalidArgumentError``: the sweep lists it
+under ``skipped`` and goes on.
 """
 
 from __future__ import annotations

@@ -1,0 +1,62 @@
+"""The committed sweep results and the README tables made from them agree, and the files are whole."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "sweep_tables.py"
+REQUIRED = {"model", "dataset", "baseline_accuracy", "results"}
+ROW = {"ratio", "method", "data_free", "accuracy", "params"}
+
+
+def _tables():  # the script is not a package module: load it from its file
+    spec = importlib.util.spec_from_file_location("sweep_tables", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_committed_sweeps_have_the_documented_schema_and_plots() -> None:
+    tables = _tables()
+    sweeps = tables.load_sweeps()
+    assert {"vgg-fmnist", "alexnet-fmnist", "resnet-fmnist", "lenet-300-100"} <= set(sweeps)
+    assert "lenet-300-100-kim2020" in sweeps
+    for name, outcome in sweeps.items():
+        assert REQUIRED <= set(outcome), name
+        methods = {row["method"] for row in outcome["results"]}
+        assert {"prune", "merge", "merge-exact", "torch-pruning"} <= methods, name
+        assert all(ROW <= set(row) for row in outcome["results"]), name
+        png = tables.SWEEPS / name / "sweep.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 150_000, name
+        assert (tables.SWEEPS / name / "sweep.csv").read_text().startswith("ratio,method,")
+
+
+def test_readme_tables_are_generated_from_the_committed_sweeps() -> None:
+    tables = _tables()
+    block = tables.readme_block((ROOT / "README.md").read_text())
+    assert block == tables.render(tables.load_sweeps()), (
+        "README sweep tables are stale: run python experiments/sweep_tables.py --write"
+    )
+
+
+def test_rerunning_some_methods_keeps_the_other_rows_of_the_same_weights(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("run_sweeps", ROOT / "experiments" / "run_sweeps.py")
+    assert spec is not None and spec.loader is not None
+    run_sweeps = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_sweeps)
+    previous = tmp_path / "sweep.json"
+    old = json.loads((ROOT / "experiments" / "sweeps" / "lenet-300-100" / "sweep.json").read_text())
+    previous.write_text(json.dumps(old))
+    redone = [dict(row, accuracy=1.0) for row in old["results"] if row["method"] == "merge"]
+    new = {**old, "results": redone, "skipped": []}
+
+    kept = run_sweeps.keep_other_rows(new, previous)["results"]
+    assert len(kept) == len(old["results"])
+    for row, before in zip(kept, old["results"]):
+        assert row == (dict(before, accuracy=1.0) if row["method"] == "merge" else before)
+    # Other weights (another parameter count): the old rows describe another model and are dropped.
+    assert run_sweeps.keep_other_rows({**new, "params": 5}, previous)["results"] == redone
