@@ -29,6 +29,6 @@ test: setup data
 	$(PY) -m pytest -q
 
 lint: setup
-	$(VENV)/bin/ruff check src tests $(wildcard benchmarks experiments)
-	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks experiments)
+	$(VENV)/bin/ruff check src tests $(wildcard benchmarks experiments docs)
+	$(VENV)/bin/ruff format --check src tests $(wildcard benchmarks experiments docs)
 	$(VENV)/bin/mypy src

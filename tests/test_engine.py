@@ -172,8 +172,40 @@ def test_untraceable_model_names_the_problem() -> None:
                 return self.fc(x)
             return x
 
-    with pytest.raises(nm.CaptureError, match="torch.fx could not trace Branchy"):
+    with pytest.raises(nm.CaptureError) as error:
         nm.plan(Branchy(), torch.randn(1, 4))
+    message = str(error.value)
+    assert message.startswith("torch.fx could not trace Branchy: symbolically traced variables")
+    line = Branchy.forward.__code__.co_firstlineno + 1
+    assert (
+        f"test_engine.py:{line} in forward: `if x.sum() > 0:  # data-dependent control flow`" in message
+    )
+    assert "torch.fx.wrap('its_name')" in message
+
+
+def _double_if_positive(x: torch.Tensor) -> torch.Tensor:
+    return 2 * x if x.sum() > 0 else x
+
+
+torch.fx.wrap("_double_if_positive")
+
+
+def test_wrapped_branch_traces_and_the_layers_beside_it_stay_unmerged() -> None:
+    """The advice of the capture error works: the wrapped function is one opaque call."""
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.relu(self.b(_double_if_positive(torch.relu(self.a(x))))))
+
+    found = nm.plan(Wrapped(), torch.randn(2, 4))
+    assert [s.producer for s in found.sites] == ["b"]
+    assert {s.producer: s.reason for s in found.skipped}["a"] == (
+        "channels reach _double_if_positive, which merging cannot pass through"
+    )
 
 
 class _Skips(nn.Module):
@@ -199,7 +231,8 @@ def test_plan_lists_sites_and_reasons() -> None:
     ]
     reasons = {s.producer: s.reason for s in found.skipped}
     assert reasons == {
-        "b": "channels reach gelu, which merging cannot pass through",
+        "b": "gelu is not positively homogeneous (f(s*x) != s*f(x)); "
+        "approximate=True merges through it and measures the error",
         "c": "channels are tied to a residual add",
         "d": "channels are part of the model's output",
     }

@@ -43,6 +43,10 @@ from tests.builders import plant_duplicates
 
 RTOL, ATOL = 1e-9, 1e-10
 OUTPUT = "channels are part of the model's output"
+NON_HOMOGENEOUS = (
+    "{} is not positively homogeneous (f(s*x) != s*f(x)); "
+    "approximate=True merges through it and measures the error"
+)
 RESIDUAL = "channels are tied to a residual add"
 PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
@@ -372,6 +376,28 @@ class Diamond(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class Reductions(nn.Module):
+    """Global pooling written as reductions; a BatchNorm whose producer's size is read too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6)
+        self.across = nn.Conv2d(3, 4, 1)
+        self.fc_spatial = nn.Linear(6, 5)
+        self.tok, self.head = nn.Linear(5, 7), nn.Linear(7, 2)
+        self.everything = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        batch = h.size(0)
+        h = torch.relu(self.bn(h)).amax(dim=3).mean(-1, keepdim=True).view(batch, -1)
+        tokens = self.fc_spatial(h).unsqueeze(1).expand(-1, 3, -1)  # (B, 3, 5)
+        pooled = F.relu(self.tok(tokens)).mean(1)  # mean over tokens: the channels stay apart
+        side = self.across(x).mean(1).flatten(1).sum(1, keepdim=True)
+        total = torch.sum(self.everything(tokens))
+        return self.head(pooled) + side + total
+
+
 class Nested(nn.Module):
     """A ModuleList of nested Sequentials run in a loop: LeakyReLU, PReLU(1), dropout, pools."""
 
@@ -644,8 +670,22 @@ CASES: dict[str, Case] = {
     "diamond": Case(
         Diamond,
         (4, 3, 6, 6),
-        {"a": (None, {("b", 0, 1), ("b", 6, 1)})},
-        {"b": "channels reach method .mean(), which merging cannot pass through", "fc": OUTPUT},
+        {"a": (None, {("b", 0, 1), ("b", 6, 1)}), "b": (None, {("fc", 0, 1)})},
+        {"fc": OUTPUT},
+    ),
+    "reductions": Case(
+        Reductions,
+        (4, 3, 6, 6),
+        {
+            "conv": ("bn", {("fc_spatial", 0, 1)}),
+            "tok": (None, {("head", 0, 1)}),
+        },
+        {
+            "across": ".mean() reduces over the channel axis",
+            "fc_spatial": "channels reach method .unsqueeze(), which merging cannot pass through",
+            "everything": "sum reduces over every axis, the channels' included",
+            "head": RESIDUAL,
+        },
     ),
     "nested": Case(
         Nested,
@@ -715,12 +755,12 @@ CASES: dict[str, Case] = {
         (4, 4),
         {"fc.6": (None, {("fc.7", 0, 1)})},
         {
-            "fc.0": "gelu (GELU) is not positively homogeneous (f(s*x) != s*f(x))",
-            "fc.1": "silu (SiLU) is not positively homogeneous (f(s*x) != s*f(x))",
-            "fc.2": "channels reach tanh, which merging cannot pass through",
-            "fc.3": "tanh (Tanh) is not positively homogeneous (f(s*x) != s*f(x))",
-            "fc.4": "channels reach silu, which merging cannot pass through",
-            "fc.5": "relu6 (ReLU6) is not positively homogeneous (f(s*x) != s*f(x))",
+            "fc.0": NON_HOMOGENEOUS.format("gelu (GELU)"),
+            "fc.1": NON_HOMOGENEOUS.format("silu (SiLU)"),
+            "fc.2": NON_HOMOGENEOUS.format("tanh"),
+            "fc.3": NON_HOMOGENEOUS.format("tanh (Tanh)"),
+            "fc.4": NON_HOMOGENEOUS.format("silu"),
+            "fc.5": NON_HOMOGENEOUS.format("relu6 (ReLU6)"),
             "fc.7": OUTPUT,
         },
     ),

@@ -10,6 +10,7 @@ from neuronmerge.api import (
     Plan,
     Report,
     Result,
+    SiteReport,
     compress,
     merge,
     plan,
@@ -18,16 +19,22 @@ from neuronmerge.api import (
 from neuronmerge.errors import (
     CaptureError,
     CheckpointError,
+    DatasetCorruptError,
     DatasetNotFoundError,
     InvalidArgumentError,
+    MissingDependencyError,
     NeuronMergeError,
     OutputExistsError,
+    OutputWriteError,
     UnknownArchitectureError,
 )
+from neuronmerge.export import OnnxExport, export_onnx
 from neuronmerge.io import load, load_checkpoint, save
 from neuronmerge.models import available_models, create_model
+from neuronmerge.planning import LayerRow, Totals
 from neuronmerge.probes import synthesize_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
+from neuronmerge.sites import Site, Skipped
 
 __version__ = "0.1.0"
 
@@ -36,17 +43,27 @@ __all__ = [
     "METHODS",
     "CaptureError",
     "CheckpointError",
+    "DatasetCorruptError",
     "DatasetNotFoundError",
     "InvalidArgumentError",
+    "LayerRow",
+    "MissingDependencyError",
     "NeuronMergeError",
+    "OnnxExport",
     "OutputExistsError",
+    "OutputWriteError",
     "Plan",
     "Report",
     "Result",
+    "Site",
+    "SiteReport",
+    "Skipped",
+    "Totals",
     "UnknownArchitectureError",
     "available_models",
     "compress",
     "create_model",
+    "export_onnx",
     "load",
     "load_checkpoint",
     "merge",

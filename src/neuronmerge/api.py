@@ -19,6 +19,7 @@ from neuronmerge import criteria, decompose, lsq, surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.evaluate import count_parameters
+from neuronmerge.planning import LayerRow, Totals, layer_rows
 from neuronmerge.probes import synthesize_probes
 from neuronmerge.sites import Site, Skipped, find_sites
 
@@ -55,6 +56,7 @@ class SiteReport:
     merged: int
     dropped: int
     consumers: tuple[str, ...]
+    approximate_through: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -63,15 +65,31 @@ class Plan:
 
     sites: tuple[Site, ...]
     skipped: tuple[Skipped, ...]
+    #: With ``plan(..., ratio=...)``: every Linear/Conv layer before and after, and the model totals.
+    layers: tuple[LayerRow, ...] = ()
+    totals: Totals | None = None
+    #: With ``ratio`` and ``approximate=True``: the measured output change (see ``Report``).
+    output_error: float | None = None
 
     def __str__(self) -> str:
         lines = [f"{len(self.sites)} mergeable site(s), {len(self.skipped)} skipped"]
         for site in self.sites:
             norm = f" -> {site.norm}" if site.norm else ""
             readers = ", ".join(c.module for c in site.consumers)
-            lines.append(f"  merge {site.producer}{norm} ({site.channels} ch) -> {readers}")
+            approx = (
+                f" [approximate through {', '.join(site.approximate_through)}]"
+                if site.approximate_through
+                else ""
+            )
+            lines.append(f"  merge {site.producer}{norm} ({site.channels} ch) -> {readers}{approx}")
         for skip in self.skipped:
             lines.append(f"  skip  {skip.producer}: {skip.reason}")
+        if self.totals is not None:
+            t = self.totals
+            lines.append(
+                f"parameters {t.params_before:,} -> {t.params_after:,}, "
+                f"MACs per example {t.macs_before:,} -> {t.macs_after:,}"
+            )
         return "\n".join(lines)
 
 
@@ -88,6 +106,11 @@ class Report:
     params_after: int
     sites: tuple[SiteReport, ...] = field(default=())
     skipped: tuple[Skipped, ...] = field(default=())
+    approximate: bool = False
+    #: With ``approximate=True``: the relative L2 change of the model's output on the example inputs,
+    #: ``||small(x) - model(x)|| / ||model(x)||``. It measures everything the compression changed
+    #: (non-duplicate neurons merged or dropped, and activations treated as homogeneous).
+    output_error: float | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +206,15 @@ def _check_options(
             raise InvalidArgumentError(f"lam must be in [0, 1], got {lam}")
 
 
+def _check_finite(gm: fx.GraphModule) -> None:
+    """Refuse NaN or infinite parameters anywhere: merging would spread them through Z into the
+    kept neurons and the readers, and the similarity scores would be meaningless."""
+    for name, parameter in gm.named_parameters():
+        if not torch.isfinite(parameter.detach()).all():
+            module, _, leaf = name.rpartition(".")
+            raise InvalidArgumentError(f"{module or '<model>'}: {leaf} holds NaN or infinite values")
+
+
 def compress(
     model: nn.Module,
     example_inputs: ExampleInputs,
@@ -196,6 +228,7 @@ def compress(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     calibration: Iterable[ExampleInputs] | None = None,
+    approximate: bool = False,
 ) -> Result:
     """Remove the fraction ``ratio`` of neurons at every mergeable site; return model and report.
 
@@ -209,7 +242,10 @@ def compress(
     result on the same batches. ``fidelity="paper"``
     reproduces the authors' code, including where it deviates from exactness (conv + BatchNorm, with
     ``lam`` weighing cosine against BN-bias distance, and a threshold of 0 meaning "none").
-    ``include``/``exclude`` are glob patterns on producer layer names. The input model is not modified.
+    ``include``/``exclude`` are glob patterns on producer layer names. ``approximate=True`` also
+    merges through elementwise activations that are not positively homogeneous (GELU, SiLU, tanh...),
+    which is no longer exact: the report then carries the measured ``output_error``. The input model
+    is not modified.
     """
     ratio = criteria.check_ratio(ratio)
     _check_options(method, criterion, fidelity, threshold, lam)
@@ -217,7 +253,8 @@ def compress(
         threshold = None
     inputs = as_input_tuple(example_inputs)
     gm = capture(model, inputs)
-    all_sites, skipped = find_sites(gm)
+    _check_finite(gm)
+    all_sites, skipped = find_sites(gm, approximate)
     sites, left_out = _select(all_sites, include, exclude)
     params_before = count_parameters(gm)
     if method == "merge-ls":
@@ -273,6 +310,7 @@ def compress(
                 merged=merged,
                 dropped=site.channels - kept - merged,
                 consumers=tuple(dict.fromkeys(c.module for c in site.consumers)),
+                approximate_through=site.approximate_through,
             )
         )
     report = Report(
@@ -285,8 +323,28 @@ def compress(
         params_after=count_parameters(small),
         sites=tuple(reports),
         skipped=tuple(skipped + left_out),
+        approximate=approximate,
+        output_error=_relative_error(produced, expected) if approximate else None,
     )
     return Result(small, report)
+
+
+def _flat(output: object) -> torch.Tensor:
+    """Every floating-point tensor of a (nested) model output, as one float64 vector."""
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return output.detach().flatten().double()
+    if isinstance(output, dict):
+        output = list(output.values())
+    parts = [_flat(item) for item in output] if isinstance(output, (tuple, list)) else []
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+
+
+def _relative_error(produced: object, expected: object) -> float:
+    """``||produced - expected|| / ||expected||`` over all floating outputs (0 when both are 0)."""
+    got, want = _flat(produced), _flat(expected)
+    scale = torch.linalg.vector_norm(want)
+    change = torch.linalg.vector_norm(got - want)
+    return float(change / scale) if scale > 0 else float(change)
 
 
 def _shapes(output: object) -> object:
@@ -310,8 +368,13 @@ def merge(
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    approximate: bool = False,
 ) -> fx.GraphModule:
-    """Neuron merging: a smaller model whose removed neurons are folded into kept ones."""
+    """Neuron merging: a smaller model whose removed neurons are folded into kept ones.
+
+    ``approximate=True`` merges through non-homogeneous activations too; use ``compress`` to read
+    the measured output error from its report.
+    """
     return compress(
         model,
         example_inputs,
@@ -323,6 +386,7 @@ def merge(
         fidelity=fidelity,
         include=include,
         exclude=exclude,
+        approximate=approximate,
     ).model
 
 
@@ -335,8 +399,13 @@ def prune(
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    approximate: bool = False,
 ) -> fx.GraphModule:
-    """Structured pruning with the same topology as ``merge`` and no compensation."""
+    """Structured pruning with the same topology as ``merge`` and no compensation.
+
+    ``approximate=True`` also prunes layers followed by non-homogeneous activations (the same sites
+    that approximate merging uses).
+    """
     return compress(
         model,
         example_inputs,
@@ -346,10 +415,62 @@ def prune(
         fidelity=fidelity,
         include=include,
         exclude=exclude,
+        approximate=approximate,
     ).model
 
 
-def plan(model: nn.Module, example_inputs: ExampleInputs) -> Plan:
-    """Every candidate site of ``model``: mergeable or skipped, and why. Changes nothing."""
-    sites, skipped = find_sites(capture(model, example_inputs))
-    return Plan(tuple(sites), tuple(skipped))
+def plan(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    ratio: float | None = None,
+    *,
+    method: Method = "merge",
+    criterion: str = "l1-norm",
+    threshold: float | None = DEFAULT_THRESHOLD,
+    lam: float | None = None,
+    fidelity: Fidelity = "exact",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    approximate: bool = False,
+) -> Plan:
+    """Every candidate site of ``model``: mergeable or skipped, and why. Changes nothing.
+
+    With ``ratio`` (and the options of ``compress``) the plan also runs the compression, without
+    returning the model, and fills ``layers``: each Linear/Conv layer's channels kept / merged /
+    dropped, or the reason it is skipped, with its parameters and MACs before and after, and
+    ``totals`` for the whole model. ``sites`` are then the sites the compression used.
+    ``approximate=True`` plans as ``compress(..., approximate=True)`` would merge.
+    """
+    found, skipped = find_sites(capture(model, example_inputs), approximate)
+    if ratio is None:
+        return Plan(tuple(found), tuple(skipped))
+    result = compress(
+        model,
+        example_inputs,
+        ratio,
+        method=method,
+        criterion=criterion,
+        threshold=threshold,
+        lam=lam,
+        fidelity=fidelity,
+        include=include,
+        exclude=exclude,
+        approximate=approximate,
+    )
+    report = result.report
+    used = {s.producer for s in report.sites}
+    rows, totals = layer_rows(
+        model,
+        result.model,
+        as_input_tuple(example_inputs),
+        method,
+        report.sites,
+        report.skipped,
+    )
+    return Plan(
+        tuple(s for s in found if s.producer in used),
+        report.skipped,
+        layers=rows,
+        totals=totals,
+        output_error=report.output_error,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,18 +19,25 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
 from neuronmerge import __version__  # noqa: I001
-from neuronmerge.api import DEFAULT_THRESHOLD, METHODS, Report, compress
+from neuronmerge.api import DEFAULT_THRESHOLD, METHODS, Plan, Report, compress
 from neuronmerge.api import plan as plan_sites
 from neuronmerge.criteria import CRITERIA
-from neuronmerge.errors import InvalidArgumentError, NeuronMergeError, OutputExistsError
+from neuronmerge.errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    NeuronMergeError,
+    OutputExistsError,
+)
 from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.experiments.reproduce import paper_setup, reproduce, test_split
-from neuronmerge.io import load, load_checkpoint, read_metadata, save
+from neuronmerge.io import is_exported_program, load, load_checkpoint, read_metadata, save
 from neuronmerge.models import available_models, get_spec
+from neuronmerge.progress import progress_bar
 
 stdout = Console(highlight=False)
 stderr = Console(stderr=True, highlight=False)
@@ -37,6 +45,11 @@ stderr = Console(stderr=True, highlight=False)
 
 def _threshold(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """Progress bars (stderr) unless the user asked for silence or for machine-readable output."""
+    return not (args.quiet or args.json)
 
 
 def _emit_json(payload: Any) -> None:
@@ -56,14 +69,16 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
 
         if not args.quiet:
             stderr.print(f"No --checkpoint: training {setup.arch} on {setup.dataset} (cached).")
-        model, info = trained_model(setup.arch, data_dir=args.data_dir, progress=not args.quiet)
+        model, info = trained_model(setup.arch, data_dir=args.data_dir, progress=_show_progress(args))
         source = f"trained here ({info['weights']})"
 
-    def show(row: dict[str, Any]) -> None:
-        if not args.quiet and not args.json:
-            stderr.print(f"  ratio {row['ratio']:.2f} {row['method']:<5} {row['accuracy']:.2f}%")
+    ratios = setup.ratios if args.ratios is None else args.ratios
+    with progress_bar(_show_progress(args), 2 * len(ratios), "prune and merge") as advance:
 
-    outcome = reproduce(model, setup, args.ratios, data_dir=args.data_dir, on_row=show)
+        def show(row: dict[str, Any]) -> None:
+            advance(f"ratio {row['ratio']:.2f} {row['method']:<5} {row['accuracy']:.2f}%")
+
+        outcome = reproduce(model, setup, ratios, data_dir=args.data_dir, on_row=show)
     if args.json:
         _emit_json(outcome)
         return
@@ -113,7 +128,8 @@ def _warn_trust(args: argparse.Namespace, path: object) -> None:
     if getattr(args, "trust", False) and not args.quiet:
         stderr.print(
             f"[yellow]warning:[/yellow] --trust fully unpickles {path}, which can run arbitrary code; "
-            "use it only on files from a source you trust."
+            "use it only on files from a source you trust.",
+            soft_wrap=True,  # a long path must not split the sentence across lines
         )
 
 
@@ -151,7 +167,9 @@ def cmd_compress(args: argparse.Namespace) -> None:
         threshold=args.threshold,
         lam=args.lam,
         fidelity=args.fidelity,
+        approximate=args.approximate,
     )
+    _warn_unmerged(args, result.report)
     description = {"source": str(args.checkpoint), "report": _report_dict(result.report)}
     save(result.model, out, arch=arch, example_inputs=example, description=description, force=args.force)
     if args.json:
@@ -163,6 +181,24 @@ def cmd_compress(args: argparse.Namespace) -> None:
         f"parameters {report.params_before:,} -> {report.params_after:,} "
         f"({report.params_after / report.params_before:.1%}); saved to {out}"
     )
+    if report.output_error is not None:
+        stdout.print(
+            f"approximate: output changed by {report.output_error:.2%} (relative L2) "
+            "on the example inputs"
+        )
+
+
+def _warn_unmerged(args: argparse.Namespace, report: Report) -> None:
+    """Say so when no layer was compressed, and point at ``--approximate`` where it would help."""
+    if report.sites or args.quiet:
+        return
+    smooth = sum("approximate=True" in skip.reason for skip in report.skipped)
+    hint = f"; {smooth} are followed by non-homogeneous activations (--approximate)" if smooth else ""
+    stderr.print(
+        f"[yellow]warning:[/yellow] no layer could be compressed (see `neuronmerge plan`){hint}; "
+        "the saved model computes the same function",
+        soft_wrap=True,
+    )
 
 
 def _load_any(path: str | Path, arch: str | None, trust: bool = False) -> tuple[nn.Module, str | None]:
@@ -170,6 +206,13 @@ def _load_any(path: str | Path, arch: str | None, trust: bool = False) -> tuple[
     meta = read_metadata(path) if Path(path).is_file() else {}
     if meta.get("format") == "neuronmerge":
         return load(path), str(meta["arch"])
+    if is_exported_program(path):  # written by compress for a model of no registered architecture
+        # Its module refuses .eval() and the like, so the pipeline cannot take it as input.
+        raise CheckpointError(
+            f"{path} is a torch.export program (compress's output for a model of no registered "
+            "architecture): run it with torch.export.load(path).module(); to plan, compress or "
+            "export again, start from the original model"
+        )
     model = load_checkpoint(path, arch, trust=trust)
     return model, None if arch is None else get_spec(arch).name
 
@@ -182,10 +225,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         )
     spec = get_spec(arch)
     images, labels = test_split(spec.dataset, args.data_dir)
+    with progress_bar(_show_progress(args), len(images), "evaluating") as advance:
+        correct = accuracy(model, images, labels, on_batch=lambda n: advance(steps=n))
     outcome = {
         "model": arch,
         "dataset": spec.dataset,
-        "accuracy": round(accuracy(model, images, labels), 2),
+        "accuracy": round(correct, 2),
         "params": count_parameters(model),
     }
     if args.json:
@@ -200,17 +245,126 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     _warn_trust(args, args.path)
     model, arch = _load_any(args.path, args.arch, args.trust)
-    found = plan_sites(model, _example_inputs(arch, args.input_shape))
+    options: dict[str, Any] = {
+        "method": args.method,
+        "criterion": args.criterion,
+        "threshold": args.threshold,
+        "lam": args.lam,
+        "fidelity": args.fidelity,
+    }
+    if args.ratio is None:
+        defaults = {"method": "merge", "criterion": "l1-norm", "threshold": DEFAULT_THRESHOLD}
+        defaults |= {"lam": None, "fidelity": "exact"}
+        changed = [f"--{name}" for name, value in options.items() if value != defaults[name]]
+        if changed:  # silently ignoring them would show a plan the user did not ask for
+            raise InvalidArgumentError(f"{', '.join(changed)} take effect only with --ratio")
+        options = {}
+    found = plan_sites(
+        model,
+        _example_inputs(arch, args.input_shape),
+        args.ratio,
+        approximate=args.approximate,
+        **options,
+    )
     if args.json:
-        _emit_json(
-            {
-                "model": arch,
-                "sites": [dataclasses.asdict(site) for site in found.sites],
-                "skipped": [dataclasses.asdict(skip) for skip in found.skipped],
-            }
-        )
+        payload: dict[str, Any] = {
+            "model": arch,
+            "sites": [dataclasses.asdict(site) for site in found.sites],
+            "skipped": [dataclasses.asdict(skip) for skip in found.skipped],
+        }
+        if found.totals is not None:
+            payload["settings"] = {"ratio": args.ratio, **options, "approximate": args.approximate}
+            payload["layers"] = [dataclasses.asdict(row) for row in found.layers]
+            payload["totals"] = dataclasses.asdict(found.totals)
+            payload["output_error"] = found.output_error
+        _emit_json(payload)
+    elif found.totals is None:
+        stdout.print(escape(str(found)))
     else:
-        stdout.print(str(found))
+        # Piped into a file or a pager, lay the table out wide instead of at the default 80 columns.
+        wide = Console(highlight=False, width=None if stdout.is_terminal else 150)
+        wide.print(_plan_table(found, args.ratio, options))
+
+
+def _short(count: int) -> str:
+    """A count for people: exact below 10,000, else 3 significant digits with k / M / G."""
+    if count < 10_000:
+        return f"{count:,}"
+    for unit, size in (("G", 10**9), ("M", 10**6), ("k", 10**3)):
+        if count >= size:
+            return f"{count / size:.3g}{unit}"
+    raise AssertionError("unreachable")
+
+
+def _plan_table(found: Plan, ratio: float, options: dict[str, Any]) -> Table:
+    """One row per Linear/Conv layer and a total row: what happens to it, what it costs.
+
+    Before -> after in one cell, counts rounded (``--json`` has them exact); only the notes wrap.
+    """
+    settings = ", ".join(f"{k} {v}" for k, v in options.items() if v is not None)
+    caption = "MACs per example"
+    if found.output_error is not None:
+        caption += f"; approximate: output changed by {found.output_error:.2%} (relative L2)"
+    table = Table(title=f"plan: ratio {ratio} ({settings})", caption=caption)
+    table.add_column("layer", no_wrap=True)
+    for column in ("channels", "merged", "dropped", "params", "MACs"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("note")
+
+    def change(before: int, after: int | None) -> str:
+        if after is None or after == before:
+            return _short(before)
+        return f"{_short(before)} -> {_short(after)}"
+
+    for row in found.layers:
+        skipped = row.action == "skip"
+        table.add_row(
+            escape(row.layer),
+            change(row.channels, row.kept),
+            "-" if row.merged is None else str(row.merged),
+            "-" if row.dropped is None else str(row.dropped),
+            change(row.params_before, row.params_after),
+            change(row.macs_before, row.macs_after),
+            escape(f"skipped: {row.reason}" if skipped else row.action),
+            style="dim" if skipped else None,
+        )
+    totals = found.totals
+    assert totals is not None
+    table.add_section()
+    table.add_row(
+        "whole model",
+        "",
+        "",
+        "",
+        change(totals.params_before, totals.params_after),
+        change(totals.macs_before, totals.macs_after),
+        f"{totals.params_after / max(totals.params_before, 1):.0%} of the parameters",
+        style="bold",
+    )
+    return table
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from neuronmerge.export import export_onnx  # imports the exporter only when asked for
+
+    _warn_trust(args, args.path)
+    if Path(args.onnx).exists() and not args.force:  # before any slow work
+        raise OutputExistsError(f"{args.onnx} exists; pass --force to replace it")
+    model, arch = _load_any(args.path, args.arch, args.trust)
+    done = export_onnx(model, args.onnx, _example_inputs(arch, args.input_shape), force=args.force)
+    outcome = {
+        "out": str(done.path),
+        "format": "onnx",
+        "onnxruntime_max_abs_diff": done.max_abs_diff,
+        "batch_checked": done.batch_checked,
+    }
+    if args.json:
+        _emit_json(outcome)
+    elif not args.quiet:
+        stdout.print(
+            f"wrote {done.path} (dynamic batch); onnxruntime matches PyTorch on a batch of "
+            f"{done.batch_checked} (max abs difference {done.max_abs_diff:.2g})"
+        )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -354,6 +508,14 @@ def _trust(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _approximate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--approximate",
+        action="store_true",
+        help="also merge through GELU, SiLU, tanh... (not exact; the output change is reported)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuronmerge",
@@ -399,6 +561,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output file (.safetensors; a torch.export .pt2 without --arch)"
     )
     com.add_argument("--force", action="store_true", help="replace an existing output file")
+    _approximate(com)
     _common(com)
     _trust(com)
     com.set_defaults(run=cmd_compress)
@@ -409,9 +572,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ev, data=True)
     ev.set_defaults(run=cmd_evaluate)
 
-    pl = commands.add_parser("plan", help="list mergeable and skipped layers, and why")
+    pl = commands.add_parser(
+        "plan",
+        help="list mergeable and skipped layers, and why; with --ratio, a per-layer table of "
+        "channels, parameters and MACs before and after",
+    )
     pl.add_argument("path", help="a checkpoint (with --arch) or a file saved by compress")
     pl.add_argument("--arch", default=None)
+    pl.add_argument(
+        "--ratio", type=float, default=None, help="fraction removed per layer: show its effect"
+    )
+    pl.add_argument("--method", choices=("merge", "prune"), default="merge")
+    pl.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
+    pl.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        help=f"cosine threshold, or 'none' (default {DEFAULT_THRESHOLD})",
+    )
+    pl.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
+    pl.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
+    _approximate(pl)
     _common(pl)
     _trust(pl)
     pl.set_defaults(run=cmd_plan)
@@ -454,6 +635,14 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--force", action="store_true", help="replace existing sweep files")
     _common(sw, data=True)
     sw.set_defaults(run=cmd_sweep)
+    ex = commands.add_parser("export", help="write a model as ONNX, checked with onnxruntime")
+    ex.add_argument("path", help="a file saved by compress, or a checkpoint (with --arch)")
+    ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write")
+    ex.add_argument("--arch", default=None, help="registered architecture of a checkpoint")
+    ex.add_argument("--force", action="store_true", help="replace an existing output file")
+    _common(ex)
+    _trust(ex)
+    ex.set_defaults(run=cmd_export)
 
     mo = commands.add_parser("models", help="list the registered architectures")
     _common(mo)
@@ -467,11 +656,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.run(args)
     except NeuronMergeError as exc:
-        stderr.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+        # escape: messages quote paths and names like neuronmerge[onnx], which are not markup
+        stderr.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         stderr.print("interrupted")
         return 130
+    except BrokenPipeError:  # the reader went away (`neuronmerge ... | head`): not an error of ours
+        # Point stdout at /dev/null so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

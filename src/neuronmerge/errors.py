@@ -53,3 +53,16 @@ class DatasetCorruptError(NeuronMergeError):
     """A dataset file exists but is not what it claims to be (bad header, truncated payload)."""
 
     exit_code = 8
+
+
+class MissingDependencyError(NeuronMergeError, ImportError):
+    """An optional feature's packages are not installed; the message names the extra to install."""
+
+    exit_code = 9
+
+
+class OutputWriteError(NeuronMergeError, OSError):
+    """An output file could not be written (missing folder, no permission, disk full); any file that
+    was there before is left as it was."""
+
+    exit_code = 10

@@ -7,7 +7,7 @@ they are called on models the user is about to save or compare.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -33,11 +33,19 @@ def _device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 1000) -> float:
+def accuracy(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int = 1000,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> float:
     """Top-1 accuracy of ``model`` on ``(images, labels)`` in percent (0-100).
 
     Runs in eval mode under ``torch.inference_mode()`` in batches of ``batch_size``, moving each
     batch to the model's device; the model's train/eval flags are restored afterwards.
+    ``on_batch`` is called with the number of images of each finished batch (for a progress bar).
     """
     if len(images) == 0 or len(images) != len(labels):
         raise InvalidArgumentError(
@@ -53,6 +61,8 @@ def accuracy(model: nn.Module, images: Tensor, labels: Tensor, batch_size: int =
             logits = model(images[start : start + batch_size].to(device))
             target = labels[start : start + batch_size].to(device)
             correct += int((logits.argmax(dim=1) == target).sum())
+            if on_batch is not None:
+                on_batch(len(target))
     return 100.0 * correct / len(images)
 
 
@@ -69,24 +79,34 @@ def count_flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -
     are not seen. The count covers the whole batch: pass a batch of one for per-example MACs.
     A grouped convolution costs ``out.numel() * in_channels / groups * kernel area``.
     """
-    total = 0
+    return sum(flops_by_layer(model, example_inputs).values())
 
-    def linear_hook(module: nn.Linear, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
-        nonlocal total
-        total += output.numel() * module.in_features
 
-    def conv_hook(
-        module: nn.Conv1d | nn.Conv2d | nn.Conv3d, _inputs: tuple[Tensor, ...], output: Tensor
-    ) -> None:
-        nonlocal total
-        total += output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
+def flops_by_layer(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -> dict[str, int]:
+    """MACs of each Linear/Conv module of ``model`` (by qualified name) in one forward pass.
 
-    handles = []
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            handles.append(module.register_forward_hook(linear_hook))
-        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            handles.append(module.register_forward_hook(conv_hook))
+    The per-layer breakdown of ``count_flops`` (same rules), for tables that compare a model with its
+    merged version layer by layer. Modules that the forward pass does not call are left out.
+    """
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, _inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if isinstance(module, nn.Linear):
+                macs = output.numel() * module.in_features
+            else:
+                assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                kernel = math.prod(module.kernel_size)
+                macs = output.numel() * (module.in_channels // module.groups) * kernel
+            counts[name] = counts.get(name, 0) + macs
+
+        return hook
+
+    handles = [
+        module.register_forward_hook(hook_for(name))
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     device = _device(model)
     try:
@@ -96,4 +116,4 @@ def count_flops(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]) -
     finally:
         for handle in handles:
             handle.remove()
-    return total
+    return counts

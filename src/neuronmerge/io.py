@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Mapping
@@ -28,7 +29,13 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from neuronmerge.capture import ExampleInputs, as_input_tuple
-from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
+from neuronmerge.errors import (
+    CaptureError,
+    CheckpointError,
+    InvalidArgumentError,
+    OutputExistsError,
+    OutputWriteError,
+)
 from neuronmerge.models import get_spec, model_from_state_dict
 
 FORMAT = "neuronmerge"
@@ -68,7 +75,7 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "for safety (torch.load weights_only=True). Re-save its state_dict, or pass --trust if "
             "you trust where it came from."
         ) from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, SafetensorError) as exc:
         raise CheckpointError(f"cannot read {file}: corrupt or truncated? ({exc})") from exc
     return _state_dict_of(payload, file)
 
@@ -130,17 +137,38 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temporary file beside ``target``, then rename it over ``target``.
+    """Call ``write`` on a file of the same name in a temporary folder beside ``target``, then rename
+    it over ``target``.
 
-    Readers never see half a file, and an interrupted write leaves any old ``target`` intact.
+    Readers never see half a file, and an interrupted write leaves any old ``target`` intact. The
+    writer sees the final file name (torch.export names its archive after it, ONNX its external
+    data), and creates the file itself, so it gets the usual permissions. An ``OSError`` on the way
+    (no such folder, no permission, disk full) becomes ``OutputWriteError``.
     """
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(handle)
     try:
-        write(Path(temp))
+        folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise OutputWriteError(f"cannot write {target}: {exc.strerror or exc}") from exc
+    try:
+        temp = folder / target.name
+        write(temp)
         os.replace(temp, target)
+    except OSError as exc:
+        raise OutputWriteError(
+            f"cannot write {target}: {exc.strerror or exc}"
+            + ("; the existing file is unchanged" if target.exists() else "")
+        ) from exc
     finally:
-        Path(temp).unlink(missing_ok=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def is_exported_program(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a ``torch.export`` archive (what ``save`` writes without ``arch``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/archive_format") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
 
 
 def save(
@@ -162,7 +190,7 @@ def save(
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass force=True (--force) to replace it")
     if not target.parent.is_dir():
-        raise CheckpointError(f"folder {target.parent} does not exist")
+        raise OutputWriteError(f"cannot write {target}: folder {target.parent} does not exist")
     if arch is None:
         if example_inputs is None:
             raise InvalidArgumentError(
@@ -170,7 +198,11 @@ def save(
             )
         inputs = as_input_tuple(example_inputs)
         batch_dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)  # any batch size
-        program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
+        try:
+            program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
+        except Exception as exc:  # torch.export raises many kinds; all mean "cannot capture"
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"torch.export could not save {type(model).__name__}: {first}") from exc
         atomic_write(target, lambda temp: torch.export.save(program, temp))
         return target
     spec = get_spec(arch)

@@ -64,6 +64,9 @@ class Site:
     path: tuple[str, ...]
     consumers: tuple[ConsumerSlice, ...]
     reshapes: tuple[ReshapeFix, ...]
+    #: Non-homogeneous activations the channels pass through (``approximate=True`` only): merging
+    #: here treats them as if ``f(s*z) == s*f(z)``, so the result is an approximation.
+    approximate_through: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,8 @@ _POOL_MODULES = (
     nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d,
 )
+# Elementwise activations that are not positively homogeneous: refused, or with ``approximate=True``
+# passed through as if ``f(s*z) == s*f(z)`` (the error is then measured, see ``api.compress``).
 _NON_HOMOGENEOUS_MODULES = (
     nn.ReLU6,
     nn.Hardtanh,
@@ -117,8 +122,18 @@ _NON_HOMOGENEOUS_MODULES = (
     nn.Mish,
     nn.Hardswish,
     nn.Hardsigmoid,
-    nn.Softmax,
-    nn.LogSoftmax,
+)
+# Not elementwise: each output mixes every channel, so no scale can pass through, approximately or not.
+_CHANNEL_MIXING_MODULES = (nn.Softmax, nn.LogSoftmax)
+
+# Modules without weights: calling one in several places shares nothing that a merge would resize.
+_STATELESS_MODULES = (
+    *_HOMOGENEOUS_MODULES,
+    *_IDENTITY_MODULES,
+    *_POOL_MODULES,
+    *_NON_HOMOGENEOUS_MODULES,
+    *_CHANNEL_MIXING_MODULES,
+    nn.Flatten,
 )
 
 _HOMOGENEOUS_FUNCTIONS: set[Callable[..., Any]] = {
@@ -127,6 +142,23 @@ _HOMOGENEOUS_FUNCTIONS: set[Callable[..., Any]] = {
     torch.relu,
     torch.relu_,
     F.leaky_relu,
+}
+_NON_HOMOGENEOUS_FUNCTIONS: set[Callable[..., Any]] = {
+    F.gelu,
+    F.silu,
+    F.mish,
+    F.elu,
+    F.selu,
+    F.celu,
+    F.softplus,
+    F.hardswish,
+    F.hardsigmoid,
+    F.hardtanh,
+    F.relu6,
+    F.tanh,
+    F.sigmoid,
+    torch.tanh,
+    torch.sigmoid,
 }
 _IDENTITY_FUNCTIONS: set[Callable[..., Any]] = {F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout}
 _POOL_FUNCTIONS: set[Callable[..., Any]] = {
@@ -143,10 +175,57 @@ _POOL_FUNCTIONS: set[Callable[..., Any]] = {
     torch.avg_pool1d,
 }
 _RESHAPE_FUNCTIONS: set[Callable[..., Any]] = {torch.flatten, torch.reshape}
+# Reshapes whose target sizes are literals in the graph, rewritten when the channel count changes.
+_PATCHABLE_RESHAPES: set[Callable[..., Any]] = {torch.reshape}
 _CAT_FUNCTIONS: set[Callable[..., Any]] = {torch.cat, torch.concat, torch.concatenate}
 _ADD_FUNCTIONS: set[Callable[..., Any]] = {operator.add, operator.iadd, torch.add, operator.sub}
+_METADATA_FUNCTIONS: set[Callable[..., Any]] = set()
+# Reductions over axes other than the channels' (global pooling written as ``x.mean((2, 3))``):
+# ``max``/``mean``/``sum`` of ``s * x`` is ``s`` times that of ``x`` for every ``s > 0``.
+_REDUCE_FUNCTIONS: set[Callable[..., Any]] = {torch.mean, torch.sum, torch.amax}
+_REDUCE_METHODS = {"mean", "sum", "amax"}
+
+# The same ops as torch.export writes them (ATen overloads), for graphs captured by ``exported``.
+_aten = torch.ops.aten
+_HOMOGENEOUS_FUNCTIONS |= {
+    _aten.relu.default,
+    _aten.relu_.default,
+    _aten.leaky_relu.default,
+    _aten.leaky_relu_.default,
+}
+_NON_HOMOGENEOUS_FUNCTIONS |= {
+    _aten.gelu.default,
+    _aten.silu.default,
+    _aten.mish.default,
+    _aten.elu.default,
+    _aten.selu.default,
+    _aten.celu.default,
+    _aten.softplus.default,
+    _aten.hardswish.default,
+    _aten.hardsigmoid.default,
+    _aten.hardtanh.default,
+    _aten.tanh.default,
+    _aten.sigmoid.default,
+}
+_IDENTITY_FUNCTIONS |= {_aten.dropout.default}
+_POOL_FUNCTIONS |= {
+    _aten.max_pool1d.default,
+    _aten.max_pool2d.default,
+    _aten.avg_pool1d.default,
+    _aten.avg_pool2d.default,
+    _aten.adaptive_avg_pool1d.default,
+    _aten.adaptive_avg_pool2d.default,
+}
+_RESHAPE_FUNCTIONS |= {_aten.flatten.using_ints, _aten.view.default, _aten.reshape.default}
+_PATCHABLE_RESHAPES |= {_aten.view.default, _aten.reshape.default}
+_CAT_FUNCTIONS |= {_aten.cat.default}
+_ADD_FUNCTIONS |= {_aten.add.Tensor, _aten.add_.Tensor, _aten.sub.Tensor, _aten.sub_.Tensor}
+_IDENTITY_FUNCTIONS |= {_aten.clone.default, _aten.detach.default, _aten.alias.default}
+_METADATA_FUNCTIONS |= {_aten.sym_size.int}
+_REDUCE_FUNCTIONS |= {_aten.mean.dim, _aten.sum.dim_IntList, _aten.amax.default}
 
 _HOMOGENEOUS_METHODS = {"relu", "relu_"}
+_NON_HOMOGENEOUS_METHODS = {"tanh", "tanh_", "sigmoid", "sigmoid_"}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _RESHAPE_METHODS = {"view", "reshape", "flatten"}
 _SHAPE_METHODS = {"size", "dim"}
@@ -158,7 +237,7 @@ _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
 def _spatial_dims(kind: object) -> int:
     """How many spatial axes a conv or pooling layer (or function) works on: 1 for ``*1d``, else 2."""
     name = type(kind).__name__ if isinstance(kind, nn.Module) else getattr(kind, "__name__", "")
-    return 1 if name.endswith("1d") else 2
+    return 1 if name.split(".")[0].endswith("1d") else 2  # ATen names end in ".default"
 
 
 def _name_of(node: fx.Node, module: nn.Module | None) -> str:
@@ -176,6 +255,18 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(meta.shape)
 
 
+def _reads_metadata(node: fx.Node) -> bool:
+    """Whether ``node`` reads only a tensor's shape, dtype or device (``x.size(0)``, ``x.shape``),
+    which follows any new width at run time rather than using the channels' values."""
+    if node.op == "call_method":
+        return str(node.target) in _SHAPE_METHODS
+    if node.op == "call_function":
+        if node.target is getattr:
+            return len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES
+        return node.target in _METADATA_FUNCTIONS
+    return False
+
+
 def _dropout_is_identity(node: fx.Node) -> bool:
     training = node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True)
     return training is False
@@ -184,8 +275,10 @@ def _dropout_is_identity(node: fx.Node) -> bool:
 class SiteFinder:
     """Walks a shape-annotated GraphModule and classifies every producer as a Site or Skipped."""
 
-    def __init__(self, graph_module: fx.GraphModule) -> None:
+    def __init__(self, graph_module: fx.GraphModule, approximate: bool = False) -> None:
         self.gm = graph_module
+        self.approximate = approximate
+        self._approximated: list[str] = []  # filled while walking one site
         self.modules = dict(graph_module.named_modules())
         self.calls: dict[str, int] = {}
         for node in graph_module.graph.nodes:
@@ -256,7 +349,7 @@ class SiteFinder:
         channels = shape[layout.dim]
 
         start, norm = node, None
-        users = list(node.users)
+        users = [user for user in node.users if not _reads_metadata(user)]
         if len(users) == 1 and isinstance(self._module(users[0]), NORM_TYPES):
             bn_node = users[0]
             bn = self._module(bn_node)
@@ -273,6 +366,7 @@ class SiteFinder:
         path: list[str] = []
         consumers: list[ConsumerSlice] = []
         reshapes: list[ReshapeFix] = []
+        self._approximated = []
         frontier: list[tuple[fx.Node, _Layout]] = [(start, layout)]
         while frontier:
             current, current_layout = frontier.pop()
@@ -291,7 +385,18 @@ class SiteFinder:
             path=tuple(dict.fromkeys(path)),
             consumers=tuple(consumers),
             reshapes=tuple(reshapes),
+            approximate_through=tuple(dict.fromkeys(self._approximated)),
         )
+
+    def _not_homogeneous(self, label: str, layout: _Layout) -> _Layout:
+        """Refuse a non-homogeneous activation, or pass through it when approximating."""
+        if not self.approximate:
+            raise _Refusal(
+                f"{label} is not positively homogeneous (f(s*x) != s*f(x)); "
+                "approximate=True merges through it and measures the error"
+            )
+        self._approximated.append(label)
+        return layout
 
     def _step(
         self,
@@ -309,9 +414,7 @@ class SiteFinder:
             raise _Refusal("channels are part of the model's output")
 
         if module is not None:
-            if self.calls[str(user.target)] > 1 and not isinstance(
-                module, (*_HOMOGENEOUS_MODULES, *_IDENTITY_MODULES, *_POOL_MODULES, nn.Flatten)
-            ):
+            if self.calls[str(user.target)] > 1 and not isinstance(module, _STATELESS_MODULES):
                 raise _Refusal(f"{label} is called more than once (shared weights)")
             if isinstance(module, PRODUCER_TYPES):
                 consumers.append(self._consumer(user, module, layout, channels))
@@ -331,17 +434,22 @@ class SiteFinder:
             if isinstance(module, nn.Flatten):
                 return self._reshaped(source, user, layout, label, reshapes, patchable=False)
             if isinstance(module, _NON_HOMOGENEOUS_MODULES):
-                raise _Refusal(f"{label} is not positively homogeneous (f(s*x) != s*f(x))")
+                return self._not_homogeneous(label, layout)
+            if isinstance(module, _CHANNEL_MIXING_MODULES):
+                raise _Refusal(f"{label} mixes the channels")
             if isinstance(module, NORM_TYPES):
                 raise _Refusal(f"{label} normalises the channels after a nonlinearity or a join")
             raise _Refusal(f"channels reach {label}, which merging cannot pass through")
 
+        if _reads_metadata(user):
+            return None
+
         if user.op == "call_function":
             target = user.target
-            if target is getattr and user.args[1:2] and user.args[1] in _METADATA_ATTRIBUTES:
-                return None
             if target in _HOMOGENEOUS_FUNCTIONS:
                 return layout
+            if target in _NON_HOMOGENEOUS_FUNCTIONS:
+                return self._not_homogeneous(label, layout)
             if target in _IDENTITY_FUNCTIONS:
                 if not _dropout_is_identity(user):
                     raise _Refusal(f"{label} is active (training=True) in the traced graph")
@@ -352,20 +460,24 @@ class SiteFinder:
                 return self._pooled(layout, user, label, _spatial_dims(target))
             if target in _RESHAPE_FUNCTIONS:
                 return self._reshaped(
-                    source, user, layout, label, reshapes, patchable=target is torch.reshape
+                    source, user, layout, label, reshapes, patchable=target in _PATCHABLE_RESHAPES
                 )
             if target in _CAT_FUNCTIONS:
                 return self._concatenated(source, user, layout, label)
+            if target in _REDUCE_FUNCTIONS:
+                return self._reduced(source, user, layout, label)
             if target in _ADD_FUNCTIONS:
                 raise _Refusal(f"channels are tied to a residual {label}")
             raise _Refusal(f"channels reach {label}, which merging cannot pass through")
 
         if user.op == "call_method":
             method = str(user.target)
-            if method in _SHAPE_METHODS:
-                return None
             if method in _HOMOGENEOUS_METHODS or method in _IDENTITY_METHODS:
                 return layout
+            if method in _REDUCE_METHODS:
+                return self._reduced(source, user, layout, f".{method}()")
+            if method in _NON_HOMOGENEOUS_METHODS:
+                return self._not_homogeneous(f".{method}()", layout)
             if method in _RESHAPE_METHODS:
                 return self._reshaped(
                     source, user, layout, label, reshapes, patchable=method != "flatten"
@@ -413,6 +525,22 @@ class SiteFinder:
         raise _Refusal(f"{label} reshapes {before} -> {after}, mixing the channel axis")
 
     @staticmethod
+    def _reduced(source: fx.Node, user: fx.Node, layout: _Layout, label: str) -> _Layout:
+        """A mean/sum/max over axes that are not the channels' keeps every channel apart."""
+        dims = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else None)
+        keepdim = user.kwargs.get("keepdim", user.args[2] if len(user.args) > 2 else False)
+        ndim = len(_shape(source))
+        if isinstance(dims, int):
+            dims = [dims]
+        if not isinstance(dims, (tuple, list)) or not dims or not isinstance(keepdim, bool):
+            raise _Refusal(f"{label} reduces over every axis, the channels' included")
+        axes = {int(d) % ndim for d in dims}
+        if layout.dim in axes:
+            raise _Refusal(f"{label} reduces over the channel axis")
+        dim = layout.dim if keepdim else layout.dim - sum(1 for a in axes if a < layout.dim)
+        return _Layout(dim=dim, offset=layout.offset, block=layout.block)
+
+    @staticmethod
     def _concatenated(source: fx.Node, user: fx.Node, layout: _Layout, label: str) -> _Layout:
         tensors = user.args[0]
         dim = user.kwargs.get("dim", user.args[1] if len(user.args) > 1 else 0)
@@ -448,6 +576,13 @@ class SiteFinder:
         return ConsumerSlice(str(user.target), layout.offset, layout.block)
 
 
-def find_sites(graph_module: fx.GraphModule) -> tuple[list[Site], list[Skipped]]:
-    """Classify every producer in ``graph_module`` (which must carry ShapeProp metadata)."""
-    return SiteFinder(graph_module).find()
+def find_sites(
+    graph_module: fx.GraphModule, approximate: bool = False
+) -> tuple[list[Site], list[Skipped]]:
+    """Classify every producer in ``graph_module`` (which must carry ShapeProp metadata).
+
+    With ``approximate``, elementwise activations that are not positively homogeneous (GELU, SiLU,
+    tanh, ...) are passed through as if they were; each such site lists them in
+    ``Site.approximate_through``.
+    """
+    return SiteFinder(graph_module, approximate).find()

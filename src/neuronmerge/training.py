@@ -11,16 +11,12 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import platformdirs
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -30,6 +26,7 @@ from neuronmerge.errors import CheckpointError, InvalidArgumentError
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import atomic_write
 from neuronmerge.models import create_model, get_spec, model_from_state_dict
+from neuronmerge.progress import progress_bar
 
 CACHE_ENV_VAR = "NEURONMERGE_CACHE_DIR"
 VAL_SIZE = 5000
@@ -105,7 +102,7 @@ def train_classifier(
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs * steps_per_epoch)
     loss_fn = nn.CrossEntropyLoss()
     model.train()
-    with _progress(progress, epochs * steps_per_epoch) as advance:
+    with progress_bar(progress, epochs * steps_per_epoch, "training") as advance:
         for epoch in range(epochs):
             order = torch.randperm(len(images), generator=generator)
             running = 0.0
@@ -119,18 +116,6 @@ def train_classifier(
                 running += (loss.item() - running) / step
                 advance(f"epoch {epoch + 1}/{epochs}  loss {running:.4f}")
     return model.eval()
-
-
-@contextmanager
-def _progress(enabled: bool, total: int) -> Iterator[Callable[[str], None]]:
-    """A rich progress bar on stderr when enabled, else a no-op; yields ``advance(description)``."""
-    if not enabled:
-        yield lambda _description: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
-    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True)) as bar:
-        task = bar.add_task("training", total=total)
-        yield lambda description: bar.update(task, advance=1, description=description)
 
 
 def _load_cached(arch: str, weights: Path, sidecar: Path) -> tuple[nn.Module, dict[str, Any]]:

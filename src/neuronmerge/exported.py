@@ -1,0 +1,158 @@
+"""Capture through ``torch.export`` where ``torch.fx`` cannot trace, lifted back to module calls.
+
+fx traces symbolically, so any Python decision on a tensor's shape (``if x.shape[-1] > 32:``)
+stops it. ``torch.export`` (non-strict) runs the model on the example inputs instead and keeps the
+branch that was taken, guarded by a check. Its graph is written in ATen operators, with every
+parameter read by a ``get_attr`` node: ``aten.linear(x, fc.weight, fc.bias)``. The rest of the
+pipeline thinks in layers (a site is a producer *module*, its BatchNorm, its consumer modules), so
+``lift`` turns each ``aten.linear`` / ``aten.conv1d`` / ``aten.conv2d`` / ``aten.batch_norm`` whose
+tensors all belong to one submodule back into a call of a real ``nn.Linear`` / ``nn.Conv*d`` /
+``nn.BatchNorm*d`` that holds those same tensors (nothing is copied). Calls it cannot lift (a weight
+computed in the graph, a BatchNorm in training mode) stay as they are; the layers around them are
+then simply not merged. ``sites`` recognises the ATen forms of the other ops (relu, pooling, views,
+cat, add...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+aten = torch.ops.aten
+
+Builder = Callable[[Sequence[Any], int], nn.Module | None]
+
+
+def _linear(args: Sequence[Any], _rank: int) -> nn.Module:
+    weight = args[1]
+    with torch.device("meta"):
+        return nn.Linear(weight.shape[1], weight.shape[0], bias=len(args) > 2 and args[2] is not None)
+
+
+def _conv(spatial: int) -> Builder:
+    kind = nn.Conv1d if spatial == 1 else nn.Conv2d
+
+    def build(args: Sequence[Any], _rank: int) -> nn.Module:
+        # aten.convNd(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+        defaults: list[Any] = [None, None, None, 1, 0, 1, 1]
+        _, weight, bias, stride, padding, dilation, groups = [*args, *defaults[len(args) :]]
+        with torch.device("meta"):
+            return kind(
+                weight.shape[1] * groups,
+                weight.shape[0],
+                tuple(weight.shape[2:]),
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+                groups=groups,
+                bias=bias is not None,
+            )
+
+    return build
+
+
+def _batch_norm(args: Sequence[Any], rank: int) -> nn.Module | None:
+    _, weight, _, mean, _, training, momentum, eps = args[:8]
+    if training or mean is None:
+        return None  # batch statistics: a different computation from a folded BatchNorm
+    kind = nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d
+    with torch.device("meta"):
+        return kind(mean.shape[0], eps=eps, momentum=momentum, affine=weight is not None)
+
+
+_BUILDERS: dict[Any, tuple[Builder, tuple[str, ...]]] = {
+    aten.linear.default: (_linear, ("weight", "bias")),
+    aten.conv1d.default: (_conv(1), ("weight", "bias")),
+    aten.conv2d.default: (_conv(2), ("weight", "bias")),
+    aten.batch_norm.default: (_batch_norm, ("weight", "bias", "running_mean", "running_var")),
+}
+
+
+def _owner(graph_module: fx.GraphModule, args: Sequence[Any], names: Sequence[str]) -> str | None:
+    """The one leaf submodule whose tensors ``args`` are, each in the role ``names`` gives it (the
+    weight as ``weight``...), or None: then the call is not a layer's own computation."""
+    nodes = [(arg, name) for arg, name in zip(args, names) if arg is not None]
+    if not all(isinstance(arg, fx.Node) and arg.op == "get_attr" for arg, _ in nodes):
+        return None  # a tensor computed in the graph
+    owners = {str(arg.target).rpartition(".")[0] for arg, _ in nodes}
+    if len(owners) != 1:
+        return None
+    owner = owners.pop()
+    if not owner or any(str(arg.target) != f"{owner}.{name}" for arg, name in nodes):
+        return None
+    return None if graph_module.get_submodule(owner)._modules else owner
+
+
+def _rank(node: Any) -> int | None:
+    """The number of dimensions of ``node``'s value, from export's or ShapeProp's metadata."""
+    if not isinstance(node, fx.Node):
+        return None
+    if "val" in node.meta and hasattr(node.meta["val"], "dim"):
+        return int(node.meta["val"].dim())
+    meta = node.meta.get("tensor_meta")
+    return len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _tensor(graph_module: fx.GraphModule, arg: Any) -> Any:
+    """The tensor a ``get_attr`` node reads; any other argument as it is."""
+    if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        owner, _, key = str(arg.target).rpartition(".")
+        return getattr(graph_module.get_submodule(owner), key)
+    return arg
+
+
+def _install(graph_module: fx.GraphModule, name: str, layer: nn.Module) -> None:
+    """Put ``layer`` at ``name``, moving the old container's tensors (same objects) onto it."""
+    old = graph_module.get_submodule(name)
+    for key in ("weight", "bias"):
+        if key in old._parameters:
+            layer._parameters[key] = old._parameters[key]
+    for key, buffer in old._buffers.items():
+        layer._buffers[key] = buffer
+    parent, _, attr = name.rpartition(".")
+    setattr(graph_module.get_submodule(parent), attr, layer.eval())  # the exported graph was eval
+
+
+def lift(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Turn liftable ATen layer calls of an exported ``graph_module`` into module calls, in place."""
+    graph = graph_module.graph
+    lifted: set[str] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in _BUILDERS:
+            continue
+        build, names = _BUILDERS[node.target]
+        args = list(node.args)
+        owner = _owner(graph_module, args[1 : 1 + len(names)], names)
+        rank = _rank(args[0])
+        if owner is None or owner in lifted or rank is None or node.kwargs:
+            continue
+        concrete = [_tensor(graph_module, arg) for arg in args]
+        layer = build(concrete, rank)
+        if layer is None:
+            continue
+        _install(graph_module, owner, layer)
+        lifted.add(owner)
+        with graph.inserting_before(node):
+            call = graph.call_module(owner, (args[0],))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+def export_graph(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """``torch.export`` ``model`` (non-strict, batch dimension dynamic where it can be); its layers
+    are still ATen calls until ``lift``."""
+    dynamic = tuple({0: torch.export.Dim.AUTO} if t.dim() > 0 else None for t in inputs)
+    program = torch.export.export(model, inputs, dynamic_shapes=dynamic, strict=False)
+    graph_module = program.module()
+    assert isinstance(graph_module, fx.GraphModule)
+    return graph_module
