@@ -12,6 +12,9 @@ Adding a method takes one function and one line::
 
     register_method(SweepMethod("merge-all", True, "merge with no threshold", _merge_all))
 
+A method defined in another module is registered when that module is imported: import it at the
+end of this one, so that the CLI and ``experiments/run_sweeps.py`` see it.
+
 Data-aware methods may read ``context.calibration`` (a few unlabeled batches of the training split,
 never validation or test images) and are registered with ``data_free=False``; data-free ones must
 not read it. A method that cannot reach a ratio raises ``InvalidArgumentError``: the sweep lists it
