@@ -144,10 +144,6 @@ def evaluate_model(name: str, only: list[str]) -> dict[str, Any]:
 
         return factory
 
-    def remeasured() -> Callable[[float], nn.Module]:
-        plain = ls_with(probes)
-        return lambda r: nm.recalibrate_batchnorm(build(model, example, r, plain), probes)
-
     candidates: list[tuple[str, bool, Callable[[], Callable[[float], nn.Module]]]] = [
         ("prune", True, library(method="prune")),
         ("merge (paper fidelity, t=0.45)", True, library(threshold=0.45, fidelity="paper")),
@@ -156,7 +152,6 @@ def evaluate_model(name: str, only: list[str]) -> dict[str, Any]:
         ("merge, outgoing-weight ranking", True, custom(lambda: single_target("norm", "outgoing"))),
         ("merge-ls (defaults)", True, library(method="merge-ls", calibration=probes)),
         ("merge-ls, no BatchNorm repair", True, custom(lambda: ls_with(probes))),
-        ("merge-ls, BatchNorm re-measured instead", True, remeasured),
         ("merge-ls, floor 1e-8", True, custom(lambda: ls_with(probes, 1e-8))),
         ("merge-ls, floor 1e-4", True, custom(lambda: ls_with(probes, 1e-4))),
         ("merge-ls, floor 1e-3", True, custom(lambda: ls_with(probes, 1e-3))),
