@@ -6,6 +6,7 @@
 
 from neuronmerge.api import (
     DEFAULT_THRESHOLD,
+    METHODS,
     Plan,
     Report,
     Result,
@@ -31,12 +32,15 @@ from neuronmerge.export import OnnxExport, export_onnx
 from neuronmerge.io import load, load_checkpoint, save
 from neuronmerge.models import available_models, create_model
 from neuronmerge.planning import LayerRow, Totals
+from neuronmerge.probes import synthesize_probes
+from neuronmerge.recalibrate import recalibrate_batchnorm
 from neuronmerge.sites import Site, Skipped
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "METHODS",
     "CaptureError",
     "CheckpointError",
     "DatasetCorruptError",
@@ -65,6 +69,8 @@ __all__ = [
     "merge",
     "plan",
     "prune",
+    "recalibrate_batchnorm",
     "save",
+    "synthesize_probes",
     "__version__",
 ]

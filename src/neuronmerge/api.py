@@ -8,7 +8,7 @@ kept channels) and ``plan`` stops after finding the sites.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,14 +16,25 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from neuronmerge import criteria, decompose, surgery
+from neuronmerge import criteria, decompose, lsq, surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.evaluate import count_parameters
 from neuronmerge.planning import LayerRow, Totals, layer_rows
+from neuronmerge.probes import synthesize_probes
 from neuronmerge.sites import Site, Skipped, find_sites
 
-Method = Literal["merge", "prune"]
+Method = Literal["merge", "prune", "merge-ls"]
+#: Every ``method`` of ``compress``: whether it is data-free, and its idea in one line.
+METHODS: dict[str, tuple[bool, str]] = {
+    "prune": (True, "drop the removed neurons (same kept set as merge)"),
+    "merge": (True, "the paper: fold each removed neuron into its most similar kept one"),
+    "merge-ls": (
+        True,
+        "least-squares merge of each removed neuron into all kept ones, kept set chosen to cover "
+        "the others; moments measured on synthetic probes (data-free) or on calibration batches",
+    ),
+}
 Fidelity = Literal["exact", "paper"]
 
 #: Cosine-similarity threshold below which a removed neuron is dropped rather than merged
@@ -193,8 +204,10 @@ def _decompose_site(
 def _check_options(
     method: str, criterion: str, fidelity: str, threshold: float | None, lam: float | None
 ) -> None:
-    if method not in ("merge", "prune"):
-        raise InvalidArgumentError(f"method must be 'merge' or 'prune', got {method!r}")
+    if method not in METHODS:
+        raise InvalidArgumentError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method == "merge-ls" and fidelity != "exact":
+        raise InvalidArgumentError("method='merge-ls' has no paper fidelity")
     if criterion not in criteria.CRITERIA:
         raise InvalidArgumentError(
             f"unknown criterion {criterion!r}; choose one of {', '.join(criteria.CRITERIA)}"
@@ -238,12 +251,19 @@ def compress(
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    calibration: Iterable[ExampleInputs] | None = None,
     approximate: bool = False,
 ) -> Result:
     """Remove the fraction ``ratio`` of neurons at every mergeable site; return model and report.
 
     ``method="merge"`` folds each removed neuron into its most similar kept one (when their cosine
-    similarity reaches ``threshold``; ``None`` merges all); ``"prune"`` drops them. ``fidelity="paper"``
+    similarity reaches ``threshold``; ``None`` merges all); ``"prune"`` drops them. ``"merge-ls"``
+    (beyond the paper) keeps the neurons that best explain the others and writes each removed one as
+    a least-squares combination of all kept ones plus a constant, from activation moments measured on
+    ``calibration`` batches (model inputs, no labels): by default synthetic probes made from the model
+    itself (``synthesize_probes``; data-free), or real samples if you pass them (then it is data-aware);
+    it ignores ``criterion`` and ``threshold``, and then re-measures the BatchNorm statistics of the
+    result on the same batches. ``fidelity="paper"``
     reproduces the authors' code, including where it deviates from exactness (conv + BatchNorm, with
     ``lam`` weighing cosine against BN-bias distance, and a threshold of 0 meaning "none").
     ``include``/``exclude`` are glob patterns on producer layer names. ``approximate=True`` also
@@ -261,23 +281,38 @@ def compress(
     all_sites, skipped = find_sites(gm, approximate)
     sites, left_out = _select(all_sites, include, exclude)
     params_before = count_parameters(gm)
-    decompositions: dict[str, decompose.Decomposition] = {}
-    for site in sites:
-        decompositions[site.producer] = _decompose_site(
-            site,
-            _site_tensors(gm, site),
-            ratio=ratio,
-            method=method,
-            criterion=criterion,
-            threshold=threshold,
-            lam=PAPER_LAMBDA if lam is None else lam,
-            fidelity=fidelity,
+    if method == "merge-ls":
+        if calibration is None and len(inputs) != 1:
+            raise InvalidArgumentError(
+                "merge-ls makes synthetic probes for single-input models only; pass calibration="
+            )
+        batches = (
+            synthesize_probes(gm, inputs[0])
+            if calibration is None
+            else [as_input_tuple(batch) for batch in calibration]
         )
+        decompositions = lsq.decompositions(gm, sites, ratio, batches)
+    else:
+        decompositions = {
+            site.producer: _decompose_site(
+                site,
+                _site_tensors(gm, site),
+                ratio=ratio,
+                method=method,
+                criterion=criterion,
+                threshold=threshold,
+                lam=PAPER_LAMBDA if lam is None else lam,
+                fidelity=fidelity,
+            )
+            for site in sites
+        }
     expected = _traced_output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = _run(gm, inputs) if approximate else None
     owned = surgery.apply(gm, sites, decompositions)
     small = detach(gm, owned)
+    if method == "merge-ls":
+        small = lsq.remeasure_batchnorm(small, batches)
     try:
         with torch.no_grad():
             produced = small(*inputs)

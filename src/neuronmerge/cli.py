@@ -24,7 +24,7 @@ from rich.table import Table
 from torch import nn
 
 from neuronmerge import __version__  # noqa: I001
-from neuronmerge.api import DEFAULT_THRESHOLD, Plan, Report, compress
+from neuronmerge.api import DEFAULT_THRESHOLD, METHODS, Plan, Report, compress
 from neuronmerge.api import plan as plan_sites
 from neuronmerge.criteria import CRITERIA
 from neuronmerge.errors import (
@@ -542,7 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("checkpoint", type=Path)
     com.add_argument("--arch", default=None, help="registered architecture of the checkpoint")
     com.add_argument("--ratio", type=float, required=True, help="fraction removed per layer")
-    com.add_argument("--method", choices=("merge", "prune"), default="merge")
+    com.add_argument(
+        "--method",
+        choices=tuple(METHODS),
+        default="merge",
+        help="merge (the paper), prune, or merge-ls (data-free: synthetic probes; more accurate)",
+    )
     com.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
     com.add_argument(
         "--threshold",

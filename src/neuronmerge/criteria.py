@@ -7,6 +7,10 @@ The paper's three criteria score each neuron's weight row (higher score = keep):
   geometric median are the most replaceable by the others, so the rows *far* from it are kept.
 
 Ties are broken towards the lower index (a stable sort), so the kept set is deterministic.
+
+Beyond the paper, ``covering_kept`` chooses the kept set from activation moments instead of norms:
+the channels that best *explain* the others (so that a least-squares merge leaves the least error),
+not the largest ones.
 """
 
 from __future__ import annotations
@@ -52,6 +56,32 @@ def select_kept(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Indices of the ``keep`` highest scores, in increasing index order."""
     order = torch.argsort(scores, descending=True, stable=True)
     return torch.sort(order[:keep]).values
+
+
+def covering_kept(cov: torch.Tensor, weights: torch.Tensor, keep: int) -> torch.Tensor:
+    """``keep`` channels chosen greedily to minimise the weighted residual variance of all channels.
+
+    ``cov`` is the channels' covariance and ``weights[i]`` the energy of the consumer columns that read
+    channel ``i`` (so an error on a channel that nobody reads much costs little). Each step adds the
+    channel ``j`` whose least-squares use removes the most ``sum_i weights_i * residual_var_i``, which is
+    ``sum_i weights_i * C[i, j]^2 / C[j, j]`` on the current residual covariance, then deflates ``C`` by
+    it (a pivoted Cholesky factorisation). The loop runs over the ``keep`` steps; each step is one
+    vectorised pass over the N x N matrix.
+    """
+    residual = cov.to(torch.float64).clone()
+    w = weights.to(torch.float64)
+    n = residual.shape[0]
+    chosen = torch.zeros(n, dtype=torch.bool)
+    floor = residual.diagonal().max().clamp_min(1e-300) * 1e-12
+    for _ in range(keep):
+        diag = residual.diagonal().clamp_min(floor)
+        gain = (w[:, None] * residual.square()).sum(dim=0) / diag
+        gain[chosen] = -torch.inf
+        j = int(torch.argmax(gain))
+        chosen[j] = True
+        column = residual[:, j] / diag[j].sqrt()
+        residual -= column[:, None] * column[None, :]
+    return torch.nonzero(chosen).flatten()
 
 
 def kept_count(channels: int, ratio: float, rounding: str = "round") -> int:

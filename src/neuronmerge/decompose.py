@@ -21,6 +21,12 @@ Strategies:
   conv weights combined with a min-max normalised BatchNorm bias distance, and the authors' scale,
   which uses the BN *variance* where the standard deviation belongs. Not exact in general; it exists to
   reproduce their numbers.
+* ``least_squares`` (beyond the paper, ``method="merge-ls"``): a *general* Z, every removed channel
+  written as the best linear combination of all kept ones plus a constant, fitted on activation
+  moments (``Moments``) measured at the consumers' input. Z is then dense (``Decomposition.mixing``)
+  and the constants (``Decomposition.shift``) go into the consumers' biases. Exact on duplicates
+  (a removed channel that is a positive multiple of a kept one has zero residual); otherwise an
+  approximation that, unlike a single-target merge, can use several kept channels at once.
 """
 
 from __future__ import annotations
@@ -140,6 +146,12 @@ class Decomposition:
     kept: torch.Tensor  # (K,) int64, increasing
     target: torch.Tensor  # (N,) int64 position in ``kept``, -1 where dropped
     scale: torch.Tensor  # (N,) float, 1 on kept channels, 0 where dropped
+    #: A dense Z (N x K) when removed channels mix into several kept ones (``least_squares``); it then
+    #: replaces ``target``/``scale`` for the removed channels, whose ``target`` is -1.
+    mixing: torch.Tensor | None = None
+    #: (N,) constant activation credited to each removed channel (0 on kept ones): the consumers add
+    #: ``W[:, i] * shift_i`` to their bias. ``None`` means no constants.
+    shift: torch.Tensor | None = None
 
     @property
     def channels(self) -> int:
@@ -149,10 +161,13 @@ class Decomposition:
         """Indices of removed channels that were folded into a kept one."""
         is_kept = torch.zeros(self.channels, dtype=torch.bool)
         is_kept[self.kept] = True
-        return torch.nonzero((self.target >= 0) & ~is_kept).flatten()
+        folded = self.target >= 0 if self.mixing is None else (self.mixing != 0).any(dim=1)
+        return torch.nonzero(folded & ~is_kept).flatten()
 
     def matrix(self) -> torch.Tensor:
         """The dense N x K scaling matrix Z (for inspection and tests)."""
+        if self.mixing is not None:
+            return self.mixing
         z = torch.zeros(self.channels, self.kept.shape[0], dtype=self.scale.dtype)
         rows = torch.nonzero(self.target >= 0).flatten()
         z[rows, self.target[rows]] = self.scale[rows]
@@ -280,3 +295,40 @@ def paper_conv_bn(
     if threshold is not None:
         accept = best_similarity >= threshold
     return _with_merges(base, removed[accept], choice[accept], scale[rows, choice][accept])
+
+
+@dataclass(frozen=True)
+class Moments:
+    """First and second moments of a site's channels as its consumers read them (see ``activations``)."""
+
+    mean: torch.Tensor  # (N,) float64
+    cov: torch.Tensor  # (N, N) float64, centred
+    count: int
+
+
+def least_squares(moments: Moments, kept: torch.Tensor, floor: float) -> Decomposition:
+    """Each removed channel as the least-squares linear combination of the kept ones, plus a constant.
+
+    Minimises ``E[(h_i - sum_j z_ij h_j - m_i)^2]`` for every removed ``i`` over the kept ``j``:
+    ``Z_R = C[R, K] C[K, K]^-1`` and ``m = mu_R - Z_R mu_K``. The consumer's output error is
+    ``W[:, R]`` times these residuals, so this Z minimises it for every consumer at once. The inverse
+    raises the eigenvalues of ``C[K, K]`` to at least ``floor`` times their mean, which keeps the solve
+    stable when kept channels are nearly collinear or never active, and leaves a well-conditioned solve
+    untouched, so a removed channel that is a multiple of a kept one is still reproduced exactly.
+    """
+    n = moments.mean.shape[0]
+    base = identity_on_kept(n, kept, torch.float32)
+    removed = _removed(n, kept)
+    if removed.numel() == 0:
+        return base
+    cov = moments.cov
+    values, vectors = torch.linalg.eigh(cov[kept][:, kept])
+    level = values.mean().clamp_min(torch.finfo(cov.dtype).tiny)
+    inverse = (vectors / values.clamp_min(floor * level)) @ vectors.T
+    z_removed = cov[removed][:, kept] @ inverse
+    mixing = torch.zeros(n, kept.shape[0], dtype=cov.dtype)
+    mixing[kept, torch.arange(kept.shape[0])] = 1
+    mixing[removed] = z_removed
+    shift = torch.zeros(n, dtype=cov.dtype)
+    shift[removed] = moments.mean[removed] - z_removed @ moments.mean[kept]
+    return Decomposition(base.kept, base.target, base.scale, mixing, shift)

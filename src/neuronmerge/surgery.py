@@ -7,7 +7,11 @@ For a site with decomposition (K, Z):
 * every consumer: the input columns that carry the site's channels become ``W . Z``, computed as "copy
   the kept columns, then add ``s * column_i`` into its target column" (one gather, of rows and
   columns together, and one index_add: proportional to the new weight's size, never a dense product
-  with Z);
+  with Z); a dense Z (``least_squares``) is one matrix product over the channel axis instead;
+* a decomposition's ``shift`` (constant activations credited to removed channels) becomes a constant
+  added to each consumer's output: into its bias, or, for a bias-free layer read only by a BatchNorm,
+  subtracted from that BatchNorm's running mean (the same function, and the architecture unchanged);
+  a bias-free layer with no such BatchNorm gets a bias;
 * views on the path whose target shapes hold a literal channel count are rewritten.
 
 A layer that is the consumer of one site and the producer of another gets both; row selection and
@@ -81,6 +85,43 @@ def _resized_weight(
     return new.reshape(new.shape[0], -1, *weight.shape[2:])
 
 
+def _mix_columns(
+    weight: torch.Tensor, slices: list[tuple[ConsumerSlice, Decomposition]]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rebuild ``weight``'s input axis (dim 1) with each slice's channels merged by its Z.
+
+    Also returns the constant each output row gains from the slices' ``shift`` (``None`` if none).
+    """
+    pieces: list[torch.Tensor] = []
+    offset_out: torch.Tensor | None = None
+    cursor = 0
+    for piece, dec in sorted(slices, key=lambda item: item[0].offset):
+        if piece.offset < cursor:
+            raise RuntimeError("overlapping channel slices on one consumer")
+        if piece.offset > cursor:
+            pieces.append(weight[:, cursor : piece.offset])
+        end = piece.offset + dec.channels * piece.block
+        segment = weight[:, piece.offset : end]
+        segment = segment.reshape(weight.shape[0], dec.channels, piece.block, *weight.shape[2:])
+        if dec.shift is not None:
+            per_channel = dec.shift.to(weight.dtype).view(1, -1, *([1] * (segment.dim() - 2)))
+            constant = (segment * per_channel).flatten(1).sum(dim=1)
+            offset_out = constant if offset_out is None else offset_out + constant
+        if dec.mixing is not None:
+            mixed = (segment.movedim(1, -1) @ dec.mixing.to(weight.dtype)).movedim(-1, 1)
+        else:
+            mixed = segment[:, dec.kept]  # advanced indexing: a new tensor, ours to write
+            merged = dec.merged()
+            if merged.numel():
+                scale = dec.scale[merged].to(weight.dtype).view(1, -1, *([1] * (segment.dim() - 2)))
+                mixed.index_add_(1, dec.target[merged], segment[:, merged].mul_(scale))
+        pieces.append(mixed.reshape(weight.shape[0], -1, *weight.shape[2:]))
+        cursor = end
+    if cursor < weight.shape[1]:
+        pieces.append(weight[:, cursor:])
+    return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), offset_out
+
+
 def _parameter(old: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
     requires_grad = True if old is None else old.requires_grad
     return nn.Parameter(value.contiguous(), requires_grad=requires_grad)
@@ -103,21 +144,65 @@ def _resized_layer(
     module: nn.Module,
     kept: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
-) -> nn.Module:
-    """A new layer: output rows ``kept`` and input columns mixed per ``slices``."""
+) -> tuple[nn.Module, torch.Tensor | None]:
+    """A new layer: output rows ``kept`` and input columns mixed per ``slices``.
+
+    Also returns the constant its outputs must gain (from the slices' shifts) when the layer has no
+    bias to put it in; ``apply`` finds it a place.
+    """
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     new = structural_copy(module)
+    constant = None
     with torch.no_grad():
-        weight = _resized_weight(module.weight.detach(), kept, slices)
-        if kept is not None and module.bias is not None:
-            _put(new, "bias", _parameter(module.bias, module.bias.detach()[kept]))
+        if any(dec.mixing is not None or dec.shift is not None for _, dec in slices):
+            weight = module.weight.detach()
+            weight, constant = _mix_columns(weight if kept is None else weight[kept], slices)
+        else:  # one-positive-entry Z: the single gather of ``_resized_weight``
+            weight = _resized_weight(module.weight.detach(), kept, slices)
+        if module.bias is not None and (kept is not None or constant is not None):
+            bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
+            if constant is not None:
+                bias, constant = bias + constant, None
+            _put(new, "bias", _parameter(module.bias, bias))
         _put(new, "weight", _parameter(module.weight, weight))
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
         assert isinstance(new, (nn.Conv1d, nn.Conv2d))
         new.out_channels, new.in_channels = weight.shape[0], weight.shape[1]
-    return new
+    return new, constant
+
+
+def _only_reader_norm(graph_module: fx.GraphModule, name: str) -> str | None:
+    """The BatchNorm that alone reads layer ``name``'s output and reads nothing else, if any."""
+    node = next(n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == name)
+    users = list(node.users)
+    if len(users) != 1 or users[0].op != "call_module":
+        return None
+    reader = users[0]
+    target = str(reader.target)
+    if not isinstance(graph_module.get_submodule(target), nn.modules.batchnorm._BatchNorm):
+        return None
+    calls = [n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == target]
+    return target if len(calls) == 1 else None
+
+
+def _absorb_constant(
+    graph_module: fx.GraphModule, name: str, constant: torch.Tensor
+) -> list[torch.Tensor]:
+    """Add ``constant`` to the outputs of the bias-free layer ``name`` (see the module docstring)."""
+    norm_name = _only_reader_norm(graph_module, name)
+    if norm_name is not None:
+        bn = graph_module.get_submodule(norm_name)
+        assert isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None
+        new_bn = structural_copy(bn)
+        new_bn.running_mean = bn.running_mean - constant.to(bn.running_mean.dtype)
+        return _install(graph_module, norm_name, new_bn)
+    layer = graph_module.get_submodule(name)
+    assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    new = structural_copy(layer)
+    new.bias = nn.Parameter(constant.clone(), requires_grad=layer.weight.requires_grad)
+    return _install(graph_module, name, new)
 
 
 def _resized_norm(bn: nn.Module, kept: torch.Tensor) -> nn.Module:
@@ -191,13 +276,20 @@ def apply(
 
     owned: list[torch.Tensor] = []
     kept_of = {site.producer: decompositions[site.producer].kept for site in sites}
+    constants: dict[str, torch.Tensor] = {}
     for name in dict.fromkeys([*kept_of, *slices]):
-        layer = _resized_layer(graph_module.get_submodule(name), kept_of.get(name), slices.get(name, []))
+        layer, constant = _resized_layer(
+            graph_module.get_submodule(name), kept_of.get(name), slices.get(name, [])
+        )
         owned += _install(graph_module, name, layer)
+        if constant is not None:
+            constants[name] = constant
     for site in sites:
         if site.norm is not None:
             norm = _resized_norm(graph_module.get_submodule(site.norm), kept_of[site.producer])
             owned += _install(graph_module, site.norm, norm)
+    for name, constant in constants.items():
+        owned += _absorb_constant(graph_module, name, constant)
 
     deltas: dict[tuple[str, int], int] = defaultdict(int)
     for site in sites:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from neuronmerge.api import Method, compress
+from neuronmerge.capture import capture
 from neuronmerge.criteria import check_ratio
 from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
@@ -44,6 +45,8 @@ from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.experiments.reproduce import PAPER_SETUPS
 from neuronmerge.io import atomic_write
 from neuronmerge.models import get_spec
+from neuronmerge.probes import synthesize_probes
+from neuronmerge.recalibrate import recalibrate_batchnorm
 from neuronmerge.training import VAL_SEED, VAL_SIZE  # the split ``trained_model`` holds out
 
 #: The ratios of a full sweep (``--ratios`` default): 0.1 ... 0.9 and 0.95.
@@ -58,6 +61,8 @@ class SweepContext:
 
     arch: str | None
     calibration: tuple[Tensor, ...] = field(default=())
+    #: Work a method may reuse across the ratios of one model (``merge-ls`` keeps its probes here).
+    cache: dict[str, Any] = field(default_factory=dict, compare=False)
 
 
 Compressor = Callable[[nn.Module, Tensor, float, SweepContext], nn.Module]
@@ -149,6 +154,58 @@ register_method(
         True,
         "Torch-Pruning magnitude pruning (l1) of the same layers and counts, no fine-tuning",
         _torch_pruning,
+    )
+)
+
+
+# -- beyond the paper -------------------------------------------------------------------------------
+
+
+def _probes(model: nn.Module, example: Tensor, context: SweepContext) -> list[tuple[Tensor, ...]]:
+    """Synthetic probes of ``model`` (data-free), made once per sweep and reused at every ratio."""
+    if "probes" not in context.cache:
+        context.cache["probes"] = synthesize_probes(capture(model, example), example)
+    probes: list[tuple[Tensor, ...]] = context.cache["probes"]
+    return probes
+
+
+def _merge_ls(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
+    probes = _probes(model, example, context)
+    return compress(model, example, ratio, method="merge-ls", calibration=probes).model
+
+
+def _merge_ls_data(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
+    return compress(model, example, ratio, method="merge-ls", calibration=context.calibration).model
+
+
+def _merge_recalibrated(
+    model: nn.Module, example: Tensor, ratio: float, context: SweepContext
+) -> nn.Module:
+    return recalibrate_batchnorm(compress(model, example, ratio).model, context.calibration)
+
+
+register_method(
+    SweepMethod(
+        "merge-ls",
+        True,
+        "least-squares merge into all kept neurons, covering kept set, on synthetic probes",
+        _merge_ls,
+    )
+)
+register_method(
+    SweepMethod(
+        "merge-ls-data",
+        False,
+        "DATA-AWARE: merge-ls with moments measured on unlabeled training batches",
+        _merge_ls_data,
+    )
+)
+register_method(
+    SweepMethod(
+        "merge-exact-recal",
+        False,
+        "DATA-AWARE: merge-exact, then BatchNorm statistics recomputed on unlabeled batches",
+        _merge_recalibrated,
     )
 )
 
