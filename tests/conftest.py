@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 CHECKPOINTS = Path(
     os.environ.get(
@@ -46,3 +48,14 @@ def fashion_mnist_dir() -> Path:
             f"Fashion-MNIST not found at {FASHION_MNIST} (apt-get install dataset-fashion-mnist)"
         )
     return FASHION_MNIST
+
+
+@pytest.fixture(scope="module")
+def single_thread() -> Iterator[None]:
+    """One torch thread for modules of many tiny forwards (``pytestmark`` in those modules): they
+    gain nothing from threads, and OpenMP workers spinning against another busy process can slow
+    them a hundredfold."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -19,7 +19,6 @@ input model untouched, and the same bits on a second run. With duplicates plante
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,13 +36,7 @@ SIZE, IN_CHANNELS, IN_FEATURES, CLASSES = 8, 3, 12, 3
 ACTIVATIONS = ("relu", "leaky", "prelu", "identity")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny forwards gain nothing from threads (see tests/test_zoo.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @dataclass(frozen=True)

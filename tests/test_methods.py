@@ -3,7 +3,6 @@ synthetic probes, and the data-aware BatchNorm recalibration."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,14 +19,7 @@ from neuronmerge.io import load_checkpoint
 from neuronmerge.sites import find_sites
 from tests.builders import duplicated_convnet, duplicated_mlp
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small forwards gain nothing from threads on a shared 2-core machine (see test_models.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def split(width: int, ratio: float) -> tuple[int, int]:

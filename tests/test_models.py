@@ -9,7 +9,7 @@ of their ``models/ResNet.py`` forward, written here on the raw state-dict tensor
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +29,7 @@ from neuronmerge.models import (
 CLASSES_BY_DATASET = {"cifar10": 10, "cifar100": 100, "fashion-mnist": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Run this module's tiny-batch forwards on one thread, restoring the setting afterwards.
-
-    Threads buy nothing at batch 1-4, and on a small shared machine OpenMP workers spinning against
-    another busy process made these tests about 100 times slower (minutes instead of seconds).
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _randomize(model: nn.Module, seed: int) -> nn.Module:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +24,7 @@ from tests.idx_files import write_idx
 ROW_KEYS = {"ratio", "method", "data_free", "accuracy", "val_accuracy", "params", "seconds"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Small forwards gain nothing from threads on a shared 2-core machine (see test_models.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_registry_holds_the_paper_methods_ours_and_the_peer() -> None:

@@ -11,7 +11,7 @@ layer must be refused, ``plan`` must give the reason.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,14 +54,7 @@ PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SiteMap = dict[str, tuple[str | None, set[tuple[str, int, int]]]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread() -> Iterator[None]:
-    """Tiny forwards gain nothing from threads, and OpenMP workers spinning against another busy
-    process can slow them a hundredfold (see tests/test_models.py)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def params(model: nn.Module) -> int:
