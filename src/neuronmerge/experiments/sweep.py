@@ -136,9 +136,7 @@ register_method(
     )
 )
 register_method(
-    SweepMethod(
-        "merge-exact", True, "neuronmerge defaults: exact folded-row merging, t=0.2", _merge_exact
-    )
+    SweepMethod("merge-exact", True, "neuronmerge defaults: exact folded-row merging", _merge_exact)
 )
 
 
