@@ -116,10 +116,11 @@ class Report:
 
 @dataclass(frozen=True)
 class Result:
-    """A compressed model and the report of how it was made."""
+    """A compressed model, the report of how it was made, and the sites it compressed."""
 
     model: fx.GraphModule
     report: Report
+    sites: tuple[Site, ...] = ()
 
 
 def _select(
@@ -150,20 +151,6 @@ def _site_tensors(gm: fx.GraphModule, site: Site) -> decompose.SiteTensors:
     return decompose.SiteTensors(weight, bias, bn)
 
 
-def _require_finite(site: Site, tensors: decompose.SiteTensors) -> None:
-    """Name the tensor of ``site`` that holds NaN or infinite values, if one does.
-
-    Called only when a cheap proxy (the scores, or the BatchNorm scale) is not finite: a full
-    ``isfinite`` pass over every weight costs more than scoring it.
-    """
-    bn = tensors.bn
-    for label, tensor in [("weight", tensors.weight), ("bias", tensors.bias)] + (
-        [] if bn is None else [("BatchNorm", torch.stack([bn.weight, bn.bias, bn.mean, bn.var]))]
-    ):
-        if tensor is not None and not torch.isfinite(tensor).all():
-            raise InvalidArgumentError(f"{site.producer}: {label} holds NaN or infinite values")
-
-
 def _decompose_site(
     site: Site,
     tensors: decompose.SiteTensors,
@@ -185,14 +172,8 @@ def _decompose_site(
             f"ratio {ratio} keeps 0 of the {site.channels} channels of {site.producer}; "
             "use a smaller ratio or exclude this layer"
         )
+    # NaN and infinities were refused for the whole model up front (``_check_finite``).
     scores = criteria.channel_scores(rows, criterion)
-    # A NaN or infinity in a row makes its score non-finite. Paper fidelity leaves the BatchNorm
-    # statistics out of the rows; they show in a = gamma / sqrt(var + eps) times beta + mean.
-    bn = tensors.bn if paper else None
-    if not torch.isfinite(scores).all() or (
-        bn is not None and not torch.isfinite(bn.scale() * (bn.bias + bn.mean)).all()
-    ):
-        _require_finite(site, tensors)
     kept = criteria.select_kept(scores, keep)
     if method == "prune":
         return decompose.identity_on_kept(site.channels, kept, rows.weight.dtype)
@@ -351,7 +332,7 @@ def compress(
         approximate=approximate,
         output_error=None if reference is None else _relative_error(produced, reference),
     )
-    return Result(small, report)
+    return Result(small, report, tuple(sites))
 
 
 def _run(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> object:
@@ -486,8 +467,8 @@ def plan(
     ``totals`` for the whole model. ``sites`` are then the sites the compression used.
     ``approximate=True`` plans as ``compress(..., approximate=True)`` would merge.
     """
-    found, skipped = find_sites(capture(model, example_inputs), approximate)
     if ratio is None:
+        found, skipped = find_sites(capture(model, example_inputs), approximate)
         return Plan(tuple(found), tuple(skipped))
     result = compress(
         model,
@@ -503,7 +484,6 @@ def plan(
         approximate=approximate,
     )
     report = result.report
-    used = {s.producer for s in report.sites}
     rows, totals = layer_rows(
         model,
         result.model,
@@ -513,7 +493,7 @@ def plan(
         report.skipped,
     )
     return Plan(
-        tuple(s for s in found if s.producer in used),
+        result.sites,
         report.skipped,
         layers=rows,
         totals=totals,
