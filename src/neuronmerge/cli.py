@@ -508,6 +508,22 @@ def _trust(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _compression_options(
+    parser: argparse.ArgumentParser, methods: tuple[str, ...], method_help: str | None
+) -> None:
+    """The options of ``compress`` that ``compress`` and ``plan --ratio`` share."""
+    parser.add_argument("--method", choices=methods, default="merge", help=method_help)
+    parser.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
+    parser.add_argument(
+        "--threshold",
+        type=_threshold,
+        default=DEFAULT_THRESHOLD,
+        help=f"cosine threshold, or 'none' (default {DEFAULT_THRESHOLD})",
+    )
+    parser.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
+    parser.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
+
+
 def _approximate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--approximate",
@@ -542,21 +558,11 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("checkpoint", type=Path)
     com.add_argument("--arch", default=None, help="registered architecture of the checkpoint")
     com.add_argument("--ratio", type=float, required=True, help="fraction removed per layer")
-    com.add_argument(
-        "--method",
-        choices=tuple(METHODS),
-        default="merge",
-        help="merge (the paper), prune, or merge-ls (data-free: synthetic probes; more accurate)",
+    _compression_options(
+        com,
+        tuple(METHODS),
+        "merge (the paper), prune, or merge-ls (data-free: synthetic probes; more accurate)",
     )
-    com.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
-    com.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=DEFAULT_THRESHOLD,
-        help=f"cosine threshold, or 'none' (default {DEFAULT_THRESHOLD})",
-    )
-    com.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
-    com.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
     com.add_argument(
         "--out", required=True, help="output file (.safetensors; a torch.export .pt2 without --arch)"
     )
@@ -582,16 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument(
         "--ratio", type=float, default=None, help="fraction removed per layer: show its effect"
     )
-    pl.add_argument("--method", choices=("merge", "prune"), default="merge")
-    pl.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
-    pl.add_argument(
-        "--threshold",
-        type=_threshold,
-        default=DEFAULT_THRESHOLD,
-        help=f"cosine threshold, or 'none' (default {DEFAULT_THRESHOLD})",
-    )
-    pl.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
-    pl.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
+    _compression_options(pl, ("merge", "prune"), None)
     _approximate(pl)
     _common(pl)
     _trust(pl)
