@@ -96,8 +96,12 @@ def alexnet_cifar(
     return AlexNetCifar(num_classes, conv_widths, fc_widths, dropout)
 
 
-def alexnet_cifar_config(state_dict: StateDict) -> dict[str, Any]:
-    """Conv widths, hidden FC widths and classes from shapes (dropout is not stored in weights)."""
+def alexnet_config(state_dict: StateDict) -> dict[str, Any]:
+    """Conv widths, hidden FC widths and classes from shapes (dropout is not stored in weights).
+
+    Serves both AlexNet-style nets (``alexnet-cifar`` and ``alexnet-fmnist``): they lay out five
+    convs in ``features`` and three linears in ``classifier`` alike.
+    """
     convs = indexed_weights(state_dict, "features", 4)
     linears = indexed_weights(state_dict, "classifier", 2)
     if len(convs) != 5 or len(linears) != 3:
@@ -115,7 +119,7 @@ register(
     ModelSpec(
         name="alexnet-cifar",
         build=alexnet_cifar,
-        config_from_state_dict=alexnet_cifar_config,
+        config_from_state_dict=alexnet_config,
         input_shape=(3, 32, 32),
         dataset="cifar100",
         description="AlexNet-style CIFAR net, convs 64-192-384-256-256, FC 2048-2048 (CIFAR-100)",

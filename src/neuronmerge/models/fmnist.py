@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from neuronmerge.errors import InvalidArgumentError
-from neuronmerge.models._widths import count_blocks, indexed_weights, resolve_widths
+from neuronmerge.models._widths import indexed_weights, resolve_widths
+from neuronmerge.models.alexnet import alexnet_config
 from neuronmerge.models.registry import ModelSpec, StateDict, register
+from neuronmerge.models.resnet import resnet_widths
 
 IN_CHANNELS = 1
 NUM_CLASSES = 10
@@ -148,21 +150,6 @@ class AlexNetFmnist(nn.Module):
         return self.classifier(torch.flatten(self.features(x), 1))
 
 
-def alexnet_fmnist_config(state_dict: StateDict) -> dict[str, Any]:
-    """Conv widths, hidden FC widths and classes from shapes (dropout is not stored in weights)."""
-    convs = indexed_weights(state_dict, "features", 4)
-    linears = indexed_weights(state_dict, "classifier", 2)
-    if len(convs) != 5 or len(linears) != 3:
-        raise InvalidArgumentError(
-            f"expected 5 convs and 3 linears, found {len(convs)} and {len(linears)}"
-        )
-    return {
-        "num_classes": linears[2][0],
-        "conv_widths": tuple(shape[0] for shape in convs),
-        "fc_widths": (linears[0][0], linears[1][0]),
-    }
-
-
 # -------------------------------------------------------------------------------------- ResNet
 
 RESNET_STAGE_WIDTHS: tuple[int, ...] = (16, 32, 64)
@@ -243,18 +230,8 @@ class ResNetFmnist(nn.Module):
 
 def resnet_fmnist_config(state_dict: StateDict) -> dict[str, Any]:
     """Classes, per-block inner widths, stage widths and blocks per stage, from tensor shapes."""
-    counts = [count_blocks(state_dict, f"layer{s}") for s in (1, 2, 3)]
-    if len(set(counts)) != 1 or counts[0] == 0:
-        raise InvalidArgumentError(f"stages must hold the same number (>0) of blocks, got {counts}")
-    n = counts[0]
-    keys = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(n)]
-    return {
-        "num_classes": state_dict["fc.weight"].shape[0],
-        "block_widths": tuple(state_dict[f"{k}.conv1.weight"].shape[0] for k in keys),
-        "stage_widths": tuple(state_dict[f"layer{s}.0.conv2.weight"].shape[0] for s in (1, 2, 3)),
-        "blocks_per_stage": n,
-        "stem_width": state_dict["conv1.weight"].shape[0],
-    }
+    n, widths = resnet_widths(state_dict)
+    return {**widths, "blocks_per_stage": n, "stem_width": state_dict["conv1.weight"].shape[0]}
 
 
 register(
@@ -272,7 +249,7 @@ register(
     ModelSpec(
         name="alexnet-fmnist",
         build=AlexNetFmnist,
-        config_from_state_dict=alexnet_fmnist_config,
+        config_from_state_dict=alexnet_config,
         input_shape=(1, 28, 28),
         dataset="fashion-mnist",
         description="AlexNet-style convs 16-32-48-48-32, FC 256-128 with dropout, no BN (Fashion-MNIST)",

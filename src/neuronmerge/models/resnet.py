@@ -126,19 +126,28 @@ def cifar_resnet(
     return CifarResNet(depth, num_classes, block_widths, stage_widths)
 
 
-def cifar_resnet_config(state_dict: StateDict) -> dict[str, Any]:
-    """Depth, classes, per-block inner widths and stage widths, read from tensor shapes."""
-    counts = [count_blocks(state_dict, f"layer{s}") for s in (1, 2, 3)]
+def resnet_widths(state_dict: StateDict, stage: str = "layer{}") -> tuple[int, dict[str, Any]]:
+    """Blocks per stage, and classes, per-block inner widths and stage widths, read from the tensor
+    shapes of a three-stage ResNet whose stage ``s`` is keyed ``stage.format(s)`` with blocks
+    ``.{b}.conv1/conv2``, and ``fc`` (the CIFAR ResNets, ``resnet-fmnist``, and with
+    ``"block{}.layer"`` the wide ResNets)."""
+    stages = [stage.format(s) for s in (1, 2, 3)]
+    counts = [count_blocks(state_dict, name) for name in stages]
     if len(set(counts)) != 1 or counts[0] == 0:
         raise InvalidArgumentError(f"stages must hold the same number (>0) of blocks, got {counts}")
     n = counts[0]
-    keys = [f"layer{s}.{b}" for s in (1, 2, 3) for b in range(n)]
-    return {
-        "depth": 6 * n + 2,
+    keys = [f"{name}.{b}" for name in stages for b in range(n)]
+    return n, {
         "num_classes": state_dict["fc.weight"].shape[0],
         "block_widths": tuple(state_dict[f"{k}.conv1.weight"].shape[0] for k in keys),
-        "stage_widths": tuple(state_dict[f"layer{s}.0.conv2.weight"].shape[0] for s in (1, 2, 3)),
+        "stage_widths": tuple(state_dict[f"{name}.0.conv2.weight"].shape[0] for name in stages),
     }
+
+
+def cifar_resnet_config(state_dict: StateDict) -> dict[str, Any]:
+    """Depth, classes, per-block inner widths and stage widths, read from tensor shapes."""
+    n, widths = resnet_widths(state_dict)
+    return {"depth": 6 * n + 2, **widths}
 
 
 def _fixed_depth(

@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from neuronmerge.errors import InvalidArgumentError
-from neuronmerge.models._widths import count_blocks, init_like_authors, resolve_widths
+from neuronmerge.models._widths import init_like_authors, resolve_widths
 from neuronmerge.models.registry import ModelSpec, StateDict, register
+from neuronmerge.models.resnet import resnet_widths
 
 
 class WideBasicBlock(nn.Module):
@@ -142,18 +143,8 @@ def wide_resnet(
 
 def wide_resnet_config(state_dict: StateDict) -> dict[str, Any]:
     """Depth and every width, read from tensor shapes (``widen_factor`` is implied by them)."""
-    counts = [count_blocks(state_dict, f"block{s}.layer") for s in (1, 2, 3)]
-    if len(set(counts)) != 1 or counts[0] == 0:
-        raise InvalidArgumentError(f"stages must hold the same number (>0) of blocks, got {counts}")
-    n = counts[0]
-    keys = [f"block{s}.layer.{b}" for s in (1, 2, 3) for b in range(n)]
-    return {
-        "depth": 6 * n + 4,
-        "num_classes": state_dict["fc.weight"].shape[0],
-        "block_widths": tuple(state_dict[f"{k}.conv1.weight"].shape[0] for k in keys),
-        "stage_widths": tuple(state_dict[f"block{s}.layer.0.conv2.weight"].shape[0] for s in (1, 2, 3)),
-        "stem_width": state_dict["conv1.weight"].shape[0],
-    }
+    n, widths = resnet_widths(state_dict, "block{}.layer")
+    return {"depth": 6 * n + 4, **widths, "stem_width": state_dict["conv1.weight"].shape[0]}
 
 
 def _wrn_40_4_config(state_dict: StateDict) -> dict[str, Any]:
