@@ -8,8 +8,10 @@ training split, as ``training.trained_model`` does; the test split is never read
 Rule: an epoch *improves* when its validation accuracy beats the last improving epoch's by more
 than one binomial standard error of a 5000-image accuracy (about 0.4 points); smaller gains are
 noise. Training stops at the first epoch that does not improve (or at ``CAP``), and the chosen
-epoch count is the last improving epoch. Its weights are stored in the training cache under the
-recipe with that epoch count, so ``trained_model`` serves them without training again. The
+epoch count is the last improving epoch. Every improving epoch's weights are stored in the training
+cache under the recipe with that epoch count as soon as they are measured (so ``trained_model``
+serves them without training again, and an interrupted run keeps its progress), and the record in
+the JSON file is rewritten after every epoch. The
 learning rates were chosen earlier among 0.02, 0.05, 0.1 at 3 epochs (kept as ``lr_at_3_epochs``).
 Writes ``experiments/recipe_validation.json``; set ``RECIPES`` in ``lab/training.py`` from it.
 
@@ -19,7 +21,6 @@ Writes ``experiments/recipe_validation.json``; set ``RECIPES`` in ``lab/training
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import time
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from neuronmerge.evaluate import accuracy
+from neuronmerge.io import atomic_write
 from neuronmerge.lab.data import load_fashion_mnist, train_val_split
 from neuronmerge.lab.training import (
     VAL_SEED,
@@ -43,8 +45,8 @@ from neuronmerge.lab.training import (
 from neuronmerge.models import create_model
 
 ARCHS = ("vgg-fmnist", "alexnet-fmnist", "resnet-fmnist")
-CAP = 12
-DECAY = 0.6
+CAP = 10
+DECAY = 0.5
 OUT = Path(__file__).resolve().parent / "recipe_validation.json"
 
 
@@ -55,51 +57,53 @@ def standard_error(accuracy_percent: float, n: int = VAL_SIZE) -> float:
 
 
 def plateau(arch: str, seed: int = 0) -> dict[str, Any]:
-    """Train ``arch`` epoch by epoch until the rule above stops it; cache the chosen epoch's model."""
+    """Train ``arch`` epoch by epoch until the rule above stops it; cache each improving epoch."""
     recipe = replace(recipe_for(arch), epochs=CAP, schedule="exponential", decay=DECAY)
     images, labels = load_fashion_mnist("train")
     train, val = train_val_split(len(labels), VAL_SIZE, VAL_SEED)
     torch.manual_seed(seed)
     model = create_model(arch)
-    curve: list[float] = []
-    chosen: dict[str, Any] = {}
     started = time.perf_counter()
+    outcome: dict[str, Any] = {"recipe": asdict(recipe), "cap": CAP, "val_accuracy_per_epoch": []}
 
     def on_epoch(epoch: int, loss: float) -> bool:
-        curve.append(round(accuracy(model, images[val], labels[val]), 2))
-        seconds = time.perf_counter() - started
+        curve = outcome["val_accuracy_per_epoch"]
+        val_accuracy = accuracy(model, images[val], labels[val])
+        curve.append(round(val_accuracy, 2))
+        seconds = round(time.perf_counter() - started, 2)
         print(f"{arch} epoch {epoch}: loss {loss:.4f} val {curve[-1]:.2f} ({seconds:.0f} s)", flush=True)
-        best = chosen.get("val_accuracy")
-        if best is None or curve[-1] > best + standard_error(best):
-            chosen.update(epochs=epoch, val_accuracy=curve[-1], seconds=round(seconds, 2))
-            chosen["state"] = copy.deepcopy(model.state_dict())
-            return False
-        return True
+        best = outcome.get("val_accuracy")
+        improved = best is None or curve[-1] > best + standard_error(best)
+        if improved:
+            now = replace(recipe, epochs=epoch)
+            info = {
+                "arch": arch,
+                "seed": seed,
+                "epochs": epoch,
+                "val_accuracy": val_accuracy,
+                "train_seconds": seconds,
+                "recipe": asdict(now),
+            }
+            store_trained(model, info, *cache_paths(arch, now, seed, default_cache_dir()))
+            outcome.update(chosen_epochs=epoch, val_accuracy=curve[-1], seconds_to_chosen=seconds)
+            outcome["standard_error"] = round(standard_error(curve[-1]), 3)
+        stop = not improved or epoch == CAP
+        outcome.update(seconds_total=seconds, plateau_reached=not improved)
+        record(arch, outcome)
+        return stop
 
     train_classifier(
         model, images[train], labels[train], recipe, seed=seed, progress=False, on_epoch=on_epoch
     )
-    final = replace(recipe, epochs=chosen["epochs"])
-    model.load_state_dict(chosen.pop("state"))
-    info = {
-        "arch": arch,
-        "seed": seed,
-        "epochs": final.epochs,
-        "val_accuracy": accuracy(model, images[val], labels[val]),
-        "train_seconds": chosen["seconds"],
-        "recipe": asdict(final),
-    }
-    store_trained(model, info, *cache_paths(arch, final, seed, default_cache_dir()))
-    return {
-        "recipe": asdict(final),
-        "cap": CAP,
-        "val_accuracy_per_epoch": curve,
-        "standard_error": round(standard_error(chosen["val_accuracy"]), 3),
-        "chosen_epochs": final.epochs,
-        "val_accuracy": chosen["val_accuracy"],
-        "seconds_to_chosen": chosen["seconds"],
-        "seconds_total": round(time.perf_counter() - started, 2),
-    }
+    return outcome
+
+
+def record(arch: str, outcome: dict[str, Any]) -> None:
+    """Rewrite ``arch``'s entry of the JSON file (read late: runs for other nets may overlap)."""
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data[arch] = {"lr_at_3_epochs": data.get(arch, {}).get("lr_at_3_epochs"), "plateau": outcome}
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    atomic_write(OUT, lambda tmp: tmp.write_text(text))
 
 
 def main() -> None:
@@ -108,10 +112,7 @@ def main() -> None:
     args = parser.parse_args()
     for arch in args.only:
         outcome = plateau(arch)
-        record = json.loads(OUT.read_text()) if OUT.exists() else {}  # read late: runs may overlap
-        record[arch] = {"lr_at_3_epochs": record.get(arch, {}).get("lr_at_3_epochs"), "plateau": outcome}
         print(arch, "chosen", outcome["chosen_epochs"], "epochs", outcome["val_accuracy"], flush=True)
-        OUT.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
 
 
 if __name__ == "__main__":

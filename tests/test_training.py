@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -186,3 +189,42 @@ def test_trained_model_writes_no_temporary_files_on_failure(
     with pytest.raises(OSError, match="disk full"):
         trained_model("lenet-300-100", epochs=1, data_dir=data, cache_dir=tmp_path / "c", progress=False)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+# Runs the LeNet-300-100 recipe (its initialisation, seeded order, rate, schedule over 30 epochs) on
+# the first 2560 training images for two epochs (40 SGD steps) with the caller on a given thread
+# count; prints each epoch's mean loss, a digest of the weights and the thread count restored after.
+_FIRST_EPOCH = """
+import hashlib, json, sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, recipe_for, train_classifier
+from neuronmerge.models import create_model
+images, labels = load_fashion_mnist("train", sys.argv[1])
+train = train_val_split(len(labels), VAL_SIZE, VAL_SEED)[0][:2560]
+torch.manual_seed(0)
+model = create_model("lenet-300-100")
+losses = []
+train_classifier(model, images[train], labels[train], recipe_for("lenet-300-100"), seed=0,
+                 progress=False, on_epoch=lambda epoch, loss: losses.append(loss) or epoch == 2)
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+print(json.dumps({"loss": losses, "digest": digest.hexdigest(), "threads": torch.get_num_threads()}))
+"""
+
+
+def test_first_steps_of_the_real_recipe_are_pinned_and_independent_of_threads(
+    fashion_mnist_dir: Path,
+) -> None:
+    runs = {}
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        done = subprocess.run(
+            [sys.executable, "-c", _FIRST_EPOCH, str(fashion_mnist_dir), str(threads)],
+            capture_output=True, text=True, env=env, check=True, timeout=300,
+        )
+        runs[threads] = json.loads(done.stdout)
+    assert runs[1]["threads"] == 1 and runs[2]["threads"] == 2  # the caller's setting restored
+    assert runs[1]["loss"] == runs[2]["loss"] and runs[1]["digest"] == runs[2]["digest"]
+    # Pinned from two fresh processes (all digits agreed); a change to the data order, the
+    # initialisation, the schedule or the kernels' summation order moves these.
+    assert runs[1]["loss"] == pytest.approx(PINNED_LOSSES, abs=1e-9)
