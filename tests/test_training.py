@@ -220,11 +220,15 @@ def test_first_steps_of_the_real_recipe_are_pinned_and_independent_of_threads(
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         done = subprocess.run(
             [sys.executable, "-c", _FIRST_EPOCH, str(fashion_mnist_dir), str(threads)],
-            capture_output=True, text=True, env=env, check=True, timeout=300,
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+            timeout=300,
         )
         runs[threads] = json.loads(done.stdout)
     assert runs[1]["threads"] == 1 and runs[2]["threads"] == 2  # the caller's setting restored
     assert runs[1]["loss"] == runs[2]["loss"] and runs[1]["digest"] == runs[2]["digest"]
-    # Pinned from two fresh processes (all digits agreed); a change to the data order, the
-    # initialisation, the schedule or the kernels' summation order moves these.
-    assert runs[1]["loss"] == pytest.approx(PINNED_LOSSES, abs=1e-9)
+    # Pinned from two fresh processes on one and two threads (every digit agreed), to six decimals:
+    # a change to the data order, the initialisation or the schedule moves them by far more.
+    assert runs[1]["loss"] == pytest.approx([1.655358, 0.823000], abs=5e-7)
