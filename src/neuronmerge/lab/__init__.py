@@ -1,0 +1,1 @@
+"""Research code (the optional ``lab`` extra): data readers, training, sweeps."""
