@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.evaluate import accuracy
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, recipe_for, train_classifier, trained_model
 from neuronmerge.models import create_model
-from neuronmerge.training import VAL_SEED, VAL_SIZE, recipe_for, train_classifier, trained_model
 
 ARCHS = ("vgg-fmnist", "alexnet-fmnist", "resnet-fmnist")
 LRS = (0.02, 0.05, 0.1)

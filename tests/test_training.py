@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from neuronmerge import training
-from neuronmerge.data import load_fashion_mnist
 from neuronmerge.errors import InvalidArgumentError, UnknownArchitectureError
 from neuronmerge.evaluate import accuracy
-from neuronmerge.training import (
+from neuronmerge.lab import training
+from neuronmerge.lab.data import load_fashion_mnist
+from neuronmerge.lab.training import (
     CACHE_ENV_VAR,
     DEFAULT_RECIPE,
     RECIPES,

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from neuronmerge.api import compress
-from neuronmerge.data import load_fashion_mnist
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import accuracy, count_parameters
+from neuronmerge.lab.data import load_fashion_mnist
 from neuronmerge.models import get_spec
 
 

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import platformdirs
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from neuronmerge.data.fashion_mnist import load_fashion_mnist, train_val_split
 from neuronmerge.errors import CheckpointError, InvalidArgumentError
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import atomic_write
+from neuronmerge.lab import require
+from neuronmerge.lab.data.fashion_mnist import load_fashion_mnist, train_val_split
 from neuronmerge.models import create_model, get_spec, model_from_state_dict
 from neuronmerge.progress import progress_bar
 
@@ -64,7 +64,11 @@ def recipe_for(arch: str) -> Recipe:
 def default_cache_dir() -> Path:
     """``$NEURONMERGE_CACHE_DIR`` if set, else the platform's user cache folder for neuronmerge."""
     env = os.environ.get(CACHE_ENV_VAR)
-    return Path(env).expanduser() if env else Path(platformdirs.user_cache_dir("neuronmerge"))
+    return (
+        Path(env).expanduser()
+        if env
+        else Path(require("platformdirs", "the training cache").user_cache_dir("neuronmerge"))
+    )
 
 
 def train_classifier(
