@@ -24,8 +24,8 @@ from torch import Tensor, nn
 
 from neuronmerge.io import atomic_write
 from neuronmerge.lab.text import Corpus, load_kjv
-from neuronmerge.progress import progress_bar
 from neuronmerge.lab.training import default_cache_dir
+from neuronmerge.progress import progress_bar
 
 Activation = Literal["relu", "relu2", "gelu"]
 
