@@ -338,14 +338,16 @@ def machine() -> dict[str, Any]:
 
 
 def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
+    if value is None:
+        return "-"
+    return "<1%" if 0 < value < 0.005 else f"{100 * value:.0f}%"
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The README's table: fraction of parameters removed, neuronmerge against Torch-Pruning."""
     lines = [
-        "| model | params | neuronmerge | best variant | Torch-Pruning | reach |",
-        "|---|---:|---:|---|---:|---:|",
+        "| model | params | neuronmerge | best of | exact merge | Torch-Pruning | reach |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     reaches = []
     for row in results["rows"]:
@@ -353,15 +355,20 @@ def markdown(results: dict[str, Any]) -> str:
         tp_cell = percent(tp_row.get("fraction")) if "error" not in tp_row else "fails"
         if row["reach"] is not None and "error" not in tp_row:
             reaches.append(row["reach"])
-        reach = f"{row['reach']:.2f}x" if row["reach"] is not None else "-"
+        reach = f"{row['reach']:.2f}x" if row["reach"] is not None and "error" not in tp_row else "-"
+        exact = nm_row["variants"]["merge"].get("fraction")
         lines.append(
             f"| {row['model']} | {row['params'] / 1e6:.1f}M | {percent(nm_row['fraction'])} "
-            f"| {nm_row['best'] or 'fails'} | {tp_cell} | {reach} |"
+            f"| {nm_row['best'] or 'fails'} | {percent(exact)} | {tp_cell} | {reach} |"
         )
     notes = [
         f"- {row['model']}: Torch-Pruning {row['torch_pruning']['error']}"
         for row in results["rows"]
         if "error" in row["torch_pruning"]
+    ] + [
+        f"- {row['model']}: Torch-Pruning configured with {row['torch_pruning']['configured']}"
+        for row in results["rows"]
+        if "configured" in row["torch_pruning"]
     ]
     mean = sum(reaches) / len(reaches) if reaches else float("nan")
     at_least = sum(r >= 1 for r in reaches)
