@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 FMNIST := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+KJV := /usr/lib/bible.data
 
 .PHONY: setup data demo test lint test-zoo
 
@@ -16,10 +17,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist package (skipped when already present or when
-# NEURONMERGE_FASHION_MNIST_DIR points elsewhere).
+# NEURONMERGE_FASHION_MNIST_DIR points elsewhere); the King James Bible (bible-kjv-text, read by the
+# bible-kjv program) for the small GPT.
 data:
 	@if [ -z "$$NEURONMERGE_FASHION_MNIST_DIR" ] && [ ! -e $(FMNIST) ]; then \
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; fi
+	@if [ ! -e $(KJV) ] || ! command -v bible >/dev/null; then \
+		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq bible-kjv-text bible-kjv; fi
 
 # The main job: train LeNet-300-100 here (cached) and print the paper's prune-vs-merge table.
 demo: setup data

@@ -35,10 +35,10 @@ from neuronmerge import criteria, decompose, lsq, surgery
 from neuronmerge.activations import site_moments
 from neuronmerge.api import _site_tensors
 from neuronmerge.capture import capture, detach
-from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.evaluate import accuracy
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, trained_model
 from neuronmerge.sites import Site, find_sites
-from neuronmerge.training import VAL_SEED, VAL_SIZE, trained_model
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)
 KIM2020 = Path("/work/shared/checkpoints/kim2020/LeNet_300_100.original.300_100.bias.pth.tar")

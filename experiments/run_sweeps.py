@@ -25,15 +25,15 @@ from typing import Any
 
 import torch
 
-from neuronmerge.experiments.sweep import (
+from neuronmerge.io import load_checkpoint
+from neuronmerge.lab.sweep import (
     DEFAULT_RATIOS,
     available_methods,
     fashion_mnist_eval_data,
     sweep,
     write_sweep,
 )
-from neuronmerge.io import load_checkpoint
-from neuronmerge.training import recipe_for, trained_model
+from neuronmerge.lab.training import recipe_for, trained_model
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "sweeps"
@@ -95,6 +95,8 @@ def main() -> int:
                 "epochs": info["epochs"],
                 "lr": recipe.lr,
                 "batch_size": recipe.batch_size,
+                "schedule": recipe.schedule,
+                "decay": recipe.decay,
                 "train_seconds": info["train_seconds"],
             }
         else:

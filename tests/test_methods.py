@@ -13,9 +13,9 @@ import neuronmerge as nm
 from neuronmerge import lsq, surgery
 from neuronmerge.capture import capture, detach
 from neuronmerge.criteria import kept_count
-from neuronmerge.data import load_fashion_mnist
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import load_checkpoint
+from neuronmerge.lab.data import load_fashion_mnist
 from neuronmerge.sites import find_sites
 from tests.builders import duplicated_convnet, duplicated_mlp
 
@@ -160,7 +160,7 @@ def test_merge_ls_beats_the_paper_merge_on_the_authors_lenet_without_data(
 
 
 def test_sweep_rows_say_which_methods_use_data_and_reuse_the_probes() -> None:
-    from neuronmerge.experiments import sweep as sweeps
+    from neuronmerge.lab import sweep as sweeps
 
     assert sweeps.METHODS["merge-ls"].data_free
     assert not sweeps.METHODS["merge-ls-data"].data_free

@@ -34,7 +34,6 @@ from neuronmerge.errors import (
     OutputExistsError,
 )
 from neuronmerge.evaluate import accuracy, count_parameters
-from neuronmerge.experiments.reproduce import paper_setup, reproduce, test_split
 from neuronmerge.io import is_exported_program, load, load_checkpoint, read_metadata, save
 from neuronmerge.models import available_models, get_spec
 from neuronmerge.progress import progress_bar
@@ -60,12 +59,14 @@ def _emit_json(payload: Any) -> None:
 
 
 def cmd_reproduce(args: argparse.Namespace) -> None:
+    from neuronmerge.lab.reproduce import paper_setup, reproduce
+
     setup = paper_setup(args.arch)
     if args.checkpoint is not None:
         model = load_checkpoint(args.checkpoint, setup.arch)
         source = str(args.checkpoint)
     else:
-        from neuronmerge.training import trained_model
+        from neuronmerge.lab.training import trained_model
 
         if not args.quiet:
             stderr.print(f"No --checkpoint: training {setup.arch} on {setup.dataset} (cached).")
@@ -223,6 +224,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(
             "evaluate needs a registered architecture (--arch) to pick the dataset"
         )
+    from neuronmerge.lab.reproduce import test_split
+
     spec = get_spec(arch)
     images, labels = test_split(spec.dataset, args.data_dir)
     with progress_bar(_show_progress(args), len(images), "evaluating") as advance:
@@ -368,7 +371,8 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from neuronmerge.training import recipe_for, trained_model
+    from neuronmerge.lab.reproduce import test_split
+    from neuronmerge.lab.training import recipe_for, trained_model
 
     spec = get_spec(args.arch)
     out = None if args.out is None else Path(args.out)
@@ -412,7 +416,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from neuronmerge.experiments.sweep import (
+    from neuronmerge.lab.sweep import (
         fashion_mnist_eval_data,
         resolve_methods,
         sweep,
@@ -429,7 +433,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
         model, _ = _load_any(args.checkpoint, spec.name)
         source = str(args.checkpoint)
     else:
-        from neuronmerge.training import trained_model
+        from neuronmerge.lab.training import trained_model
 
         if not args.quiet:
             stderr.print(f"No --checkpoint: training {spec.name} on {spec.dataset} (cached).")
@@ -616,7 +620,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(tr, data=True)
     tr.set_defaults(run=cmd_train)
 
-    from neuronmerge.experiments.sweep import DEFAULT_RATIOS, available_methods
+    from neuronmerge.lab.sweep import DEFAULT_RATIOS, available_methods
 
     sw = commands.add_parser(
         "sweep", help="accuracy of every method at many ratios: CSV, JSON and a PNG plot"

@@ -11,14 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from neuronmerge.io import atomic_write
+from neuronmerge.lab import require
 
 
 def plot_sweep(outcome: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write a two-panel PNG of ``outcome`` (``sweep``'s result): one curve per method, markers
     filled for data-free methods and hollow for data-aware ones, the unpruned model as a dashed line.
     """
-    import matplotlib
-
+    matplotlib = require("matplotlib", "plotting a sweep")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter

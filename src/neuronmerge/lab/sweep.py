@@ -39,15 +39,15 @@ from torch import Tensor, nn
 from neuronmerge.api import Method, compress
 from neuronmerge.capture import capture
 from neuronmerge.criteria import check_ratio
-from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
 from neuronmerge.evaluate import accuracy, count_parameters
-from neuronmerge.experiments.reproduce import PAPER_SETUPS
 from neuronmerge.io import atomic_write
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.reproduce import PAPER_SETUPS
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE  # the split ``trained_model`` holds out
 from neuronmerge.models import get_spec
 from neuronmerge.probes import synthesize_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
-from neuronmerge.training import VAL_SEED, VAL_SIZE  # the split ``trained_model`` holds out
 
 #: The ratios of a full sweep (``--ratios`` default): 0.1 ... 0.9 and 0.95.
 DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -141,7 +141,7 @@ register_method(
 
 
 def _torch_pruning(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
-    from neuronmerge.experiments.peers import torch_pruning_magnitude
+    from neuronmerge.lab.peers import torch_pruning_magnitude
 
     return torch_pruning_magnitude(model, example, ratio)
 
@@ -343,7 +343,7 @@ def write_sweep(
 
     Refuses (``OutputExistsError``) to replace any of them unless ``force``; returns their paths.
     """
-    from neuronmerge.plots import plot_sweep
+    from neuronmerge.lab.plots import plot_sweep
 
     folder = Path(out_dir)
     paths = [folder / name for name in OUTPUT_FILES]
