@@ -23,7 +23,8 @@ Linear/Conv the forward calls) left alone:
 * ``skip_reasons``: ``neuronmerge.plan``'s refusals (with and without ``approximate``), counted by
   reason with layer names stripped; what the engine still misses on this architecture.
   ``unlisted``: Linear/Conv modules that ``plan(approximate=True)`` names neither as a site nor as
-  skipped (weights read by a functional call, such as attention's projections).
+  skipped (weights read by a functional call, such as attention's projections). ``group_kinds``:
+  the groups ``plan(approximate=True)`` finds, counted by pattern and mode.
 
 ``reach`` is neuronmerge's fraction over Torch-Pruning's (the issue's target: >= 1 on every row).
 """
@@ -204,6 +205,7 @@ def run_neuronmerge(model: Any, x: Any, output: str, expected: list[int]) -> dic
     reasons: Counter[str] = Counter()
     examples: dict[str, str] = {}
     unlisted: list[str] = []
+    kinds: Counter[str] = Counter()
     for approximate in (False, True):
         try:
             found = nm.plan(model, x, approximate=approximate)
@@ -211,8 +213,14 @@ def run_neuronmerge(model: Any, x: Any, output: str, expected: list[int]) -> dic
             reasons[f"plan failed: {short(exc)}"] += 1
             continue
         if approximate:
-            named = {s.producer for s in found.sites} | {s.producer for s in found.skipped}
+            # A group may have several producers (a residual stream, a gated pair).
+            named = {p for g in found.sites for p in getattr(g, "producers", (g.producer,))}
+            named |= {s.producer for s in found.skipped}
             unlisted = [name for name in producers(model) if name not in named]
+            kinds = Counter(
+                f"{getattr(g, 'pattern', 'chain')}/{getattr(g, 'mode', 'exact')}"
+                for g in found.sites
+            )
         for skip in found.skipped:
             if skip.producer == output:
                 continue
@@ -226,6 +234,7 @@ def run_neuronmerge(model: Any, x: Any, output: str, expected: list[int]) -> dic
         "skip_reasons": dict(reasons.most_common()),
         "skip_examples": examples,
         "unlisted": unlisted,
+        "group_kinds": dict(kinds.most_common()),
     }
 
 
@@ -338,14 +347,16 @@ def machine() -> dict[str, Any]:
 
 
 def percent(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
+    if value is None:
+        return "-"
+    return "<1%" if 0 < value < 0.005 else f"{100 * value:.0f}%"
 
 
 def markdown(results: dict[str, Any]) -> str:
     """The README's table: fraction of parameters removed, neuronmerge against Torch-Pruning."""
     lines = [
-        "| model | params | neuronmerge | best variant | Torch-Pruning | reach |",
-        "|---|---:|---:|---|---:|---:|",
+        "| model | params | neuronmerge | best of | exact merge | Torch-Pruning | reach |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     reaches = []
     for row in results["rows"]:
@@ -353,15 +364,20 @@ def markdown(results: dict[str, Any]) -> str:
         tp_cell = percent(tp_row.get("fraction")) if "error" not in tp_row else "fails"
         if row["reach"] is not None and "error" not in tp_row:
             reaches.append(row["reach"])
-        reach = f"{row['reach']:.2f}x" if row["reach"] is not None else "-"
+        reach = f"{row['reach']:.2f}x" if row["reach"] is not None and "error" not in tp_row else "-"
+        exact = nm_row["variants"]["merge"].get("fraction")
         lines.append(
             f"| {row['model']} | {row['params'] / 1e6:.1f}M | {percent(nm_row['fraction'])} "
-            f"| {nm_row['best'] or 'fails'} | {tp_cell} | {reach} |"
+            f"| {nm_row['best'] or 'fails'} | {percent(exact)} | {tp_cell} | {reach} |"
         )
     notes = [
         f"- {row['model']}: Torch-Pruning {row['torch_pruning']['error']}"
         for row in results["rows"]
         if "error" in row["torch_pruning"]
+    ] + [
+        f"- {row['model']}: Torch-Pruning configured with {row['torch_pruning']['configured']}"
+        for row in results["rows"]
+        if "configured" in row["torch_pruning"]
     ]
     mean = sum(reaches) / len(reaches) if reaches else float("nan")
     at_least = sum(r >= 1 for r in reaches)
