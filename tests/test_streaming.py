@@ -150,3 +150,16 @@ def test_a_checkpoint_larger_than_the_memory_cap_streams_through_it(tmp_path: Pa
     assert isinstance(result["largest"], int) and 3 * result["largest"] < HEADROOM
     shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
     assert len(shards) == LAYERS + 1
+
+
+def test_the_command_line_streams_a_checkpoint_folder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    _opt().save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    command = [sys.executable, "-m", "neuronmerge", "compress", str(tmp_path / "src"), "--ratio", "0.25"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["width_before"], summary["width_after"], summary["layers"]) == (64, 48, 2)
+    assert tf.OPTForCausalLM.from_pretrained(tmp_path / "out").config.ffn_dim == 48

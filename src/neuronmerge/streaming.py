@@ -210,8 +210,11 @@ def compress_checkpoint(
     weight_map = _weight_map(folder)
     groups = list(_groups(weight_map))
     sizes = {n: _nbytes(folder, weight_map[n], n) for n in weight_map}
-    largest = max(sum(sizes[n] for n in names) for prefix, names in groups if prefix)
-    shard_count = len(groups) - 1 + _rest_shards(groups[-1][1], sizes, largest)
+    limit = max(sum(sizes[n] for n in names) for prefix, names in groups if prefix)
+    rest = list(_batches(groups[-1][1], sizes, limit))
+    # A tensor outside the layers (an embedding) may alone outweigh a layer: then it is the largest.
+    largest = max([limit] + [sum(sizes[n] for n in batch) for batch in rest])
+    shard_count = len(groups) - 1 + len(rest)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -229,7 +232,7 @@ def compress_checkpoint(
 
         for prefix, names in groups:
             if not prefix:
-                for batch in _batches(names, sizes, largest):
+                for batch in rest:
                     write(_read(folder, weight_map, batch))
                 continue
             tensors = {n[len(prefix) :]: t for n, t in _read(folder, weight_map, names).items()}
@@ -275,7 +278,3 @@ def _batches(names: list[str], sizes: dict[str, int], limit: int) -> Iterator[li
         batch.append(name)
     if batch:
         yield batch
-
-
-def _rest_shards(names: list[str], sizes: dict[str, int], limit: int) -> int:
-    return sum(1 for _ in _batches(names, sizes, limit))
