@@ -156,18 +156,30 @@ def compress_block(
     if options.method == "merge-ls" and "calibration" not in extra:
         extra["calibration"] = probes_for(block, spec, hidden, options)
     result = compress(ffn, example, options.ratio, method=options.method, **extra)  # type: ignore[arg-type]
-    small = result.model
-    up = small.get_submodule("up")
-    assert isinstance(up, nn.Linear)
-    if up.out_features == width and options.ratio > 0:
+    if _width(result.model) == width and options.ratio > 0:
         reasons = "; ".join(f"{s.producer}: {s.reason}" for s in result.report.skipped)
         raise InvalidArgumentError(f"{name}: the MLP could not be compressed ({reasons})")
+    return BlockReport(name, width, put_back(block, spec, result.model, spellings), result.report)
+
+
+def put_back(
+    block: nn.Module, spec: FFNSpec, small: nn.Module, spellings: Spellings | None = None
+) -> int:
+    """Put the Linears ``up``, ``down`` (and ``gate``) of a compressed ``FeedForward`` (or any module
+    with those submodules) into ``block`` in place of its own; returns the new hidden width."""
+    spellings = spellings or Spellings()
     for attr in ("up", "down") + (("gate",) if spec.gate else ()):
         path = getattr(spec, attr)
         new = small.get_submodule(attr)
         assert isinstance(new, nn.Linear)
         _set(block, path, _back(block.get_submodule(path), new, spellings))
-    return BlockReport(name, width, up.out_features, result.report)
+    return _width(small)
+
+
+def _width(ffn: nn.Module) -> int:
+    up = ffn.get_submodule("up")
+    assert isinstance(up, nn.Linear)
+    return up.out_features
 
 
 def compress_ffns(
