@@ -21,7 +21,6 @@ from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.evaluate import count_parameters
 from neuronmerge.planning import LayerRow, Totals, layer_rows
-from neuronmerge.probes import synthesize_probes
 from neuronmerge.sites import Site, Skipped, find_sites
 
 Method = Literal["merge", "prune", "merge-ls"]
@@ -242,7 +241,8 @@ def compress(
     (beyond the paper) keeps the neurons that best explain the others and writes each removed one as
     a least-squares combination of all kept ones plus a constant, from activation moments measured on
     ``calibration`` batches (model inputs, no labels): by default synthetic probes made from the model
-    itself (``synthesize_probes``; data-free), or real samples if you pass them (then it is data-aware);
+    itself (``probes.cached_probes``: data-free, made once per model and reused at other ratios), or
+    real samples if you pass them (then it is data-aware); none at all when no site is found;
     it ignores ``criterion`` and ``threshold``, and then re-measures the BatchNorm statistics of the
     result on the same batches. ``fidelity="paper"``
     reproduces the authors' code, including where it deviates from exactness (conv + BatchNorm, with
@@ -267,11 +267,7 @@ def compress(
             raise InvalidArgumentError(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
-        batches = (
-            synthesize_probes(gm, inputs[0])
-            if calibration is None
-            else [as_input_tuple(batch) for batch in calibration]
-        )
+        batches = lsq.moment_batches(gm, inputs[0], calibration, sites)
         decompositions = lsq.decompositions(gm, sites, ratio, batches)
     else:
         decompositions = {
