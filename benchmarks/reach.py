@@ -218,8 +218,7 @@ def run_neuronmerge(model: Any, x: Any, output: str, expected: list[int]) -> dic
             named |= {s.producer for s in found.skipped}
             unlisted = [name for name in producers(model) if name not in named]
             kinds = Counter(
-                f"{getattr(g, 'pattern', 'chain')}/{getattr(g, 'mode', 'exact')}"
-                for g in found.sites
+                f"{getattr(g, 'pattern', 'chain')}/{getattr(g, 'mode', 'exact')}" for g in found.sites
             )
         for skip in found.skipped:
             if skip.producer == output:
