@@ -68,6 +68,7 @@ class Paper:
         steps = group.steps[1:]
         if (
             len(group.producers) != 1
+            or group.blocks != 1
             or len(group.folded[0]) > 1
             or any(s.kind not in allowed or (s.kind == "homogeneous" and s.degree != 1) for s in steps)
         ):
