@@ -23,5 +23,7 @@ def test_core_imports_no_research_code() -> None:
 
 
 def test_missing_lab_dependency_names_the_extra() -> None:
-    with pytest.raises(MissingDependencyError, match=r"plotting needs no_such_pkg: .*neuronmerge\[lab\]"):
+    with pytest.raises(
+        MissingDependencyError, match=r"plotting needs no_such_pkg: .*neuronmerge\[lab\]"
+    ):
         require("no_such_pkg.sub", "plotting")

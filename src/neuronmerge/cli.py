@@ -152,7 +152,40 @@ def _example_inputs(arch: str | None, input_shape: str | None) -> torch.Tensor:
     return get_spec(arch).example_inputs()
 
 
+def _compress_folder(args: argparse.Namespace) -> None:
+    """A Hugging Face checkpoint folder: every layer's MLP, streamed layer by layer."""
+    from neuronmerge.streaming import compress_checkpoint
+
+    report = compress_checkpoint(
+        args.checkpoint,
+        args.out,
+        args.ratio,
+        method=args.method,
+        criterion=args.criterion,
+        threshold=args.threshold,
+        approximate=args.approximate,
+    )
+    summary = {
+        "out": str(report.out_dir),
+        "width_before": report.width_before,
+        "width_after": report.width_after,
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "layers": len(report.layers),
+    }
+    if args.json:
+        _emit_json(summary)
+        return
+    stdout.print(
+        f"{summary['layers']} layers, MLP width {report.width_before} -> {report.width_after}, "
+        f"{report.bytes_before:,} -> {report.bytes_after:,} bytes; saved to {report.out_dir}"
+    )
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
+    if args.checkpoint.is_dir():
+        _compress_folder(args)
+        return
     _warn_trust(args, args.checkpoint)
     model, arch = _load_any(args.checkpoint, args.arch, args.trust)
     out = Path(args.out)
@@ -559,7 +592,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(run=cmd_reproduce)
 
     com = commands.add_parser("compress", help="merge or prune a checkpoint and save the result")
-    com.add_argument("checkpoint", type=Path)
+    com.add_argument(
+        "checkpoint", type=Path, help="a checkpoint file, or a Hugging Face folder (streamed)"
+    )
     com.add_argument("--arch", default=None, help="registered architecture of the checkpoint")
     com.add_argument("--ratio", type=float, required=True, help="fraction removed per layer")
     _compression_options(

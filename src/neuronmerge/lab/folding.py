@@ -6,9 +6,9 @@ rows (with a BatchNorm after the layer, on the rows it is folded into, ``[a*w | 
 computes before its activation) into as many clusters as the other methods keep channels. Every
 cluster becomes one channel whose producer row is the cluster mean, and each consumer reads it through
 the *sum* of the cluster's columns (each member is approximated by the mean, so its contribution moves
-there). Where a site goes (which layers read it, through which pooling and flattening) is neuronmerge's
-own site finder, so any site works: conv and Linear producers, and with ``approximate=True`` a
-transformer MLP through its GELU.
+there). Where a layer's channels go (which layers read them, through which pooling and flattening)
+is neuronmerge's own group finder, so any group of one producer works: conv and Linear producers,
+and with ``approximate=True`` a transformer MLP through its GELU.
 
 Averaging correlated but unequal channels shrinks the variance of what the merged channel computes
 ("variance collapse"), which the paper repairs without data in one of two ways:
@@ -23,7 +23,7 @@ Averaging correlated but unequal channels shrinks the variance of what the merge
   batch of synthetic images made from the model alone (``neuronmerge.probes``: DeepInversion-style
   model inversion). A model without BatchNorm gets no repair.
 
-``fold`` uses neuronmerge's capture, sites and surgery, and never modifies the caller's model.
+``fold`` uses neuronmerge's capture, groups and surgery, and never modifies the caller's model.
 """
 
 from __future__ import annotations
@@ -34,13 +34,15 @@ from typing import Literal
 import torch
 from torch import Tensor, fx, nn
 
-from neuronmerge import surgery
-from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
+from neuronmerge import engine
+from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import kept_count
 from neuronmerge.decompose import Decomposition
 from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.methods.base import GroupDecomposition
+from neuronmerge.options import Options
 from neuronmerge.recalibrate import recalibrate_batchnorm
-from neuronmerge.sites import Site, find_sites
+from neuronmerge.types import Group
 
 Repair = Literal["none", "ar", "dir"]
 REPAIRS: tuple[str, ...] = ("none", "ar", "dir")
@@ -112,7 +114,7 @@ def cluster_scale(rows: Tensor) -> float:
     return n / variance**0.5
 
 
-def _fold_site(gm: fx.GraphModule, site: Site, keep: int, repair: Repair, seed: int) -> Decomposition:
+def _fold_group(gm: fx.GraphModule, site: Group, keep: int, repair: Repair, seed: int) -> Decomposition:
     """Cluster ``site``'s channels, write each cluster's folded row into its first member (in
     ``gm``'s own tensors), and return the Z that sums the members' consumer columns into it."""
     layer = gm.get_submodule(site.producer)
@@ -186,7 +188,7 @@ def fold(
 
     ``repair`` is ``"none"`` (plain folding), ``"ar"`` (Fold-AR) or ``"dir"`` (Fold-DIR, which needs
     ``probes``: synthetic input batches, of which the first is used). ``approximate`` folds through
-    non-homogeneous activations too (``find_sites``). ``model`` is not modified.
+    non-homogeneous activations too. ``model`` is not modified.
     """
     if repair not in REPAIRS:
         raise InvalidArgumentError(f"repair must be one of {', '.join(REPAIRS)}, got {repair!r}")
@@ -194,17 +196,21 @@ def fold(
         raise InvalidArgumentError("Fold-DIR needs a batch of synthetic probes")
     inputs = as_input_tuple(example_inputs)
     # capture shares tensors with the model it traces: trace a private copy, whose rows we rewrite.
-    gm = capture(copy.deepcopy(model), inputs)
-    sites, _ = find_sites(gm, approximate)
-    decompositions: dict[str, Decomposition] = {}
-    for site in sites:
-        keep = kept_count(site.channels, ratio)
+    gm = engine.capture(copy.deepcopy(model), inputs)
+    # The groups merging shrinks, of one producer each: a cluster mean is one layer's row.
+    found, _ = engine.groups(gm, Options.of(method="merge", approximate=approximate))
+    groups = [group for group in found if len(group.producers) == 1]
+    decompositions: dict[str, GroupDecomposition] = {}
+    for group in groups:
+        keep = kept_count(group.channels, ratio)
         if keep < 1:
             raise InvalidArgumentError(
-                f"ratio {ratio} keeps 0 of the {site.channels} channels of {site.producer}"
+                f"ratio {ratio} keeps 0 of the {group.channels} channels of {group.producer}"
             )
-        decompositions[site.producer] = _fold_site(gm, site, keep, repair, seed)
-    small = detach(gm, surgery.apply(gm, sites, decompositions))
+        folded = _fold_group(gm, group, keep, repair, seed)
+        at = {consumer.tensor: folded for consumer in group.consumers}
+        decompositions[group.name] = GroupDecomposition(folded.kept, at, group.channels - keep)
+    small = engine.surgery(gm, groups, decompositions)
     if repair == "dir" and probes:
         repaired = recalibrate_batchnorm(small, probes[:1])
         assert isinstance(repaired, fx.GraphModule)
