@@ -49,7 +49,7 @@ BATCH = 512
 #: (``experiments/probe_validation.json``) against the accuracy of the full 2048 x 100 probes.
 BUDGET_MACS = 170e9
 #: Never fewer probes or steps than these, whatever the model costs.
-MIN_PROBES = 64
+MIN_PROBES = 32
 MIN_STEPS = 10
 #: A batch stops when its loss fell by less than this fraction over the last ``PATIENCE`` steps.
 TOLERANCE = 0.01
