@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 from neuronmerge.errors import MissingDependencyError
 from neuronmerge.lab import require
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_core_imports_no_research_code() -> None:
@@ -23,5 +31,33 @@ def test_core_imports_no_research_code() -> None:
 
 
 def test_missing_lab_dependency_names_the_extra() -> None:
-    with pytest.raises(MissingDependencyError, match=r"plotting needs no_such_pkg: .*neuronmerge\[lab\]"):
+    with pytest.raises(
+        MissingDependencyError, match=r"plotting needs no_such_pkg: .*neuronmerge\[lab\]"
+    ):
         require("no_such_pkg.sub", "plotting")
+
+
+def _pyproject() -> dict[str, Any]:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+ (make setup's venv)
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_declared_torch_range_is_the_range_the_suite_runs_on() -> None:
+    """``pip install .`` must not pick a torch nobody tested: the range starts at the version
+    ``make setup`` installs and stops before the next minor release nobody has run yet."""
+    (declared,) = [
+        Requirement(r) for r in _pyproject()["project"]["dependencies"] if r.startswith("torch")
+    ]
+    (pinned,) = re.findall(r"torch==([\d.]+)", (ROOT / "Makefile").read_text())
+    assert declared.specifier.contains(pinned)
+    assert declared.specifier.contains(version("torch").split("+")[0])
+    older = Version(pinned).release[:2]
+    assert not declared.specifier.contains(f"{older[0]}.{older[1] - 1}.99")  # lowest = tested
+    assert not declared.specifier.contains(f"{older[0]}.{older[1] + 2}.0")  # no untested future
+
+
+def test_licence_is_an_spdx_expression_with_its_file() -> None:
+    project = _pyproject()["project"]
+    assert project["license"] == "MIT"  # a table here is deprecated by setuptools (a warning per build)
+    assert all((ROOT / name).is_file() for name in project["license-files"])
+    assert "MIT License" in (ROOT / project["license-files"][0]).read_text()

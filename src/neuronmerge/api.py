@@ -20,6 +20,7 @@ from neuronmerge import criteria, decompose, lsq, surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, capture, detach
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.evaluate import count_parameters
+from neuronmerge.notices import warn_about_outcome
 from neuronmerge.planning import LayerRow, Totals, layer_rows
 from neuronmerge.probes import synthesize_probes
 from neuronmerge.sites import Site, Skipped, find_sites
@@ -250,7 +251,9 @@ def compress(
     ``include``/``exclude`` are glob patterns on producer layer names. ``approximate=True`` also
     merges through elementwise activations that are not positively homogeneous (GELU, SiLU, tanh...),
     which is no longer exact: the report then carries the measured ``output_error``. The input model
-    is not modified.
+    is not modified. Merging is defined on inference statistics: the result computes what
+    ``model.eval()`` computes, in eval mode. A ``CompressionWarning`` says when ``model`` was in
+    training mode, and when no layer or only some layers could take ``ratio`` (``plan`` says why).
     """
     ratio = criteria.check_ratio(ratio)
     _check_options(method, criterion, fidelity, threshold, lam)
@@ -332,6 +335,7 @@ def compress(
         approximate=approximate,
         output_error=None if reference is None else _relative_error(produced, reference),
     )
+    warn_about_outcome(model, ratio, len(report.sites), report.skipped)
     return Result(small, report, tuple(sites))
 
 
