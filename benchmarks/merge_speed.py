@@ -13,8 +13,8 @@ For each model and pruning ratio it measures, in one run (medians of repeated ti
 * ``merge_s``: ``neuronmerge.compress(model, x, ratio)`` end to end (exact fidelity, l1-norm, default
   threshold): capture, sites, decomposition, surgery, detach and the verification forward of the
   merged model.
-* ``core_s``: decomposition + surgery alone (``api._site_tensors`` + ``api._decompose_site`` over the
-  sites, then ``surgery.apply``), each repeat on a freshly captured copy whose capture is not timed.
+* ``core_s``: decomposition + surgery alone (``engine.decompose`` over the groups, then
+  ``surgery.apply``), each repeat on a freshly captured copy whose capture is not timed.
   ``stages`` splits the pipeline further (capture, find_sites, decompose, surgery, detach, one forward).
 * ``literal_s``: the paper's algorithm 2 written neuron by neuron with numpy on the same sites (from
   ``neuronmerge.plan``) and the same rows that exact fidelity compares (``[w | b]``, or ``[a*w | c]``
@@ -76,19 +76,22 @@ from rich.table import Table
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge import api, criteria, surgery
 from neuronmerge import capture as capture_module
+from neuronmerge import criteria, engine, surgery
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import count_flops
+from neuronmerge.graph.groups import find_groups
+from neuronmerge.methods.base import Inputs
+from neuronmerge.methods.norm_ratio import producer_rows
 from neuronmerge.models import model_from_state_dict
-from neuronmerge.sites import Site, find_sites
+from neuronmerge.types import Group as Site
 
 RATIOS = (0.3, 0.5, 0.7)
 detach = getattr(capture_module, "detach", None)  # newer neuronmerge: copy-on-detach
 QUICK_RATIOS = (0.5,)
 LITERAL_LIMIT_S = 60.0
-THRESHOLD = api.DEFAULT_THRESHOLD
-LAMBDA = api.PAPER_LAMBDA
+THRESHOLD = nm.DEFAULT_THRESHOLD
+OPTIONS = nm.Options(criterion="l1-norm", threshold=THRESHOLD)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # Targets from the issue (evaluated and reported here, never asserted in the test suite).
@@ -262,19 +265,9 @@ def bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 
 
 def decompose_all(gm: torch.fx.GraphModule, sites: list[Site], ratio: float) -> dict[str, Any]:
-    return {
-        site.producer: api._decompose_site(
-            site,
-            api._site_tensors(gm, site),
-            ratio=ratio,
-            method="merge",
-            criterion="l1-norm",
-            threshold=THRESHOLD,
-            lam=LAMBDA,
-            fidelity="exact",
-        )
-        for site in sites
-    }
+    method = OPTIONS.method_object()
+    keep = engine.kept_counts(sites, ratio, method)
+    return engine.decompose(gm, sites, keep, OPTIONS, Inputs(()), method)
 
 
 def core_once(
@@ -420,7 +413,7 @@ def literal_agreement(
     """Share of sites where the literal's Z equals neuronmerge's (to float32 rounding)."""
     same = []
     for (z, _), site in zip(results, sites, strict=True):
-        expected = decompositions[site.producer].matrix().numpy()
+        expected = next(iter(decompositions[site.producer].at.values())).matrix().numpy()
         same.append(z.shape == expected.shape and np.allclose(z, expected, rtol=1e-4, atol=1e-6))
     return sum(same) / len(same) if same else 1.0
 
@@ -464,7 +457,7 @@ def literal_estimate(model: nn.Module, sites: list[Site], ratio: float, gflops: 
 def floor_inputs(gm: torch.fx.GraphModule, sites: list[Site], decompositions: dict[str, Any]):
     pairs = []
     for site in sites:
-        rows = api._site_tensors(gm, site).folded_rows()
+        rows = producer_rows(gm, site.producer, site.folded[0]).dense()
         kept = decompositions[site.producer].kept
         mask = torch.ones(rows.shape[0], dtype=torch.bool)
         mask[kept] = False
@@ -621,7 +614,7 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
     row["core_s"] = median(split["core_s"])
     gm = capture(model, x)
     start = time.perf_counter()
-    find_sites(gm)
+    find_groups(gm)
     find_s = time.perf_counter() - start
     with torch.no_grad():
         start = time.perf_counter()
@@ -696,7 +689,8 @@ def bench_model(
         model=model,
         x=x,
         batch=batch,
-        sites=list(plan.sites),
+        # The literal and the floor compute one layer's merge: the paper's pattern only.
+        sites=[s for s in plan.sites if s.pattern == "chain" and len(s.producers) == 1],
         weights=[t.detach() for t in (*model.parameters(), *model.buffers())],
         size=model_bytes(model),
         flops=count_flops(model, batch[:1]),

@@ -31,28 +31,48 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import neuronmerge as nm
-from neuronmerge import criteria, decompose, lsq, surgery
-from neuronmerge.activations import site_moments
-from neuronmerge.api import _site_tensors
-from neuronmerge.capture import capture, detach
+from neuronmerge import criteria, decompose, engine, lsq
+from neuronmerge.activations import tensor_moments
 from neuronmerge.evaluate import accuracy
+from neuronmerge.graph.groups import find_groups
 from neuronmerge.lab.data import load_fashion_mnist, train_val_split
 from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, trained_model
-from neuronmerge.sites import Site, find_sites
+from neuronmerge.methods.base import GroupDecomposition
+from neuronmerge.methods.norm_ratio import producer_rows
+from neuronmerge.types import Group as Site
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)
 KIM2020 = Path("/work/shared/checkpoints/kim2020/LeNet_300_100.original.300_100.bias.pth.tar")
 OUT = Path(__file__).with_suffix(".json")
 
-Decide = Callable[[fx.GraphModule, list[Site], float], dict[str, decompose.Decomposition]]
+Decide = Callable[[fx.GraphModule, list[Site], float], dict[str, Any]]
 
 
 def build(model: nn.Module, example: torch.Tensor, ratio: float, decide: Decide) -> nn.Module:
-    """The library's pipeline with a custom decomposition step (for variants not in the library)."""
-    gm = capture(model, example)
-    sites, _ = find_sites(gm)
-    decompositions = decide(gm, sites, ratio)
-    return detach(gm, surgery.apply(gm, sites, decompositions))
+    """The library's stages with a custom decomposition step (for variants not in the library), on
+    the paper's pattern (one producer per group), where these variants were chosen."""
+    gm = engine.capture(model, example)
+    sites = [g for g in find_groups(gm)[0] if g.pattern == "chain" and len(g.producers) == 1]
+    decompositions = {
+        name: dec
+        if isinstance(dec, GroupDecomposition)
+        else GroupDecomposition(dec.kept, dict.fromkeys(_tensors(sites, name), dec), 0)
+        for name, dec in decide(gm, sites, ratio).items()
+    }
+    return engine.surgery(gm, sites, decompositions)
+
+
+def _tensors(sites: list[Site], name: str) -> list[str]:
+    site = next(s for s in sites if s.name == name)
+    return list(dict.fromkeys(c.tensor for c in site.consumers))
+
+
+def _rows(gm: fx.GraphModule, site: Site) -> torch.Tensor:
+    return producer_rows(gm, site.producer, site.folded[0]).dense()
+
+
+def _energy(gm: fx.GraphModule, site: Site) -> torch.Tensor:
+    return lsq.consumer_energy(gm, site, site.consumers[0].tensor)
 
 
 def single_target(scale: str, ranking: str) -> Decide:
@@ -61,10 +81,10 @@ def single_target(scale: str, ranking: str) -> Decide:
     def decide(gm: fx.GraphModule, sites: list[Site], ratio: float) -> dict[str, Any]:
         out = {}
         for site in sites:
-            rows = _site_tensors(gm, site).folded_rows()
+            rows = _rows(gm, site)
             scores = criteria.channel_scores(rows, "l1-norm")
             if ranking == "outgoing":
-                scores = torch.linalg.vector_norm(rows, dim=1) * lsq.consumer_energy(gm, site).sqrt()
+                scores = torch.linalg.vector_norm(rows, dim=1) * _energy(gm, site).sqrt()
             kept = criteria.select_kept(scores, criteria.kept_count(site.channels, ratio))
             dec = decompose.norm_ratio(rows, kept, None)
             if scale == "projection":
@@ -84,16 +104,16 @@ def ls_variant(batches: list[tuple[torch.Tensor, ...]], selection: str, constant
     """merge-ls with the norm kept set and/or without the constants."""
 
     def decide(gm: fx.GraphModule, sites: list[Site], ratio: float) -> dict[str, Any]:
-        moments = site_moments(gm, sites, batches)
+        moments = tensor_moments(gm, sites, batches)
         out = {}
         for site in sites:
-            m = moments[site.producer]
+            m = moments[(site.name, site.consumers[0].tensor)]
             keep = criteria.kept_count(site.channels, ratio)
             if selection == "norm":
-                rows = _site_tensors(gm, site).folded_rows()
+                rows = _rows(gm, site)
                 kept = criteria.select_kept(criteria.channel_scores(rows, "l1-norm"), keep)
             else:
-                kept = criteria.covering_kept(m.cov, lsq.consumer_energy(gm, site), keep)
+                kept = criteria.covering_kept(m.cov, _energy(gm, site), keep)
             dec = decompose.least_squares(m, kept, lsq.FLOOR)
             if not constants:
                 dec = decompose.Decomposition(dec.kept, dec.target, dec.scale, dec.mixing, None)
@@ -104,7 +124,9 @@ def ls_variant(batches: list[tuple[torch.Tensor, ...]], selection: str, constant
 
 
 def ls_with(batches: list[tuple[torch.Tensor, ...]], floor: float = lsq.FLOOR) -> Decide:
-    return lambda gm, sites, ratio: lsq.decompositions(gm, sites, ratio, batches, floor)
+    return lambda gm, sites, ratio: lsq.decompositions(
+        gm, sites, {s.name: criteria.kept_count(s.channels, ratio) for s in sites}, batches, floor
+    )
 
 
 def load_model(name: str) -> nn.Module:
@@ -121,7 +143,7 @@ def evaluate_model(name: str, only: list[str]) -> dict[str, Any]:
     train, val = train_val_split(len(labels), VAL_SIZE, VAL_SEED)
     x, y = images[val], labels[val]
     example = x[:2]
-    gm = capture(model, example)
+    gm = engine.capture(model, example)
     start = time.perf_counter()
     probes = nm.synthesize_probes(gm, example)
     probe_seconds = time.perf_counter() - start

@@ -95,6 +95,8 @@ def main() -> int:
                 "epochs": info["epochs"],
                 "lr": recipe.lr,
                 "batch_size": recipe.batch_size,
+                "schedule": recipe.schedule,
+                "decay": recipe.decay,
                 "train_seconds": info["train_seconds"],
             }
         else:

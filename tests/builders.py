@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from neuronmerge.criteria import kept_count
-from neuronmerge.sites import Site
+from neuronmerge.types import Group as Site
 
 
 def _norm(rows: torch.Tensor, criterion: str) -> torch.Tensor:
@@ -152,6 +152,30 @@ def set_rows(layer: nn.Module, rows: torch.Tensor) -> None:
             layer.bias.copy_(rows[:, width])
 
 
+def _gate_roots(group: Site) -> set[int]:
+    """Roots that pass a non-homogeneous activation before a product: their rows must be equal."""
+    root_of = {s.node: r for s, r in zip(group.steps, group.roots, strict=False) if s.kind == "root"}
+    gated = {i for s in group.steps if s.kind == "mul" for i in s.inputs}
+    return {
+        root_of[s.inputs[0]]
+        for s in group.steps
+        if s.kind == "nonhomogeneous" and s.node in gated and s.inputs[0] in root_of
+    }
+
+
+def _set_norm_slice(bn: nn.Module, span: slice, a: torch.Tensor, c: torch.Tensor) -> None:
+    """BatchNorm entries ``span`` computing ``a x + c`` (random running statistics)."""
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    n = a.shape[0]
+    mean = torch.randn(n, dtype=torch.float64)
+    var = 0.5 + torch.rand(n, dtype=torch.float64)
+    with torch.no_grad():
+        bn.running_mean[span] = mean
+        bn.running_var[span] = var
+        bn.weight[span] = a * torch.sqrt(var + bn.eps)
+        bn.bias[span] = c + a * mean
+
+
 def plant_duplicates(
     model: nn.Module,
     sites: Sequence[Site],
@@ -159,23 +183,91 @@ def plant_duplicates(
     criterion: str,
     generator: torch.Generator,
 ) -> dict[str, tuple[int, int]]:
-    """Give every site of ``model`` exactly mergeable duplicates: removing ``ratio`` of its channels
-    removes exactly the duplicates. Rows are what each channel computes before its activation (the
-    folded rows where a BatchNorm follows). Returns ``{producer: (kept, duplicates)}``."""
+    """Give every group of ``model`` exactly mergeable duplicates: removing ``ratio`` of its channels
+    removes exactly the duplicates. Every producer of a group gets rows (what its channel computes
+    before the activation: the folded rows where a BatchNorm follows) with the same duplicates in
+    the same places; the roots of a gate get equal rows; per-channel parameters on the way
+    (BatchNorm, depthwise kernels, LayerScale, PReLU slopes) are chosen so that each duplicate stays
+    a positive multiple of its source at every tensor the consumers read.
+    Returns ``{group name: (kept, duplicates)}``."""
     counts: dict[str, tuple[int, int]] = {}
-    for site in sites:
-        layer = model.get_submodule(site.producer)
-        assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
-        keep = kept_count(site.channels, ratio)
-        dups = site.channels - keep
-        has_column = layer.bias is not None or site.norm is not None
-        width = layer.weight[0].numel() + int(has_column)
-        rows, _, _ = duplicate_rows(keep, dups, width, criterion, generator)
-        rows = rows[torch.randperm(site.channels, generator=generator)]
-        if site.norm is None:
-            set_rows(layer, rows)
-        else:
-            norm = model.get_submodule(site.norm)
-            set_conv_bn(layer, norm, rows, generator)  # type: ignore[arg-type]
-        counts[site.producer] = (keep, dups)
+    for group in sites:
+        n = group.channels
+        keep = kept_count(n, ratio)
+        dups = n - keep
+        gates = _gate_roots(group)
+        flows: dict[str, torch.Tensor] = {}
+        roots = [s for s in group.steps if s.kind == "root"]
+        for index, (producer, root, folded, step) in enumerate(
+            zip(group.producers, group.roots, group.folded, roots, strict=True)
+        ):
+            layer = model.get_submodule(producer)
+            assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            width = layer.weight[0].numel() + int(layer.bias is not None or bool(folded))
+            rows = torch.randn(keep, width, generator=generator, dtype=torch.float64)
+            target = 1 + 0.2 * torch.rand(keep, 1, generator=generator, dtype=torch.float64)
+            rows = rows / _norm(rows, criterion)[:, None] * target
+            if index == 0:  # the draws of ``duplicate_rows``, then the shuffle
+                source = torch.randint(0, keep, (dups,), generator=generator)
+                scale = 0.05 + 0.25 * torch.rand(dups, generator=generator, dtype=torch.float64)
+                perm = torch.randperm(n, generator=generator)
+                where = torch.empty(n, dtype=torch.long)
+                where[perm] = torch.arange(n)
+                partner = where[torch.cat([torch.arange(keep), source])[perm]]
+                is_dup = partner != torch.arange(n)
+            factor = torch.ones_like(scale) if root in gates else scale
+            full = torch.cat([rows, factor[:, None] * rows[source]])[perm]
+            assert len(folded) <= 1, "planting folds one BatchNorm per producer"
+            if folded:
+                set_conv_bn(layer, model.get_submodule(folded[0]), full, generator)  # type: ignore[arg-type]
+            else:
+                set_rows(layer, full)
+            flows[step.node] = torch.cat([torch.ones(keep, dtype=torch.float64), factor])[perm]
+        for step in group.steps[len(roots) :]:
+            f = flows[step.inputs[0]]
+            if step.kind == "homogeneous":
+                f = f**step.degree
+            elif step.kind == "mul":
+                f = f * flows[step.inputs[1]]
+            elif step.kind == "affine":
+                assert step.params is not None
+                kind, target_name = step.params
+                span = slice(step.offset, step.offset + n)
+                if kind == "batchnorm":
+                    a = 0.5 + torch.rand(n, generator=generator, dtype=torch.float64)
+                    c = torch.randn(n, generator=generator, dtype=torch.float64)
+                    f = f * a / a[partner]
+                    c[is_dup] = f[is_dup] * c[partner[is_dup]]
+                    _set_norm_slice(model.get_submodule(target_name), span, a, c)
+                elif kind == "depthwise":
+                    conv = model.get_submodule(target_name)
+                    assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+                    kernels = torch.randn(n, conv.weight[0].numel(), generator=generator).double()
+                    r = 0.5 + torch.rand(n, generator=generator, dtype=torch.float64)
+                    kernels[is_dup] = r[is_dup, None] * kernels[partner[is_dup]]
+                    f = f * torch.where(is_dup, r, 1)
+                    with torch.no_grad():
+                        conv.weight[span] = kernels.view_as(conv.weight[span])
+                        if conv.bias is not None:
+                            b = torch.randn(n, generator=generator, dtype=torch.float64)
+                            b[is_dup] = f[is_dup] * b[partner[is_dup]]
+                            conv.bias[span] = b
+                else:
+                    value = model.get_parameter(target_name)
+                    v = 0.5 + torch.rand(n, generator=generator, dtype=torch.float64)
+                    if kind == "scale":
+                        f = f * v / v[partner]
+                    else:
+                        v = torch.randn(n, generator=generator, dtype=torch.float64)
+                        v[is_dup] = f[is_dup] * v[partner[is_dup]]
+                    with torch.no_grad():
+                        value.view(-1)[span] = v
+            flows[step.node] = f
+        for param in group.params:
+            module = model.get_submodule(param.owner)
+            if isinstance(module, nn.PReLU) and param.name == "weight":
+                with torch.no_grad():
+                    slopes = module.weight[param.offset : param.offset + n]
+                    slopes[is_dup] = slopes[partner[is_dup]]
+        counts[group.producer] = (keep, dups)
     return counts

@@ -215,7 +215,7 @@ class _Skips(nn.Module):
         super().__init__()
         self.a = nn.Linear(4, 6)  # -> ReLU -> b: mergeable
         self.b = nn.Linear(6, 6)  # -> GELU: refused
-        self.c = nn.Linear(6, 6)  # -> residual add: refused
+        self.c = nn.Linear(6, 6)  # adds into b's stream: one group with b, refused with it
         self.d = nn.Linear(6, 3)  # model output: refused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -233,10 +233,11 @@ def test_plan_lists_sites_and_reasons() -> None:
     assert reasons == {
         "b": "gelu is not positively homogeneous (f(s*x) != s*f(x)); "
         "approximate=True merges through it and measures the error",
-        "c": "channels are tied to a residual add",
+        "c": "gelu is not positively homogeneous (f(s*x) != s*f(x)); "
+        "approximate=True merges through it and measures the error",
         "d": "channels are part of the model's output",
     }
-    assert "merge a (6 ch) -> b" in str(found)
+    assert "exact a (6 ch, chain) -> b" in str(found)
 
 
 @settings(max_examples=25, deadline=None)

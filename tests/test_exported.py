@@ -66,7 +66,7 @@ def test_exported_model_merges_duplicates_exactly_at_any_batch_size(tmp_path: Pa
     assert torch.allclose(nm.load(saved)(batch), small(batch))
 
 
-def test_residual_add_in_aten_form_is_still_refused() -> None:
+def test_residual_stream_of_the_input_in_aten_form_is_refused() -> None:
     class Residual(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -81,7 +81,7 @@ def test_residual_add_in_aten_form_is_still_refused() -> None:
     assert [s.producer for s in found.sites] == ["b"]
     assert {s.producer: s.reason for s in found.skipped}[
         "a"
-    ] == "channels are tied to a residual add.Tensor"
+    ] == "the channels come from the model input x, which cannot lose any"
 
 
 def test_lift_leaves_layers_with_computed_weights_as_aten_calls() -> None:

@@ -7,8 +7,9 @@ An architecture is a stack of blocks over vectors (Linear), signals (Conv1d) or 
 * residual: unit -> producer back to the input width -> [BatchNorm] -> + input -> ReLU
 
 each optionally followed by max or average pooling, then a head that flattens (``torch.flatten``,
-``view(size(0), -1)`` or global pooling) into Linear -> ReLU -> Linear. Which producers are sites
-follows from the spec alone: everything except what feeds a residual add and the output layer.
+``view(size(0), -1)`` or global pooling) into Linear -> ReLU -> Linear. Which producers form which
+group follows from the spec alone: every layer adding into a residual stream joins the group of the
+stream, except a stream of the model input or of a concatenation (refused), and the output layer.
 
 For any such model, random weights and random options, ``compress`` must not raise, must return a
 runnable model with the same output shape (at another batch size too), never more parameters, the
@@ -128,9 +129,11 @@ class FuzzNet(nn.Module):
         self.skipped: set[str] = set()
         channels, size = IN_FEATURES if spec.dims == 0 else IN_CHANNELS, SIZE
         previous: list[str] = []  # producers whose channels reach the next block
+        # What the next block reads: the model input, one group (a layer, or a residual stream of
+        # several), a concatenation of two groups, or a stream that could not be a group.
+        state = "input"
         for i, block in enumerate(spec.blocks):
             if block.kind == "residual":
-                self.skipped.update(previous)  # their channels reach the add
                 self.units[f"b{i}a"] = _unit(
                     spec.dims, block.first, channels, block.first.width, block.first.act
                 )
@@ -138,14 +141,19 @@ class FuzzNet(nn.Module):
                     spec.dims, block.second, block.first.width, channels, "identity"
                 )
                 self.sites.add(f"units.b{i}a.0")
-                self.skipped.add(f"units.b{i}b.0")
-                previous = []
+                if state == "single":  # the add joins the stream: one more producer in the group
+                    previous.append(f"units.b{i}b.0")
+                else:  # a stream of the model input, or of a concatenation, cannot be a group
+                    self.skipped.update(previous if state == "cat" else [])
+                    self.skipped.add(f"units.b{i}b.0")
+                    previous, state = [], "refused"
             else:
-                self.sites.update(previous)
+                self._close(previous, state)
                 tags = "ab" if block.kind == "cat" else "a"
                 for tag, unit in zip(tags, (block.first, block.second)):
                     self.units[f"b{i}{tag}"] = _unit(spec.dims, unit, channels, unit.width, unit.act)
                 previous = [f"units.b{i}{tag}.0" for tag in tags]
+                state = "cat" if block.kind == "cat" else "single"
                 channels = sum(u.width for u in (block.first, block.second)[: len(tags)])
             if block.pool:
                 pool: type[nn.Module] = {
@@ -156,7 +164,7 @@ class FuzzNet(nn.Module):
                 }[(block.pool, spec.dims)]
                 self.pools[str(i)] = pool(2)
                 size //= 2
-        self.sites.update(previous)
+        self._close(previous, state)
         self.sites.add("fc1")
         self.skipped.add("fc2")
         features = (
@@ -164,6 +172,14 @@ class FuzzNet(nn.Module):
         )
         self.fc1 = nn.Linear(features, spec.hidden)
         self.fc2 = nn.Linear(spec.hidden, CLASSES)
+
+    def _close(self, previous: list[str], state: str) -> None:
+        """The groups of what a plain or concatenating block (or the head) reads: named by their
+        first producer."""
+        if state == "single":
+            self.sites.add(previous[0])
+        elif state == "cat":
+            self.sites.update(previous)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, block in enumerate(self.spec.blocks):

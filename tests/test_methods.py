@@ -10,13 +10,13 @@ import torch
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge import lsq, surgery
-from neuronmerge.capture import capture, detach
+from neuronmerge import engine
+from neuronmerge.capture import capture
 from neuronmerge.criteria import kept_count
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import load_checkpoint
 from neuronmerge.lab.data import load_fashion_mnist
-from neuronmerge.sites import find_sites
+from neuronmerge.methods.base import Inputs
 from tests.builders import duplicated_convnet, duplicated_mlp
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -48,9 +48,12 @@ def test_least_squares_merge_is_exact_on_conv_batchnorm_and_flatten() -> None:
     bases, dups = zip(*(split(w, ratio) for w in (8, 6, 10)))
     model = duplicated_convnet(list(bases), list(dups), "l1-norm", seed=2)
     x = torch.randn(64, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    gm = capture(model, x[:2])
-    sites, _ = find_sites(gm)
-    small = detach(gm, surgery.apply(gm, sites, lsq.decompositions(gm, sites, ratio, [(x,)])))
+    gm = engine.capture(model, x[:2])
+    options = nm.Options(method="merge-ls")
+    groups, _ = engine.groups(gm, options)
+    keep = engine.kept_counts(groups, ratio, options.method_object())
+    decompositions = engine.decompose(gm, groups, keep, options, Inputs((x[:2],), [(x,)]))
+    small = engine.surgery(gm, groups, decompositions)
     assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == bases
     assert torch.allclose(small(x), model(x), rtol=1e-7, atol=1e-8)
     remeasured = nm.compress(model, x[:2], ratio, method="merge-ls", calibration=[x]).model

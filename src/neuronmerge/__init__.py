@@ -32,10 +32,11 @@ from neuronmerge.export import OnnxExport, export_onnx
 from neuronmerge.io import load, load_checkpoint, save
 from neuronmerge.models import available_models, create_model
 from neuronmerge.notices import CompressionWarning
+from neuronmerge.options import Options
 from neuronmerge.planning import LayerRow, Totals
 from neuronmerge.probes import synthesize_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
-from neuronmerge.sites import Site, Skipped
+from neuronmerge.types import Group, Skipped
 
 __version__ = "0.1.0"
 
@@ -47,17 +48,18 @@ __all__ = [
     "CompressionWarning",
     "DatasetCorruptError",
     "DatasetNotFoundError",
+    "Group",
     "InvalidArgumentError",
     "LayerRow",
     "MissingDependencyError",
     "NeuronMergeError",
     "OnnxExport",
+    "Options",
     "OutputExistsError",
     "OutputWriteError",
     "Plan",
     "Report",
     "Result",
-    "Site",
     "SiteReport",
     "Skipped",
     "Totals",

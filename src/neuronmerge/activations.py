@@ -1,9 +1,10 @@
-"""Activation moments of every site, measured where its consumers read the channels.
+"""Activation moments of every group, measured at each tensor its consumers read.
 
 ``merge-ls`` fits each removed channel as a combination of kept ones (``decompose.least_squares``),
-which needs the mean and covariance of the channels *as the consumer sees them* (after BatchNorm,
-activation, pooling and flattening). We run the captured graph on calibration batches and read the
-input of each site's first consumer: for a Linear reading a flattened map, every channel owns
+which needs the mean and covariance of the channels *as the consumers see them* (after BatchNorm,
+activation, pooling and flattening), at every tensor that consumers read (a residual stream has
+several). We run the captured graph on calibration batches and read the input of the first
+consumer of each such tensor: for a Linear reading a flattened map, every channel owns
 ``block`` columns, and for a conv every spatial position is one more sample of each channel. Sums are
 accumulated in float64, so any number of batches costs one N x N matrix per site.
 """
@@ -16,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from neuronmerge.decompose import Moments
-from neuronmerge.sites import ConsumerSlice, Site
+from neuronmerge.types import ConsumerSlice, Group
 
 #: Spatial positions per image kept when a conv consumer reads a map (a deterministic stride):
 #: neighbouring positions add little information and a lot of arithmetic.
@@ -34,27 +35,35 @@ def _channel_samples(inputs: torch.Tensor, piece: ConsumerSlice, channels: int) 
     return maps[:, :, ::stride].transpose(1, 2).reshape(-1, channels)
 
 
-def site_moments(
-    graph_module: fx.GraphModule, sites: list[Site], batches: Iterable[tuple[torch.Tensor, ...]]
-) -> dict[str, Moments]:
-    """Mean and covariance of each site's channels over ``batches`` (each a tuple of model inputs)."""
-    sums: dict[str, torch.Tensor] = {}
-    products: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {site.producer: 0 for site in sites}
-    by_consumer: dict[str, list[Site]] = {}
-    for site in sites:
-        by_consumer.setdefault(site.consumers[0].module, []).append(site)
+def tensor_moments(
+    graph_module: fx.GraphModule, groups: list[Group], batches: Iterable[tuple[torch.Tensor, ...]]
+) -> dict[tuple[str, str], Moments]:
+    """Mean and covariance of each group's channels at each tensor its consumers read, keyed by
+    (group name, tensor name), over ``batches`` (each a tuple of model inputs)."""
+    sums: dict[tuple[str, str], torch.Tensor] = {}
+    products: dict[tuple[str, str], torch.Tensor] = {}
+    counts: dict[tuple[str, str], int] = {}
+    by_consumer: dict[str, list[tuple[tuple[str, str], ConsumerSlice, int]]] = {}
+    for group in groups:
+        for piece in group.consumers:
+            key = (group.name, piece.tensor)
+            if key in counts:
+                continue
+            counts[key] = 0
+            by_consumer.setdefault(piece.module, []).append((key, piece, group.channels))
 
     def record(name: str, inputs: tuple[torch.Tensor, ...]) -> None:
-        for site in by_consumer[name]:
-            piece = next(p for p in site.consumers if p.module == name)
-            samples = _channel_samples(inputs[0].detach(), piece, site.channels).to(torch.float64)
-            if site.producer not in sums:
-                sums[site.producer] = torch.zeros(site.channels, dtype=torch.float64)
-                products[site.producer] = torch.zeros(site.channels, site.channels, dtype=torch.float64)
-            sums[site.producer] += samples.sum(dim=0)
-            products[site.producer] += samples.T @ samples
-            counts[site.producer] += samples.shape[0]
+        x = inputs[0].detach()
+        if isinstance(graph_module.get_submodule(name), nn.Linear):  # (..., features): rows of tokens
+            x = x.reshape(-1, x.shape[-1])
+        for key, piece, channels in by_consumer[name]:
+            samples = _channel_samples(x, piece, channels).to(torch.float64)
+            if key not in sums:
+                sums[key] = torch.zeros(channels, dtype=torch.float64)
+                products[key] = torch.zeros(channels, channels, dtype=torch.float64)
+            sums[key] += samples.sum(dim=0)
+            products[key] += samples.T @ samples
+            counts[key] += samples.shape[0]
 
     handles = []
     for name in by_consumer:
@@ -67,12 +76,11 @@ def site_moments(
     finally:
         for handle in handles:
             handle.remove()
-    moments: dict[str, Moments] = {}
-    for site in sites:
-        n = counts[site.producer]
+    moments: dict[tuple[str, str], Moments] = {}
+    for key, n in counts.items():
         if n == 0:
             raise ValueError("no calibration samples reached the consumers")
-        mean = sums[site.producer] / n
-        cov = products[site.producer] / n - mean[:, None] * mean[None, :]
-        moments[site.producer] = Moments(mean, cov, n)
+        mean = sums[key] / n
+        cov = products[key] / n - mean[:, None] * mean[None, :]
+        moments[key] = Moments(mean, cov, n)
     return moments

@@ -273,9 +273,42 @@ def _print_warnings(args: argparse.Namespace, caught: list[warnings.WarningMessa
     return messages
 
 
+def _compress_folder(args: argparse.Namespace) -> None:
+    """A Hugging Face checkpoint folder: every layer's MLP, streamed layer by layer."""
+    from neuronmerge.streaming import compress_checkpoint
+
+    report = compress_checkpoint(
+        args.checkpoint,
+        args.out,
+        args.ratio,
+        method=args.method,
+        criterion=args.criterion,
+        threshold=args.threshold,
+        approximate=args.approximate,
+    )
+    summary = {
+        "out": str(report.out_dir),
+        "width_before": report.width_before,
+        "width_after": report.width_after,
+        "bytes_before": report.bytes_before,
+        "bytes_after": report.bytes_after,
+        "layers": len(report.layers),
+    }
+    if args.json:
+        _emit_json(summary)
+        return
+    stdout.print(
+        f"{summary['layers']} layers, MLP width {report.width_before} -> {report.width_after}, "
+        f"{report.bytes_before:,} -> {report.bytes_after:,} bytes; saved to {report.out_dir}"
+    )
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
     if args.ratio is None:
         raise InvalidArgumentError("compress needs --ratio R (the fraction removed per layer)")
+    if args.checkpoint.is_dir():  # a Hugging Face folder in, a new folder out (checked first there)
+        _compress_folder(args)
+        return
     loaded = _load_any(args, args.checkpoint)
     save_arch = loaded.arch if loaded.rebuildable else None
     out = _check_output(args.out, args.force, lambda path: save_format(path, save_arch))
@@ -741,12 +774,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.set_defaults(run=cmd_reproduce)
 
     com = sub["compress"]
-    com.add_argument("checkpoint", type=Path, help="a checkpoint (with --arch) or a file compress wrote")
+    com.add_argument(
+        "checkpoint",
+        type=Path,
+        help="a checkpoint (with --arch), a file compress wrote, or a Hugging Face folder (streamed)",
+    )
     com.add_argument(
         "--out",
         required=True,
         help="output file: .safetensors (weights + description; registered architectures) or "
-        ".pt2 (a torch.export program; any model)",
+        ".pt2 (a torch.export program; any model); a new folder for a Hugging Face folder",
     )
     com.set_defaults(run=cmd_compress)
 

@@ -1,9 +1,11 @@
 """The ``merge-ls`` method: covering kept sets and least-squares merges from activation moments.
 
-Per site: measure the channels' mean and covariance where the consumers read them (``activations``),
-keep the channels that best explain the others, weighted by how much the consumers read each one
-(``criteria.covering_kept``), and write every removed channel as the least-squares combination of the
-kept ones plus a constant (``decompose.least_squares``). Then the BatchNorm statistics of the result
+Per group: measure the channels' mean and covariance at every tensor the consumers read
+(``activations``), keep the channels that best explain the others, weighted by how much the consumers
+read each one (``criteria.covering_kept``, on the tensors' covariances each scaled to unit trace and
+summed), and at each tensor write every removed channel as the least-squares combination of the kept
+ones plus a constant (``decompose.least_squares``): a residual stream gets one Z per tensor read,
+the adds carry the kept channels unchanged. Then the BatchNorm statistics of the result
 are re-measured on the same batches (``remeasure_batchnorm``): merging shifts and shrinks what
 downstream BatchNorms receive ("variance collapse"; Jordan et al. 2023, REPAIR; Wang et al. 2025,
 model folding), so the statistics stored during training normalise the wrong distribution. On
@@ -13,65 +15,100 @@ synthetic probes this is data-free. The batches are synthetic probes made from t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import fx, nn
 
 from neuronmerge import criteria, decompose
-from neuronmerge.activations import site_moments
+from neuronmerge.activations import tensor_moments
+from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.methods.base import GroupDecomposition
+from neuronmerge.probes import cached_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
-from neuronmerge.sites import Site
+from neuronmerge.types import Group
 
 #: Eigenvalue floor of the least-squares solve, relative to the kept channels' mean variance. Chosen
 #: on the validation split (``experiments/methods_validation.json``).
 FLOOR = 1e-6
 
 
-def consumer_energy(graph_module: fx.GraphModule, site: Site) -> torch.Tensor:
-    """Per channel, the summed squared weights of every consumer column that reads it."""
-    energy = torch.zeros(site.channels, dtype=torch.float64)
-    for piece in site.consumers:
+def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> torch.Tensor:
+    """Per channel, the summed squared weights of every consumer column that reads ``tensor``."""
+    energy = torch.zeros(group.channels, dtype=torch.float64)
+    for piece in group.consumers:
+        if piece.tensor != tensor:
+            continue
         layer = graph_module.get_submodule(piece.module)
         assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
         weight = layer.weight.detach().to(torch.float64)
-        columns = weight[:, piece.offset : piece.offset + site.channels * piece.block]
-        columns = columns.reshape(weight.shape[0], site.channels, piece.block, -1)
+        columns = weight[:, piece.offset : piece.offset + group.channels * piece.block]
+        columns = columns.reshape(weight.shape[0], group.channels, piece.block, -1)
         energy += columns.square().sum(dim=(0, 2, 3))
     return energy
 
 
+def moment_batches(
+    graph_module: fx.GraphModule,
+    example: torch.Tensor,
+    calibration: Iterable[ExampleInputs] | None,
+    groups: list[Group],
+) -> list[tuple[torch.Tensor, ...]]:
+    """The batches ``merge-ls`` measures moments on: ``calibration`` when given, else the model's
+    synthetic probes (``cached_probes``: made once per model), and none when no group needs them.
+    """
+    if not groups:
+        return []
+    if calibration is None:
+        return cached_probes(graph_module, example)
+    return [as_input_tuple(batch) for batch in calibration]
+
+
 def decompositions(
     graph_module: fx.GraphModule,
-    sites: list[Site],
-    ratio: float,
+    groups: list[Group],
+    keep: dict[str, int],
     batches: list[tuple[torch.Tensor, ...]],
     floor: float = FLOOR,
-) -> dict[str, decompose.Decomposition]:
-    """The ``merge-ls`` decomposition of every site, from moments measured on ``batches``."""
-    moments = site_moments(graph_module, sites, batches)
-    result: dict[str, decompose.Decomposition] = {}
-    for site in sites:
-        keep = criteria.kept_count(site.channels, ratio)
-        if keep < 1:
+) -> dict[str, GroupDecomposition]:
+    """The ``merge-ls`` decomposition of every group, from moments measured on ``batches``."""
+    moments = tensor_moments(graph_module, groups, batches)
+    result: dict[str, GroupDecomposition] = {}
+    for group in groups:
+        if keep[group.name] < 1:
             raise InvalidArgumentError(
-                f"ratio {ratio} keeps 0 of the {site.channels} channels of {site.producer}; "
+                f"the ratio keeps 0 of the {group.channels} channels of {group.name}; "
                 "use a smaller ratio or exclude this layer"
             )
-        site_moment = moments[site.producer]
-        kept = criteria.covering_kept(site_moment.cov, consumer_energy(graph_module, site), keep)
-        result[site.producer] = decompose.least_squares(site_moment, kept, floor)
+        tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
+        cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
+        energy = torch.zeros(group.channels, dtype=torch.float64)
+        for tensor in tensors:
+            c = moments[(group.name, tensor)].cov
+            cov += c / c.diagonal().sum().clamp_min(1e-300) if len(tensors) > 1 else c
+            energy += consumer_energy(graph_module, group, tensor)
+        kept = criteria.covering_kept(cov, energy, keep[group.name])
+        if group.mode == "prune-only":
+            prune = decompose.identity_on_kept(group.channels, kept, torch.float32)
+            result[group.name] = GroupDecomposition(kept, {t: prune for t in tensors}, 0)
+            continue
+        at = {t: decompose.least_squares(moments[(group.name, t)], kept, floor) for t in tensors}
+        merged = max(int(d.merged().shape[0]) for d in at.values())
+        result[group.name] = GroupDecomposition(kept, at, merged)
     return result
 
 
 def remeasure_batchnorm(
     model: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]]
 ) -> fx.GraphModule:
-    """``model`` with its BatchNorm statistics re-measured on ``batches`` (itself if it has none).
+    """``model`` with its BatchNorm statistics re-measured on ``batches`` (itself if it has no
+    BatchNorm, or there are no batches: nothing was merged).
 
     Re-measuring beat correcting the stored statistics by the change the merge made on the same
     batches (``experiments/methods_validation.json``, vgg-fmnist).
     """
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not batches or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
     repaired = recalibrate_batchnorm(model, batches)
     assert isinstance(repaired, fx.GraphModule)

@@ -12,7 +12,8 @@ import warnings
 
 from torch import nn
 
-from neuronmerge.sites import Skipped
+from neuronmerge.graph.groups import OUTPUT
+from neuronmerge.types import Skipped
 
 
 class CompressionWarning(UserWarning):
@@ -21,7 +22,7 @@ class CompressionWarning(UserWarning):
 
 #: Skips that are no shortfall: the model's output layer keeps its width by definition, and a layer
 #: the caller left out with include/exclude is skipped as asked.
-EXPECTED_SKIPS = ("channels are part of the model's output", "left out by include/exclude")
+EXPECTED_SKIPS = (OUTPUT, "left out by include/exclude")
 
 
 def warn_about_outcome(

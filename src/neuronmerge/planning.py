@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from neuronmerge.evaluate import count_parameters, flops_by_layer
-from neuronmerge.sites import Skipped
+from neuronmerge.types import Skipped
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,8 @@ class SiteCounts(Protocol):
     def merged(self) -> int: ...
     @property
     def dropped(self) -> int: ...
+    @property
+    def producers(self) -> tuple[str, ...]: ...
 
 
 def _out_channels(layer: nn.Module) -> int:
@@ -87,7 +89,7 @@ def layer_rows(
     """
     one = tuple(t[:1] for t in example_inputs)
     macs_before, macs_after = flops_by_layer(before, one), flops_by_layer(after, one)
-    at_site = {s.producer: s for s in sites}
+    at_site = {p: s for s in sites for p in (s.producers or (s.producer,))}
     why = {s.producer: s.reason for s in skipped}
     after_modules = dict(after.named_modules())
     rows = []

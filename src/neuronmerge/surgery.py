@@ -1,20 +1,22 @@
-"""Surgery: apply each site's kept set and scaling matrix to the captured graph's layers.
+"""Surgery: apply each group's kept channels and scaling matrices to the captured graph's layers.
 
-For a site with decomposition (K, Z):
+For a group with kept channels K and a Z per consumed tensor:
 
-* producer: keep weight rows (and bias) ``[K]``; its BatchNorm keeps ``[K]`` of every per-channel
-  tensor;
-* every consumer: the input columns that carry the site's channels become ``W . Z``, computed as "copy
-  the kept columns, then add ``s * column_i`` into its target column" (one gather, of rows and
-  columns together, and one index_add: proportional to the new weight's size, never a dense product
-  with Z); a dense Z (``least_squares``) is one matrix product over the channel axis instead;
-* a decomposition's ``shift`` (constant activations credited to removed channels) becomes a constant
-  added to each consumer's output: into its bias, or, for a bias-free layer read only by a BatchNorm,
+* every producer keeps weight rows (and bias) ``[K]``;
+* every per-channel tensor of the group (BatchNorm anywhere on the path, depthwise conv weights,
+  PReLU slopes, LayerScale parameters, LayerNorm affine) keeps the entries ``[K]`` of its slice;
+* every consumer: the input columns that carry the group's channels become ``W . Z`` with the Z of
+  the tensor it reads, computed as "copy the kept columns, then add ``s * column_i`` into its target
+  column" (one gather, of rows and columns together, and one index_add: proportional to the new
+  weight's size, never a dense product with Z); a dense Z (``least_squares``) is one matrix product
+  over the channel axis instead;
+* a Z's ``shift`` (constant activations credited to removed channels) becomes a constant added to
+  each consumer's output: into its bias, or, for a bias-free layer read only by a BatchNorm,
   subtracted from that BatchNorm's running mean (the same function, and the architecture unchanged);
   a bias-free layer with no such BatchNorm gets a bias;
-* views on the path whose target shapes hold a literal channel count are rewritten.
+* literal sizes on the path (``x.view(-1, 120)``, ``F.layer_norm(x, (C,))``) are rewritten.
 
-A layer that is the consumer of one site and the producer of another gets both; row selection and
+A layer that is the consumer of one group and the producer of another gets both; row selection and
 column mixing commute, so the order does not matter. The captured graph shares its layers with the
 caller's model, so a touched layer is never written to: it is replaced in the graph by a new instance
 (a shallow copy with its own parameter and buffer tables, so subclasses and attributes survive)
@@ -32,7 +34,8 @@ from torch import fx, nn
 
 from neuronmerge.capture import structural_copy
 from neuronmerge.decompose import Decomposition
-from neuronmerge.sites import ConsumerSlice, Site
+from neuronmerge.methods.base import GroupDecomposition
+from neuronmerge.types import ConsumerSlice, Group, ParamSlice
 
 
 def _resized_weight(
@@ -205,22 +208,53 @@ def _absorb_constant(
     return _install(graph_module, name, new)
 
 
-def _resized_norm(bn: nn.Module, kept: torch.Tensor) -> nn.Module:
-    """A new BatchNorm keeping channels ``kept``."""
-    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
-    assert bn.running_mean is not None and bn.running_var is not None
-    new = structural_copy(bn)
-    assert isinstance(new, nn.modules.batchnorm._BatchNorm)
+def _kept_index(length: int, pieces: list[tuple[ParamSlice, torch.Tensor, int]]) -> torch.Tensor:
+    """Indices along an axis of ``length`` that survive: outside every piece all, inside a piece
+    ``offset + kept*block ...`` (pieces of several groups can share a tensor: a BatchNorm after a
+    concatenation)."""
+    keep = torch.ones(length, dtype=torch.bool)
+    for piece, kept, channels in pieces:
+        within = torch.arange(piece.block)
+        span = piece.offset + torch.arange(channels * piece.block)
+        keep[span] = False
+        keep[(piece.offset + kept[:, None] * piece.block + within).flatten()] = True
+    return torch.nonzero(keep).flatten()
+
+
+def _sliced(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:
+    value = tensor.detach().index_select(axis, index)
+    if isinstance(tensor, nn.Parameter):
+        return _parameter(tensor, value)
+    return value
+
+
+def _channel_count(module: nn.Module) -> int:
+    """How many channels a per-channel module holds."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return module.num_features
+    if isinstance(module, nn.LayerNorm):
+        return int(module.normalized_shape[0])
+    assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+    return module.out_channels
+
+
+def _sliced_module(module: nn.Module, index: torch.Tensor) -> nn.Module:
+    """A new per-channel module (BatchNorm, depthwise conv, LayerNorm, PReLU) keeping ``index``."""
+    new = structural_copy(module)
     with torch.no_grad():
-        if bn.weight is not None:
-            _put(new, "weight", _parameter(bn.weight, bn.weight.detach()[kept]))
-        if bn.bias is not None:
-            _put(new, "bias", _parameter(bn.bias, bn.bias.detach()[kept]))
-        _put(new, "running_mean", bn.running_mean[kept])
-        _put(new, "running_var", bn.running_var[kept])
-        if bn.num_batches_tracked is not None:
-            _put(new, "num_batches_tracked", bn.num_batches_tracked.clone())
-    new.num_features = int(kept.shape[0])
+        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None or tensor.dim() == 0 or name == "num_batches_tracked":
+                continue
+            _put(new, name, _sliced(tensor, 0, index))
+    kept = int(index.shape[0])
+    if isinstance(new, nn.modules.batchnorm._BatchNorm):
+        new.num_features = kept
+    elif isinstance(new, (nn.Conv1d, nn.Conv2d)):
+        new.in_channels = new.out_channels = new.groups = kept
+    elif isinstance(new, nn.LayerNorm):
+        new.normalized_shape = (kept,)
+    elif isinstance(new, nn.PReLU):
+        new.num_parameters = kept
     return new
 
 
@@ -259,23 +293,46 @@ def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
     node.args = (args[0], tuple(sizes)) if nested else (args[0], *sizes)
 
 
+def _patch_literal(node: fx.Node, key: str | int, element: int, delta: int) -> None:
+    """Shift a literal size in ``node``'s arguments: the target shape of a view/reshape
+    (``key == "shape"``, ``element`` the axis) or element ``element`` of positional argument
+    ``key`` (``F.layer_norm``'s normalized_shape)."""
+    if key == "shape":
+        _patch_reshape(node, element, delta)
+        return
+    assert isinstance(key, int)
+    args = list(node.args)
+    sizes = list(args[key])  # type: ignore[arg-type]
+    sizes[element] += delta
+    args[key] = tuple(sizes)
+    node.args = tuple(args)
+
+
 def apply(
-    graph_module: fx.GraphModule, sites: list[Site], decompositions: Mapping[str, Decomposition]
+    graph_module: fx.GraphModule,
+    groups: list[Group],
+    decompositions: Mapping[str, GroupDecomposition],
 ) -> list[torch.Tensor]:
-    """Replace every layer touched by ``sites`` in ``graph_module`` by a resized one.
+    """Replace every layer and parameter touched by ``groups`` in ``graph_module`` by a resized one.
 
     The generated code looks layers up by name when it runs, so it is regenerated (milliseconds of
-    Python code generation) only when a view's literal size was rewritten.
+    Python code generation) only when a literal size was rewritten.
 
     Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
     """
     slices: dict[str, list[tuple[ConsumerSlice, Decomposition]]] = defaultdict(list)
-    for site in sites:
-        for piece in site.consumers:
-            slices[piece.module].append((piece, decompositions[site.producer]))
+    kept_of: dict[str, torch.Tensor] = {}
+    pieces: dict[tuple[str, str], list[tuple[ParamSlice, torch.Tensor, int]]] = defaultdict(list)
+    for group in groups:
+        dec = decompositions[group.name]
+        for piece in group.consumers:
+            slices[piece.module].append((piece, dec.at[piece.tensor]))
+        for producer in group.producers:
+            kept_of[producer] = dec.kept
+        for param in group.params:
+            pieces[(param.owner, param.name)].append((param, dec.kept, group.channels))
 
     owned: list[torch.Tensor] = []
-    kept_of = {site.producer: decompositions[site.producer].kept for site in sites}
     constants: dict[str, torch.Tensor] = {}
     for name in dict.fromkeys([*kept_of, *slices]):
         layer, constant = _resized_layer(
@@ -284,21 +341,34 @@ def apply(
         owned += _install(graph_module, name, layer)
         if constant is not None:
             constants[name] = constant
-    for site in sites:
-        if site.norm is not None:
-            norm = _resized_norm(graph_module.get_submodule(site.norm), kept_of[site.producer])
-            owned += _install(graph_module, site.norm, norm)
+    for (owner, name), parts in pieces.items():
+        module = graph_module.get_submodule(owner)
+        if name == "*":
+            new = _sliced_module(module, _kept_index(_channel_count(module), parts))
+            owned += _install(graph_module, owner, new)
+            continue
+        # A named parameter (LayerScale, PReLU slopes): the module object is the capture's own
+        # (``capture.structural_copy``), only the tensor is shared, so its table can take the new one.
+        tensor = getattr(module, name)
+        axis = parts[0][0].axis
+        index = _kept_index(tensor.shape[axis], parts)
+        with torch.no_grad():
+            value = _sliced(tensor, axis, index)
+        _put(module, name, value)
+        owned.append(value)
+        if isinstance(module, nn.PReLU):
+            module.num_parameters = int(index.shape[0])
     for name, constant in constants.items():
         owned += _absorb_constant(graph_module, name, constant)
 
-    deltas: dict[tuple[str, int], int] = defaultdict(int)
-    for site in sites:
-        removed = site.channels - int(decompositions[site.producer].kept.shape[0])
-        for fix in site.reshapes:
-            deltas[(fix.node, fix.dim)] -= removed * fix.block
+    deltas: dict[tuple[str, str | int, int], int] = defaultdict(int)
+    for group in groups:
+        removed = group.channels - int(decompositions[group.name].kept.shape[0])
+        for fix in group.literals:
+            deltas[(fix.node, fix.key, fix.element)] -= removed * fix.block
     nodes = {node.name: node for node in graph_module.graph.nodes}
-    for (node_name, dim), delta in deltas.items():
-        _patch_reshape(nodes[node_name], dim, delta)
+    for (node_name, key, element), delta in deltas.items():
+        _patch_literal(nodes[node_name], key, element, delta)
     if deltas:
         graph_module.graph.lint()
         graph_module.recompile()

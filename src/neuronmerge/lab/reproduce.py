@@ -18,6 +18,7 @@ from neuronmerge.api import compress
 from neuronmerge.errors import DatasetNotFoundError, InvalidArgumentError
 from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.lab.data import load_fashion_mnist
+from neuronmerge.lab.training import reproducible_torch
 from neuronmerge.models import get_spec
 
 
@@ -93,7 +94,19 @@ def reproduce(
     Returns ``{"model", "dataset", "baseline_accuracy", "params", "results": [{"ratio", "method",
     "accuracy", "params"}]}`` with accuracies in percent, rounded to 0.01.
     ``on_row`` is called with each result as soon as it is measured (for progress display).
+    Runs like training (``reproducible_torch``), so the table does not depend on the core count.
     """
+    with reproducible_torch():
+        return _reproduce(model, setup, ratios, data_dir, on_row)
+
+
+def _reproduce(
+    model: nn.Module,
+    setup: PaperSetup,
+    ratios: Sequence[float] | None,
+    data_dir: str | os.PathLike[str] | None,
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     images, labels = test_split(setup.dataset, data_dir)
     example = images[:2]
     results: list[dict[str, Any]] = []

@@ -1,0 +1,77 @@
+"""The method protocol: what every way of shrinking a group provides, and the value it returns.
+
+A method sees the groups of a captured graph and, per group, the number of channels to keep; it
+returns a ``GroupDecomposition`` per group: the kept channels, shared by every tensor of the group,
+and a scaling matrix Z for each tensor that consumers read (identity on the kept channels for
+pruning; the paper's one-entry rows for merging; dense least-squares rows for ``merge-ls``). Methods
+never touch the graph's layers; ``surgery`` applies what they return.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+from torch import fx
+
+from neuronmerge.decompose import Decomposition
+from neuronmerge.types import Group
+
+if TYPE_CHECKING:
+    from neuronmerge.options import Options
+
+
+@dataclass(frozen=True)
+class GroupDecomposition:
+    """A group's kept channels and the Z of every tensor its consumers read (by fx node name).
+
+    ``merged`` counts the removed channels that were folded into kept ones (where several tensors
+    are read, at the group's producers); the rest of the removed ones are dropped.
+    """
+
+    kept: torch.Tensor
+    at: Mapping[str, Decomposition]
+    merged: int
+
+    @property
+    def channels(self) -> int:
+        return next(iter(self.at.values())).channels if self.at else 0
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a method may read besides the graph: the example inputs and, for methods that measure
+    activations, calibration batches (synthetic probes or the caller's samples)."""
+
+    example: tuple[torch.Tensor, ...]
+    calibration: Sequence[tuple[torch.Tensor, ...]] | None = None
+
+
+class Method(Protocol):
+    """One way of shrinking groups (``prune``, ``merge``, ``paper``, ``merge-ls``)."""
+
+    #: The name shown in reports and accepted by ``compress(method=...)``.
+    name: str
+    #: Whether the method needs no data (calibration batches) at all.
+    data_free: bool
+
+    def refusal(self, group: Group, options: Options) -> str | None:
+        """Why this method leaves ``group`` alone, or None when it can shrink it."""
+        ...
+
+    def kept_count(self, group: Group, ratio: float) -> int:
+        """How many of the group's channels survive removing the fraction ``ratio``."""
+        ...
+
+    def decompose(
+        self,
+        graph_module: fx.GraphModule,
+        groups: Sequence[Group],
+        keep: Mapping[str, int],
+        options: Options,
+        inputs: Inputs,
+    ) -> dict[str, GroupDecomposition]:
+        """A decomposition of every group in ``groups``, keeping ``keep[group.name]`` channels."""
+        ...

@@ -1,0 +1,261 @@
+"""``merge`` and ``prune``: kept channels by a norm criterion on what each channel computes, removed
+ones folded into their most similar kept one (merge) or dropped (prune).
+
+Rows. A producer's channel computes ``a (w . x + b) + c`` where ``a, c`` fold the BatchNorms that
+alone read it; its row is ``[a w | a b + c]``. The producers of one *root* (every layer adding into
+one residual stream) are one channel each, their rows side by side; the factors of a product (the
+gate and the up projection of a gated pair) are separate roots.
+
+Merge. Removed channel ``i`` goes to the kept channel ``j`` of highest cosine similarity (the mean
+over roots), with the norm ratio ``s_r = |f_i| / |f_j|`` per root, unless the similarity is below the
+threshold. Where rows are exact positive multiples, channel ``i`` *is* ``s_r`` times channel ``j`` at
+the roots; ``propagate`` follows that through the group's steps to every tensor the consumers read:
+
+* a positively homogeneous activation of degree k turns ``s`` into ``s**k`` (``s > 0`` needed);
+* a per-channel affine map ``y = K x + b`` (BatchNorm after the activation, LayerScale, depthwise
+  conv) turns ``x_i = s x_j + d`` into ``y_i = s' y_j + d'`` with ``s' = s <K_i, K_j> / |K_j|^2``
+  and ``d' = d sum(K_i) + b_i - s' b_j``; the constant ``d'`` goes into the consumers' biases;
+* a product of two roots multiplies their scales (a gate with equal rows has ``s = 1``);
+* pooling, padding, views and sums pass ``s`` and ``d`` on.
+
+Exact on duplicates, whatever the group's shape; elsewhere the same approximation as the paper.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import fx, nn
+
+from neuronmerge import criteria
+from neuronmerge.decompose import Decomposition, Rows, identity_on_kept, norm_ratio
+from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.methods.base import GroupDecomposition, Inputs
+from neuronmerge.types import Group, Step
+
+if TYPE_CHECKING:
+    from neuronmerge.options import Options
+
+
+def _norm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a, c`` with ``bn(x) = a x + c`` per channel (inference)."""
+    assert isinstance(bn, nn.modules.batchnorm._BatchNorm)
+    assert bn.running_mean is not None and bn.running_var is not None
+    n = bn.running_mean.shape[0]
+    weight = bn.weight.detach() if bn.weight is not None else torch.ones(n)
+    bias = bn.bias.detach() if bn.bias is not None else torch.zeros(n)
+    a = weight / torch.sqrt(bn.running_var + bn.eps)
+    return a, bias - a * bn.running_mean
+
+
+def producer_rows(graph_module: fx.GraphModule, producer: str, folded: Sequence[str]) -> Rows:
+    """``[a w | a b + c]`` of one producer, factored (see ``decompose.Rows``)."""
+    layer = graph_module.get_submodule(producer)
+    assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    weight = layer.weight.detach().flatten(1)
+    scale: torch.Tensor | None = None
+    shift = layer.bias.detach() if layer.bias is not None else None
+    for name in folded:
+        a, c = _norm_affine(graph_module.get_submodule(name))
+        a, c = a.to(weight.dtype), c.to(weight.dtype)
+        scale = a if scale is None else a * scale
+        shift = c if shift is None else a * shift + c
+    return Rows(weight, scale, shift)
+
+
+def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
+    """One ``Rows`` per root: a single producer's factored rows, or several side by side."""
+    per_root: list[list[Rows]] = [[] for _ in range(max(group.roots) + 1)]
+    for producer, root, folded in zip(group.producers, group.roots, group.folded, strict=True):
+        per_root[root].append(producer_rows(graph_module, producer, folded))
+    return [
+        rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1)) for rows in per_root
+    ]
+
+
+def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> torch.Tensor:
+    """The ``keep`` channels of highest score on all of the group's rows."""
+    if keep < 1:
+        raise InvalidArgumentError(
+            f"the ratio keeps 0 of the {group.channels} channels of {group.name}; "
+            "use a smaller ratio or exclude this layer"
+        )
+    whole = rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1))
+    return criteria.select_kept(criteria.channel_scores(whole, criterion), keep)
+
+
+def pair(
+    rows: list[Rows], kept: torch.Tensor, threshold: float | None, criterion: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Each channel's kept partner position (-1: dropped) and its scale per root."""
+    if len(rows) == 1:
+        norms = rows[0].l2_norms() if criterion == "l2-norm" else None
+        dec = norm_ratio(rows[0], kept, threshold, norms)
+        return dec.target, [dec.scale]
+    n = rows[0].weight.shape[0]
+    is_kept = torch.zeros(n, dtype=torch.bool)
+    is_kept[kept] = True
+    removed = torch.nonzero(~is_kept).flatten()
+    target = torch.full((n,), -1, dtype=torch.long)
+    target[kept] = torch.arange(kept.shape[0])
+    dense = [r.dense() for r in rows]
+    root_norms = [torch.linalg.vector_norm(d, dim=1) for d in dense]
+    cosine = torch.zeros(removed.shape[0], kept.shape[0], dtype=dense[0].dtype)
+    dead = torch.zeros(kept.shape[0], dtype=torch.bool)
+    for d, norm in zip(dense, root_norms, strict=True):
+        unit = d / torch.where(norm > 0, norm, 1)[:, None]
+        cosine += unit[removed] @ unit[kept].T
+        dead |= norm[kept] == 0
+    cosine /= len(dense)
+    best, choice = cosine.masked_fill_(dead, -torch.inf).max(dim=1)
+    accept = torch.isfinite(best) if threshold is None else best >= threshold
+    target[removed] = torch.where(accept, choice, -1)
+    scales = []
+    for norm in root_norms:
+        scale = torch.ones(n, dtype=dense[0].dtype)
+        ratio = norm[removed] / torch.where(norm[kept] > 0, norm[kept], 1)[choice]
+        scale[removed] = torch.where(accept, ratio, 0)
+        scales.append(scale)
+    return target, scales
+
+
+@dataclass
+class _Flow:
+    """How each channel relates to its partner at one tensor: ``x_i = s x_j + d``, valid or not."""
+
+    s: torch.Tensor
+    d: torch.Tensor
+    valid: torch.Tensor
+
+
+def _affine_params(
+    graph_module: fx.GraphModule, step: Step, channels: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(K, b)`` of an affine step: per channel a kernel row and a constant."""
+    assert step.params is not None
+    kind, target = step.params
+    span = slice(step.offset, step.offset + channels)
+    if kind == "batchnorm":
+        a, c = _norm_affine(graph_module.get_submodule(target))
+        return a[span, None].to(dtype), c[span].to(dtype)
+    if kind == "depthwise":
+        conv = graph_module.get_submodule(target)
+        assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+        bias = conv.bias.detach()[span] if conv.bias is not None else torch.zeros(channels)
+        return conv.weight.detach()[span].flatten(1).to(dtype), bias.to(dtype)
+    value = graph_module.get_parameter(target).detach().flatten()[span].to(dtype)
+    if kind == "scale":
+        return value[:, None], torch.zeros(channels, dtype=dtype)
+    return torch.ones(channels, 1, dtype=dtype), value
+
+
+def propagate(
+    graph_module: fx.GraphModule,
+    group: Group,
+    kept: torch.Tensor,
+    target: torch.Tensor,
+    scales: list[torch.Tensor],
+) -> dict[str, Decomposition]:
+    """The Z of every consumed tensor, from partners and root scales (see the module docstring)."""
+    n = group.channels
+    dtype = scales[0].dtype
+    partner = torch.arange(n)
+    merged = target >= 0
+    partner[merged] = kept[target[merged]]
+    flows: dict[str, _Flow] = {}
+    root_steps = [s for s in group.steps if s.kind == "root"]
+    for step, root in zip(root_steps, group.roots, strict=True):
+        flows[step.node] = _Flow(scales[root].clone(), torch.zeros(n, dtype=dtype), merged.clone())
+    for step in group.steps[len(root_steps) :]:
+        inputs = [flows[name] for name in step.inputs if name in flows]
+        first = inputs[0]
+        if step.kind in ("pass", "mixing"):
+            flow = first
+        elif step.kind == "maxpool":
+            flow = _Flow(first.s, first.d, first.valid & (first.s > 0))
+        elif step.kind == "homogeneous":
+            positive = first.s > 0
+            flow = _Flow(
+                first.s.clamp_min(0) ** step.degree, torch.zeros_like(first.d), first.valid & positive
+            )
+        elif step.kind == "nonhomogeneous":
+            flow = _Flow(first.s, torch.zeros_like(first.d), first.valid)
+        elif step.kind == "affine":
+            kernel, bias = _affine_params(graph_module, step, n, dtype)
+            own, other = kernel, kernel[partner]
+            energy = other.square().sum(1)
+            ratio = torch.where(energy > 0, (own * other).sum(1) / torch.where(energy > 0, energy, 1), 0)
+            s = first.s * ratio
+            d = first.d * own.sum(1) + bias - s * bias[partner]
+            flow = _Flow(s, d, first.valid)
+        elif step.kind == "add":
+            second = inputs[1] if len(inputs) > 1 else first
+            sign = step.degree
+            flow = _Flow(first.s, first.d + sign * second.d, first.valid & second.valid)
+        else:  # mul: a gate
+            second = inputs[1] if len(inputs) > 1 else first
+            flow = _Flow(first.s * second.s, torch.zeros_like(first.d), first.valid & second.valid)
+        flows[step.node] = flow
+    result: dict[str, Decomposition] = {}
+    for consumer in group.consumers:
+        if consumer.tensor in result:
+            continue
+        flow = flows[consumer.tensor]
+        ok = flow.valid & merged
+        at_target = torch.where(ok, target, -1)
+        at_target[kept] = torch.arange(kept.shape[0])
+        scale = torch.where(ok, flow.s, 0).to(dtype)
+        scale[kept] = 1
+        shift = torch.where(ok, flow.d, 0)
+        shift[kept] = 0
+        has_shift = bool((shift != 0).any())
+        result[consumer.tensor] = Decomposition(
+            kept, at_target, scale, None, shift if has_shift else None
+        )
+    return result
+
+
+class NormRatio:
+    """``merge`` (``merge=True``) and ``prune``: see the module docstring."""
+
+    data_free = True
+
+    def __init__(self, merge: bool) -> None:
+        self.merge = merge
+        self.name = "merge" if merge else "prune"
+
+    def refusal(self, group: Group, options: Options) -> str | None:
+        # Pruning could shrink any group; it shrinks the ones merging does, so that the two compare
+        # at the same size (``approximate=True`` opens every group to both).
+        if group.mode == "exact" or options.approximate:
+            return None
+        return group.why
+
+    def kept_count(self, group: Group, ratio: float) -> int:
+        return criteria.kept_count(group.channels, ratio)
+
+    def decompose(
+        self,
+        graph_module: fx.GraphModule,
+        groups: Sequence[Group],
+        keep: Mapping[str, int],
+        options: Options,
+        inputs: Inputs,
+    ) -> dict[str, GroupDecomposition]:
+        result = {}
+        for group in groups:
+            rows = root_rows(graph_module, group)
+            kept = kept_channels(rows, options.criterion, keep[group.name], group)
+            if not self.merge or group.mode == "prune-only":
+                prune = identity_on_kept(group.channels, kept, rows[0].weight.dtype)
+                at = {c.tensor: prune for c in group.consumers}
+                result[group.name] = GroupDecomposition(kept, at, 0)
+                continue
+            target, scales = pair(rows, kept, options.threshold, options.criterion)
+            at = propagate(graph_module, group, kept, target, scales)
+            merged = int((target >= 0).sum()) - int(kept.shape[0])
+            result[group.name] = GroupDecomposition(kept, at, merged)
+        return result
