@@ -23,7 +23,6 @@ from torch import fx, nn
 from neuronmerge import criteria, decompose
 from neuronmerge.activations import tensor_moments
 from neuronmerge.capture import ExampleInputs, as_input_tuple
-from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.probes import cached_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
@@ -80,11 +79,6 @@ def decompositions(
     moments = tensor_moments(graph_module, groups, batches)
     result: dict[str, GroupDecomposition] = {}
     for group in groups:
-        if keep[group.name] < 1:
-            raise InvalidArgumentError(
-                f"the ratio keeps 0 of the {group.channels} channels of {group.name}; "
-                "use a smaller ratio or exclude this layer"
-            )
         tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
         cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
         energy = torch.zeros(group.channels, dtype=torch.float64)

@@ -78,11 +78,6 @@ def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
 
 def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> torch.Tensor:
     """The ``keep`` channels of highest score on all of the group's rows."""
-    if keep < 1:
-        raise InvalidArgumentError(
-            f"the ratio keeps 0 of the {group.channels} channels of {group.name}; "
-            "use a smaller ratio or exclude this layer"
-        )
     whole = rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1))
     return criteria.select_kept(criteria.channel_scores(whole, criterion), keep)
 
