@@ -33,12 +33,12 @@ from torch import fx, nn
 import neuronmerge as nm
 from neuronmerge import criteria, decompose, engine, lsq
 from neuronmerge.activations import tensor_moments
-from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.evaluate import accuracy
 from neuronmerge.graph.groups import find_groups
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, trained_model
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.methods.norm_ratio import producer_rows
-from neuronmerge.training import VAL_SEED, VAL_SIZE, trained_model
 from neuronmerge.types import Group as Site
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)

@@ -1,14 +1,21 @@
-"""Choose the learning rate of each Fashion-MNIST conv net's recipe on the validation split.
+"""Choose each Fashion-MNIST conv net's epoch count on the validation split: train to the plateau.
 
-The epoch count is fixed by the CPU budget (each net must train in minutes on two cores); the
-learning rate is picked among ``LRS`` by validation accuracy (5000 images held out of the training
-split, as ``training.trained_model`` does; the test split is never read). The current recipe's lr
-(0.05, the project's LeNet-300-100 rate) is kept unless another beats it by more than one binomial
-standard error of a 5,000-image accuracy (about 0.4 points): smaller gaps are noise, and keeping it
-keeps the cached weights, whose cache key does not include the lr. The candidate equal to the current
-recipe comes from the training cache. Writes ``experiments/recipe_validation.json``.
+Each net trains under its recipe's exponential schedule (the rate times ``DECAY`` per epoch), which
+does not depend on the epoch count, so the model after ``e`` epochs of one long run is the model a
+run of ``e`` epochs gives. After every epoch the validation accuracy (5000 images held out of the
+training split, as ``training.trained_model`` does; the test split is never read) is measured.
 
-    python experiments/recipe_validation.py [--only vgg-fmnist ...]
+Rule: an epoch *improves* when its validation accuracy beats the last improving epoch's by more
+than one binomial standard error of a 5000-image accuracy (about 0.4 points); smaller gains are
+noise. Training stops at the first epoch that does not improve (or at ``CAP``), and the chosen
+epoch count is the last improving epoch. Every improving epoch's weights are stored in the training
+cache under the recipe with that epoch count as soon as they are measured (so ``trained_model``
+serves them without training again, and an interrupted run keeps its progress), and the record in
+the JSON file is rewritten after every epoch. The
+learning rates were chosen earlier among 0.02, 0.05, 0.1 at 3 epochs (kept as ``lr_at_3_epochs``).
+Writes ``experiments/recipe_validation.json``; set ``RECIPES`` in ``lab/training.py`` from it.
+
+    nice -n 10 python experiments/recipe_validation.py [--only vgg-fmnist ...]
 """
 
 from __future__ import annotations
@@ -17,46 +24,30 @@ import argparse
 import json
 import math
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.evaluate import accuracy
+from neuronmerge.io import atomic_write
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.training import (
+    VAL_SEED,
+    VAL_SIZE,
+    cache_paths,
+    default_cache_dir,
+    recipe_for,
+    store_trained,
+    train_classifier,
+)
 from neuronmerge.models import create_model
-from neuronmerge.training import VAL_SEED, VAL_SIZE, recipe_for, train_classifier, trained_model
 
 ARCHS = ("vgg-fmnist", "alexnet-fmnist", "resnet-fmnist")
-LRS = (0.02, 0.05, 0.1)
+CAP = 10
+DECAY = 0.5
 OUT = Path(__file__).resolve().parent / "recipe_validation.json"
-
-
-def validate(arch: str, lr: float) -> dict[str, float]:
-    """Validation accuracy and training seconds of ``arch`` trained with its recipe at ``lr``."""
-    recipe = recipe_for(arch)
-    if lr == recipe.lr:
-        _, info = trained_model(arch, progress=False)
-        return {"val_accuracy": info["val_accuracy"], "train_seconds": info["train_seconds"]}
-    images, labels = load_fashion_mnist("train")
-    train, val = train_val_split(len(labels), VAL_SIZE, VAL_SEED)
-    torch.manual_seed(0)
-    model = create_model(arch)
-    started = time.perf_counter()
-    train_classifier(
-        model,
-        images[train],
-        labels[train],
-        epochs=recipe.epochs,
-        lr=lr,
-        batch_size=recipe.batch_size,
-        momentum=recipe.momentum,
-        weight_decay=recipe.weight_decay,
-        seed=0,
-        progress=False,
-    )
-    seconds = round(time.perf_counter() - started, 2)
-    return {"val_accuracy": accuracy(model, images[val], labels[val]), "train_seconds": seconds}
 
 
 def standard_error(accuracy_percent: float, n: int = VAL_SIZE) -> float:
@@ -65,39 +56,63 @@ def standard_error(accuracy_percent: float, n: int = VAL_SIZE) -> float:
     return 100 * math.sqrt(p * (1 - p) / n)
 
 
-def decide(arch: str, rows: dict[str, dict[str, float]]) -> dict[str, Any]:
-    """The record of ``arch``: every candidate, the best, and the lr chosen by the rule above."""
-    best = max(rows, key=lambda lr: rows[lr]["val_accuracy"])
-    current = str(recipe_for(arch).lr)
-    error = standard_error(rows[current]["val_accuracy"])
-    margin = rows[best]["val_accuracy"] - rows[current]["val_accuracy"]
-    return {
-        "epochs": recipe_for(arch).epochs,
-        "lr": rows,
-        "best_lr": float(best),
-        "standard_error": round(error, 3),
-        "chosen_lr": float(best if margin > error else current),
-    }
+def plateau(arch: str, seed: int = 0) -> dict[str, Any]:
+    """Train ``arch`` epoch by epoch until the rule above stops it; cache each improving epoch."""
+    recipe = replace(recipe_for(arch), epochs=CAP, schedule="exponential", decay=DECAY)
+    images, labels = load_fashion_mnist("train")
+    train, val = train_val_split(len(labels), VAL_SIZE, VAL_SEED)
+    torch.manual_seed(seed)
+    model = create_model(arch)
+    started = time.perf_counter()
+    outcome: dict[str, Any] = {"recipe": asdict(recipe), "cap": CAP, "val_accuracy_per_epoch": []}
+
+    def on_epoch(epoch: int, loss: float) -> bool:
+        curve = outcome["val_accuracy_per_epoch"]
+        val_accuracy = accuracy(model, images[val], labels[val])
+        curve.append(round(val_accuracy, 2))
+        seconds = round(time.perf_counter() - started, 2)
+        print(f"{arch} epoch {epoch}: loss {loss:.4f} val {curve[-1]:.2f} ({seconds:.0f} s)", flush=True)
+        best = outcome.get("val_accuracy")
+        improved = best is None or curve[-1] > best + standard_error(best)
+        if improved:
+            now = replace(recipe, epochs=epoch)
+            info = {
+                "arch": arch,
+                "seed": seed,
+                "epochs": epoch,
+                "val_accuracy": val_accuracy,
+                "train_seconds": seconds,
+                "recipe": asdict(now),
+            }
+            store_trained(model, info, *cache_paths(arch, now, seed, default_cache_dir()))
+            outcome.update(chosen_epochs=epoch, val_accuracy=curve[-1], seconds_to_chosen=seconds)
+            outcome["standard_error"] = round(standard_error(curve[-1]), 3)
+        stop = not improved or epoch == CAP
+        outcome.update(seconds_total=seconds, plateau_reached=not improved)
+        record(arch, outcome)
+        return stop
+
+    train_classifier(
+        model, images[train], labels[train], recipe, seed=seed, progress=False, on_epoch=on_epoch
+    )
+    return outcome
+
+
+def record(arch: str, outcome: dict[str, Any]) -> None:
+    """Rewrite ``arch``'s entry of the JSON file (read late: runs for other nets may overlap)."""
+    data = json.loads(OUT.read_text()) if OUT.exists() else {}
+    data[arch] = {"lr_at_3_epochs": data.get(arch, {}).get("lr_at_3_epochs"), "plateau": outcome}
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    atomic_write(OUT, lambda tmp: tmp.write_text(text))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", nargs="+", choices=ARCHS, default=list(ARCHS))
-    parser.add_argument(
-        "--redecide", action="store_true", help="apply the rule to the recorded runs, train nothing"
-    )
     args = parser.parse_args()
-    torch.set_num_threads(1)  # see experiments/run_sweeps.py
     for arch in args.only:
-        if args.redecide:
-            rows = json.loads(OUT.read_text())[arch]["lr"]
-        else:
-            rows = {str(lr): validate(arch, lr) for lr in LRS}
-        record = json.loads(OUT.read_text()) if OUT.exists() else {}  # read late: runs may overlap
-        record[arch] = decide(arch, rows)
-        shown = {lr: round(r["val_accuracy"], 2) for lr, r in rows.items()}
-        print(arch, shown, "chosen", record[arch]["chosen_lr"], flush=True)
-        OUT.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        outcome = plateau(arch)
+        print(arch, "chosen", outcome["chosen_epochs"], "epochs", outcome["val_accuracy"], flush=True)
 
 
 if __name__ == "__main__":

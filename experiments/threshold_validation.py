@@ -15,9 +15,9 @@ import json
 from pathlib import Path
 
 import neuronmerge as nm
-from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.evaluate import accuracy
-from neuronmerge.training import VAL_SEED, VAL_SIZE, trained_model
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, trained_model
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)
 THRESHOLDS: tuple[float | None, ...] = (None, 0.0, 0.1, 0.2, 0.3, 0.4, 0.45, 0.5, 0.6, 0.7)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from neuronmerge.data import ENV_VAR, load_fashion_mnist, read_idx, train_val_split
 from neuronmerge.errors import DatasetCorruptError, DatasetNotFoundError, InvalidArgumentError
+from neuronmerge.lab.data import ENV_VAR, load_fashion_mnist, read_idx, train_val_split
 from tests.idx_files import idx_bytes, write_fashion_mnist, write_idx
 
 

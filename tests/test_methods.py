@@ -13,9 +13,9 @@ import neuronmerge as nm
 from neuronmerge import engine
 from neuronmerge.capture import capture
 from neuronmerge.criteria import kept_count
-from neuronmerge.data import load_fashion_mnist
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import load_checkpoint
+from neuronmerge.lab.data import load_fashion_mnist
 from neuronmerge.methods.base import Inputs
 from tests.builders import duplicated_convnet, duplicated_mlp
 
@@ -163,7 +163,7 @@ def test_merge_ls_beats_the_paper_merge_on_the_authors_lenet_without_data(
 
 
 def test_sweep_rows_say_which_methods_use_data_and_reuse_the_probes() -> None:
-    from neuronmerge.experiments import sweep as sweeps
+    from neuronmerge.lab import sweep as sweeps
 
     assert sweeps.METHODS["merge-ls"].data_free
     assert not sweeps.METHODS["merge-ls-data"].data_free

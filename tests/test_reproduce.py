@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from neuronmerge.cli import main
-from neuronmerge.experiments.reproduce import PAPER_SETUPS, reproduce
 from neuronmerge.io import load_checkpoint
+from neuronmerge.lab.reproduce import PAPER_SETUPS, reproduce
 
 PAPER = {
     (0.5, "prune"): 88.40,

@@ -13,11 +13,11 @@ import torch
 
 import neuronmerge as nm
 from neuronmerge.cli import main
-from neuronmerge.data import read_idx
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import accuracy, count_parameters
-from neuronmerge.experiments import sweep as sweeps
-from neuronmerge.experiments.peers import torch_pruning_magnitude
+from neuronmerge.lab import sweep as sweeps
+from neuronmerge.lab.data import read_idx
+from neuronmerge.lab.peers import torch_pruning_magnitude
 from neuronmerge.models import create_model, get_spec
 from tests.idx_files import write_idx
 

@@ -77,3 +77,25 @@ def test_issue_five_targets_hold_in_the_committed_conv_net_sweeps() -> None:
             assert best[ratio] >= cells[ratio, tables.PEER]["accuracy"], (name, ratio)
             same = {cells[ratio, m]["params"] for m in ("merge-ls", tables.PEER)}
             assert len(same) == 1, (name, ratio)  # compared at the same parameter count
+
+
+def test_peer_targets_count_losses_only_against_neuronmerge_methods() -> None:
+    tables = _tables()
+
+    def row(ratio: float, method: str, accuracy: float) -> dict[str, object]:
+        return {"ratio": ratio, "method": method, "data_free": True, "accuracy": accuracy, "params": 1}
+
+    outcome = {
+        "results": [
+            row(0.5, "merge", 80.0),
+            row(0.5, "fold-ar", 81.0),  # beats every neuronmerge method at 0.5
+            row(0.5, "torch-pruning", 90.0),  # a peer: not the "best data-free" it is compared with
+            row(0.9, "merge", 50.0),
+            row(0.9, "fold-ar", 40.0),
+            row(0.95, "merge", 10.0),
+            row(0.95, "fold-ar", 30.0),  # outside 0.1-0.9: not a target
+        ]
+    }
+    assert tables.peer_losses(outcome, "fold-ar") == [0.5]
+    assert tables.peer_losses(outcome, "torch-pruning") == [0.5]
+    assert tables.peer_losses(outcome, "fold-dir") is None

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import platformdirs
@@ -10,14 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from neuronmerge import training
-from neuronmerge.data import load_fashion_mnist
 from neuronmerge.errors import InvalidArgumentError, UnknownArchitectureError
 from neuronmerge.evaluate import accuracy
-from neuronmerge.training import (
+from neuronmerge.lab import training
+from neuronmerge.lab.data import load_fashion_mnist
+from neuronmerge.lab.training import (
     CACHE_ENV_VAR,
     DEFAULT_RECIPE,
     RECIPES,
+    Recipe,
+    cache_key,
     default_cache_dir,
     recipe_for,
     train_classifier,
@@ -51,28 +57,32 @@ def test_train_classifier_learns_and_is_deterministic() -> None:
     test_images, test_labels = _blobs(300, seed=1)
     model = _mlp()
     assert accuracy(model, test_images, test_labels) < 60.0
-    trained = train_classifier(model, images, labels, epochs=3, lr=0.05, seed=7, progress=False)
+    trained = train_classifier(model, images, labels, Recipe(3, 0.05), seed=7, progress=False)
     assert trained is model and not model.training
     assert accuracy(model, test_images, test_labels) > 95.0
-    twin = train_classifier(_mlp(), images, labels, epochs=3, lr=0.05, seed=7, progress=False)
+    twin = train_classifier(_mlp(), images, labels, Recipe(3, 0.05), seed=7, progress=False)
     for a, b in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.equal(a, b)
-    other = train_classifier(_mlp(), images, labels, epochs=3, lr=0.05, seed=8, progress=False)
+    other = train_classifier(_mlp(), images, labels, Recipe(3, 0.05), seed=8, progress=False)
     assert not torch.equal(model[0].weight, other[0].weight)
 
 
 def test_train_classifier_progress_bar_runs(capsys: pytest.CaptureFixture[str]) -> None:
     images, labels = _blobs(64, seed=0)
-    train_classifier(_mlp(), images, labels, epochs=2, lr=0.05, batch_size=16, progress=True)
+    train_classifier(_mlp(), images, labels, Recipe(2, 0.05, batch_size=16), progress=True)
     assert "epoch 2/2" in capsys.readouterr().err
 
 
 def test_train_classifier_rejects_bad_arguments() -> None:
     images, labels = _blobs(10, seed=0)
     with pytest.raises(InvalidArgumentError, match="epochs >= 1"):
-        train_classifier(_mlp(), images, labels, epochs=0, lr=0.1, progress=False)
+        Recipe(0, 0.1)
+    with pytest.raises(InvalidArgumentError, match="decay <= 1"):
+        Recipe(1, 0.1, schedule="exponential", decay=1.5)
+    with pytest.raises(InvalidArgumentError, match="unknown schedule 'step'"):
+        Recipe(1, 0.1, schedule="step")
     with pytest.raises(InvalidArgumentError, match="as many labels"):
-        train_classifier(_mlp(), images, labels[:5], epochs=1, lr=0.1, progress=False)
+        train_classifier(_mlp(), images, labels[:5], Recipe(1, 0.1), progress=False)
 
 
 def test_recipes() -> None:
@@ -96,10 +106,12 @@ def test_trained_model_on_fashion_mnist_then_cache_hit(
     test_images, test_labels = load_fashion_mnist("test", fashion_mnist_dir)
     assert accuracy(model, test_images, test_labels) > 80.0
 
-    weights = tmp_path / "lenet-300-100-fashion-mnist-seed0-e1.safetensors"
-    sidecar = json.loads((tmp_path / "lenet-300-100-fashion-mnist-seed0-e1.json").read_text())
-    assert info["weights"] == str(weights) and weights.is_file()
-    assert sidecar == {k: info[k] for k in ("arch", "seed", "epochs", "val_accuracy", "train_seconds")}
+    weights = Path(info["weights"])
+    assert weights.parent == tmp_path and weights.is_file()
+    assert weights.name.startswith("lenet-300-100-fashion-mnist-seed0-e1-")
+    sidecar = json.loads(weights.with_suffix(".json").read_text())
+    assert sidecar == {k: v for k, v in info.items() if k not in ("weights", "cached")}
+    assert sidecar["recipe"] == {**asdict(RECIPES["lenet-300-100"]), "epochs": 1}
     assert sidecar["arch"] == "lenet-300-100" and sidecar["epochs"] == 1 and sidecar["seed"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         weights.name.replace(".safetensors", ".json"),
@@ -119,8 +131,9 @@ def test_trained_model_cache_dir_seed_and_corrupt_entry(tmp_path: Path) -> None:
     first, info = trained_model(
         "lenet-300-100", seed=3, epochs=1, data_dir=data, cache_dir=cache, progress=False
     )
-    weights = cache / "lenet-300-100-fashion-mnist-seed3-e1.safetensors"
-    assert Path(info["weights"]) == weights and info["seed"] == 3
+    weights = Path(info["weights"])
+    assert weights.parent == cache and info["seed"] == 3
+    assert weights.name.startswith("lenet-300-100-fashion-mnist-seed3-e1-")
     weights.write_bytes(b"not safetensors")
     with pytest.warns(UserWarning, match="ignoring unreadable cached model"):
         retrained, info = trained_model(
@@ -133,7 +146,7 @@ def test_trained_model_cache_dir_seed_and_corrupt_entry(tmp_path: Path) -> None:
     assert info["cached"]
 
 
-def test_a_recipe_with_another_learning_rate_is_cached_apart(
+def test_a_changed_recipe_or_training_setting_is_cached_apart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "data"
@@ -141,12 +154,21 @@ def test_a_recipe_with_another_learning_rate_is_cached_apart(
     cache = tmp_path / "cache"
     options = {"epochs": 1, "data_dir": data, "cache_dir": cache, "progress": False}
     default, info = trained_model("lenet-300-100", **options)
-    assert Path(info["weights"]).name == "lenet-300-100-fashion-mnist-seed0-e1.safetensors"
+    first = Path(info["weights"])
     monkeypatch.setitem(RECIPES, "lenet-300-100", training.Recipe(epochs=30, lr=0.1))
     faster, info = trained_model("lenet-300-100", **options)
     assert not info["cached"]  # not the weights trained at the default rate
-    assert Path(info["weights"]).name == "lenet-300-100-fashion-mnist-seed0-e1-lr0.1.safetensors"
+    assert Path(info["weights"]) != first and info["recipe"]["lr"] == 0.1
     assert not torch.equal(default.ip1.weight, faster.ip1.weight)
+    monkeypatch.setitem(RECIPES, "lenet-300-100", training.Recipe(epochs=30, lr=0.05))
+    assert trained_model("lenet-300-100", **options)[1]["cached"]
+    # Weights trained by an earlier loop, or on another thread count, are not served either.
+    monkeypatch.setattr(training, "TRAIN_THREADS", 2)
+    _, info = trained_model("lenet-300-100", **options)
+    assert not info["cached"] and Path(info["weights"]) != first
+    key = cache_key(DEFAULT_RECIPE, 0)
+    monkeypatch.setattr(training, "LOOP_VERSION", training.LOOP_VERSION + 1)
+    assert cache_key(DEFAULT_RECIPE, 0) != key
 
 
 def test_trained_model_rejects_bad_epochs(tmp_path: Path) -> None:
@@ -167,3 +189,46 @@ def test_trained_model_writes_no_temporary_files_on_failure(
     with pytest.raises(OSError, match="disk full"):
         trained_model("lenet-300-100", epochs=1, data_dir=data, cache_dir=tmp_path / "c", progress=False)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+# Runs the LeNet-300-100 recipe (its initialisation, seeded order, rate, schedule over 30 epochs) on
+# the first 2560 training images for two epochs (40 SGD steps) with the caller on a given thread
+# count; prints each epoch's mean loss, a digest of the weights and the thread count restored after.
+_FIRST_EPOCH = """
+import hashlib, json, sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, recipe_for, train_classifier
+from neuronmerge.models import create_model
+images, labels = load_fashion_mnist("train", sys.argv[1])
+train = train_val_split(len(labels), VAL_SIZE, VAL_SEED)[0][:2560]
+torch.manual_seed(0)
+model = create_model("lenet-300-100")
+losses = []
+train_classifier(model, images[train], labels[train], recipe_for("lenet-300-100"), seed=0,
+                 progress=False, on_epoch=lambda epoch, loss: losses.append(loss) or epoch == 2)
+digest = hashlib.sha256(b"".join(p.detach().numpy().tobytes() for p in model.parameters()))
+print(json.dumps({"loss": losses, "digest": digest.hexdigest(), "threads": torch.get_num_threads()}))
+"""
+
+
+def test_first_steps_of_the_real_recipe_are_pinned_and_independent_of_threads(
+    fashion_mnist_dir: Path,
+) -> None:
+    runs = {}
+    for threads in (1, 2):
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        done = subprocess.run(
+            [sys.executable, "-c", _FIRST_EPOCH, str(fashion_mnist_dir), str(threads)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=True,
+            timeout=300,
+        )
+        runs[threads] = json.loads(done.stdout)
+    assert runs[1]["threads"] == 1 and runs[2]["threads"] == 2  # the caller's setting restored
+    assert runs[1]["loss"] == runs[2]["loss"] and runs[1]["digest"] == runs[2]["digest"]
+    # Pinned from two fresh processes on one and two threads (every digit agreed), to six decimals:
+    # a change to the data order, the initialisation or the schedule moves them by far more.
+    assert runs[1]["loss"] == pytest.approx([1.655358, 0.823000], abs=5e-7)

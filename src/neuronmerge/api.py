@@ -20,10 +20,10 @@ from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import count_parameters
 from neuronmerge.methods.base import Inputs
 from neuronmerge.methods.paper import PAPER_LAMBDA
+from neuronmerge.notices import warn_about_outcome
 from neuronmerge.options import DEFAULT_THRESHOLD, METHODS, Fidelity, Options
 from neuronmerge.options import MethodName as Method
 from neuronmerge.planning import LayerRow, Totals, layer_rows
-from neuronmerge.probes import synthesize_probes
 from neuronmerge.types import Group, Skipped
 
 __all__ = [
@@ -150,7 +150,8 @@ def compress(
     (beyond the paper) keeps the neurons that best explain the others and writes each removed one as
     a least-squares combination of all kept ones plus a constant, from activation moments measured on
     ``calibration`` batches (model inputs, no labels): by default synthetic probes made from the model
-    itself (``synthesize_probes``; data-free), or real samples if you pass them (then it is data-aware);
+    itself (``probes.cached_probes``: data-free, made once per model and reused at other ratios), or
+    real samples if you pass them (then it is data-aware); none at all when no site is found;
     it ignores ``criterion`` and ``threshold``, and then re-measures the BatchNorm statistics of the
     result on the same batches. ``fidelity="paper"``
     reproduces the authors' code, including where it deviates from exactness (conv + BatchNorm, with
@@ -159,7 +160,10 @@ def compress(
     its producers is included and none excluded). ``approximate=True`` also merges through
     elementwise activations that are not positively homogeneous (GELU, SiLU, tanh...), which is no
     longer exact, and prunes groups whose channels meet a LayerNorm or a softmax across them: the
-    report then carries the measured ``output_error``. The input model is not modified.
+    report then carries the measured ``output_error``. The input model is not modified. Merging is
+    defined on inference statistics: the result computes what ``model.eval()`` computes, in eval
+    mode. A ``CompressionWarning`` says when ``model`` was in training mode, and when no layer or only
+    some layers could take ``ratio`` (``plan`` says why).
     """
     ratio = check_ratio(ratio)
     options = Options.of(
@@ -183,11 +187,7 @@ def compress(
             raise InvalidArgumentError(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
-        batches = (
-            synthesize_probes(gm, inputs[0])
-            if calibration is None
-            else [as_input_tuple(batch) for batch in calibration]
-        )
+        batches = lsq.moment_batches(gm, inputs[0], calibration, groups)
     keep = engine.kept_counts(groups, ratio, chosen)
     decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, batches), chosen)
     expected = engine.output_shapes(gm, inputs)
@@ -229,6 +229,7 @@ def compress(
         approximate=approximate,
         output_error=error,
     )
+    warn_about_outcome(model, ratio, len(report.sites), report.skipped)
     return Result(small, report, tuple(groups))
 
 

@@ -15,13 +15,17 @@ synthetic probes this is data-free. The batches are synthetic probes made from t
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import fx, nn
 
 from neuronmerge import criteria, decompose
 from neuronmerge.activations import tensor_moments
+from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition
+from neuronmerge.probes import cached_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
 from neuronmerge.types import Group
 
@@ -47,6 +51,22 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
         columns = columns.reshape(weight.shape[0], group.channels, piece.block, -1)
         energy += columns.square().sum(dim=(0, 2, 3))
     return energy
+
+
+def moment_batches(
+    graph_module: fx.GraphModule,
+    example: torch.Tensor,
+    calibration: Iterable[ExampleInputs] | None,
+    groups: list[Group],
+) -> list[tuple[torch.Tensor, ...]]:
+    """The batches ``merge-ls`` measures moments on: ``calibration`` when given, else the model's
+    synthetic probes (``cached_probes``: made once per model), and none when no group needs them.
+    """
+    if not groups:
+        return []
+    if calibration is None:
+        return cached_probes(graph_module, example)
+    return [as_input_tuple(batch) for batch in calibration]
 
 
 def decompositions(
@@ -116,12 +136,13 @@ def _blockwise(
 def remeasure_batchnorm(
     model: fx.GraphModule, batches: list[tuple[torch.Tensor, ...]]
 ) -> fx.GraphModule:
-    """``model`` with its BatchNorm statistics re-measured on ``batches`` (itself if it has none).
+    """``model`` with its BatchNorm statistics re-measured on ``batches`` (itself if it has no
+    BatchNorm, or there are no batches: nothing was merged).
 
     Re-measuring beat correcting the stored statistics by the change the merge made on the same
     batches (``experiments/methods_validation.json``, vgg-fmnist).
     """
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if not batches or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model
     repaired = recalibrate_batchnorm(model, batches)
     assert isinstance(repaired, fx.GraphModule)

@@ -39,15 +39,16 @@ from torch import Tensor, nn
 from neuronmerge.api import Method, compress
 from neuronmerge.capture import capture
 from neuronmerge.criteria import check_ratio
-from neuronmerge.data import load_fashion_mnist, train_val_split
 from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
 from neuronmerge.evaluate import accuracy, count_parameters
-from neuronmerge.experiments.reproduce import PAPER_SETUPS
 from neuronmerge.io import atomic_write
+from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.folding import Repair, fold
+from neuronmerge.lab.reproduce import PAPER_SETUPS
+from neuronmerge.lab.training import VAL_SEED, VAL_SIZE  # the split ``trained_model`` holds out
 from neuronmerge.models import get_spec
-from neuronmerge.probes import synthesize_probes
+from neuronmerge.probes import cached_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
-from neuronmerge.training import VAL_SEED, VAL_SIZE  # the split ``trained_model`` holds out
 
 #: The ratios of a full sweep (``--ratios`` default): 0.1 ... 0.9 and 0.95.
 DEFAULT_RATIOS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
@@ -141,7 +142,7 @@ register_method(
 
 
 def _torch_pruning(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
-    from neuronmerge.experiments.peers import torch_pruning_magnitude
+    from neuronmerge.lab.peers import torch_pruning_magnitude
 
     return torch_pruning_magnitude(model, example, ratio)
 
@@ -162,7 +163,7 @@ register_method(
 def _probes(model: nn.Module, example: Tensor, context: SweepContext) -> list[tuple[Tensor, ...]]:
     """Synthetic probes of ``model`` (data-free), made once per sweep and reused at every ratio."""
     if "probes" not in context.cache:
-        context.cache["probes"] = synthesize_probes(capture(model, example), example)
+        context.cache["probes"] = cached_probes(capture(model, example), example)
     probes: list[tuple[Tensor, ...]] = context.cache["probes"]
     return probes
 
@@ -204,6 +205,32 @@ register_method(
         False,
         "DATA-AWARE: merge-exact, then BatchNorm statistics recomputed on unlabeled batches",
         _merge_recalibrated,
+    )
+)
+
+
+def _fold(repair: Repair) -> Compressor:
+    def run(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
+        probes = _probes(model, example, context) if repair == "dir" else None
+        return fold(model, example, ratio, repair=repair, probes=probes)
+
+    return run
+
+
+register_method(
+    SweepMethod(
+        "fold-ar",
+        True,
+        "model folding (Wang et al. 2025): k-means clusters, data-free approximate variance repair",
+        _fold("ar"),
+    )
+)
+register_method(
+    SweepMethod(
+        "fold-dir",
+        True,
+        "model folding, BatchNorm statistics reset on one batch of synthetic (DeepInversion) probes",
+        _fold("dir"),
     )
 )
 
@@ -343,7 +370,7 @@ def write_sweep(
 
     Refuses (``OutputExistsError``) to replace any of them unless ``force``; returns their paths.
     """
-    from neuronmerge.plots import plot_sweep
+    from neuronmerge.lab.plots import plot_sweep
 
     folder = Path(out_dir)
     paths = [folder / name for name in OUTPUT_FILES]

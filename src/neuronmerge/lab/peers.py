@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from neuronmerge.api import plan
 from neuronmerge.criteria import kept_count
 from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.lab import require
 
 #: Torch-Pruning's magnitude importance with the l1 norm, the criterion of the paper's rows.
 TORCH_PRUNING_NORM = 1
@@ -28,7 +29,7 @@ def torch_pruning_magnitude(model: nn.Module, example: Tensor, ratio: float) -> 
     every other Linear/Conv is in Torch-Pruning's ``ignored_layers`` (its outputs are tied to a
     residual add or are the model's output). ``model`` itself is not modified.
     """
-    import torch_pruning as tp  # type: ignore[import-untyped]
+    tp = require("torch_pruning", "the Torch-Pruning peer row")
 
     sites = plan(model, example).sites
     pruned = copy.deepcopy(model).eval()

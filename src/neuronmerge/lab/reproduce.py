@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from neuronmerge.api import compress
-from neuronmerge.data import load_fashion_mnist
-from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.errors import DatasetNotFoundError, InvalidArgumentError
 from neuronmerge.evaluate import accuracy, count_parameters
+from neuronmerge.lab.data import load_fashion_mnist
+from neuronmerge.lab.training import reproducible_torch
 from neuronmerge.models import get_spec
 
 
@@ -72,7 +73,11 @@ def paper_setup(arch: str) -> PaperSetup:
 def test_split(dataset: str, data_dir: str | os.PathLike[str] | None) -> tuple[torch.Tensor, ...]:
     """Images and labels of the test split of ``dataset``."""
     if dataset != "fashion-mnist":
-        raise InvalidArgumentError(f"no loader for dataset {dataset!r} yet")
+        raise DatasetNotFoundError(
+            f"neuronmerge reads no {dataset} test set (only fashion-mnist): measure this model's "
+            "accuracy in your own evaluation code, where nm.load(path) returns it as an ordinary "
+            "module"
+        )
     return load_fashion_mnist("test", data_dir)
 
 
@@ -89,7 +94,19 @@ def reproduce(
     Returns ``{"model", "dataset", "baseline_accuracy", "params", "results": [{"ratio", "method",
     "accuracy", "params"}]}`` with accuracies in percent, rounded to 0.01.
     ``on_row`` is called with each result as soon as it is measured (for progress display).
+    Runs like training (``reproducible_torch``), so the table does not depend on the core count.
     """
+    with reproducible_torch():
+        return _reproduce(model, setup, ratios, data_dir, on_row)
+
+
+def _reproduce(
+    model: nn.Module,
+    setup: PaperSetup,
+    ratios: Sequence[float] | None,
+    data_dir: str | os.PathLike[str] | None,
+    on_row: Callable[[dict[str, Any]], None] | None,
+) -> dict[str, Any]:
     images, labels = test_split(setup.dataset, data_dir)
     example = images[:2]
     results: list[dict[str, Any]] = []

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from neuronmerge.data.idx import read_idx
 from neuronmerge.errors import DatasetCorruptError, DatasetNotFoundError, InvalidArgumentError
+from neuronmerge.lab.data.idx import read_idx
 
 #: Where the Debian package ``dataset-fashion-mnist`` installs the files.
 DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")

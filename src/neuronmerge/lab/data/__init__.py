@@ -4,14 +4,14 @@ Nothing here downloads: the data come from a system package or a folder the user
 run is reproducible offline and never depends on a third-party mirror being up.
 """
 
-from neuronmerge.data.fashion_mnist import (
+from neuronmerge.lab.data.fashion_mnist import (
     DEFAULT_DIR,
     ENV_VAR,
     load_fashion_mnist,
     resolve_data_dir,
     train_val_split,
 )
-from neuronmerge.data.idx import read_idx
+from neuronmerge.lab.data.idx import read_idx
 
 __all__ = [
     "DEFAULT_DIR",

@@ -1,0 +1,217 @@
+"""Compress the feed-forward network (MLP) of every transformer block, one block at a time.
+
+A transformer's MLP reads the residual stream and writes back into it, so its hidden neurons are
+coupled to nothing outside the block: ``W_down act(W_up x)`` (or the gated ``W_down (act(W_gate x) *
+W_up x)``). Tracing a whole pretrained model (caches, masks, ``**kwargs``) is fragile, while that
+function alone is trivial to trace. So each block's MLP layers are lifted into a small standalone
+``FeedForward`` module, compressed by the ordinary engine (``nm.compress``: all merge math lives
+there), and the compressed layers are put back into a copy of the block. Uniform ratios keep every
+block at the same width, which is what configs with one ``intermediate_size`` need.
+
+Data-free probes for least-squares methods come from the block's own normalisation layer: the MLP
+reads ``norm(h)``, so ``norm(z)`` for Gaussian ``z`` has the right per-channel scale and offset
+(LayerNorm's ``gamma``, ``beta``; RMSNorm's weight) without any data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from neuronmerge.api import Report, compress
+from neuronmerge.errors import InvalidArgumentError
+
+#: Turns a block's layer into an ``nn.Linear`` (same function) and a compressed Linear back into the
+#: block's kind. ``nn.Linear`` needs nothing; adapters add kinds (GPT-2's transposed ``Conv1D``).
+LinearKind = tuple[Callable[[nn.Module], nn.Linear], Callable[[nn.Linear], nn.Module]]
+
+
+@dataclass(frozen=True)
+class Spellings:
+    """A library's own layer and activation classes, as what the engine knows.
+
+    ``linears``: per class, how to turn it into an ``nn.Linear`` and back. ``activations``: per class,
+    a torch module computing the same function, used in the lifted MLP (the block keeps its own).
+    """
+
+    linears: dict[type, LinearKind] = field(default_factory=dict)
+    activations: dict[type, nn.Module] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """Where a block's MLP lives: attribute paths relative to the block module.
+
+    ``up`` produces the hidden neurons (with ``gate``, the multiplied branch), ``down`` reads them,
+    ``act`` is the activation module, ``norm`` the normalisation whose output the MLP reads (used to
+    make data-free probes; ``None`` uses standard Gaussian inputs).
+    """
+
+    up: str
+    down: str
+    act: str
+    gate: str | None = None
+    norm: str | None = None
+
+
+class FeedForward(nn.Module):
+    """``down(act(up(x)))``, or ``down(act(gate(x)) * up(x))`` when ``gate`` is given."""
+
+    def __init__(self, up: nn.Linear, act: nn.Module, down: nn.Linear, gate: nn.Linear | None) -> None:
+        super().__init__()
+        self.up, self.act, self.down = up, act, down
+        self.gate = gate
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gate is None:
+            out: Tensor = self.down(self.act(self.up(x)))
+        else:
+            out = self.down(self.act(self.gate(x)) * self.up(x))
+        return out
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """What compressing one block's MLP did: its path, widths and the engine's report."""
+
+    block: str
+    width_before: int
+    width_after: int
+    report: Report
+
+
+@dataclass(frozen=True)
+class FFNOptions:
+    """Options of ``compress_ffns`` passed through to ``nm.compress`` (validated there)."""
+
+    ratio: float
+    method: str = "merge"
+    probes: int = 2048
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _linear_of(module: nn.Module, spellings: Spellings) -> nn.Linear:
+    if isinstance(module, nn.Linear):
+        return module
+    for kind, (to_linear, _) in spellings.linears.items():
+        if isinstance(module, kind):
+            return to_linear(module)
+    raise InvalidArgumentError(f"an MLP layer of unsupported kind {type(module).__name__}")
+
+
+def _back(original: nn.Module, linear: nn.Linear, spellings: Spellings) -> nn.Module:
+    if isinstance(original, nn.Linear):
+        return linear
+    for kind, (_, from_linear) in spellings.linears.items():
+        if isinstance(original, kind):
+            return from_linear(linear)
+    raise InvalidArgumentError(f"an MLP layer of unsupported kind {type(original).__name__}")
+
+
+def _set(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def lift(block: nn.Module, spec: FFNSpec, spellings: Spellings | None = None) -> FeedForward:
+    """The block's MLP as a standalone ``FeedForward`` (its Linears are the block's own or copies)."""
+    spellings = spellings or Spellings()
+    layer = lambda path: _linear_of(block.get_submodule(path), spellings)  # noqa: E731
+    gate = layer(spec.gate) if spec.gate else None
+    act = block.get_submodule(spec.act)
+    act = spellings.activations.get(type(act), act)
+    return FeedForward(layer(spec.up), act, layer(spec.down), gate)
+
+
+def probes_for(block: nn.Module, spec: FFNSpec, hidden: int, options: FFNOptions) -> list[Tensor]:
+    """Synthetic MLP inputs, one token per row: the block's norm of Gaussian noise (data-free)."""
+    generator = torch.Generator().manual_seed(options.seed)
+    dtype = next(block.parameters()).dtype
+    noise = torch.randn(options.probes, hidden, generator=generator, dtype=dtype)
+    with torch.no_grad():
+        x = block.get_submodule(spec.norm)(noise) if spec.norm else noise
+    return [x[i : i + 256] for i in range(0, len(x), 256)]
+
+
+def compress_block(
+    block: nn.Module,
+    spec: FFNSpec,
+    options: FFNOptions,
+    spellings: Spellings | None = None,
+    name: str = "block",
+) -> BlockReport:
+    """Compress ``block``'s MLP in place (call it on a copy) and report what was done."""
+    spellings = spellings or Spellings()
+    ffn = lift(block, spec, spellings)
+    hidden, width = ffn.up.in_features, ffn.up.out_features
+    # The MLP acts on every token alike, so it is traced on (tokens, hidden): what the engine and
+    # its moment estimates handle best, and the same compressed layers serve (batch, length, hidden).
+    example = torch.zeros(8, hidden, dtype=ffn.up.weight.dtype)
+    extra = dict(options.extra)
+    if options.method == "merge-ls" and "calibration" not in extra:
+        extra["calibration"] = probes_for(block, spec, hidden, options)
+    result = compress(ffn, example, options.ratio, method=options.method, **extra)  # type: ignore[arg-type]
+    if _width(result.model) == width and options.ratio > 0:
+        reasons = "; ".join(f"{s.producer}: {s.reason}" for s in result.report.skipped)
+        raise InvalidArgumentError(f"{name}: the MLP could not be compressed ({reasons})")
+    return BlockReport(name, width, put_back(block, spec, result.model, spellings), result.report)
+
+
+def put_back(
+    block: nn.Module, spec: FFNSpec, small: nn.Module, spellings: Spellings | None = None
+) -> int:
+    """Put the Linears ``up``, ``down`` (and ``gate``) of a compressed ``FeedForward`` (or any module
+    with those submodules) into ``block`` in place of its own; returns the new hidden width."""
+    spellings = spellings or Spellings()
+    for attr in ("up", "down") + (("gate",) if spec.gate else ()):
+        path = getattr(spec, attr)
+        new = small.get_submodule(attr)
+        assert isinstance(new, nn.Linear)
+        _set(block, path, _back(block.get_submodule(path), new, spellings))
+    return _width(small)
+
+
+def _width(ffn: nn.Module) -> int:
+    up = ffn.get_submodule("up")
+    assert isinstance(up, nn.Linear)
+    return up.out_features
+
+
+def compress_ffns(
+    blocks: Sequence[tuple[str, nn.Module]],
+    spec: FFNSpec,
+    options: FFNOptions,
+    spellings: Spellings | None = None,
+) -> tuple[BlockReport, ...]:
+    """Compress every block's MLP in place; every block must end at the same width."""
+    reports = tuple(compress_block(b, spec, options, spellings, name) for name, b in blocks)
+    widths = {r.width_after for r in reports}
+    if len(widths) > 1:
+        raise InvalidArgumentError(f"blocks ended at different MLP widths {sorted(widths)}")
+    return reports
+
+
+def has_bias(block: nn.Module, spec: FFNSpec) -> bool:
+    """Whether any of the block's MLP layers has a bias (least-squares merging adds one to ``down``)."""
+    paths = (spec.up, spec.down) + ((spec.gate,) if spec.gate else ())
+    return any(getattr(block.get_submodule(p), "bias", None) is not None for p in paths)
+
+
+def add_zero_biases(block: nn.Module, spec: FFNSpec) -> None:
+    """Give every MLP layer of ``block`` a bias, zero where it had none (same function).
+
+    Configs such as LLaMA's have one switch (``mlp_bias``) for all MLP layers of all blocks, so once
+    one layer needs a bias every MLP layer must have one for ``from_pretrained`` to load them.
+    """
+    for path in (spec.up, spec.down) + ((spec.gate,) if spec.gate else ()):
+        layer = block.get_submodule(path)
+        if isinstance(layer, nn.Linear) and layer.bias is None:
+            weight = layer.weight
+            layer.bias = nn.Parameter(
+                torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False
+            )

@@ -1,0 +1,180 @@
+"""Hugging Face ``transformers`` models in, the same class out, with narrower MLPs.
+
+``compress_pretrained(model, ratio)`` finds every transformer block by its class (one table row per
+block layout, every class name that shares the layout in that row), compresses each block's MLP with
+the engine through ``neuronmerge.ffn`` and writes the new width into the config field the class reads
+(``n_inner``, ``ffn_dim``, ``intermediate_size``). Every block keeps the same width, so
+``save_pretrained`` then plain ``AutoModel.from_pretrained`` (no neuronmerge needed) rebuilds it.
+
+GPT-2's MLP layers are ``Conv1D``: ``x @ W + b`` with ``W`` stored as (in, out), the transpose of
+``nn.Linear``. They are turned into Linears for the engine and back afterwards (``_CONV1D``).
+
+Needs the optional extra: ``pip install 'neuronmerge[hf]'``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from neuronmerge.errors import InvalidArgumentError, MissingDependencyError
+from neuronmerge.ffn import (
+    BlockReport,
+    FFNOptions,
+    FFNSpec,
+    Spellings,
+    add_zero_biases,
+    compress_ffns,
+    has_bias,
+)
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """One block layout: the class names that use it, its MLP and the config field of its width.
+
+    ``bias_field``: the config switch that gives every MLP layer a bias, for layouts without biases
+    by default (least-squares merging folds constants into ``down``'s bias).
+    """
+
+    classes: tuple[str, ...]
+    spec: FFNSpec
+    width_field: str
+    bias_field: str | None = None
+
+
+#: Every supported block layout (paths relative to the block).
+BLOCK_KINDS: tuple[BlockKind, ...] = (
+    BlockKind(("GPT2Block",), FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act", norm="ln_2"), "n_inner"),
+    BlockKind(
+        ("OPTDecoderLayer",),
+        FFNSpec("fc1", "fc2", "activation_fn", norm="final_layer_norm"),
+        "ffn_dim",
+    ),
+    BlockKind(
+        ("BertLayer",),
+        FFNSpec(
+            "intermediate.dense",
+            "output.dense",
+            "intermediate.intermediate_act_fn",
+            norm="attention.output.LayerNorm",
+        ),
+        "intermediate_size",
+    ),
+    BlockKind(
+        ("ViTLayer",),
+        FFNSpec("mlp.fc1", "mlp.fc2", "mlp.activation_fn", norm="layernorm_after"),
+        "intermediate_size",
+    ),
+    BlockKind(
+        ("LlamaDecoderLayer",),
+        FFNSpec(
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "mlp.act_fn",
+            gate="mlp.gate_proj",
+            norm="post_attention_layernorm",
+        ),
+        "intermediate_size",
+        bias_field="mlp_bias",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class PretrainedResult:
+    """The compressed model (same class as the input) and one report per block."""
+
+    model: nn.Module
+    blocks: tuple[BlockReport, ...]
+    width_field: str
+    width_before: int
+    width_after: int
+
+
+def _spellings() -> Spellings:
+    """transformers' own layer and activation classes, as the engine's (see ``ffn.Spellings``).
+
+    GPT-2's ``Conv1D`` is a transposed Linear. fx traces into ``NewGELUActivation`` as
+    ``0.5 * x * (1 + tanh(...))``, a product the engine cannot see through, so the lifted MLP uses
+    ``nn.GELU("tanh")``, the same function; likewise for the other activation classes.
+    """
+    from transformers import activations
+    from transformers.pytorch_utils import Conv1D
+
+    def to_linear(layer: nn.Module) -> nn.Linear:
+        assert isinstance(layer, Conv1D)
+        fan_in, fan_out = layer.weight.shape
+        linear = nn.Linear(fan_in, fan_out, dtype=layer.weight.dtype)
+        linear.weight = nn.Parameter(layer.weight.detach().T.clone())
+        linear.bias = nn.Parameter(layer.bias.detach().clone())
+        return linear
+
+    def from_linear(linear: nn.Linear) -> nn.Module:
+        layer = Conv1D(linear.out_features, linear.in_features)
+        layer.weight = nn.Parameter(linear.weight.detach().T.contiguous())
+        assert linear.bias is not None
+        layer.bias = nn.Parameter(linear.bias.detach().clone())
+        return layer
+
+    return Spellings(
+        linears={Conv1D: (to_linear, from_linear)},
+        activations={
+            activations.NewGELUActivation: nn.GELU(approximate="tanh"),
+            activations.GELUTanh: nn.GELU(approximate="tanh"),
+            activations.GELUActivation: nn.GELU(),
+            activations.SiLUActivation: nn.SiLU(),
+        },
+    )
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "Hugging Face models need transformers: pip install 'neuronmerge[hf]'"
+        ) from exc
+
+
+def block_kind(model: nn.Module) -> tuple[BlockKind, list[tuple[str, nn.Module]]]:
+    """The layout of ``model``'s blocks and the blocks in order; one clear error if none is known."""
+    found: dict[str, tuple[BlockKind, list[tuple[str, nn.Module]]]] = {}
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        for kind in BLOCK_KINDS:
+            if cls in kind.classes:
+                found.setdefault(cls, (kind, []))[1].append((name, module))
+    if len(found) != 1:
+        known = ", ".join(c for k in BLOCK_KINDS for c in k.classes)
+        what = "no transformer block" if not found else f"several block classes {sorted(found)}"
+        raise InvalidArgumentError(f"{type(model).__name__} has {what} this adapter knows ({known})")
+    return next(iter(found.values()))
+
+
+def compress_pretrained(
+    model: nn.Module, ratio: float, *, method: str = "merge", **options: Any
+) -> PretrainedResult:
+    """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio``.
+
+    ``method`` and ``options`` are those of ``nm.compress`` (e.g. ``approximate=True`` to merge
+    through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are each block's own
+    normalisation applied to Gaussian noise. The caller's model is not modified.
+    """
+    _require_transformers()
+    kind, _ = block_kind(model)
+    small = copy.deepcopy(model).eval()
+    _, blocks = block_kind(small)
+    reports = compress_ffns(
+        blocks, kind.spec, FFNOptions(ratio, method=method, extra=options), _spellings()
+    )
+    width_before, width_after = reports[0].width_before, reports[0].width_after
+    setattr(small.config, kind.width_field, width_after)
+    if kind.bias_field and any(has_bias(block, kind.spec) for _, block in blocks):
+        for _, block in blocks:
+            add_zero_biases(block, kind.spec)
+        setattr(small.config, kind.bias_field, True)
+    return PretrainedResult(small, reports, kind.width_field, width_before, width_after)

@@ -1,0 +1,132 @@
+"""Model folding (the Wang et al. 2025 peer): exact on planted clusters, Fold-AR's scale, Fold-DIR."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import neuronmerge as nm
+from neuronmerge.lab import sweep as sweeps
+from neuronmerge.lab.folding import cluster_scale, fold, kmeans
+
+
+def planted_mlp(seed: int) -> nn.Sequential:
+    """Linear(5, 8) whose 8 rows are 3 distinct rows repeated (3, 3, 2 times), then a reader."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    with torch.no_grad():
+        source = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+        model[0].weight.copy_(model[0].weight[source])
+        model[0].bias.copy_(model[0].bias[source])
+    return model
+
+
+def planted_conv_bn(seed: int) -> nn.Sequential:
+    """Conv -> BN -> ReLU -> pool -> flatten -> Linear, the conv's 6 channels 2 distinct ones x 3."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(2, 6, 3),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(6 * 2 * 2, 4),
+    ).double()
+    source = torch.tensor([0, 1, 0, 1, 0, 1])
+    with torch.no_grad():
+        bn = model[1]
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+        for tensor in (model[0].weight, model[0].bias, bn.weight, bn.bias):
+            tensor.copy_(tensor[source])
+        bn.running_mean.copy_(bn.running_mean[source])
+        bn.running_var.copy_(bn.running_var[source])
+    return model.eval()
+
+
+@pytest.mark.parametrize("repair", ["none", "ar"])
+def test_fold_is_exact_on_planted_duplicate_clusters(repair: str) -> None:
+    for model, x, ratio, widths in [
+        (planted_mlp(0), torch.randn(16, 5, dtype=torch.float64), 5 / 8, ("0", 3)),
+        (planted_conv_bn(1), torch.randn(4, 2, 6, 6, dtype=torch.float64), 4 / 6, ("0", 2)),
+    ]:
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        small = fold(model, x[:2], ratio, repair=repair)  # type: ignore[arg-type]
+        name, width = widths
+        assert small.get_submodule(name).weight.shape[0] == width
+        assert torch.allclose(small(x), model(x), rtol=1e-10, atol=1e-10)
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_fold_ar_scale_matches_the_formula_by_hand() -> None:
+    # Orthogonal rows: E[c] = 0, scale = 2 / sqrt(2). Rows at 45 degrees: E[c] = 1/sqrt(2).
+    assert cluster_scale(torch.tensor([[1.0, 0.0], [0.0, 1.0]])) == pytest.approx(math.sqrt(2))
+    by_hand = 2 / math.sqrt(2 + 2 * (1 / math.sqrt(2)))
+    assert cluster_scale(torch.tensor([[1.0, 0.0], [3.0, 3.0]])) == pytest.approx(by_hand)
+    # three rows, cosines 1/2, 0, 0: E[c] = 1/6, scale = 3 / sqrt(3 + 6 / 6)
+    rows = torch.tensor([[1.0, 0.0, 0.0], [0.5, math.sqrt(3) / 2, 0.0], [0.0, 0.0, 2.0]])
+    assert cluster_scale(rows) == pytest.approx(3 / 2)
+    assert cluster_scale(torch.tensor([[1.0, 2.0]])) == 1.0
+
+    # In a model: two orthogonal BN channels (gamma 1, beta 0.5, running mean 0, var 1) fold into one
+    # that computes sqrt(2) * ((x0 + x1) / 2) + 0.5 before its ReLU, read through the summed columns.
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2), nn.ReLU(), nn.Linear(2, 1))
+    model = model.double().eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[1].bias.fill_(0.5)
+        model[1].running_var.fill_(1 - model[1].eps)
+        model[3].weight.copy_(torch.tensor([[2.0, 3.0]]))
+        model[3].bias.fill_(0.25)
+    x = torch.tensor([[1.0, 2.0], [-3.0, 1.0]], dtype=torch.float64)
+    expected = torch.relu(math.sqrt(2) * x.mean(dim=1, keepdim=True) + 0.5) * 5 + 0.25
+    assert torch.allclose(fold(model, x, 0.5, repair="ar")(x), expected)
+    plain = torch.relu(x.mean(dim=1, keepdim=True) + 0.5) * 5 + 0.25
+    assert torch.allclose(fold(model, x, 0.5, repair="none")(x), plain)
+
+
+def test_fold_dir_measures_batchnorm_on_the_first_probe_batch() -> None:
+    model = planted_conv_bn(2)
+    x = torch.randn(2, 2, 6, 6, dtype=torch.float64)
+    probes = [(torch.randn(32, 2, 6, 6, dtype=torch.float64) * 2 + 1,), (torch.zeros(4, 2, 6, 6),)]
+    small = fold(model, x, 0.5, repair="dir", probes=probes)
+    conv, bn = small.get_submodule("0"), small.get_submodule("1")
+    measured = conv(probes[0][0]).transpose(0, 1).flatten(1)
+    assert torch.allclose(bn.running_mean, measured.mean(dim=1))
+    assert torch.allclose(bn.running_var, measured.var(dim=1), rtol=1e-6)
+    with pytest.raises(nm.InvalidArgumentError, match="probes"):
+        fold(model, x, 0.5, repair="dir")
+    with pytest.raises(nm.InvalidArgumentError, match="repair"):
+        fold(model, x, 0.5, repair="fast")  # type: ignore[arg-type]
+
+
+def test_kmeans_finds_separated_clusters_and_never_leaves_one_empty() -> None:
+    torch.manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    rows = centres.repeat_interleave(5, dim=0) + 0.1 * torch.randn(15, 2)
+    labels = kmeans(rows, 3, seed=1)
+    assert all(len(set(labels[i * 5 : i * 5 + 5].tolist())) == 1 for i in range(3))
+    assert len(set(labels.tolist())) == 3
+    same = kmeans(torch.zeros(6, 3), 4)  # identical rows: still four non-empty clusters
+    assert sorted(torch.bincount(same, minlength=4).tolist())[0] >= 1
+
+
+def test_sweep_registers_fold_at_the_same_widths_as_merge() -> None:
+    assert sweeps.METHODS["fold-ar"].data_free and sweeps.METHODS["fold-dir"].data_free
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 3)
+    ).eval()
+    x = torch.randn(2, 1, 6, 6)
+    context = sweeps.SweepContext(arch=None)
+    context.cache["probes"] = [(torch.randn(16, 1, 6, 6),)]  # what the sweep made once for merge-ls
+    merged = nm.merge(model, x, 0.5)
+    for name in ("fold-ar", "fold-dir"):
+        small = sweeps.METHODS[name].compress(model, x, 0.5, context)
+        assert nm.evaluate.count_parameters(small) == nm.evaluate.count_parameters(merged)
+        assert small(x).shape == (2, 3)

@@ -1,0 +1,146 @@
+"""Hugging Face models (tiny configs, random weights, nothing downloaded): same class out, reloadable."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.hf import compress_pretrained
+
+IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+SMALL = {"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 32}
+
+
+def _gpt2() -> torch.nn.Module:
+    config = tf.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=50, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return tf.GPT2LMHeadModel(config)
+
+
+def _opt() -> torch.nn.Module:
+    config = tf.OPTConfig(
+        **SMALL,
+        ffn_dim=64,
+        vocab_size=50,
+        max_position_embeddings=32,
+        word_embed_proj_dim=32,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return tf.OPTForCausalLM(config)
+
+
+def _bert() -> torch.nn.Module:
+    return tf.BertModel(tf.BertConfig(**SMALL, intermediate_size=64, vocab_size=50))
+
+
+def _vit() -> torch.nn.Module:
+    return tf.ViTModel(tf.ViTConfig(**SMALL, intermediate_size=64, image_size=16, patch_size=8))
+
+
+def _llama() -> torch.nn.Module:
+    config = tf.LlamaConfig(
+        **SMALL,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return tf.LlamaForCausalLM(config)
+
+
+def _out(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(model, tf.ViTModel):
+            return model(pixel_values=PIXELS)[0]
+        return model(IDS)[0]
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "before", "options"),
+    [
+        (_gpt2, "n_inner", 128, {"approximate": True}),  # GELU (tanh), Conv1D layers
+        (_opt, "ffn_dim", 64, {}),  # ReLU: exact merging applies
+        (_bert, "intermediate_size", 64, {"approximate": True}),
+        (_vit, "intermediate_size", 64, {"approximate": True}),
+        (_llama, "intermediate_size", 64, {}),  # gated SiLU MLP: gate and up rows as one group
+    ],
+)
+@pytest.mark.parametrize("method", ["merge", "merge-ls"])
+def test_same_class_out_and_plain_transformers_reloads_it(
+    build, field, before, options, method, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    original = copy.deepcopy(model.state_dict())
+    result = compress_pretrained(model, 0.5, method=method, **options)
+    small = result.model
+    assert type(small) is type(model)
+    assert (result.width_before, result.width_after) == (before, before // 2)
+    assert getattr(small.config, field) == before // 2
+    assert all(b.width_after == before // 2 for b in result.blocks) and len(result.blocks) == 2
+    small.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()  # plain transformers, no neuronmerge
+    assert torch.allclose(_out(reloaded), _out(small), atol=1e-6)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    # the caller's model is untouched
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+    # a compressed model still computes something close to the original on random weights
+    error = (_out(small) - _out(model)).norm() / _out(model).norm()
+    assert error < 0.5
+
+
+def test_opt_relu_planted_duplicates_merge_exactly() -> None:
+    torch.manual_seed(0)
+    model = _opt().eval()
+    with torch.no_grad():
+        for layer in model.model.decoder.layers:
+            # neurons 32..63 are positive multiples of neurons 0..31 (weights and biases)
+            scale = torch.rand(32, 1) * 0.5 + 0.25
+            layer.fc1.weight[32:] = scale * layer.fc1.weight[:32]
+            layer.fc1.bias[32:] = scale[:, 0] * layer.fc1.bias[:32]
+            layer.fc1.weight[:32] *= 2  # the originals have the larger norms (kept by l1-norm)
+            layer.fc1.bias[:32] *= 2
+    result = compress_pretrained(model, 0.5, method="merge")
+    assert result.width_after == 32
+    assert all(b.report.sites[0].merged == 32 for b in result.blocks)
+    assert torch.allclose(_out(result.model), _out(model), atol=1e-5)
+    pruned = compress_pretrained(model, 0.5, method="prune").model
+    assert not torch.allclose(_out(pruned), _out(model), atol=1e-2)
+
+
+def test_gelu_without_approximate_is_refused_with_the_reason() -> None:
+    with pytest.raises(InvalidArgumentError, match="not positively homogeneous"):
+        compress_pretrained(_bert().eval(), 0.5)
+
+
+def test_llama_gated_planted_duplicates_merge_exactly() -> None:
+    # neuron i equals s * neuron j when gate rows are equal and up row i = s * up row j (any act)
+    torch.manual_seed(0)
+    model = _llama().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            scale = torch.rand(32, 1) * 0.5 + 0.25
+            mlp.gate_proj.weight[32:] = mlp.gate_proj.weight[:32]
+            mlp.up_proj.weight[32:] = scale * mlp.up_proj.weight[:32]
+            mlp.up_proj.weight[:32] *= 2  # originals get the larger norms (kept by l1-norm)
+    result = compress_pretrained(model, 0.5, method="merge")
+    assert result.model.config.intermediate_size == 32
+    assert torch.allclose(_out(result.model), _out(model), atol=1e-5)
+    pruned = compress_pretrained(model, 0.5, method="prune").model
+    assert not torch.allclose(_out(pruned), _out(model), atol=1e-3)
+
+
+def test_a_model_without_known_blocks_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="no transformer block"):
+        compress_pretrained(torch.nn.Sequential(torch.nn.Linear(4, 4)), 0.5)

@@ -1,0 +1,183 @@
+"""Streaming compression of a sharded checkpoint: same result as in memory, bounded memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from safetensors.torch import save_file
+
+from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
+from neuronmerge.hf import compress_pretrained
+from neuronmerge.streaming import compress_checkpoint
+
+IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _opt(layers: int = 2, hidden: int = 32, ffn: int = 64) -> tf.OPTForCausalLM:
+    config = tf.OPTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        ffn_dim=ffn,
+        num_attention_heads=4,
+        vocab_size=50,
+        max_position_embeddings=32,
+        word_embed_proj_dim=hidden,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return tf.OPTForCausalLM(config).eval()
+
+
+def _llama() -> tf.LlamaForCausalLM:
+    config = tf.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return tf.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("method", ["merge", "merge-ls"])
+@pytest.mark.parametrize(("build", "field"), [(_opt, "ffn_dim"), (_llama, "intermediate_size")])
+def test_streamed_result_equals_the_in_memory_one_and_reloads(
+    build, field: str, method: str, tmp_path: Path
+) -> None:
+    torch.manual_seed(0)
+    model = build()
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    assert len(list((tmp_path / "src").glob("model-*.safetensors"))) > 2  # really sharded
+    report = compress_checkpoint(tmp_path / "src", tmp_path / "out", 0.5, method=method)
+    assert (report.width_before, report.width_after) == (64, 32)
+    assert report.bytes_after < report.bytes_before
+    streamed = type(model).from_pretrained(tmp_path / "out").eval()
+    assert getattr(streamed.config, field) == 32
+    in_memory = compress_pretrained(model, 0.5, method=method).model
+    with torch.no_grad():
+        # merge-ls probes pass through torch's RMSNorm here and LLaMA's own in memory: same function
+        assert torch.allclose(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-5)
+
+
+def test_bad_folders_are_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="config.json"):
+        compress_checkpoint(tmp_path, tmp_path / "out", 0.5)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(InvalidArgumentError, match="model_type 'bert'"):
+        compress_checkpoint(tmp_path, tmp_path / "out", 0.5)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError):
+        compress_checkpoint(tmp_path, tmp_path / "out", 0.5)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "out"]
+
+
+LAYERS, HIDDEN, FFN = 16, 256, 1024
+#: Address space allowed above what the interpreter, torch and the engine already map.
+HEADROOM = 24 * 2**20
+
+_CAPPED = """
+import json, resource, sys, torch
+torch.set_num_threads(1)
+from neuronmerge.ffn import FeedForward
+from neuronmerge.streaming import compress_checkpoint, _read, _weight_map
+import neuronmerge as nm
+nn = torch.nn
+nm.compress(FeedForward(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8), None), torch.zeros(4, 8), 0.5)
+size = int(next(l for l in open("/proc/self/status") if l.startswith("VmSize")).split()[1]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (size + int(sys.argv[3]), resource.RLIM_INFINITY))
+src, mode = sys.argv[1], sys.argv[2]
+if mode == "whole":  # the control: holding every tensor at once must not fit under the cap
+    weights = _weight_map(__import__("pathlib").Path(src))
+    try:
+        held = _read(__import__("pathlib").Path(src), weights, list(weights))
+        print(json.dumps({"held": len(held)}))
+    except (MemoryError, RuntimeError) as exc:
+        print(json.dumps({"failed": type(exc).__name__}))
+else:
+    report = compress_checkpoint(src, sys.argv[4], 0.5)
+    print(json.dumps({"largest": report.largest_group_bytes, "total": report.bytes_before,
+                      "width": report.width_after}))
+"""
+
+
+def _synthesise(folder: Path) -> int:
+    """An OPT-shaped sharded checkpoint, one shard per layer, written without building the model."""
+    folder.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    shards = [
+        {"model.decoder.embed_tokens.weight": torch.randn(50, HIDDEN, generator=generator)},
+        *(
+            {
+                f"model.decoder.layers.{i}.{name}": torch.randn(shape, generator=generator) * 0.05
+                for name, shape in [
+                    ("self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
+                    ("self_attn.k_proj.weight", (HIDDEN, HIDDEN)),
+                    ("self_attn.v_proj.weight", (HIDDEN, HIDDEN)),
+                    ("self_attn.out_proj.weight", (HIDDEN, HIDDEN)),
+                    ("final_layer_norm.weight", (HIDDEN,)),
+                    ("final_layer_norm.bias", (HIDDEN,)),
+                    ("fc1.weight", (FFN, HIDDEN)),
+                    ("fc1.bias", (FFN,)),
+                    ("fc2.weight", (HIDDEN, FFN)),
+                    ("fc2.bias", (HIDDEN,)),
+                ]
+            }
+            for i in range(LAYERS)
+        ),
+    ]
+    for number, tensors in enumerate(shards, 1):
+        name = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * 4 for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    config = {"model_type": "opt", "ffn_dim": FFN, "hidden_size": HIDDEN, "activation_function": "relu"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return total
+
+
+def _capped(*args: str) -> dict[str, object]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "1"}
+    done = subprocess.run(
+        [sys.executable, "-c", _CAPPED, *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_checkpoint_larger_than_the_memory_cap_streams_through_it(tmp_path: Path) -> None:
+    total = _synthesise(tmp_path / "src")
+    assert total > 2 * HEADROOM  # the whole model cannot be held under the cap...
+    assert "failed" in _capped(str(tmp_path / "src"), "whole", str(HEADROOM))  # ...and is not
+    result = _capped(str(tmp_path / "src"), "stream", str(HEADROOM), str(tmp_path / "out"))
+    assert result["width"] == FFN // 2 and result["total"] == total
+    assert isinstance(result["largest"], int) and 3 * result["largest"] < HEADROOM
+    shards = sorted((tmp_path / "out").glob("model-*.safetensors"))
+    assert len(shards) == LAYERS + 1
+
+
+def test_the_command_line_streams_a_checkpoint_folder(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    _opt().save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    command = [sys.executable, "-m", "neuronmerge", "compress", str(tmp_path / "src"), "--ratio", "0.25"]
+    done = subprocess.run(
+        [*command, "--out", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert (summary["width_before"], summary["width_after"], summary["layers"]) == (64, 48, 2)
+    assert tf.OPTForCausalLM.from_pretrained(tmp_path / "out").config.ffn_dim == 48
