@@ -276,8 +276,15 @@ class GroupFinder:
             raise _Refusal(f"the channels come from {name}, which cannot lose channels")
         if op.effect in ("add", "sub", "mul"):
             state.layouts[node] = where
+            ndim = len(_shape(node))
             for operand in node.args[:2]:
-                if isinstance(operand, fx.Node):
+                # Parameters (LayerScale) and tensors constant across the channels are not walked:
+                # ``_forward_binary`` takes them as per-channel factors or terms.
+                if not isinstance(operand, fx.Node) or operand.op == "get_attr":
+                    continue
+                extent = _shape(operand)
+                at = where.dim - (ndim - len(extent))
+                if at >= 0 and extent[at] != 1:
                     self._join(operand, where, state)
             state.seen.update((o, node, where) for o in node.args[:2] if isinstance(o, fx.Node))
             self._forward_binary(node, op, state)
@@ -285,6 +292,13 @@ class GroupFinder:
         before: Layout | None = where
         if op.effect == "layout":
             before = lay.reshaped(_shape(node), _shape(source), where)
+        elif op.effect == "permute":  # the inverse permutation
+            order = _permutation(node)
+            before = Layout(int(order[where.dim]) % len(order), where.offset, where.block)
+            before = before if where.block == 1 else None
+        elif op.effect == "transpose":  # an involution
+            first, second = int(node.args[1]), int(node.args[2])  # type: ignore[arg-type]
+            before = lay.transposed(where, first, second, len(_shape(node)))
         elif op.effect not in (
             "pass",
             "dropout",
@@ -339,7 +353,7 @@ class GroupFinder:
             pooling: StepKind = "maxpool" if effect == "maxpool" else "pass"
             self._claim(user, where, state, Step(user.name, pooling, (tensor.name,), label=name))
             return
-        if effect in ("layout", "permute", "transpose", "expand", "reduce", "pad", "cat"):
+        if effect in ("layout", "permute", "transpose", "expand", "index", "reduce", "pad", "cat"):
             self._relayout(tensor, user, op, module, where, ndim, state)
             return
         if effect in ("add", "sub", "mul"):
@@ -469,16 +483,17 @@ class GroupFinder:
             if module is None and spelled in ("view", "reshape"):
                 state.literals.append(LiteralFix(user.name, "shape", new.dim, new.block))
         elif effect == "permute":
-            order: Any = user.args[1:] if user.op == "call_method" else user.args[1]
-            if user.op == "call_method" and len(order) == 1 and isinstance(order[0], (tuple, list)):
-                order = order[0]
-            new = lay.permuted(where, list(order))
+            new = lay.permuted(where, _permutation(user))
         elif effect == "expand":
             source, target = _shape(tensor), _shape(user)
             moved = len(target) - len(source)
             if target[where.dim + moved] != source[where.dim]:
                 raise _Refusal(f"{name} repeats the channels")
             new = Layout(where.dim + moved, where.offset, where.block)
+        elif effect == "index":
+            new = lay.indexed(where, ndim, user.args[1])
+            if new is None:
+                raise _Refusal(f"{name} selects some of the channels")
         elif effect == "transpose":
             new = lay.transposed(where, int(user.args[1]), int(user.args[2]), ndim)  # type: ignore[arg-type]
         elif effect == "reduce":
@@ -719,6 +734,15 @@ class GroupFinder:
         if not hasattr(self, "_by_name"):
             self._by_name = {n.name: n for n in self.gm.graph.nodes}
         return self._by_name[name]
+
+
+def _permutation(node: fx.Node) -> list[int]:
+    """The axis order of ``x.permute(0, 2, 1)``, ``x.permute((0, 2, 1))`` or
+    ``torch.permute(x, (0, 2, 1))``."""
+    order: Any = node.args[1:] if node.op == "call_method" else node.args[1]
+    if node.op == "call_method" and len(order) == 1 and isinstance(order[0], (tuple, list)):
+        order = order[0]
+    return [int(axis) for axis in order]
 
 
 def _is_param(gm: fx.GraphModule, target: str) -> bool:

@@ -104,3 +104,28 @@ def param_axis(layout: Layout, ndim: int, shape: Sequence[int]) -> int | None:
     if any(size != 1 for i, size in enumerate(shape) if i != axis):
         return None
     return axis
+
+
+def indexed(layout: Layout, ndim: int, index: object) -> Layout | None:
+    """The layout after ``x[index]`` with ints, slices, ``None`` and ``...``: None unless the
+    channel axis is taken whole (``slice(None)``) and nothing indexes by tensors."""
+    entries = list(index) if isinstance(index, tuple) else [index]
+    if any(e is Ellipsis for e in entries):
+        at = entries.index(Ellipsis)
+        fill = ndim - sum(1 for e in entries if e is not None and e is not Ellipsis)
+        entries = entries[:at] + [slice(None)] * fill + entries[at + 1 :]
+    entries += [slice(None)] * (ndim - sum(1 for e in entries if e is not None))
+    axis = new_dim = 0
+    for entry in entries:
+        if entry is None:
+            new_dim += 1
+            continue
+        if not isinstance(entry, (int, slice)):
+            return None
+        if axis == layout.dim:
+            if entry != slice(None):
+                return None
+            return Layout(new_dim, layout.offset, layout.block)
+        axis += 1
+        new_dim += 0 if isinstance(entry, int) else 1
+    return None

@@ -16,7 +16,7 @@ Effects:
 * ``batchnorm``: a per-channel affine map with parameters (running statistics folded).
 * ``maxpool`` / ``avgpool``: spatial pooling, per channel.
 * ``layout``: a view, reshape, flatten, squeeze; ``permute`` / ``transpose``: axes move;
-  ``expand``: broadcast along other axes.
+  ``expand``: broadcast along other axes; ``index``: ``x[:, 0]``, ``x[..., ::2]``.
 * ``pad``: constant padding of trailing axes; ``reduce``: mean / sum / max over some axes.
 * ``cat``: concatenation; ``add`` / ``sub`` / ``mul``: binary elementwise; ``pow``: a power.
 * ``layernorm`` / ``groupnorm`` / ``softmax``: normalise across an axis (mixing when it is the
@@ -49,6 +49,7 @@ Effect = Literal[
     "permute",
     "transpose",
     "expand",
+    "index",
     "pad",
     "reduce",
     "cat",
@@ -97,7 +98,7 @@ OPS: tuple[Op, ...] = (
         "relu",
         "homogeneous",
         (nn.ReLU,),
-        (F.relu, F.relu_, torch.relu, torch.relu_),
+        (F.relu, torch.relu, torch.relu_),  # F.relu_ is torch.relu_
         ("relu", "relu_"),
         (_aten.relu.default, _aten.relu_.default),
     ),
@@ -166,7 +167,7 @@ OPS: tuple[Op, ...] = (
         "avg_pool",
         "avgpool",
         (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d),
-        (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, torch.avg_pool1d),
+        (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d),
         (),
         (
             _aten.avg_pool1d.default,
@@ -189,6 +190,7 @@ OPS: tuple[Op, ...] = (
             _aten.unsqueeze.default,
         ),
     ),
+    Op("getitem", "index", (), (operator.getitem,)),
     Op("expand", "expand", (), (), ("expand", "expand_as"), (_aten.expand.default,)),
     Op("permute", "permute", (), (torch.permute,), ("permute",), (_aten.permute.default,)),
     Op(
