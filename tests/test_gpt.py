@@ -107,9 +107,10 @@ def enumerate_blocks(model: GPT) -> list[tuple[str, torch.nn.Module]]:
     return [(f"blocks.{i}", block) for i, block in enumerate(model.blocks)]
 
 
-def test_registered_configs_are_a_few_million_parameters() -> None:
+def test_the_swept_config_has_about_a_million_parameters() -> None:
+    # sized to train in minutes on a shared 2-core machine (1,329,600 parameters)
     count = sum(p.numel() for p in GPT(CONFIGS["gpt-kjv"]).parameters())
-    assert 1_500_000 < count < 5_000_000
+    assert 1_000_000 < count < 2_000_000
 
 
 def _sweep_script() -> ModuleType:
