@@ -150,7 +150,38 @@ def table(outcome: dict[str, Any]) -> str:
             + f" | {ours / outcome['dense_test_perplexity']:.2f}x | "
             + f"{cells[(ratio, methods[0])]['params']:,} |"
         )
+    checks = targets(outcome)
+    lines += [
+        "",
+        "Targets (issue 13): the best of neuronmerge's data-free methods (prune, merge, merge-ls) "
+        f"below fold-ar at every ratio: {_yes(checks['below_fold'])}; below Torch-Pruning's magnitude "
+        f"pruning at every ratio: {_yes(checks['below_magnitude'])}; at least 10x below it wherever it "
+        f"passes 10x the dense perplexity: {_yes(checks['tenfold'])}; within 1.5x of the dense model "
+        f"at ratio 0.2: {_yes(checks['within_1_5x_at_0_2'])} ({checks['best_over_dense_at_0_2']:.3f}x).",
+    ]
     return "\n".join(lines)
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def targets(outcome: dict[str, Any]) -> dict[str, Any]:
+    """The issue's targets, checked on the test perplexities of ``outcome``."""
+    cells = {(r["ratio"], r["method"]): r["test_perplexity"] for r in outcome["results"]}
+    ratios = sorted({r["ratio"] for r in outcome["results"]})
+    ours = {
+        ratio: min(p for (r, m), p in cells.items() if r == ratio and m not in PEERS) for ratio in ratios
+    }
+    dense = outcome["dense_test_perplexity"]
+    magnitude = {ratio: cells[(ratio, "torch-pruning")] for ratio in ratios}
+    return {
+        "below_fold": all(ours[r] < cells[(r, "fold-ar")] for r in ratios),
+        "below_magnitude": all(ours[r] < magnitude[r] for r in ratios),
+        "tenfold": all(ours[r] * 10 <= magnitude[r] for r in ratios if magnitude[r] > 10 * dense),
+        "within_1_5x_at_0_2": ours[0.2] <= 1.5 * dense,
+        "best_over_dense_at_0_2": ours[0.2] / dense,
+    }
 
 
 def write_readme(outcome: dict[str, Any]) -> None:
