@@ -130,6 +130,12 @@ def test_every_command_that_reads_a_model_reads_what_compress_wrote(
     # The program remembers its input shape: no --input-shape needed any more.
     assert main(["plan", str(small), "--json"]) == 0
     assert [s["producer"] for s in json.loads(capsys.readouterr().out)["sites"]] == ["conv"]
+    assert main(["plan", str(small), "--ratio", "0.5", "--json"]) == 0  # per-layer rows name real layers
+    rows = json.loads(capsys.readouterr().out)["layers"]
+    assert [(row["layer"], row["channels"], row["kept"]) for row in rows] == [
+        ("conv", 4, 2),
+        ("fc", 4, None),
+    ]
     smaller = tmp_path / "smaller.pt2"
     assert main(["compress", str(small), "--ratio", "0.5", "--out", str(smaller), "--json"]) == 0
     assert [(s["producer"], s["kept"]) for s in json.loads(capsys.readouterr().out)["sites"]] == [

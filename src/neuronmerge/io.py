@@ -39,6 +39,7 @@ from neuronmerge.errors import (
     OutputExistsError,
     OutputWriteError,
 )
+from neuronmerge.exported import lift
 from neuronmerge.models import get_spec, model_from_state_dict
 
 FORMAT = "neuronmerge"
@@ -309,7 +310,9 @@ def load(path: str | os.PathLike[str]) -> nn.Module:
         except Exception:  # not an exported program: fall through to the message below
             pass
         else:
-            return _inference_only(program.module())
+            # Its layers are ATen calls; lifted back to nn.Linear / nn.Conv*d modules, the model reads
+            # like any other (plan's per-layer rows name real layers).
+            return _inference_only(lift(program.module()))
     raise CheckpointError(
         f"{file} is not a model saved by neuronmerge; "
         "for a checkpoint use load_checkpoint(path, arch=...)"
