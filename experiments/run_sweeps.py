@@ -20,10 +20,12 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from neuronmerge.io import load_checkpoint
 from neuronmerge.lab.sweep import (
@@ -34,6 +36,7 @@ from neuronmerge.lab.sweep import (
     write_sweep,
 )
 from neuronmerge.lab.training import recipe_for, trained_model
+from neuronmerge.models import model_from_state_dict
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "sweeps"
@@ -81,24 +84,35 @@ def main() -> int:
     parser.add_argument(
         "--replace", action="store_true", help="drop earlier rows of methods not rerun now"
     )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        help="a training-cache entry (.safetensors beside its .json sidecar) to sweep instead of "
+        "the current recipe's model; with one --only model trained here",
+    )
     args = parser.parse_args()
+    if args.weights is not None and (len(args.only) != 1 or MODELS[args.only[0]][1] is not None):
+        parser.error("--weights needs exactly one --only model trained here")
     torch.set_num_threads(1)
     data = fashion_mnist_eval_data()
     for name in args.only:
         arch, checkpoint = MODELS[name]
         if checkpoint is None:
-            model, info = trained_model(arch, progress=False)
+            if args.weights is None:
+                model, info = trained_model(arch, progress=False)
+            else:
+                model = model_from_state_dict(arch, load_file(args.weights))
+                info = json.loads(args.weights.with_suffix(".json").read_text())
             source = f"trained here: seed {info['seed']}, {info['epochs']} epochs"
-            recipe = recipe_for(arch)
+            recipe = asdict(recipe_for(arch)) | info.get("recipe", {})
             training = {
                 "seed": info["seed"],
                 "epochs": info["epochs"],
-                "lr": recipe.lr,
-                "batch_size": recipe.batch_size,
-                "schedule": recipe.schedule,
-                "decay": recipe.decay,
+                **{key: recipe[key] for key in ("lr", "batch_size", "schedule", "decay")},
                 "train_seconds": info["train_seconds"],
             }
+            if "recipe" not in info:  # an entry from before recipes were recorded: cosine
+                training.update(schedule="cosine", decay=1.0)
         else:
             model = load_checkpoint(KIM2020 / checkpoint, arch)
             source, training = f"authors' checkpoint {checkpoint}", None
