@@ -10,6 +10,8 @@ untouched. Methods, all without data and without fine-tuning:
 * ``merge``: the paper's merge with neuronmerge's defaults (exact merging through ReLU, t = 0.1).
 * ``merge-ls``: least-squares merge into all kept neurons; its moments come from synthetic probes,
   the block's own LayerNorm applied to Gaussian noise (data-free).
+* ``fold-ar``: model folding (Wang et al. 2025; ``neuronmerge.lab.folding``): k-means clusters of
+  each MLP's neurons, data-free approximate variance repair.
 * ``torch-pruning``: Torch-Pruning's magnitude pruner (l1 group importance) on each lifted MLP, same
   kept counts.
 
@@ -32,6 +34,7 @@ import torch
 from torch import nn
 
 from neuronmerge.ffn import FFNOptions, FFNSpec, compress_ffns, lift, put_back
+from neuronmerge.lab.folding import fold
 from neuronmerge.lab.gpt import GPT, perplexity, trained_gpt
 from neuronmerge.lab.peers import torch_pruning_magnitude
 from neuronmerge.lab.text import load_kjv
@@ -66,12 +69,23 @@ def _torch_pruning(model: GPT, ratio: float) -> GPT:
     return small
 
 
+def _fold(model: GPT, ratio: float) -> GPT:
+    small = copy.deepcopy(model)
+    for _, block in _blocks(small):
+        ffn = lift(block, SPEC)
+        put_back(block, SPEC, fold(ffn, torch.zeros(8, ffn.up.in_features), ratio, repair="ar"))
+    return small
+
+
 METHODS: dict[str, Callable[[GPT, float], GPT]] = {
     "prune": _engine("prune"),
     "merge": _engine("merge"),
     "merge-ls": _engine("merge-ls"),
+    "fold-ar": _fold,
     "torch-pruning": _torch_pruning,
 }
+#: Peers, not neuronmerge's own methods: left out of "best" in the table.
+PEERS = ("fold-ar", "torch-pruning")
 
 
 def run() -> dict[str, Any]:
@@ -129,7 +143,7 @@ def table(outcome: dict[str, Any]) -> str:
     ]
     for ratio in sorted({r["ratio"] for r in outcome["results"]}):
         row = [cells[(ratio, m)]["test_perplexity"] for m in methods]
-        ours = min(cells[(ratio, m)]["test_perplexity"] for m in methods if m != "torch-pruning")
+        ours = min(cells[(ratio, m)]["test_perplexity"] for m in methods if m not in PEERS)
         lines.append(
             f"| {ratio:g} | "
             + " | ".join(f"{p:.3f}" for p in row)

@@ -193,7 +193,7 @@ def plant_duplicates(
     counts: dict[str, tuple[int, int]] = {}
     for group in sites:
         n = group.channels
-        keep = kept_count(n, ratio)
+        keep = kept_count(n // group.blocks, ratio) * group.blocks
         dups = n - keep
         gates = _gate_roots(group)
         flows: dict[str, torch.Tensor] = {}
@@ -208,9 +208,30 @@ def plant_duplicates(
             target = 1 + 0.2 * torch.rand(keep, 1, generator=generator, dtype=torch.float64)
             rows = rows / _norm(rows, criterion)[:, None] * target
             if index == 0:  # the draws of ``duplicate_rows``, then the shuffle
-                source = torch.randint(0, keep, (dups,), generator=generator)
+                # Grouped convs: every block holds its own duplicates (merges stay in a block).
+                blocks = group.blocks
+                kb, db = keep // blocks, dups // blocks
+                source = torch.cat(
+                    [
+                        torch.randint(b * kb, (b + 1) * kb, (db,), generator=generator)
+                        for b in range(blocks)
+                    ]
+                )
                 scale = 0.05 + 0.25 * torch.rand(dups, generator=generator, dtype=torch.float64)
-                perm = torch.randperm(n, generator=generator)
+                if blocks == 1:
+                    perm = torch.randperm(n, generator=generator)
+                else:
+                    perm = torch.cat(
+                        [
+                            torch.cat(
+                                [
+                                    torch.arange(b * kb, (b + 1) * kb),
+                                    keep + torch.arange(b * db, (b + 1) * db),
+                                ]
+                            )[torch.randperm(kb + db, generator=generator)]
+                            for b in range(blocks)
+                        ]
+                    )
                 where = torch.empty(n, dtype=torch.long)
                 where[perm] = torch.arange(n)
                 partner = where[torch.cat([torch.arange(keep), source])[perm]]

@@ -129,7 +129,7 @@ def test_cli_approximate_reports_the_output_error(
     assert main([*argv[:-1], "--json"]) == 0
     warning = capsys.readouterr().err
     assert "no layer could be compressed" in warning
-    assert "1 are followed by non-homogeneous activations (--approximate)" in warning
+    assert "followed by non-homogeneous activations" in warning and "--approximate" in warning
     assert main([*argv, "--approximate", "--json", "--force"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["approximate"] is True

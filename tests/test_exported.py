@@ -103,13 +103,14 @@ def test_lift_leaves_layers_with_computed_weights_as_aten_calls() -> None:
 
 
 def test_a_model_loaded_from_a_torch_export_archive_merges(tmp_path: Path) -> None:
-    """Its layers are ATen calls and it refuses ``.eval()``: capture lifts them all the same."""
+    """Its layers are ATen calls and it refuses ``.train()``: capture lifts them all the same."""
     ratio = 0.5
     model, bases = shape_branch(ratio)
     x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     archived = nm.load(nm.save(model, tmp_path / "model.pt2", example_inputs=x))
-    with pytest.raises(NotImplementedError):
-        archived.eval()
+    assert archived.eval() is archived  # fixed in inference mode: eval() is a no-op...
+    with pytest.raises(NotImplementedError, match="fixed in inference mode"):
+        archived.train()  # ... and training mode impossible
     small = nm.merge(archived, x, ratio, threshold=None)
     assert [small.get_submodule(n).weight.shape[0] for n in ("conv1", "conv2", "fc1")] == list(bases)
     batch = torch.randn(5, 3, 16, 16, dtype=torch.float64)

@@ -346,6 +346,51 @@ def test_squeeze_excitation_gate_merges_exactly() -> None:
 
 # ---------------------------------------------------------------------------------------------
 
+
+class GroupedBlock(nn.Module):
+    """1x1 conv -> BN -> ReLU -> grouped 3x3 conv -> BN -> ReLU -> 1x1 conv (a ResNeXt block)."""
+
+    def __init__(self, c: int = 8, groups: int = 2, out: int = 6) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(c)
+        self.conv3 = nn.Conv2d(c, out, 1)
+        self.head = nn.Linear(out, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn1(self.conv1(x)))
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = F.relu(self.conv3(h))
+        return self.head(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def plant_blocks(layer: nn.Module, bn: nn.Module | None, blocks: int, g: torch.Generator) -> None:
+    """Duplicates inside each block of a grouped conv's channels (merges cannot cross blocks)."""
+    assert isinstance(layer, nn.Conv2d)
+    n = layer.out_channels // blocks
+    width = layer.weight[0].numel() + int(layer.bias is not None or bn is not None)
+    rows = torch.cat([Planted(n, g).rows(width) for _ in range(blocks)])
+    if bn is None:
+        set_rows(layer, rows)
+    else:
+        set_conv_bn(layer, bn, rows, g)  # type: ignore[arg-type]
+
+
+def test_grouped_conv_block_merges_exactly_within_its_groups() -> None:
+    g = torch.Generator().manual_seed(10)
+    model = GroupedBlock().double().eval()
+    plant_blocks(model.conv1, model.bn1, 2, g)
+    plant_blocks(model.conv2, model.bn2, 2, g)
+    plant_layer(model.conv3, Planted(6, g))
+    x = torch.randn(4, 3, 5, 5, dtype=torch.float64, generator=g)
+    result = check_exact(model, x, lambda: GroupedBlock(4, 2, 3), [{"conv1"}, {"conv2"}, {"conv3"}])
+    assert [s.blocks for s in result.sites] == [2, 2, 1]
+    assert result.model.conv2.groups == 2 and result.model.conv2.weight.shape == (4, 2, 3, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+
 #: Every group kind above, at its default widths with random weights, and an input shape.
 KINDS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "residual stream": (ResidualNet, (3, 6, 6)),
@@ -356,6 +401,7 @@ KINDS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
     "squared ReLU": (SquaredReLU, (5, 8)),
     "LayerScale": (LayerScale, (6,)),
     "squeeze-excitation": (SqueezeExcite, (3, 5, 5)),
+    "grouped conv": (GroupedBlock, (3, 5, 5)),
 }
 
 

@@ -72,6 +72,7 @@ def _out(model: torch.nn.Module) -> torch.Tensor:
         (_opt, "ffn_dim", 64, {}),  # ReLU: exact merging applies
         (_bert, "intermediate_size", 64, {"approximate": True}),
         (_vit, "intermediate_size", 64, {"approximate": True}),
+        (_llama, "intermediate_size", 64, {}),  # gated SiLU MLP: gate and up rows as one group
     ],
 )
 @pytest.mark.parametrize("method", ["merge", "merge-ls"])
@@ -122,10 +123,22 @@ def test_gelu_without_approximate_is_refused_with_the_reason() -> None:
         compress_pretrained(_bert().eval(), 0.5)
 
 
-def test_gated_llama_mlp_is_refused_until_the_engine_merges_gated_groups() -> None:
-    # The engine does not yet group gate and up rows (notes/transformers-needs.md, item 1).
-    with pytest.raises(InvalidArgumentError, match="mul"):
-        compress_pretrained(_llama().eval(), 0.5, approximate=True)
+def test_llama_gated_planted_duplicates_merge_exactly() -> None:
+    # neuron i equals s * neuron j when gate rows are equal and up row i = s * up row j (any act)
+    torch.manual_seed(0)
+    model = _llama().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            scale = torch.rand(32, 1) * 0.5 + 0.25
+            mlp.gate_proj.weight[32:] = mlp.gate_proj.weight[:32]
+            mlp.up_proj.weight[32:] = scale * mlp.up_proj.weight[:32]
+            mlp.up_proj.weight[:32] *= 2  # originals get the larger norms (kept by l1-norm)
+    result = compress_pretrained(model, 0.5, method="merge")
+    assert result.model.config.intermediate_size == 32
+    assert torch.allclose(_out(result.model), _out(model), atol=1e-5)
+    pruned = compress_pretrained(model, 0.5, method="prune").model
+    assert not torch.allclose(_out(pruned), _out(model), atol=1e-3)
 
 
 def test_a_model_without_known_blocks_is_refused() -> None:

@@ -39,10 +39,11 @@ def test_a_batch_stops_once_its_loss_stops_falling() -> None:
 
 def test_merge_ls_makes_no_probes_when_nothing_is_mergeable(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("probes were made for a model with no site")
+        raise AssertionError("probes were made for a model with nothing to merge")
 
     monkeypatch.setattr(probes, "synthesize_probes", refuse)
-    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).eval()  # tanh: no site
+    # The only layer's outputs are the model's: nothing to merge.
+    model = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1)).eval()
     x = torch.randn(2, 4)
     result = nm.compress(model, x, 0.5, method="merge-ls")
     assert result.report.sites == () and torch.equal(result.model(x), model(x))

@@ -36,20 +36,38 @@ def _opt(layers: int = 2, hidden: int = 32, ffn: int = 64) -> tf.OPTForCausalLM:
     return tf.OPTForCausalLM(config).eval()
 
 
+def _llama() -> tf.LlamaForCausalLM:
+    config = tf.LlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=50,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return tf.LlamaForCausalLM(config).eval()
+
+
 @pytest.mark.parametrize("method", ["merge", "merge-ls"])
-def test_streamed_result_equals_the_in_memory_one_and_reloads(method: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("build", "field"), [(_opt, "ffn_dim"), (_llama, "intermediate_size")])
+def test_streamed_result_equals_the_in_memory_one_and_reloads(
+    build, field: str, method: str, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
-    model = _opt()
+    model = build()
     model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
     assert len(list((tmp_path / "src").glob("model-*.safetensors"))) > 2  # really sharded
     report = compress_checkpoint(tmp_path / "src", tmp_path / "out", 0.5, method=method)
     assert (report.width_before, report.width_after) == (64, 32)
     assert report.bytes_after < report.bytes_before
-    streamed = tf.OPTForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert streamed.config.ffn_dim == 32
+    streamed = type(model).from_pretrained(tmp_path / "out").eval()
+    assert getattr(streamed.config, field) == 32
     in_memory = compress_pretrained(model, 0.5, method=method).model
     with torch.no_grad():
-        assert torch.equal(streamed(IDS).logits, in_memory(IDS).logits)
+        # merge-ls probes pass through torch's RMSNorm here and LLaMA's own in memory: same function
+        assert torch.allclose(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-5)
 
 
 def test_bad_folders_are_refused_and_nothing_is_written(tmp_path: Path) -> None:

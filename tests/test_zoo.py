@@ -763,13 +763,15 @@ CASES: dict[str, Case] = {
     "grouped convs": Case(
         Grouped,
         (4, 3, 6, 6),
-        # The depthwise conv acts per channel: a's group, its weights sliced with a's rows.
-        {"a": (None, {("pw", 0, 1)}), "fc1": (None, {("fc2", 0, 1)})},
+        # The depthwise conv acts per channel: a's group, its weights sliced with a's rows. The
+        # 2-group conv splits pw's channels and its own into 2 blocks each.
         {
-            "pw": "g (Conv2d) is a grouped convolution (groups=2)",
-            "g": "grouped convolution (groups=2) ties channels to groups",
-            "fc2": OUTPUT,
+            "a": (None, {("pw", 0, 1)}),
+            "pw": (None, {("g", 0, 1)}),
+            "g": (None, {("fc1", 0, 1)}),
+            "fc1": (None, {("fc2", 0, 1)}),
         },
+        {"fc2": OUTPUT},
     ),
     "non-homogeneous activations": Case(
         Smooth,

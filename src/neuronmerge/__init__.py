@@ -31,6 +31,7 @@ from neuronmerge.errors import (
 from neuronmerge.export import OnnxExport, export_onnx
 from neuronmerge.io import load, load_checkpoint, save
 from neuronmerge.models import available_models, create_model
+from neuronmerge.notices import CompressionWarning
 from neuronmerge.options import Options
 from neuronmerge.planning import LayerRow, Totals
 from neuronmerge.probes import synthesize_probes
@@ -44,6 +45,7 @@ __all__ = [
     "METHODS",
     "CaptureError",
     "CheckpointError",
+    "CompressionWarning",
     "DatasetCorruptError",
     "DatasetNotFoundError",
     "Group",

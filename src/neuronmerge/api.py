@@ -20,6 +20,7 @@ from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import count_parameters
 from neuronmerge.methods.base import Inputs
 from neuronmerge.methods.paper import PAPER_LAMBDA
+from neuronmerge.notices import warn_about_outcome
 from neuronmerge.options import DEFAULT_THRESHOLD, METHODS, Fidelity, Options
 from neuronmerge.options import MethodName as Method
 from neuronmerge.planning import LayerRow, Totals, layer_rows
@@ -159,7 +160,10 @@ def compress(
     its producers is included and none excluded). ``approximate=True`` also merges through
     elementwise activations that are not positively homogeneous (GELU, SiLU, tanh...), which is no
     longer exact, and prunes groups whose channels meet a LayerNorm or a softmax across them: the
-    report then carries the measured ``output_error``. The input model is not modified.
+    report then carries the measured ``output_error``. The input model is not modified. Merging is
+    defined on inference statistics: the result computes what ``model.eval()`` computes, in eval
+    mode. A ``CompressionWarning`` says when ``model`` was in training mode, and when no layer or only
+    some layers could take ``ratio`` (``plan`` says why).
     """
     ratio = check_ratio(ratio)
     options = Options.of(
@@ -225,6 +229,7 @@ def compress(
         approximate=approximate,
         output_error=error,
     )
+    warn_about_outcome(model, ratio, len(report.sites), report.skipped)
     return Result(small, report, tuple(groups))
 
 

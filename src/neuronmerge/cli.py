@@ -2,8 +2,12 @@
 
 argparse rather than typer/click because the documented interface takes several values after one flag
 (``--ratios 0.5 0.6 0.7``), which click-based parsers do not support. Results go to stdout (a rich
-table, or exactly one JSON object with ``--json``); progress and errors go to stderr. Every error that
-neuronmerge raises on purpose becomes one line and its own exit code (see ``errors``).
+table, laid out at full width when stdout is not a terminal, or exactly one JSON object with
+``--json``); progress, notes, warnings and errors go to stderr, and ``--quiet`` silences all of stderr
+but errors. Every error that neuronmerge raises on purpose becomes one line and its own exit code (see
+``errors``); with ``--json`` it is also one object ``{"error": ..., "exit_code": ...}`` on stdout.
+Options shared by several commands are defined once (``OPTION_GROUPS``), and every output is checked
+(name, existence, folder) by ``_check_output`` before any work.
 """
 
 from __future__ import annotations
@@ -13,12 +17,13 @@ import dataclasses
 import json
 import os
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 from rich.table import Table
 from torch import nn
@@ -28,17 +33,43 @@ from neuronmerge.api import DEFAULT_THRESHOLD, METHODS, Plan, Report, compress
 from neuronmerge.api import plan as plan_sites
 from neuronmerge.criteria import CRITERIA
 from neuronmerge.errors import (
-    CheckpointError,
+    DatasetNotFoundError,
     InvalidArgumentError,
     NeuronMergeError,
     OutputExistsError,
+    OutputWriteError,
 )
 from neuronmerge.evaluate import accuracy, count_parameters
-from neuronmerge.io import is_exported_program, load, load_checkpoint, read_metadata, save
+from neuronmerge.io import (
+    is_exported_program,
+    load,
+    load_checkpoint,
+    read_metadata,
+    save,
+    save_format,
+)
 from neuronmerge.models import available_models, get_spec
+from neuronmerge.notices import CompressionWarning
 from neuronmerge.progress import progress_bar
 
-stdout = Console(highlight=False)
+_PIPE_WIDTH = 10_000  # wider than any table here: lines end where their content ends
+
+
+class _Stdout(Console):
+    """stdout: at the terminal's width in a terminal; piped into a file or another program, as wide
+    as its content (tables are not cut at 80 columns, captions not split mid-word)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        size = super().size
+        return size if self.is_terminal else ConsoleDimensions(_PIPE_WIDTH, size.height)
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
+stdout = _Stdout(highlight=False)
 stderr = Console(stderr=True, highlight=False)
 
 
@@ -114,14 +145,16 @@ def _report_dict(report: Report) -> dict[str, Any]:
 
 def _report_table(report: Report) -> Table:
     table = Table(title=f"{report.method} ratio {report.ratio} ({report.fidelity} fidelity)")
-    for column in ("layer", "channels", "kept", "merged", "dropped"):
-        table.add_column(column, justify="right" if column != "layer" else "left")
+    table.add_column("layer", no_wrap=True)
+    for column in ("channels", "kept", "merged", "dropped"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("note")
     for site in report.sites:
-        table.add_row(
-            site.producer, str(site.channels), str(site.kept), str(site.merged), str(site.dropped)
-        )
+        counts = (site.channels, site.kept, site.merged, site.dropped)
+        table.add_row(escape(site.producer), *map(str, counts), "compressed")
     for skip in report.skipped:
-        table.add_row(f"[dim]{skip.producer}[/dim]", "-", "-", "-", f"[dim]{skip.reason}[/dim]")
+        dim = "-", "-", "-", "-"
+        table.add_row(escape(skip.producer), *dim, escape(f"skipped: {skip.reason}"), style="dim")
     return table
 
 
@@ -134,7 +167,71 @@ def _warn_trust(args: argparse.Namespace, path: object) -> None:
         )
 
 
-def _example_inputs(arch: str | None, input_shape: str | None) -> torch.Tensor:
+def _check_output(
+    path: str | Path,
+    force: bool,
+    named: Callable[[Path], object] | None = None,
+    *,
+    folder_made: bool = False,
+) -> Path:
+    """The one check of every output, before any work: its name (``named`` raises when the name
+    does not say what the command writes), no existing file unless ``--force``, and a folder to
+    write into (unless the command makes it: ``folder_made``)."""
+    out = Path(path)
+    if named is not None:
+        named(out)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    if not folder_made and not out.parent.is_dir():
+        raise OutputWriteError(f"cannot write {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _suffix(suffix: str, what: str) -> Callable[[Path], None]:
+    """A name check for ``_check_output``: the file must end in ``suffix``."""
+
+    def check(path: Path) -> None:
+        if path.suffix.lower() != suffix:
+            raise InvalidArgumentError(f"{path}: {what} is written as {suffix}; name the file *{suffix}")
+
+    return check
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """A model read by a command, and what the file said about it."""
+
+    model: nn.Module
+    #: The registered architecture (for its dataset and example inputs), if known.
+    arch: str | None
+    #: Whether the model is an instance of ``arch`` (then it can be saved as .safetensors).
+    rebuildable: bool
+    #: Per-example input shapes recorded in a .pt2 archive, if any.
+    input_shapes: tuple[tuple[int, ...], ...] | None = None
+
+
+def _load_any(args: argparse.Namespace, path: str | Path) -> _Loaded:
+    """A model from any file ``compress`` writes (.safetensors, .pt2), a checkpoint of ``--arch``, or
+    (``--trust``) a pickled module."""
+    arch, trust = args.arch, getattr(args, "trust", False)
+    meta = read_metadata(path) if Path(path).is_file() else {}
+    if meta.get("format") == "neuronmerge":
+        return _Loaded(load(path), str(meta["arch"]), rebuildable=True)
+    if is_exported_program(path):  # a torch.export archive, as compress writes .pt2
+        shapes = meta.get("input_shapes")
+        return _Loaded(
+            load(path),
+            meta.get("arch") or arch,
+            rebuildable=False,
+            input_shapes=None if shapes is None else tuple(tuple(s) for s in shapes),
+        )
+    _warn_trust(args, path)
+    model = load_checkpoint(path, arch, trust=trust)
+    return _Loaded(model, None if arch is None else get_spec(arch).name, rebuildable=arch is not None)
+
+
+def _example_inputs(loaded: _Loaded, input_shape: str | None) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
     if input_shape is not None:
         try:
             shape = tuple(int(part) for part in input_shape.split(","))
@@ -144,12 +241,36 @@ def _example_inputs(arch: str | None, input_shape: str | None) -> torch.Tensor:
             raise InvalidArgumentError(
                 f"--input-shape takes positive sizes like 3,32,32, got {input_shape!r}"
             )
-        return torch.randn((2, *shape), generator=torch.Generator().manual_seed(0))
-    if arch is None:
+        return torch.randn((2, *shape), generator=generator)
+    if loaded.input_shapes is not None:
+        inputs = tuple(torch.randn((2, *shape), generator=generator) for shape in loaded.input_shapes)
+        return inputs[0] if len(inputs) == 1 else inputs
+    if loaded.arch is None:
         raise InvalidArgumentError(
             "this model is of no registered architecture: give --input-shape C,H,W"
         )
-    return get_spec(arch).example_inputs()
+    return get_spec(loaded.arch).example_inputs()
+
+
+def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``compress``/``plan`` keyword arguments given on the command line (``OPTION_GROUPS``)."""
+    return {
+        "method": args.method,
+        "criterion": args.criterion,
+        "threshold": args.threshold,
+        "lam": args.lam,
+        "fidelity": args.fidelity,
+    }
+
+
+def _print_warnings(args: argparse.Namespace, caught: list[warnings.WarningMessage]) -> list[str]:
+    """Print each ``CompressionWarning`` as a ``warning:`` line on stderr (unless ``--quiet``) and
+    return their messages for the JSON output."""
+    messages = [str(w.message) for w in caught if issubclass(w.category, CompressionWarning)]
+    if not args.quiet:
+        for message in messages:
+            stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", soft_wrap=True)
+    return messages
 
 
 def _compress_folder(args: argparse.Namespace) -> None:
@@ -183,31 +304,32 @@ def _compress_folder(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    if args.checkpoint.is_dir():
+    if args.ratio is None:
+        raise InvalidArgumentError("compress needs --ratio R (the fraction removed per layer)")
+    if args.checkpoint.is_dir():  # a Hugging Face folder in, a new folder out (checked first there)
         _compress_folder(args)
         return
-    _warn_trust(args, args.checkpoint)
-    model, arch = _load_any(args.checkpoint, args.arch, args.trust)
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
-    example = _example_inputs(arch, args.input_shape)
-    result = compress(
-        model,
-        example,
-        args.ratio,
-        method=args.method,
-        criterion=args.criterion,
-        threshold=args.threshold,
-        lam=args.lam,
-        fidelity=args.fidelity,
-        approximate=args.approximate,
-    )
-    _warn_unmerged(args, result.report)
+    loaded = _load_any(args, args.checkpoint)
+    save_arch = loaded.arch if loaded.rebuildable else None
+    out = _check_output(args.out, args.force, lambda path: save_format(path, save_arch))
+    example = _example_inputs(loaded, args.input_shape)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", CompressionWarning)
+        result = compress(
+            loaded.model, example, args.ratio, approximate=args.approximate, **_compress_options(args)
+        )
+    notes = _print_warnings(args, caught)
     description = {"source": str(args.checkpoint), "report": _report_dict(result.report)}
-    save(result.model, out, arch=arch, example_inputs=example, description=description, force=args.force)
+    save(
+        result.model,
+        out,
+        arch=save_arch,
+        example_inputs=example,
+        description=description,
+        force=args.force,
+    )
     if args.json:
-        _emit_json({"out": str(out), **_report_dict(result.report)})
+        _emit_json({"out": str(out), **_report_dict(result.report), "warnings": notes})
         return
     stdout.print(_report_table(result.report))
     report = result.report
@@ -222,89 +344,66 @@ def cmd_compress(args: argparse.Namespace) -> None:
         )
 
 
-def _warn_unmerged(args: argparse.Namespace, report: Report) -> None:
-    """Say so when no layer was compressed, and point at ``--approximate`` where it would help."""
-    if report.sites or args.quiet:
-        return
-    smooth = sum("approximate=True" in skip.reason for skip in report.skipped)
-    hint = f"; {smooth} are followed by non-homogeneous activations (--approximate)" if smooth else ""
-    stderr.print(
-        f"[yellow]warning:[/yellow] no layer could be compressed (see `neuronmerge plan`){hint}; "
-        "the saved model computes the same function",
-        soft_wrap=True,
-    )
-
-
-def _load_any(path: str | Path, arch: str | None, trust: bool = False) -> tuple[nn.Module, str | None]:
-    """A model from a neuronmerge file, a checkpoint of ``arch``, or (``trust``) a pickled module."""
-    meta = read_metadata(path) if Path(path).is_file() else {}
-    if meta.get("format") == "neuronmerge":
-        return load(path), str(meta["arch"])
-    if is_exported_program(path):  # written by compress for a model of no registered architecture
-        # Its module refuses .eval() and the like, so the pipeline cannot take it as input.
-        raise CheckpointError(
-            f"{path} is a torch.export program (compress's output for a model of no registered "
-            "architecture): run it with torch.export.load(path).module(); to plan, compress or "
-            "export again, start from the original model"
-        )
-    model = load_checkpoint(path, arch, trust=trust)
-    return model, None if arch is None else get_spec(arch).name
+def _datasets() -> list[str]:
+    return sorted({get_spec(name).dataset for name in available_models()})
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    model, arch = _load_any(args.path, args.arch)
-    if arch is None:
+    loaded = _load_any(args, args.path)
+    dataset = args.dataset or (None if loaded.arch is None else get_spec(loaded.arch).dataset)
+    if dataset is None:
         raise InvalidArgumentError(
-            "evaluate needs a registered architecture (--arch) to pick the dataset"
+            f"{args.path} is of no registered architecture: give --dataset NAME to evaluate it "
+            f"({', '.join(_datasets())})"
         )
     from neuronmerge.lab.reproduce import test_split
 
-    spec = get_spec(arch)
-    images, labels = test_split(spec.dataset, args.data_dir)
+    name = loaded.arch or Path(args.path).name
+    params = count_parameters(loaded.model)
+    try:
+        images, labels = test_split(dataset, args.data_dir)
+    except DatasetNotFoundError as exc:  # the parameter count is still worth having
+        exc.partial = {"model": name, "dataset": dataset, "params": params}
+        if not args.json:
+            stdout.print(
+                f"{name}: {params:,} parameters (accuracy not measured: no {dataset} test data)"
+            )
+        raise
     with progress_bar(_show_progress(args), len(images), "evaluating") as advance:
-        correct = accuracy(model, images, labels, on_batch=lambda n: advance(steps=n))
-    outcome = {
-        "model": arch,
-        "dataset": spec.dataset,
-        "accuracy": round(correct, 2),
-        "params": count_parameters(model),
-    }
+        correct = accuracy(loaded.model, images, labels, on_batch=lambda n: advance(steps=n))
+    outcome = {"model": name, "dataset": dataset, "accuracy": round(correct, 2), "params": params}
     if args.json:
         _emit_json(outcome)
     else:
         stdout.print(
-            f"{arch} on the {spec.dataset} test split: accuracy {outcome['accuracy']:.2f}%, "
+            f"{name} on the {dataset} test split: accuracy {outcome['accuracy']:.2f}%, "
             f"{outcome['params']:,} parameters"
         )
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    _warn_trust(args, args.path)
-    model, arch = _load_any(args.path, args.arch, args.trust)
-    options: dict[str, Any] = {
-        "method": args.method,
-        "criterion": args.criterion,
-        "threshold": args.threshold,
-        "lam": args.lam,
-        "fidelity": args.fidelity,
-    }
+    loaded = _load_any(args, args.path)
+    options = _compress_options(args)
     if args.ratio is None:
-        defaults = {"method": "merge", "criterion": "l1-norm", "threshold": DEFAULT_THRESHOLD}
-        defaults |= {"lam": None, "fidelity": "exact"}
+        defaults = {
+            action.dest: action.default
+            for action in _group("compression")._actions
+            if action.dest in options
+        }
         changed = [f"--{name}" for name, value in options.items() if value != defaults[name]]
         if changed:  # silently ignoring them would show a plan the user did not ask for
             raise InvalidArgumentError(f"{', '.join(changed)} take effect only with --ratio")
         options = {}
     found = plan_sites(
-        model,
-        _example_inputs(arch, args.input_shape),
+        loaded.model,
+        _example_inputs(loaded, args.input_shape),
         args.ratio,
         approximate=args.approximate,
         **options,
     )
     if args.json:
         payload: dict[str, Any] = {
-            "model": arch,
+            "model": loaded.arch,
             "sites": [dataclasses.asdict(site) for site in found.sites],
             "skipped": [dataclasses.asdict(skip) for skip in found.skipped],
         }
@@ -317,9 +416,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     elif found.totals is None:
         stdout.print(escape(str(found)))
     else:
-        # Piped into a file or a pager, lay the table out wide instead of at the default 80 columns.
-        wide = Console(highlight=False, width=None if stdout.is_terminal else 150)
-        wide.print(_plan_table(found, args.ratio, options))
+        stdout.print(_plan_table(found, args.ratio, options))
 
 
 def _short(count: int) -> str:
@@ -383,11 +480,9 @@ def _plan_table(found: Plan, ratio: float, options: dict[str, Any]) -> Table:
 def cmd_export(args: argparse.Namespace) -> None:
     from neuronmerge.export import export_onnx  # imports the exporter only when asked for
 
-    _warn_trust(args, args.path)
-    if Path(args.onnx).exists() and not args.force:  # before any slow work
-        raise OutputExistsError(f"{args.onnx} exists; pass --force to replace it")
-    model, arch = _load_any(args.path, args.arch, args.trust)
-    done = export_onnx(model, args.onnx, _example_inputs(arch, args.input_shape), force=args.force)
+    out = _check_output(args.onnx, args.force, _suffix(".onnx", "an ONNX model"))
+    loaded = _load_any(args, args.path)
+    done = export_onnx(loaded.model, out, _example_inputs(loaded, args.input_shape), force=args.force)
     outcome = {
         "out": str(done.path),
         "format": "onnx",
@@ -396,7 +491,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     }
     if args.json:
         _emit_json(outcome)
-    elif not args.quiet:
+    else:
         stdout.print(
             f"wrote {done.path} (dynamic batch); onnxruntime matches PyTorch on a batch of "
             f"{done.batch_checked} (max abs difference {done.max_abs_diff:.2g})"
@@ -408,9 +503,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from neuronmerge.lab.training import recipe_for, trained_model
 
     spec = get_spec(args.arch)
-    out = None if args.out is None else Path(args.out)
-    if out is not None and out.exists() and not args.force:
-        raise OutputExistsError(f"{out} exists; pass --force to replace it")
+    out = None
+    if args.out is not None:
+        out = _check_output(args.out, args.force, lambda path: save_format(path, spec.name))
     epochs = recipe_for(spec.name).epochs if args.epochs is None else args.epochs
     if not args.quiet:
         stderr.print(f"{spec.name}: {epochs} epoch(s), seed {args.seed} (cached once trained)")
@@ -449,21 +544,19 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from neuronmerge.lab.sweep import (
-        fashion_mnist_eval_data,
-        resolve_methods,
-        sweep,
-        write_sweep,
-    )
+    from neuronmerge.lab import sweep as sweeps
 
     spec = get_spec(args.arch)
     if spec.dataset != "fashion-mnist":
         raise InvalidArgumentError(
             f"{spec.name} is a {spec.dataset} model; sweeps evaluate on fashion-mnist only here"
         )
-    methods = [m.name for m in resolve_methods(args.methods)]  # fail early on a bad name
+    methods = [m.name for m in sweeps.resolve_methods(args.methods)]  # fail early on a bad name
+    for name in sweeps.OUTPUT_FILES:  # before training, loading or sweeping
+        _check_output(Path(args.out_dir) / name, args.force, folder_made=True)
     if args.checkpoint is not None:
-        model, _ = _load_any(args.checkpoint, spec.name)
+        args.arch = spec.name
+        model = _load_any(args, args.checkpoint).model
         source = str(args.checkpoint)
     else:
         from neuronmerge.lab.training import trained_model
@@ -474,7 +567,7 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             spec.name, seed=args.seed, data_dir=args.data_dir, progress=not args.quiet
         )
         source = f"trained here, seed {info['seed']}, {info['epochs']} epochs"
-    data = fashion_mnist_eval_data(args.data_dir)
+    data = sweeps.fashion_mnist_eval_data(args.data_dir)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeElapsedColumn(), console=stderr, disable=args.quiet) as bar:
         task = bar.add_task("sweep", total=len(args.ratios) * len(methods))
@@ -483,9 +576,9 @@ def cmd_sweep(args: argparse.Namespace) -> None:
             done = f"{row['accuracy']:.2f}%" if "accuracy" in row else "skipped"
             bar.update(task, advance=1, description=f"{row['method']} {row['ratio']:.2f}: {done}")
 
-        outcome = sweep(model, spec.name, data, args.ratios, methods, on_row=show)
+        outcome = sweeps.sweep(model, spec.name, data, args.ratios, methods, on_row=show)
     outcome["source"] = source
-    paths = write_sweep(outcome, args.out_dir, force=args.force)
+    paths = sweeps.write_sweep(outcome, args.out_dir, force=args.force)
     if args.json:
         _emit_json(outcome)
         return
@@ -525,31 +618,63 @@ def cmd_models(args: argparse.Namespace) -> None:
 # -- parser ---------------------------------------------------------------------------------------
 
 
-def _common(parser: argparse.ArgumentParser, *, data: bool = False) -> None:
-    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress output")
-    if data:
-        parser.add_argument(
-            "--data-dir", default=None, help="folder with the dataset files (default: system path)"
-        )
+class _UsageError(InvalidArgumentError):
+    """A command line argparse cannot parse (exit 2, like argparse's own)."""
+
+    def __init__(self, message: str, usage: str) -> None:
+        super().__init__(message)
+        self.usage = usage
 
 
-def _trust(parser: argparse.ArgumentParser) -> None:
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is raised (to be reported like any other error, as JSON too)
+    instead of printed and exited on."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message, self.format_usage())
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (on failure too)"
+    )
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="nothing on stderr but errors (no progress, notes or warnings); results still print",
+    )
+
+
+def _model_source(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--arch", default=None, help="registered architecture of a checkpoint (see `models`)"
+    )
     parser.add_argument(
         "--trust",
         action="store_true",
         help="unpickle whole modules (runs code from the file: trusted files only)",
     )
+
+
+def _tracing(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--input-shape", default=None, help="C,H,W of one example, for unregistered models"
+        "--input-shape",
+        default=None,
+        help="C,H,W of one example, for a model of no registered architecture",
     )
 
 
-def _compression_options(
-    parser: argparse.ArgumentParser, methods: tuple[str, ...], method_help: str | None
-) -> None:
-    """The options of ``compress`` that ``compress`` and ``plan --ratio`` share."""
-    parser.add_argument("--method", choices=methods, default="merge", help=method_help)
+def _compression(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--ratio", type=float, default=None, help="fraction of neurons removed per layer"
+    )
+    parser.add_argument(
+        "--method",
+        choices=tuple(METHODS),
+        default="merge",
+        help="merge (the paper), prune, or merge-ls (data-free: synthetic probes; more accurate)",
+    )
     parser.add_argument("--criterion", choices=CRITERIA, default="l1-norm")
     parser.add_argument(
         "--threshold",
@@ -559,9 +684,6 @@ def _compression_options(
     )
     parser.add_argument("--lam", type=float, default=None, help="lambda (fidelity paper, conv+BN)")
     parser.add_argument("--fidelity", choices=("exact", "paper"), default="exact")
-
-
-def _approximate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--approximate",
         action="store_true",
@@ -569,15 +691,76 @@ def _approximate(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _writes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--force", action="store_true", help="replace existing output files")
+
+
+def _data(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", default=None, help="folder with the dataset files (default: system path)"
+    )
+
+
+#: The options shared by several commands, each defined once; a command lists the groups it takes
+#: (``COMMANDS``), so an option added to a group reaches every command that has the group.
+OPTION_GROUPS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
+    "output": _output,
+    "model": _model_source,
+    "tracing": _tracing,
+    "compression": _compression,
+    "writes": _writes,
+    "data": _data,
+}
+
+#: Each command: its help line and its option groups (its own arguments are added in build_parser).
+COMMANDS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "reproduce": ("the paper's prune-vs-merge table on a model", ("data", "output")),
+    "compress": (
+        "merge or prune a model and save the result",
+        ("model", "tracing", "compression", "writes", "output"),
+    ),
+    "evaluate": ("test accuracy and parameter count of a model", ("model", "data", "output")),
+    "plan": (
+        "list mergeable and skipped layers, and why; with --ratio, a per-layer table of "
+        "channels, parameters and MACs before and after",
+        ("model", "tracing", "compression", "output"),
+    ),
+    "export": (
+        "write a model as ONNX, checked with onnxruntime",
+        ("model", "tracing", "writes", "output"),
+    ),
+    "train": (
+        "train a registered Fashion-MNIST architecture here (seeded, cached)",
+        ("writes", "data", "output"),
+    ),
+    "sweep": (
+        "accuracy of every method at many ratios: CSV, JSON and a PNG plot",
+        ("writes", "data", "output"),
+    ),
+    "models": ("list the registered architectures", ("output",)),
+}
+
+
+def _group(name: str) -> _Parser:
+    """The parent parser of option group ``name``."""
+    parent = _Parser(add_help=False)
+    OPTION_GROUPS[name](parent)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="neuronmerge",
         description="Shrink trained networks without data or fine-tuning by neuron merging.",
     )
     parser.add_argument("--version", action="version", version=f"neuronmerge {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = {
+        name: commands.add_parser(name, help=text, parents=[_group(g) for g in groups])
+        for name, (text, groups) in COMMANDS.items()
+    }
 
-    rep = commands.add_parser("reproduce", help="the paper's prune-vs-merge table on a model")
+    rep = sub["reproduce"]
     rep.add_argument("arch", help="architecture, e.g. lenet-300-100")
     rep.add_argument(
         "--checkpoint",
@@ -588,78 +771,53 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--ratios", type=float, nargs="+", default=None, help="pruning ratios (default: the paper's)"
     )
-    _common(rep, data=True)
     rep.set_defaults(run=cmd_reproduce)
 
-    com = commands.add_parser("compress", help="merge or prune a checkpoint and save the result")
+    com = sub["compress"]
     com.add_argument(
-        "checkpoint", type=Path, help="a checkpoint file, or a Hugging Face folder (streamed)"
-    )
-    com.add_argument("--arch", default=None, help="registered architecture of the checkpoint")
-    com.add_argument("--ratio", type=float, required=True, help="fraction removed per layer")
-    _compression_options(
-        com,
-        tuple(METHODS),
-        "merge (the paper), prune, or merge-ls (data-free: synthetic probes; more accurate)",
+        "checkpoint",
+        type=Path,
+        help="a checkpoint (with --arch), a file compress wrote, or a Hugging Face folder (streamed)",
     )
     com.add_argument(
-        "--out", required=True, help="output file (.safetensors; a torch.export .pt2 without --arch)"
+        "--out",
+        required=True,
+        help="output file: .safetensors (weights + description; registered architectures) or "
+        ".pt2 (a torch.export program; any model); a new folder for a Hugging Face folder",
     )
-    com.add_argument("--force", action="store_true", help="replace an existing output file")
-    _approximate(com)
-    _common(com)
-    _trust(com)
     com.set_defaults(run=cmd_compress)
 
-    ev = commands.add_parser("evaluate", help="test accuracy and parameter count of a model")
+    ev = sub["evaluate"]
     ev.add_argument("path", help="a checkpoint (with --arch) or a file saved by compress")
-    ev.add_argument("--arch", default=None)
-    _common(ev, data=True)
+    ev.add_argument(
+        "--dataset",
+        default=None,
+        choices=_datasets(),
+        help="test set to use (default: the architecture's)",
+    )
     ev.set_defaults(run=cmd_evaluate)
 
-    pl = commands.add_parser(
-        "plan",
-        help="list mergeable and skipped layers, and why; with --ratio, a per-layer table of "
-        "channels, parameters and MACs before and after",
-    )
+    pl = sub["plan"]
     pl.add_argument("path", help="a checkpoint (with --arch) or a file saved by compress")
-    pl.add_argument("--arch", default=None)
-    pl.add_argument(
-        "--ratio", type=float, default=None, help="fraction removed per layer: show its effect"
-    )
-    _compression_options(pl, ("merge", "prune"), None)
-    _approximate(pl)
-    _common(pl)
-    _trust(pl)
     pl.set_defaults(run=cmd_plan)
 
-    ex = commands.add_parser("export", help="write a model as ONNX, checked with onnxruntime")
+    ex = sub["export"]
     ex.add_argument("path", help="a file saved by compress, or a checkpoint (with --arch)")
     ex.add_argument("--onnx", required=True, metavar="OUT.onnx", help="ONNX file to write")
-    ex.add_argument("--arch", default=None, help="registered architecture of a checkpoint")
-    ex.add_argument("--force", action="store_true", help="replace an existing output file")
-    _common(ex)
-    _trust(ex)
     ex.set_defaults(run=cmd_export)
 
-    tr = commands.add_parser(
-        "train", help="train a registered Fashion-MNIST architecture here (seeded, cached)"
-    )
+    tr = sub["train"]
     tr.add_argument("arch", help="architecture, e.g. vgg-fmnist (see `neuronmerge models`)")
     tr.add_argument(
         "--epochs", type=int, default=None, help="epochs (default: the architecture's recipe)"
     )
     tr.add_argument("--seed", type=int, default=0, help="seed of initialisation and batch order")
     tr.add_argument("--out", default=None, help="also save the weights here (.safetensors)")
-    tr.add_argument("--force", action="store_true", help="replace an existing --out file")
-    _common(tr, data=True)
     tr.set_defaults(run=cmd_train)
 
     from neuronmerge.lab.sweep import DEFAULT_RATIOS, available_methods
 
-    sw = commands.add_parser(
-        "sweep", help="accuracy of every method at many ratios: CSV, JSON and a PNG plot"
-    )
+    sw = sub["sweep"]
     sw.add_argument("arch", help="a Fashion-MNIST architecture, e.g. vgg-fmnist")
     sw.add_argument("--checkpoint", default=None, help="weights to use (default: train here, cached)")
     sw.add_argument("--seed", type=int, default=0, help="training seed when there is no checkpoint")
@@ -677,25 +835,31 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"methods to run, or all (default): {', '.join(available_methods())}",
     )
     sw.add_argument("--out-dir", required=True, help="folder for sweep.json, sweep.csv, sweep.png")
-    sw.add_argument("--force", action="store_true", help="replace existing sweep files")
-    _common(sw, data=True)
     sw.set_defaults(run=cmd_sweep)
 
-    mo = commands.add_parser("models", help="list the registered architectures")
-    _common(mo)
-    mo.set_defaults(run=cmd_models)
+    sub["models"].set_defaults(run=cmd_models)
     return parser
+
+
+def _report_error(exc: NeuronMergeError, as_json: bool) -> int:
+    """One line on stderr; with ``--json`` also one object on stdout. Returns the exit code."""
+    if isinstance(exc, _UsageError):
+        stderr.print(escape(exc.usage.rstrip()), soft_wrap=True)
+    # escape: messages quote paths and names like neuronmerge[onnx], which are not markup
+    stderr.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+    if as_json:
+        _emit_json({"error": str(exc), "exit_code": exc.exit_code, **exc.partial})
+    return exc.exit_code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
+        args = build_parser().parse_args(argv)
         args.run(args)
     except NeuronMergeError as exc:
-        # escape: messages quote paths and names like neuronmerge[onnx], which are not markup
-        stderr.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
-        return exc.exit_code
+        return _report_error(exc, "--json" in argv)
     except KeyboardInterrupt:
         stderr.print("interrupted")
         return 130

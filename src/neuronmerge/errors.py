@@ -6,11 +6,18 @@ sentence and exit with a code that scripts can test, instead of a traceback from
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
 
 class NeuronMergeError(Exception):
     """Base class of every error neuronmerge raises on purpose."""
 
     exit_code = 1
+    #: What a command had found before it failed (evaluate: the parameter count when there is no
+    #: test data); the command line adds it to its ``--json`` error object.
+    partial: Mapping[str, Any] = MappingProxyType({})
 
 
 class InvalidArgumentError(NeuronMergeError, ValueError):

@@ -194,3 +194,24 @@ def compress_ffns(
     if len(widths) > 1:
         raise InvalidArgumentError(f"blocks ended at different MLP widths {sorted(widths)}")
     return reports
+
+
+def has_bias(block: nn.Module, spec: FFNSpec) -> bool:
+    """Whether any of the block's MLP layers has a bias (least-squares merging adds one to ``down``)."""
+    paths = (spec.up, spec.down) + ((spec.gate,) if spec.gate else ())
+    return any(getattr(block.get_submodule(p), "bias", None) is not None for p in paths)
+
+
+def add_zero_biases(block: nn.Module, spec: FFNSpec) -> None:
+    """Give every MLP layer of ``block`` a bias, zero where it had none (same function).
+
+    Configs such as LLaMA's have one switch (``mlp_bias``) for all MLP layers of all blocks, so once
+    one layer needs a bias every MLP layer must have one for ``from_pretrained`` to load them.
+    """
+    for path in (spec.up, spec.down) + ((spec.gate,) if spec.gate else ()):
+        layer = block.get_submodule(path)
+        if isinstance(layer, nn.Linear) and layer.bias is None:
+            weight = layer.weight
+            layer.bias = nn.Parameter(
+                torch.zeros(weight.shape[0], dtype=weight.dtype), requires_grad=False
+            )

@@ -21,16 +21,29 @@ from typing import Any
 from torch import nn
 
 from neuronmerge.errors import InvalidArgumentError, MissingDependencyError
-from neuronmerge.ffn import BlockReport, FFNOptions, FFNSpec, Spellings, compress_ffns
+from neuronmerge.ffn import (
+    BlockReport,
+    FFNOptions,
+    FFNSpec,
+    Spellings,
+    add_zero_biases,
+    compress_ffns,
+    has_bias,
+)
 
 
 @dataclass(frozen=True)
 class BlockKind:
-    """One block layout: the class names that use it, its MLP and the config field of its width."""
+    """One block layout: the class names that use it, its MLP and the config field of its width.
+
+    ``bias_field``: the config switch that gives every MLP layer a bias, for layouts without biases
+    by default (least-squares merging folds constants into ``down``'s bias).
+    """
 
     classes: tuple[str, ...]
     spec: FFNSpec
     width_field: str
+    bias_field: str | None = None
 
 
 #: Every supported block layout (paths relative to the block).
@@ -66,6 +79,7 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
             norm="post_attention_layernorm",
         ),
         "intermediate_size",
+        bias_field="mlp_bias",
     ),
 )
 
@@ -159,4 +173,8 @@ def compress_pretrained(
     )
     width_before, width_after = reports[0].width_before, reports[0].width_after
     setattr(small.config, kind.width_field, width_after)
+    if kind.bias_field and any(has_bias(block, kind.spec) for _, block in blocks):
+        for _, block in blocks:
+            add_zero_biases(block, kind.spec)
+        setattr(small.config, kind.bias_field, True)
     return PretrainedResult(small, reports, kind.width_field, width_before, width_after)

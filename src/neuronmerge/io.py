@@ -2,12 +2,14 @@
 
 * ``load_checkpoint(path, arch)`` reads the authors' format ``{'acc': float, 'state_dict': ...}``, a
   bare state dict, or a safetensors file, with ``torch.load(weights_only=True)``.
-* ``save(model, path, arch=...)`` writes one ``.safetensors`` file whose header metadata holds a small
-  JSON description (architecture, how it was compressed). Because every registered architecture can
-  rebuild itself at any widths from tensor shapes, ``load(path)`` returns an ordinary module with no
-  pickle involved. A model of no registered architecture is saved with ``torch.export`` instead (a
-  ``.pt2`` program that ``torch.export.load(path).module()`` runs without neuronmerge installed).
-  Writes are atomic: a temporary file in the same folder, then ``os.replace``.
+* ``save(model, path, arch=...)`` writes what the file name says. ``.safetensors``: the weights, with
+  a small JSON description (architecture, how it was compressed) in the header metadata; because every
+  registered architecture can rebuild itself at any widths from tensor shapes, ``load(path)`` returns
+  an ordinary module with no pickle involved. ``.pt2``: a ``torch.export`` program, for any model
+  (the only format for a model of no registered architecture: its weights alone cannot rebuild it),
+  which ``torch.export.load(path).module()`` runs without neuronmerge installed; the same description
+  travels in the archive. Writes are atomic (a temporary file in the same folder, then
+  ``os.replace``) and get the permissions the user's umask gives, like any file the user creates.
 * Whole pickled modules are read only when the caller says ``trust=True``: unpickling runs code.
 """
 
@@ -18,6 +20,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import types
 import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -41,6 +44,28 @@ from neuronmerge.models import get_spec, model_from_state_dict
 FORMAT = "neuronmerge"
 FORMAT_VERSION = 1
 _METADATA_KEY = "neuronmerge"
+#: The description's name inside a ``.pt2`` archive (``torch.export.save(extra_files=...)``).
+_PT2_DESCRIPTION = "neuronmerge.json"
+
+#: What ``save`` writes, by file suffix.
+SAVE_FORMATS = {".safetensors": "safetensors", ".pt2": "torch.export"}
+
+
+def save_format(path: str | os.PathLike[str], arch: str | None) -> str:
+    """The format ``save`` writes to ``path`` for a model of ``arch`` (None: no registered
+    architecture), or ``InvalidArgumentError`` naming the suffix to use: a file is what its name says."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in SAVE_FORMATS:
+        wanted = ".safetensors or .pt2" if arch is not None else ".pt2"
+        raise InvalidArgumentError(
+            f"{path}: a saved model is named {wanted} (the format is chosen by the suffix)"
+        )
+    if SAVE_FORMATS[suffix] == "safetensors" and arch is None:
+        raise InvalidArgumentError(
+            f"{path}: safetensors holds weights only, which cannot rebuild a model of no registered "
+            "architecture; name the file .pt2 (a torch.export program)"
+        )
+    return SAVE_FORMATS[suffix]
 
 
 def _existing_file(path: str | os.PathLike[str]) -> Path:
@@ -126,8 +151,8 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         with safe_open(str(file), framework="pt") as handle:
             raw = (handle.metadata() or {}).get(_METADATA_KEY)
     except (SafetensorError, OSError, ValueError):
-        return {}
-    if raw is None:
+        raw = _pt2_description(file)
+    if not raw:
         return {}
     try:
         description = json.loads(raw)
@@ -136,13 +161,31 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     return description if isinstance(description, dict) else {}
 
 
+def _pt2_description(file: Path) -> str | None:
+    """The description ``save`` put in a ``.pt2`` archive, read without loading the program."""
+    try:
+        with zipfile.ZipFile(file) as archive:
+            name = next((n for n in archive.namelist() if n.endswith(f"/{_PT2_DESCRIPTION}")), None)
+            return None if name is None else archive.read(name).decode()
+    except (zipfile.BadZipFile, OSError, UnicodeDecodeError):
+        return None
+
+
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     """Call ``write`` on a file of the same name in a temporary folder beside ``target``, then rename
     it over ``target``.
 
     Readers never see half a file, and an interrupted write leaves any old ``target`` intact. The
     writer sees the final file name (torch.export names its archive after it, ONNX its external
-    data), and creates the file itself, so it gets the usual permissions. An ``OSError`` on the way
+    data). Some writers create private files (safetensors: mode 0600), so the file is then given the
+    mode the user's umask gives a new file, as ``open`` would. An ``OSError`` on the way
     (no such folder, no permission, disk full) becomes ``OutputWriteError``.
     """
     try:
@@ -152,6 +195,7 @@ def atomic_write(target: Path, write: Callable[[Path], object]) -> None:
     try:
         temp = folder / target.name
         write(temp)
+        os.chmod(temp, 0o666 & ~_umask())
         os.replace(temp, target)
     except OSError as exc:
         raise OutputWriteError(
@@ -182,49 +226,90 @@ def save(
 ) -> Path:
     """Write ``model`` to ``path`` atomically; refuse to replace an existing file unless ``force``.
 
-    With ``arch`` (a registered architecture, possibly narrower than its default widths): one
-    safetensors file with a JSON description in its header. Without: a ``torch.export`` program traced
-    on ``example_inputs`` (required then), loadable with plain PyTorch.
+    The suffix says the format (``save_format``). ``.safetensors`` needs ``arch`` (a registered
+    architecture, possibly narrower than its default widths): the weights, with a JSON description in
+    the header. ``.pt2``: a ``torch.export`` program traced on ``example_inputs`` (the architecture's
+    own example when ``arch`` is given), loadable with plain PyTorch; it carries the same description
+    and the input shapes, so that the command line needs no ``--input-shape`` to read it back.
     """
     target = Path(path)
+    kind = save_format(target, arch)
     if target.exists() and not force:
         raise OutputExistsError(f"{target} exists; pass force=True (--force) to replace it")
     if not target.parent.is_dir():
         raise OutputWriteError(f"cannot write {target}: folder {target.parent} does not exist")
-    if arch is None:
+    name = None if arch is None else get_spec(arch).name
+    if kind == "torch.export":
         if example_inputs is None:
-            raise InvalidArgumentError(
-                "saving a model of no registered architecture needs example inputs"
-            )
+            if name is None:
+                raise InvalidArgumentError(
+                    "saving a model of no registered architecture needs example inputs"
+                )
+            example_inputs = get_spec(name).example_inputs()
         inputs = as_input_tuple(example_inputs)
-        batch_dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)  # any batch size
-        try:
-            program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
-        except Exception as exc:  # torch.export raises many kinds; all mean "cannot capture"
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise CaptureError(f"torch.export could not save {type(model).__name__}: {first}") from exc
-        atomic_write(target, lambda temp: torch.export.save(program, temp))
+        _export_program(model, inputs, target, {"arch": name, **(description or {})})
         return target
-    spec = get_spec(arch)
+    assert name is not None  # save_format refuses .safetensors without an architecture
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    model_from_state_dict(spec.name, tensors)  # refuse to write what load() could not read back
-    meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": spec.name, **(description or {})}
+    model_from_state_dict(name, tensors)  # refuse to write what load() could not read back
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "arch": name, **(description or {})}
     metadata = {_METADATA_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write(target, lambda temp: save_file(tensors, str(temp), metadata=metadata))
     return target
 
 
+def _export_program(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], target: Path, description: Mapping[str, Any]
+) -> None:
+    """Write ``model`` as a ``torch.export`` archive, any batch size, its description inside."""
+    batch_dynamic = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+    try:
+        program = torch.export.export(model, inputs, dynamic_shapes=batch_dynamic)
+    except Exception as exc:  # torch.export raises many kinds; all mean "cannot capture"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CaptureError(f"torch.export could not save {type(model).__name__}: {first}") from exc
+    shapes = [list(t.shape[1:]) for t in inputs]  # per example: the batch size is free
+    meta = {"version": FORMAT_VERSION, **description, "input_shapes": shapes}
+    extra = {_PT2_DESCRIPTION: json.dumps(meta, sort_keys=True)}
+    atomic_write(target, lambda temp: torch.export.save(program, temp, extra_files=extra))
+
+
+def _inference_only(module: nn.Module) -> nn.Module:
+    """Let ``eval()`` through on an exported program's module and refuse ``train()``.
+
+    torch refuses both on the module of an ``ExportedProgram``: its graph is fixed in the mode it was
+    exported in (save exports eval-mode models), so asking for eval mode is a no-op and only training
+    mode is impossible. Accepting ``eval()`` lets the module go where any inference module goes
+    (``evaluate``, ONNX export, ``compress`` again).
+    """
+
+    def train(self: nn.Module, mode: bool = True) -> nn.Module:
+        if mode:
+            raise NotImplementedError(
+                "a torch.export program is fixed in inference mode; train the original model"
+            )
+        return nn.Module.train(self, False)  # the flags only: the graph is what it is
+
+    module.train = types.MethodType(train, module)  # type: ignore[method-assign]
+    module.eval = types.MethodType(lambda self: self.train(False), module)  # type: ignore[method-assign]
+    return module.eval()
+
+
 def load(path: str | os.PathLike[str]) -> nn.Module:
-    """Read a model written by ``save`` back as an ordinary ``nn.Module`` in eval mode."""
+    """Read a model written by ``save`` back as an ``nn.Module`` in eval mode: the registered
+    architecture from ``.safetensors``, the program's module from ``.pt2`` (which accepts ``eval()``
+    and refuses ``train()``: its graph is fixed)."""
     file = _existing_file(path)
     meta = read_metadata(file)
     if meta.get("format") == FORMAT:
         return model_from_state_dict(str(meta["arch"]), load_file(str(file), device="cpu"))
     if zipfile.is_zipfile(file):
         try:
-            return torch.export.load(file).module()
+            program = torch.export.load(file)
         except Exception:  # not an exported program: fall through to the message below
             pass
+        else:
+            return _inference_only(program.module())
     raise CheckpointError(
         f"{file} is not a model saved by neuronmerge; "
         "for a checkpoint use load_checkpoint(path, arch=...)"

@@ -23,7 +23,6 @@ from torch import fx, nn
 from neuronmerge import criteria, decompose
 from neuronmerge.activations import tensor_moments
 from neuronmerge.capture import ExampleInputs, as_input_tuple
-from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.probes import cached_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
@@ -43,6 +42,10 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
         layer = graph_module.get_submodule(piece.module)
         assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
         weight = layer.weight.detach().to(torch.float64)
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:  # local columns
+            blocks = weight.reshape(layer.groups, weight.shape[0] // layer.groups, weight.shape[1], -1)
+            energy += blocks.square().sum(dim=(1, 3)).reshape(-1)
+            continue
         columns = weight[:, piece.offset : piece.offset + group.channels * piece.block]
         columns = columns.reshape(weight.shape[0], group.channels, piece.block, -1)
         energy += columns.square().sum(dim=(0, 2, 3))
@@ -76,11 +79,6 @@ def decompositions(
     moments = tensor_moments(graph_module, groups, batches)
     result: dict[str, GroupDecomposition] = {}
     for group in groups:
-        if keep[group.name] < 1:
-            raise InvalidArgumentError(
-                f"the ratio keeps 0 of the {group.channels} channels of {group.name}; "
-                "use a smaller ratio or exclude this layer"
-            )
         tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
         cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
         energy = torch.zeros(group.channels, dtype=torch.float64)
@@ -88,15 +86,45 @@ def decompositions(
             c = moments[(group.name, tensor)].cov
             cov += c / c.diagonal().sum().clamp_min(1e-300) if len(tensors) > 1 else c
             energy += consumer_energy(graph_module, group, tensor)
-        kept = criteria.covering_kept(cov, energy, keep[group.name])
+        spans = group.block_spans()  # grouped convs: each block keeps as many, merges inside
+        per_block = keep[group.name] // group.blocks
+        kept = torch.cat(
+            [
+                criteria.covering_kept(cov[span, span], energy[span], per_block) + span.start
+                for span in spans
+            ]
+        )
         if group.mode == "prune-only":
             prune = decompose.identity_on_kept(group.channels, kept, torch.float32)
             result[group.name] = GroupDecomposition(kept, {t: prune for t in tensors}, 0)
             continue
-        at = {t: decompose.least_squares(moments[(group.name, t)], kept, floor) for t in tensors}
+        at = {t: _blockwise(moments[(group.name, t)], kept, spans, floor) for t in tensors}
         merged = max(int(d.merged().shape[0]) for d in at.values())
         result[group.name] = GroupDecomposition(kept, at, merged)
     return result
+
+
+def _blockwise(
+    moments: decompose.Moments, kept: torch.Tensor, spans: list[slice], floor: float
+) -> decompose.Decomposition:
+    """``decompose.least_squares`` with every removed channel fitted on the kept ones of its own
+    block only (one block: the plain fit)."""
+    if len(spans) == 1:
+        return decompose.least_squares(moments, kept, floor)
+    n, k = moments.mean.shape[0], kept.shape[0]
+    mixing = torch.zeros(n, k, dtype=moments.cov.dtype)
+    shift = torch.zeros(n, dtype=moments.cov.dtype)
+    per_block = k // len(spans)
+    for index, span in enumerate(spans):
+        local = kept[index * per_block : (index + 1) * per_block] - span.start
+        sub = decompose.Moments(moments.mean[span], moments.cov[span, span], moments.count)
+        dec = decompose.least_squares(sub, local, floor)
+        columns = slice(index * per_block, (index + 1) * per_block)
+        mixing[span, columns] = dec.matrix().to(mixing.dtype)
+        if dec.shift is not None:
+            shift[span] = dec.shift
+    base = decompose.identity_on_kept(n, kept, torch.float32)
+    return decompose.Decomposition(base.kept, base.target, base.scale, mixing, shift)
 
 
 def remeasure_batchnorm(

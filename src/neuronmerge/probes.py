@@ -21,6 +21,7 @@ model's parameters are never written (gradients are taken with respect to the in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import sys
@@ -34,7 +35,7 @@ from torch import fx, nn
 
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import count_flops
-from neuronmerge.progress import progress_bar
+from neuronmerge.progress import Advance, progress_bar
 
 #: The most probes and optimisation steps a model gets, and the batch size. Chosen on the validation
 #: split of the authors' LeNet-300-100 (``experiments/methods_validation.json``): 1024 probes lost 0.4
@@ -48,7 +49,7 @@ BATCH = 512
 #: (``experiments/probe_validation.json``) against the accuracy of the full 2048 x 100 probes.
 BUDGET_MACS = 170e9
 #: Never fewer probes or steps than these, whatever the model costs.
-MIN_PROBES = 64
+MIN_PROBES = 32
 MIN_STEPS = 10
 #: A batch stops when its loss fell by less than this fraction over the last ``PATIENCE`` steps.
 TOLERANCE = 0.01
@@ -158,8 +159,10 @@ def synthesize_probes(
     handles = [bn.register_forward_pre_hook(record) for bn in norms]
     batches: list[tuple[torch.Tensor, ...]] = []
     started = time.perf_counter()
-    bar = None
-    try:
+    advance: Advance | None = None
+    with contextlib.ExitStack() as stack:
+        for handle in handles:
+            stack.callback(handle.remove)
         for start in range(0, count, batch_size):
             n = min(batch_size, count - start)
             x = torch.randn((n, *example.shape[1:]), generator=generator, dtype=example.dtype)
@@ -173,26 +176,21 @@ def synthesize_probes(
                 x.grad = grad
                 optimiser.step()
                 history.append(float(loss.detach()))
-                if bar is None and show:
-                    # Decide once, after the first step, whether the whole run earns a bar.
+                if advance is None and show:
+                    # Decided once, after the first step: does the whole run earn a bar?
                     expected = (time.perf_counter() - started) * total_steps
-                    bar = progress_bar(expected > PROGRESS_AFTER_S or progress is True, total_steps)
-                    advance = bar.__enter__()
+                    wanted = progress is True or expected > PROGRESS_AFTER_S
+                    advance = stack.enter_context(progress_bar(wanted, total_steps))
                     advance("synthesising probes", len(batches) * steps + step + 1)
-                elif bar is not None:
+                elif advance is not None:
                     advance()
                 if tolerance and len(history) > PATIENCE:
                     before = history[-PATIENCE - 1]
                     if before - history[-1] < tolerance * abs(before):
-                        if bar is not None:
+                        if advance is not None:
                             advance(steps=steps - step - 1)
                         break
             batches.append((x.detach(),))
-    finally:
-        for handle in handles:
-            handle.remove()
-        if bar is not None:
-            bar.__exit__(None, None, None)
     return batches
 
 

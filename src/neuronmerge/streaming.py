@@ -31,7 +31,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
-from neuronmerge.ffn import BlockReport, FFNOptions, FFNSpec, compress_block
+from neuronmerge.ffn import (
+    BlockReport,
+    FFNOptions,
+    FFNSpec,
+    add_zero_biases,
+    compress_block,
+    has_bias,
+)
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,8 @@ class Layout:
     spec: FFNSpec
     width_field: str
     activation_field: str
+    #: The config switch giving every MLP layer a bias (see ``hf.BlockKind.bias_field``).
+    bias_field: str | None = None
 
 
 #: Checkpoint layouts by ``config.json``'s ``model_type`` (the names transformers writes).
@@ -54,6 +63,7 @@ LAYOUTS: dict[str, Layout] = {
         ),
         "intermediate_size",
         "hidden_act",
+        bias_field="mlp_bias",
     ),
 }
 _ACTIVATIONS: dict[str, nn.Module] = {
@@ -239,8 +249,16 @@ def compress_checkpoint(
             block = _mlp_block(tensors, layout, _ACTIVATIONS[act_name], eps)
             ffn_options = FFNOptions(ratio, method=method, extra=options)
             reports.append(compress_block(block, layout.spec, ffn_options, name=prefix[:-1]))
+            biased = layout.bias_field is not None and has_bias(block, layout.spec)
+            if biased and not config.get(layout.bias_field):
+                if len(reports) > 1:  # earlier layers were written without MLP biases
+                    raise InvalidArgumentError(f"{prefix[:-1]} needs MLP biases the layers before lack")
+                config[layout.bias_field] = True
+            if biased:
+                add_zero_biases(block, layout.spec)
+            mlp = {getattr(layout.spec, a) for a in ("up", "down", "gate") if getattr(layout.spec, a)}
             for key, value in block.state_dict().items():
-                if key in tensors:
+                if key in tensors or key.rpartition(".")[0] in mlp:
                     tensors[key] = value.detach()
             write({prefix + k: v for k, v in tensors.items()})
             del tensors, block

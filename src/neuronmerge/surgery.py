@@ -125,6 +125,24 @@ def _mix_columns(
     return (pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)), offset_out
 
 
+def _grouped_columns(
+    weight: torch.Tensor, groups: int, dec: Decomposition
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A grouped conv's input columns merged by a block-diagonal Z (each conv group reads its own
+    block of channels, with its own local columns); also the constant its outputs gain from the
+    decomposition's shift."""
+    out, local = weight.shape[0], weight.shape[1]
+    z = dec.matrix().to(weight.dtype)
+    k = z.shape[1] // groups
+    blocks = weight.reshape(groups, out // groups, local, -1)
+    diagonal = torch.stack([z[g * local : (g + 1) * local, g * k : (g + 1) * k] for g in range(groups)])
+    new = torch.einsum("gons,gnk->goks", blocks, diagonal).reshape(out, k, *weight.shape[2:])
+    if dec.shift is None:
+        return new, None
+    shift = dec.shift.to(weight.dtype).view(groups, 1, local, 1)
+    return new, (blocks * shift).sum(dim=(2, 3)).reshape(out)
+
+
 def _parameter(old: torch.Tensor | None, value: torch.Tensor) -> nn.Parameter:
     requires_grad = True if old is None else old.requires_grad
     return nn.Parameter(value.contiguous(), requires_grad=requires_grad)
@@ -157,7 +175,14 @@ def _resized_layer(
     new = structural_copy(module)
     constant = None
     with torch.no_grad():
-        if any(dec.mixing is not None or dec.shift is not None for _, dec in slices):
+        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices:
+            weight = module.weight.detach()
+            (_, dec), *others = slices
+            assert not others, "a grouped conv reads one group"
+            weight, constant = _grouped_columns(
+                weight if kept is None else weight[kept], module.groups, dec
+            )
+        elif any(dec.mixing is not None or dec.shift is not None for _, dec in slices):
             weight = module.weight.detach()
             weight, constant = _mix_columns(weight if kept is None else weight[kept], slices)
         else:  # one-positive-entry Z: the single gather of ``_resized_weight``
@@ -172,7 +197,7 @@ def _resized_layer(
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
         assert isinstance(new, (nn.Conv1d, nn.Conv2d))
-        new.out_channels, new.in_channels = weight.shape[0], weight.shape[1]
+        new.out_channels, new.in_channels = weight.shape[0], weight.shape[1] * new.groups
     return new, constant
 
 

@@ -118,6 +118,14 @@ class Group:
     why: str = ""
     #: Non-homogeneous ops the channels pass through: merging treats them as if ``f(s*z) == s*f(z)``.
     approximate_through: tuple[str, ...] = ()
+    #: Grouped convs among the producers or consumers split the channels into this many equal
+    #: contiguous blocks: each block keeps as many channels, and merges stay inside a block.
+    blocks: int = 1
+
+    def block_spans(self) -> list[slice]:
+        """The channel range of every block."""
+        size = self.channels // self.blocks
+        return [slice(b * size, (b + 1) * size) for b in range(self.blocks)]
 
     @property
     def name(self) -> str:

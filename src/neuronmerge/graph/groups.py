@@ -7,7 +7,7 @@ padding, views, permutes, concatenations), or *join* another tensor to the group
 of a residual add or of a gate product is walked backwards to the producers that write it, which
 then belong to the group too (a residual stream: every layer adding into it). Where the channels
 sit in each tensor is tracked with the pure rules of ``graph.layout``. Anything else (the model
-output, an op mixing the channel axis with another, a grouped conv, tied or computed weights)
+output, an op mixing the channel axis with another, tied or computed weights)
 refuses the whole group with its reason, for every producer reached.
 
 The result is frozen ``types.Group`` values with a mode decided by the math (see ``types.Mode``).
@@ -15,6 +15,7 @@ The result is frozen ``types.Group`` values with a mode decided by the math (see
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +73,8 @@ class _Growing:
     params: list[ParamSlice] = field(default_factory=list)
     literals: list[LiteralFix] = field(default_factory=list)
     queue: list[tuple[fx.Node, Layout]] = field(default_factory=list)
+    #: Grouped convs split the channels into this many equal blocks (each keeps as many).
+    blocks: int = 1
     seen: set[tuple[fx.Node, fx.Node, Layout]] = field(default_factory=set)
 
 
@@ -114,9 +117,29 @@ class GroupFinder:
                 continue
             done.update(state.producers)
             groups.append(group)
+        skipped += self._unnamed(groups, skipped)
         order = {name: i for i, name in enumerate(self.modules)}
         skipped.sort(key=lambda s: order.get(s.producer, 0))
         return groups, skipped
+
+    def _unnamed(self, groups: list[Group], skipped: list[Skipped]) -> list[Skipped]:
+        """A reason for every Linear/Conv the walk did not name: depthwise convs left out with the
+        layer that writes their channels, and layers whose weights are used without calling them
+        (inside ``nn.MultiheadAttention``, or by ``F.linear`` on their weight)."""
+        named = {s.producer for s in skipped} | {p for g in groups for p in g.producers}
+        named |= {p.owner for g in groups for p in g.params}
+        result = []
+        for name, module in self.modules.items():
+            if name in named or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                continue
+            if self.calls.get(name, 0) == 0:
+                why = "never called as a layer (its weights are used by another module or function)"
+            elif self._is_depthwise(module):
+                why = "depthwise conv: its channels follow the layer writing them, left alone"
+            else:
+                continue
+            result.append(Skipped(name, why))
+        return result
 
     # -- what a node is ------------------------------------------------------------------------
 
@@ -169,6 +192,8 @@ class GroupFinder:
                 self._forward(tensor, user, state, where)
         if not state.consumers:
             raise _Refusal("no layer consumes these channels")
+        if state.channels % state.blocks:
+            raise _Refusal(f"grouped convolutions split {state.channels} channels unevenly")
         return self._freeze(state)
 
     def _add_producer(self, node: fx.Node, state: _Growing, expected: Layout | None) -> None:
@@ -178,8 +203,7 @@ class GroupFinder:
         state.producers.append(node)
         self._check_resizable(name)
         if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-            if module.groups != 1:
-                raise _Refusal(f"grouped convolution (groups={module.groups}) ties channels to groups")
+            state.blocks = math.lcm(state.blocks, module.groups)
             if module.padding_mode != "zeros":
                 raise _Refusal(f"padding_mode={module.padding_mode!r} is not supported")
         shape = _shape(node)
@@ -352,7 +376,9 @@ class GroupFinder:
         else:
             assert isinstance(module, (nn.Conv1d, nn.Conv2d))
             if module.groups != 1:
-                raise _Refusal(f"{name} is a grouped convolution (groups={module.groups})")
+                if where != Layout(1) or _shape(tensor)[1] != state.channels:
+                    raise _Refusal(f"{name} (groups={module.groups}) reads more than these channels")
+                state.blocks = math.lcm(state.blocks, module.groups)
             if where.dim != 1 or where.block != 1 or ndim != spatial_dims(module) + 2:
                 raise _Refusal(f"{name} reads the channels with a different layout")
         state.consumers.append(ConsumerSlice(str(user.target), where.offset, where.block, tensor.name))
@@ -381,8 +407,9 @@ class GroupFinder:
                 raise _Refusal(f"padding_mode={module.padding_mode!r} is not supported")
             kind = "depthwise"
         state.params.append(ParamSlice(str(user.target), "*", 0, where.offset))
-        step = Step(user.name, "affine", (tensor.name,), label=name, params=(kind, str(user.target)))
-        self._claim(user, where, state, Step(**{**step.__dict__, "offset": where.offset}))
+        params = (kind, str(user.target))
+        step = Step(user.name, "affine", (tensor.name,), label=name, params=params, offset=where.offset)
+        self._claim(user, where, state, step)
 
     def _elementwise(
         self,
@@ -396,7 +423,9 @@ class GroupFinder:
         name = label(user, module)
         if op.effect == "dropout":
             training = (
-                module.training if module is not None else _arg(user, 2, "training", True) is not False
+                module.training
+                if module is not None
+                else _arg(user, op.training_arg, "training", True) is not False
             )
             if training and module is None:
                 raise _Refusal(f"{name} is active (training=True) in the traced graph")
@@ -567,8 +596,9 @@ class GroupFinder:
         owner, _, leaf = target.rpartition(".")
         state.params.append(ParamSlice(owner, leaf, axis, where.offset))
         kind = "scale" if op.effect == "mul" else "shift"
-        step = Step(user.name, "affine", (tensor.name,), label=name, params=(kind, target))
-        self._claim(user, where, state, Step(**{**step.__dict__, "offset": where.offset}))
+        params = (kind, target)
+        step = Step(user.name, "affine", (tensor.name,), label=name, params=params, offset=where.offset)
+        self._claim(user, where, state, step)
 
     def _normalised(
         self,
@@ -681,6 +711,7 @@ class GroupFinder:
             literals=tuple(dict.fromkeys(state.literals)),
             mode=mode,  # type: ignore[arg-type]
             why=why,
+            blocks=state.blocks,
             approximate_through=tuple(dict.fromkeys(through)),
         )
 

@@ -76,6 +76,10 @@ class Op:
     methods: tuple[str, ...] = ()
     aten: tuple[Any, ...] = ()
     degree: float = 1.0
+    #: Functions of optional libraries, by ``module.qualname`` (no import of those libraries here).
+    names: tuple[str, ...] = ()
+    #: Where a dropout-like function takes its ``training`` flag (positional index).
+    training_arg: int = 2
 
 
 def _nonhomogeneous(
@@ -123,6 +127,12 @@ OPS: tuple[Op, ...] = (
         (F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout),
         (),
         (_aten.dropout.default,),
+    ),
+    Op(
+        "stochastic_depth",
+        "dropout",
+        names=("torchvision.ops.stochastic_depth.stochastic_depth",),
+        training_arg=3,
     ),
     _nonhomogeneous("gelu", nn.GELU, F.gelu, _aten.gelu.default),
     _nonhomogeneous("silu", nn.SiLU, F.silu, _aten.silu.default),
@@ -260,11 +270,14 @@ OPS: tuple[Op, ...] = (
 
 _BY_FUNCTION: dict[Any, Op] = {}
 _BY_METHOD: dict[str, Op] = {}
+_BY_NAME: dict[str, Op] = {}
 for _op in OPS:
     for _spelling in (*_op.functions, *_op.aten):
         _BY_FUNCTION.setdefault(_spelling, _op)
     for _method in _op.methods:
         _BY_METHOD.setdefault(_method, _op)
+    for _name in _op.names:
+        _BY_NAME.setdefault(_name, _op)
 
 #: ``x.shape`` and friends trace to ``getattr(x, "shape")``: metadata, like ``x.size()``.
 _METADATA_ATTRIBUTES = {"shape", "dtype", "device", "ndim"}
@@ -280,7 +293,13 @@ def lookup(node: fx.Node, module: nn.Module | None) -> Op | None:
     if node.op == "call_function":
         if node.target is getattr:
             return _METADATA if len(node.args) > 1 and node.args[1] in _METADATA_ATTRIBUTES else None
-        return _BY_FUNCTION.get(node.target)
+        found = _BY_FUNCTION.get(node.target)
+        if found is None:
+            qualified = (
+                f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__qualname__', '')}"
+            )
+            found = _BY_NAME.get(qualified)
+        return found
     if node.op == "call_method":
         return _BY_METHOD.get(str(node.target))
     return None

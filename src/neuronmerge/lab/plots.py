@@ -18,10 +18,31 @@ def plot_sweep(outcome: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write a two-panel PNG of ``outcome`` (``sweep``'s result): one curve per method, markers
     filled for data-free methods and hollow for data-aware ones, the unpruned model as a dashed line.
     """
+    figure = sweep_figure(outcome)
+    import matplotlib.pyplot as plt
+
+    target = Path(path)
+    try:
+        atomic_write(target, lambda temp: figure.savefig(temp, format="png"))
+    finally:
+        plt.close(figure)
+    return target
+
+
+def _count(value: float, _position: object = None) -> str:
+    """A tick label for a parameter count: 20k, 1.5M."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:g}{unit}"
+    return f"{value:g}"
+
+
+def sweep_figure(outcome: dict[str, Any]) -> Any:
+    """The matplotlib figure ``plot_sweep`` writes (the caller closes it)."""
     matplotlib = require("matplotlib", "plotting a sweep")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     methods: dict[str, list[dict[str, Any]]] = {}
     for row in outcome["results"]:
@@ -41,15 +62,14 @@ def plot_sweep(outcome: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     by_ratio.set_ylabel(f"test accuracy on {outcome['dataset']} (%)")
     by_params.set_xlabel("parameters")
     by_params.set_xscale("log")
-    by_params.xaxis.set_minor_formatter(NullFormatter())  # only decades labelled: no overlaps
+    # Ticks at 1, 2 and 5 of every decade, labelled 20k, 50k...: a sweep's counts often span less
+    # than a decade, where decade ticks alone would leave the axis without a single label.
+    by_params.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    by_params.xaxis.set_major_formatter(FuncFormatter(_count))
+    by_params.xaxis.set_minor_formatter(NullFormatter())
     by_ratio.legend(fontsize=8, loc="lower left")
     figure.suptitle(
         f"{outcome['model']}: no fine-tuning (dashed: unpruned, {outcome['baseline_accuracy']:.2f}%)"
     )
     figure.tight_layout()
-    target = Path(path)
-    try:
-        atomic_write(target, lambda temp: figure.savefig(temp, format="png"))
-    finally:
-        plt.close(figure)
-    return target
+    return figure

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from neuronmerge.api import compress
-from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.errors import DatasetNotFoundError, InvalidArgumentError
 from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.lab.data import load_fashion_mnist
 from neuronmerge.lab.training import reproducible_torch
@@ -73,7 +73,11 @@ def paper_setup(arch: str) -> PaperSetup:
 def test_split(dataset: str, data_dir: str | os.PathLike[str] | None) -> tuple[torch.Tensor, ...]:
     """Images and labels of the test split of ``dataset``."""
     if dataset != "fashion-mnist":
-        raise InvalidArgumentError(f"no loader for dataset {dataset!r} yet")
+        raise DatasetNotFoundError(
+            f"neuronmerge reads no {dataset} test set (only fashion-mnist): measure this model's "
+            "accuracy in your own evaluation code, where nm.load(path) returns it as an ordinary "
+            "module"
+        )
     return load_fashion_mnist("test", data_dir)
 
 

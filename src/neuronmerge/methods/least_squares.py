@@ -33,7 +33,7 @@ class LeastSquares:
         return None
 
     def kept_count(self, group: Group, ratio: float) -> int:
-        return criteria.kept_count(group.channels, ratio)
+        return criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
 
     def decompose(
         self,

@@ -78,11 +78,6 @@ def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
 
 def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> torch.Tensor:
     """The ``keep`` channels of highest score on all of the group's rows."""
-    if keep < 1:
-        raise InvalidArgumentError(
-            f"the ratio keeps 0 of the {group.channels} channels of {group.name}; "
-            "use a smaller ratio or exclude this layer"
-        )
     whole = rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1))
     return criteria.select_kept(criteria.channel_scores(whole, criterion), keep)
 
@@ -218,6 +213,41 @@ def propagate(
     return result
 
 
+def _rows_in(rows: Rows, span: slice) -> Rows:
+    return Rows(
+        rows.weight[span],
+        None if rows.scale is None else rows.scale[span],
+        None if rows.shift is None else rows.shift[span],
+    )
+
+
+def select_and_pair(
+    rows: list[Rows], group: Group, keep: int, options: Options, merge: bool
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Kept channels, each channel's partner position and its scale per root, block by block (a
+    grouped conv's blocks each keep ``keep / blocks`` channels and merge only among themselves)."""
+    per_block = keep // group.blocks
+    kept_parts, target_parts = [], []
+    scale_parts: list[list[torch.Tensor]] = [[] for _ in rows]
+    for index, span in enumerate(group.block_spans()):
+        sub = [_rows_in(r, span) for r in rows]
+        kept = kept_channels(sub, options.criterion, per_block, group)
+        if merge:
+            target, scales = pair(sub, kept, options.threshold, options.criterion)
+        else:
+            identity = identity_on_kept(sub[0].weight.shape[0], kept, sub[0].weight.dtype)
+            target, scales = identity.target, [identity.scale for _ in rows]
+        kept_parts.append(kept + span.start)
+        target_parts.append(torch.where(target >= 0, target + index * per_block, -1))
+        for part, scale in zip(scale_parts, scales, strict=True):
+            part.append(scale)
+    return (
+        torch.cat(kept_parts),
+        torch.cat(target_parts),
+        [torch.cat(part) for part in scale_parts],
+    )
+
+
 class NormRatio:
     """``merge`` (``merge=True``) and ``prune``: see the module docstring."""
 
@@ -235,7 +265,7 @@ class NormRatio:
         return group.why
 
     def kept_count(self, group: Group, ratio: float) -> int:
-        return criteria.kept_count(group.channels, ratio)
+        return criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
 
     def decompose(
         self,
@@ -248,13 +278,18 @@ class NormRatio:
         result = {}
         for group in groups:
             rows = root_rows(graph_module, group)
-            kept = kept_channels(rows, options.criterion, keep[group.name], group)
-            if not self.merge or group.mode == "prune-only":
+            merge = self.merge and group.mode != "prune-only"
+            if keep[group.name] % group.blocks:
+                raise InvalidArgumentError(
+                    f"{group.name}: keeping {keep[group.name]} channels splits its "
+                    f"{group.blocks} conv groups unevenly"
+                )
+            kept, target, scales = select_and_pair(rows, group, keep[group.name], options, merge)
+            if not merge:
                 prune = identity_on_kept(group.channels, kept, rows[0].weight.dtype)
                 at = {c.tensor: prune for c in group.consumers}
                 result[group.name] = GroupDecomposition(kept, at, 0)
                 continue
-            target, scales = pair(rows, kept, options.threshold, options.criterion)
             at = propagate(graph_module, group, kept, target, scales)
             merged = int((target >= 0).sum()) - int(kept.shape[0])
             result[group.name] = GroupDecomposition(kept, at, merged)

@@ -23,7 +23,6 @@ from neuronmerge.decompose import (
     norm_ratio,
     paper_conv_bn,
 )
-from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition, Inputs
 from neuronmerge.types import Group
 
@@ -68,6 +67,7 @@ class Paper:
         steps = group.steps[1:]
         if (
             len(group.producers) != 1
+            or group.blocks != 1
             or len(group.folded[0]) > 1
             or any(s.kind not in allowed or (s.kind == "homogeneous" and s.degree != 1) for s in steps)
         ):
@@ -90,11 +90,6 @@ class Paper:
         lam = PAPER_LAMBDA if options.lam is None else options.lam
         result = {}
         for group in groups:
-            if keep[group.name] < 1:
-                raise InvalidArgumentError(
-                    f"the ratio keeps 0 of the {group.channels} channels of {group.name}; "
-                    "use a smaller ratio or exclude this layer"
-                )
             tensors = site_tensors(graph_module, group)
             rows = tensors.raw()
             scores = criteria.channel_scores(rows, options.criterion)
