@@ -99,3 +99,22 @@ def test_peer_targets_count_losses_only_against_neuronmerge_methods() -> None:
     assert tables.peer_losses(outcome, "fold-ar") == [0.5]
     assert tables.peer_losses(outcome, "torch-pruning") == [0.5]
     assert tables.peer_losses(outcome, "fold-dir") is None
+
+
+#: Models trained here whose committed sweeps hold every peer's rows (issue 12, part 4).
+PEER_SWEPT = ("lenet-300-100",)
+
+
+def test_issue_twelve_targets_hold_in_the_committed_sweeps() -> None:
+    """On each model trained here, the best data-free neuronmerge method >= Fold-AR, Fold-DIR and
+    Torch-Pruning at every ratio 0.1-0.9, at the same parameter count."""
+    tables = _tables()
+    sweeps = tables.load_sweeps()
+    for name in PEER_SWEPT:
+        assert "training" in sweeps[name], name  # a model trained here
+        methods, ratios, cells = tables._cells(sweeps[name])
+        assert set(tables.PEER_RATIOS) <= set(ratios), name
+        for peer in tables.PEERS:
+            assert tables.peer_losses(sweeps[name], peer) == [], (name, peer)
+            for ratio in tables.PEER_RATIOS:
+                assert cells[ratio, peer]["params"] == cells[ratio, "merge-ls"]["params"], (name, peer)
