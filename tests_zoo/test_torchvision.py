@@ -188,33 +188,30 @@ def plant(pairs: list[Pair], consumers: list[nn.Module], generator: torch.Genera
 
 
 def planted_resnet(name: str) -> tuple[nn.Module, int]:
-    """A float64 ResNet whose every channel group holds exact duplicates, and the parameters that
-    merging the blocks' inner layers alone must remove."""
+    """A float64 ResNet whose every channel group holds exact duplicates (half of its channels), and
+    its parameter count once every group has lost them: each conv keeps half its outputs and half
+    its inputs (the stem all 3), each BatchNorm half, ``fc`` half its inputs and all its outputs."""
     model = build(name).double()
     assert isinstance(model, ResNet)
     generator = torch.Generator().manual_seed(3)
     streams, inner = resnet_groups(model)
-    for pairs, consumers in streams:
+    for pairs, consumers in [*streams, *inner]:
         plant(pairs, consumers, generator)
-    narrowed_out: set[nn.Module] = set()
-    narrowed_in: set[nn.Module] = set()
-    for pairs, consumers in inner:
-        plant(pairs, consumers, generator)
-        narrowed_out.update(conv for conv, _ in pairs)
-        narrowed_in.update(consumers)
-    inner_removed = 0
-    for conv in narrowed_out | narrowed_in:
-        assert isinstance(conv, nn.Conv2d)
-        out = conv.out_channels // 2 if conv in narrowed_out else conv.out_channels
-        width = conv.in_channels // 2 if conv in narrowed_in else conv.in_channels
-        inner_removed += conv.weight.numel() - out * width * conv.weight[0, 0].numel()
-        inner_removed += 2 * (conv.out_channels - out)  # its BatchNorm's weight and bias
-    return model, inner_removed
+    expected = 0
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            width = module.in_channels if module is model.conv1 else module.in_channels // 2
+            expected += module.out_channels // 2 * width * module.weight[0, 0].numel()
+        elif isinstance(module, nn.BatchNorm2d):
+            expected += module.num_features  # half the weights and half the biases
+        elif isinstance(module, nn.Linear):
+            expected += module.out_features * (module.in_features // 2 + 1)
+    return model, expected
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_planted_duplicates_merge_exactly(name: str) -> None:
-    model, inner_removed = planted_resnet(name)
+    model, expected_params = planted_resnet(name)
     x = example(name, 1, seed=1).double()
     fresh = example(name, 3, seed=4).double()
     with torch.no_grad():
@@ -230,5 +227,6 @@ def test_planted_duplicates_merge_exactly(name: str) -> None:
     assert merge_error <= 1e-5
     # The duplicates carry real signal: dropping the same channels instead changes the function.
     assert prune_error > 1e-3
-    assert merged.report.params_after == params(merged.model)
-    assert merged.report.params_after <= merged.report.params_before - inner_removed
+    # Every group (inner layers and residual streams) lost exactly its duplicates.
+    assert params(merged.model) == merged.report.params_after == expected_params
+    assert {"residual", "chain"} <= {site.pattern for site in merged.sites}
