@@ -77,10 +77,16 @@ def kept_counts(
 
     The one place a kept count is decided (a budget planner passes a mapping of ratios).
     """
-    return {
-        g.name: method.kept_count(g, ratio if isinstance(ratio, (int, float)) else ratio[g.name])
-        for g in groups
-    }
+    counts = {}
+    for group in groups:
+        share = ratio if isinstance(ratio, (int, float)) else ratio[group.name]
+        counts[group.name] = method.kept_count(group, share)
+        if counts[group.name] < 1:
+            raise InvalidArgumentError(
+                f"ratio {share} keeps 0 of the {group.channels} channels of {group.name}; "
+                "use a smaller ratio or exclude this layer"
+            )
+    return counts
 
 
 def decompose(

@@ -33,7 +33,7 @@ def torch_pruning_magnitude(model: nn.Module, example: Tensor, ratio: float) -> 
 
     sites = plan(model, example).sites
     pruned = copy.deepcopy(model).eval()
-    producers = {site.producer for site in sites}
+    producers = {p for site in sites for p in site.producers}
     ratios: dict[nn.Module, float] = {}
     for site in sites:
         keep = kept_count(site.channels, ratio)
@@ -44,7 +44,9 @@ def torch_pruning_magnitude(model: nn.Module, example: Tensor, ratio: float) -> 
         if keep < site.channels:
             # Torch-Pruning keeps int(n * (1 - r)) channels; half a channel of slack makes that
             # floor land on ``keep`` whatever the float rounding.
-            ratios[pruned.get_submodule(site.producer)] = 1 - (keep + 0.5) / site.channels
+            # Every layer writing the group (a residual stream has several) gets the same ratio.
+            for producer in site.producers:
+                ratios[pruned.get_submodule(producer)] = 1 - (keep + 0.5) / site.channels
     if not ratios:
         return pruned
     ignored = [
