@@ -75,19 +75,18 @@ def kept_counts(
 ) -> dict[str, int]:
     """How many channels each group keeps: one ``ratio`` for all, or a ratio per group name.
 
-    The one place a kept count is decided (a budget planner passes a mapping of ratios), and so the
-    one place that refuses a ratio leaving a group no channel.
+    The one place a kept count is decided (a budget planner passes a mapping of ratios).
     """
-    keep = {}
+    counts = {}
     for group in groups:
         share = ratio if isinstance(ratio, (int, float)) else ratio[group.name]
-        keep[group.name] = method.kept_count(group, share)
-        if keep[group.name] < 1:
+        counts[group.name] = method.kept_count(group, share)
+        if counts[group.name] < 1:
             raise InvalidArgumentError(
                 f"ratio {share} keeps 0 of the {group.channels} channels of {group.name}; "
                 "use a smaller ratio or exclude this layer"
             )
-    return keep
+    return counts
 
 
 def decompose(

@@ -23,18 +23,17 @@ TORCH_PRUNING_NORM = 1
 
 
 def torch_pruning_magnitude(model: nn.Module, example: Tensor, ratio: float) -> nn.Module:
-    """A pruned deep copy of ``model``: Torch-Pruning's magnitude pruner on neuronmerge's groups.
+    """A pruned deep copy of ``model``: Torch-Pruning's magnitude pruner on neuronmerge's sites.
 
-    Each group keeps ``kept_count(channels, ratio)`` channels, exactly as ``neuronmerge.merge`` does
-    (every producer of a group, such as all the layers adding into one residual stream, gets the same
-    ratio, and Torch-Pruning couples them itself); every other Linear/Conv is in Torch-Pruning's
-    ``ignored_layers`` (say, the model's output). ``model`` itself is not modified.
+    Each site keeps ``kept_count(channels, ratio)`` channels, exactly as ``neuronmerge.merge`` does;
+    every other Linear/Conv is in Torch-Pruning's ``ignored_layers`` (its outputs are tied to a
+    residual add or are the model's output). ``model`` itself is not modified.
     """
     tp = require("torch_pruning", "the Torch-Pruning peer row")
 
     sites = plan(model, example).sites
     pruned = copy.deepcopy(model).eval()
-    producers = {producer for site in sites for producer in site.producers}
+    producers = {p for site in sites for p in site.producers}
     ratios: dict[nn.Module, float] = {}
     for site in sites:
         keep = kept_count(site.channels, ratio)
@@ -45,6 +44,7 @@ def torch_pruning_magnitude(model: nn.Module, example: Tensor, ratio: float) -> 
         if keep < site.channels:
             # Torch-Pruning keeps int(n * (1 - r)) channels; half a channel of slack makes that
             # floor land on ``keep`` whatever the float rounding.
+            # Every layer writing the group (a residual stream has several) gets the same ratio.
             for producer in site.producers:
                 ratios[pruned.get_submodule(producer)] = 1 - (keep + 0.5) / site.channels
     if not ratios:
