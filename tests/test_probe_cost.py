@@ -18,6 +18,8 @@ def test_schedule_gives_cheap_models_every_probe_and_heavy_ones_fewer() -> None:
     assert (lenet.count, lenet.steps) == (probes.PROBES, probes.STEPS)
     conv = probes.schedule(5.6e6)  # a Fashion-MNIST conv net
     assert probes.MIN_PROBES <= conv.count < probes.PROBES and conv.steps == probes.STEPS
+    plain = probes.schedule(5.6e6, batchnorm=False)  # no statistics to match: every probe
+    assert (plain.count, plain.steps) == (probes.PROBES, probes.STEPS)
     huge = probes.schedule(4.1e9)  # ResNet-50 at 224 x 224
     assert huge.count == probes.MIN_PROBES and huge.steps == probes.MIN_STEPS
     for macs in (1e5, 1e6, 1e7, 5e7):  # within budget, unless at the floors
