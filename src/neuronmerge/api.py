@@ -8,12 +8,13 @@ finding the groups.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import fx, nn
 
-from neuronmerge import engine, lsq
+from neuronmerge import engine, lsq, widths
+from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
 from neuronmerge.errors import InvalidArgumentError
@@ -101,7 +102,8 @@ class Report:
     """The settings of one compression and what it did at every site."""
 
     method: Method
-    ratio: float
+    #: The fraction removed per group (``None`` when the widths came from a target).
+    ratio: float | None
     criterion: str
     threshold: float | None
     fidelity: Fidelity
@@ -114,6 +116,10 @@ class Report:
     #: ``||small(x) - model(x)|| / ||model(x)||``. It measures everything the compression changed
     #: (non-duplicate neurons merged or dropped, and activations treated as homogeneous).
     output_error: float | None = None
+    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen.
+    target_params: float | None = None
+    target_macs: float | None = None
+    allocation: str | None = None
 
 
 @dataclass(frozen=True)
@@ -128,8 +134,13 @@ class Result:
 def compress(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    round_to: int | None = None,
+    allocation: Allocation = "error",
     method: Method = "merge",
     criterion: str = "l1-norm",
     threshold: float | None = DEFAULT_THRESHOLD,
@@ -164,8 +175,17 @@ def compress(
     defined on inference statistics: the result computes what ``model.eval()`` computes, in eval
     mode. A ``CompressionWarning`` says when ``model`` was in training mode, and when no layer or only
     some layers could take ``ratio`` (``plan`` says why).
+
+    Budgets: ``ratio`` (default 0.5) removes the same fraction from every group. ``target_params`` or
+    ``target_macs`` (a fraction of the model's count kept, or an int count; MACs per example as
+    ``count_flops`` counts them) instead chooses every group's width so that the result lands within
+    1% of the target: ``allocation="error"`` (default) removes channels where their merge residual,
+    computed from the weights alone, is smallest per parameter (or MAC) saved (see ``budget``);
+    ``"uniform"`` removes one fraction from every group. ``ratios={"glob": r}`` fixes the fraction
+    removed from groups with a matching producer (first match wins); the target then sets the
+    others. ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
+    ``InvalidArgumentError`` with the reachable range.
     """
-    ratio = check_ratio(ratio)
     options = Options.of(
         method=method,
         criterion=criterion,
@@ -175,7 +195,17 @@ def compress(
         include=include,
         exclude=exclude,
         approximate=approximate,
+        target_params=target_params,
+        target_macs=target_macs,
+        ratios=ratios,
+        round_to=round_to,
+        allocation=allocation,
     )
+    targeted = options.budget.metric is not None
+    if ratio is not None:
+        ratio = check_ratio(ratio)
+        if targeted:
+            raise InvalidArgumentError("give a ratio or a target (target_params/target_macs), not both")
     chosen = options.method_object()
     inputs = as_input_tuple(example_inputs)
     gm = engine.capture(model, inputs)
@@ -188,7 +218,9 @@ def compress(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
         batches = lsq.moment_batches(gm, inputs[0], calibration, groups)
-    keep = engine.kept_counts(groups, ratio, chosen)
+    keep = widths.kept_counts(
+        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion
+    )
     decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, batches), chosen)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
@@ -218,7 +250,7 @@ def compress(
         )
     report = Report(
         method=options.method,
-        ratio=ratio,
+        ratio=None if targeted else widths.DEFAULT_RATIO if ratio is None else ratio,
         criterion=criterion,
         threshold=None if fidelity == "paper" and threshold == 0 else threshold,
         fidelity=options.fidelity,
@@ -228,8 +260,14 @@ def compress(
         skipped=tuple(skipped),
         approximate=approximate,
         output_error=error,
+        target_params=target_params,
+        target_macs=target_macs,
+        allocation=allocation if targeted else None,
     )
-    warn_about_outcome(model, ratio, len(report.sites), report.skipped)
+    # Under a target every group may take some width: the same outcome check as a nonzero ratio.
+    warn_about_outcome(
+        model, 1.0 if report.ratio is None else report.ratio, len(report.sites), report.skipped
+    )
     return Result(small, report, tuple(groups))
 
 
@@ -308,6 +346,11 @@ def plan(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     approximate: bool = False,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    round_to: int | None = None,
+    allocation: Allocation = "error",
 ) -> Plan:
     """Every group of ``model`` the method would shrink, and every other layer with why. Changes
     nothing.
@@ -316,9 +359,12 @@ def plan(
     returning the model, and fills ``layers``: each Linear/Conv layer's channels kept / merged /
     dropped, or the reason it is skipped, with its parameters and MACs before and after, and
     ``totals`` for the whole model. ``sites`` are then the groups the compression used.
-    ``approximate=True`` plans as ``compress(..., approximate=True)`` would merge.
+    ``approximate=True`` plans as ``compress(..., approximate=True)`` would merge. A budget
+    (``target_params``, ``target_macs``, ``ratios``, ``round_to``, ``allocation``: see
+    ``compress``) fills them too, with the width chosen for every group.
     """
-    if ratio is None:
+    budgeted = target_params is not None or target_macs is not None or bool(ratios)
+    if ratio is None and not budgeted:
         options = Options.of(
             method=method,
             criterion=criterion,
@@ -335,6 +381,11 @@ def plan(
         model,
         example_inputs,
         ratio,
+        target_params=target_params,
+        target_macs=target_macs,
+        ratios=ratios,
+        round_to=round_to,
+        allocation=allocation,
         method=method,
         criterion=criterion,
         threshold=threshold,

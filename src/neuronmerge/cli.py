@@ -31,6 +31,7 @@ from torch import nn
 from neuronmerge import __version__  # noqa: I001
 from neuronmerge.api import DEFAULT_THRESHOLD, METHODS, Plan, Report, compress
 from neuronmerge.api import plan as plan_sites
+from neuronmerge.budget import ALLOCATIONS
 from neuronmerge.criteria import CRITERIA
 from neuronmerge.errors import (
     DatasetNotFoundError,
@@ -144,7 +145,8 @@ def _report_dict(report: Report) -> dict[str, Any]:
 
 
 def _report_table(report: Report) -> Table:
-    table = Table(title=f"{report.method} ratio {report.ratio} ({report.fidelity} fidelity)")
+    title = f"{report.method} {_budget_label(report.ratio, vars(report))} ({report.fidelity} fidelity)"
+    table = Table(title=title)
     table.add_column("layer", no_wrap=True)
     for column in ("channels", "kept", "merged", "dropped"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -260,7 +262,62 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
         "threshold": args.threshold,
         "lam": args.lam,
         "fidelity": args.fidelity,
+        **_budget(args),
     }
+
+
+#: The keyword arguments of ``compress``/``plan`` that set a budget rather than a method.
+BUDGET_OPTIONS = ("target_params", "target_macs", "ratios", "round_to", "allocation")
+
+
+def _budget(args: argparse.Namespace) -> dict[str, Any]:
+    """The budget options given on the command line, as ``compress`` takes them."""
+    return {
+        "target_params": args.target_params,
+        "target_macs": args.target_macs,
+        "ratios": dict(args.ratios) if args.ratios else None,
+        "round_to": args.round_to,
+        "allocation": args.allocation,
+    }
+
+
+def _budget_given(args: argparse.Namespace) -> bool:
+    """Whether widths are set by a target or per-layer ratios (then ``--ratio`` may be left out)."""
+    return args.target_params is not None or args.target_macs is not None or bool(args.ratios)
+
+
+def _budget_label(ratio: float | None, settings: dict[str, Any]) -> str:
+    """``ratio R``, or the target and how widths were chosen, for a table title."""
+    for name, what in (("target_params", "parameters"), ("target_macs", "MACs")):
+        amount = settings.get(name)
+        if amount is not None:
+            share = f"{amount:.0%}" if isinstance(amount, float) else f"{amount:,}"
+            return f"{share} of the {what} ({settings['allocation']} allocation)"
+    return f"ratio {ratio if ratio is not None else 0.5}"
+
+
+def _fraction_or_count(text: str) -> float | int:
+    """``0.5`` (a fraction kept) or ``50000`` (a count)."""
+    try:
+        return int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction like 0.5 or a count, got {text!r}"
+        ) from None
+
+
+def _glob_ratio(text: str) -> tuple[str, float]:
+    """``layer_glob=ratio``."""
+    glob, sep, value = text.rpartition("=")
+    try:
+        ratio = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected GLOB=RATIO like 'features.*=0.3', got {text!r}"
+        ) from None
+    if not sep or not glob:
+        raise argparse.ArgumentTypeError(f"expected GLOB=RATIO like 'features.*=0.3', got {text!r}")
+    return glob, ratio
 
 
 def _print_warnings(args: argparse.Namespace, caught: list[warnings.WarningMessage]) -> list[str]:
@@ -304,9 +361,17 @@ def _compress_folder(args: argparse.Namespace) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
-    if args.ratio is None:
-        raise InvalidArgumentError("compress needs --ratio R (the fraction removed per layer)")
+    if args.ratio is None and not _budget_given(args):
+        raise InvalidArgumentError(
+            "compress needs --ratio R (the fraction removed per layer), --target-params, "
+            "--target-macs or --ratios"
+        )
     if args.checkpoint.is_dir():  # a Hugging Face folder in, a new folder out (checked first there)
+        if _budget_given(args) or args.round_to is not None:
+            raise InvalidArgumentError(
+                "a Hugging Face checkpoint folder is compressed at one --ratio; budgets "
+                "(--target-params, --target-macs, --ratios, --round-to) need a model file"
+            )
         _compress_folder(args)
         return
     loaded = _load_any(args, args.checkpoint)
@@ -384,15 +449,20 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_plan(args: argparse.Namespace) -> None:
     loaded = _load_any(args, args.path)
     options = _compress_options(args)
-    if args.ratio is None:
+    if args.ratio is None and not _budget_given(args):
         defaults = {
             action.dest: action.default
             for action in _group("compression")._actions
             if action.dest in options
         }
-        changed = [f"--{name}" for name, value in options.items() if value != defaults[name]]
+        changed = [
+            f"--{name.replace('_', '-')}" for name, value in options.items() if value != defaults[name]
+        ]
         if changed:  # silently ignoring them would show a plan the user did not ask for
-            raise InvalidArgumentError(f"{', '.join(changed)} take effect only with --ratio")
+            raise InvalidArgumentError(
+                f"{', '.join(changed)} take effect only with --ratio or a budget "
+                "(--target-params, --target-macs, --ratios)"
+            )
         options = {}
     found = plan_sites(
         loaded.model,
@@ -416,7 +486,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
     elif found.totals is None:
         stdout.print(escape(str(found)))
     else:
-        stdout.print(_plan_table(found, args.ratio, options))
+        stdout.print(_plan_table(found, _budget_label(args.ratio, options), options))
 
 
 def _short(count: int) -> str:
@@ -429,16 +499,18 @@ def _short(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _plan_table(found: Plan, ratio: float, options: dict[str, Any]) -> Table:
+def _plan_table(found: Plan, budget: str, options: dict[str, Any]) -> Table:
     """One row per Linear/Conv layer and a total row: what happens to it, what it costs.
 
     Before -> after in one cell, counts rounded (``--json`` has them exact); only the notes wrap.
     """
-    settings = ", ".join(f"{k} {v}" for k, v in options.items() if v is not None)
+    settings = ", ".join(
+        f"{k} {v}" for k, v in options.items() if v is not None and k not in BUDGET_OPTIONS
+    )
     caption = "MACs per example"
     if found.output_error is not None:
         caption += f"; approximate: output changed by {found.output_error:.2%} (relative L2)"
-    table = Table(title=f"plan: ratio {ratio} ({settings})", caption=caption)
+    table = Table(title=f"plan: {budget} ({settings})", caption=caption)
     table.add_column("layer", no_wrap=True)
     for column in ("channels", "merged", "dropped", "params", "MACs"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -688,6 +760,35 @@ def _compression(parser: argparse.ArgumentParser) -> None:
         "--approximate",
         action="store_true",
         help="also merge through GELU, SiLU, tanh... (not exact; the output change is reported)",
+    )
+    parser.add_argument(
+        "--target-params",
+        type=_fraction_or_count,
+        default=None,
+        help="parameters to keep: a fraction (0.5) or a count; widths chosen per layer",
+    )
+    parser.add_argument(
+        "--target-macs",
+        type=_fraction_or_count,
+        default=None,
+        help="MACs per example to keep: a fraction or a count",
+    )
+    parser.add_argument(
+        "--ratios",
+        type=_glob_ratio,
+        nargs="+",
+        default=None,
+        metavar="GLOB=R",
+        help="fraction removed from the layers matching GLOB (first match wins)",
+    )
+    parser.add_argument(
+        "--round-to", type=int, default=None, help="keep widths multiples of N (or whole)"
+    )
+    parser.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="error",
+        help="how a target's widths are chosen: by merge error (default) or uniform",
     )
 
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from neuronmerge import criteria
+from neuronmerge.budget import Request
+from neuronmerge.budget import request as budget_request
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import Method
 from neuronmerge.methods.least_squares import LeastSquares
@@ -40,6 +42,7 @@ class Options:
 
     ``fidelity="paper"`` selects the paper's method (``methods.paper``) for ``merge`` and ``prune``;
     ``lam`` belongs to it. ``include``/``exclude`` are glob patterns on producer layer names.
+    ``budget``: a parameter/MAC target, per-layer ratios, rounding and allocation (``budget.request``).
     """
 
     method: MethodName = "merge"
@@ -50,6 +53,7 @@ class Options:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] | None = None
     approximate: bool = False
+    budget: Request = Request()
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -86,8 +90,14 @@ class Options:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         approximate: bool = False,
+        target_params: float | None = None,
+        target_macs: float | None = None,
+        ratios: Mapping[str, float] | None = None,
+        round_to: int | None = None,
+        allocation: str = "error",
     ) -> Options:
-        """Options from loosely typed arguments (lists of patterns become tuples)."""
+        """Options from loosely typed arguments (lists of patterns become tuples, the budget
+        arguments a validated ``budget.Request``)."""
         return cls(
             method=method,  # type: ignore[arg-type]
             criterion=criterion,
@@ -97,6 +107,7 @@ class Options:
             include=None if include is None else tuple(include),
             exclude=None if exclude is None else tuple(exclude),
             approximate=approximate,
+            budget=budget_request(target_params, target_macs, ratios, round_to, allocation),
         )
 
     def method_object(self) -> Method:

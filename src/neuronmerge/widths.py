@@ -1,0 +1,141 @@
+"""The kept width of every group: from one ratio, explicit per-layer ratios, or a parameter/MAC target.
+
+The bridge between the channel groups and ``budget`` (which sees plain values only): it describes
+each group by a ``costs.GroupShape`` and an error curve from its weights
+(``budget.merge_error_curve``), asks ``budget`` for the widths, and hands the method a kept count per
+group. Without a target the counts come from ``engine.kept_counts`` (the method's own rounding).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import fx
+
+from neuronmerge import budget, criteria, engine
+from neuronmerge.costs import GroupShape, model_costs
+from neuronmerge.decompose import Rows
+from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.lsq import consumer_energy
+from neuronmerge.methods.base import Method
+from neuronmerge.methods.norm_ratio import root_rows
+from neuronmerge.types import Group
+
+#: The fraction removed per group when neither a ratio nor a target is given.
+DEFAULT_RATIO = 0.5
+#: Compare groups by the fraction of their signal lost (``True``) rather than its raw size: chosen
+#: on the validation split (``experiments/budget_sweep.py``, ``experiments/budget_sweep.json``).
+RELATIVE_CURVES = True
+
+
+def costed(group: Group) -> bool:
+    """Whether ``costs`` models the group's width exactly: one channel per block, and every
+    per-channel tensor along the first axis of its owner (a BatchNorm, LayerNorm, depthwise conv).
+    Other groups (grouped heads, a positional embedding along the stream) keep their width under a
+    target rather than be costed wrongly."""
+    return group.blocks == 1 and all(p.axis == 0 and p.offset == 0 for p in group.params)
+
+
+def shape_of(group: Group) -> GroupShape:
+    """Where ``group``'s channels live, as ``costs`` needs it."""
+    return GroupShape(
+        name=group.name,
+        channels=group.channels,
+        producers=group.producers,
+        followers=tuple(dict.fromkeys(p.owner for p in group.params)),
+        readers=tuple((c.module, c.block) for c in group.consumers),
+    )
+
+
+def group_rows(graph_module: fx.GraphModule, group: Group) -> Rows:
+    """The rows ``[a*w | c]`` each channel of ``group`` computes (norms folded in), all producers
+    side by side."""
+    rows = root_rows(graph_module, group)
+    return rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1))
+
+
+def error_curve(graph_module: fx.GraphModule, group: Group, criterion: str) -> tuple[float, ...]:
+    """``budget.merge_error_curve`` of ``group``, channels kept in ``criterion``'s order."""
+    rows = group_rows(graph_module, group)
+    tensors = dict.fromkeys(c.tensor for c in group.consumers)
+    energy = torch.zeros(group.channels, dtype=torch.float64)
+    for tensor in tensors:
+        energy += consumer_energy(graph_module, group, tensor)
+    order = torch.argsort(criteria.channel_scores(rows, criterion), descending=True, stable=True)
+    curve = budget.merge_error_curve(rows.dense(), energy, order, RELATIVE_CURVES)
+    return tuple(curve.tolist())
+
+
+def _explicit(group: Group, request: budget.Request) -> float | None:
+    """The ratio of the first ``request.ratios`` glob matching one of the group's producers."""
+    return next(
+        (r for glob, r in request.ratios if any(fnmatch.fnmatchcase(p, glob) for p in group.producers)),
+        None,
+    )
+
+
+def kept_counts(
+    graph_module: fx.GraphModule,
+    groups: Sequence[Group],
+    inputs: tuple[torch.Tensor, ...],
+    ratio: float | None,
+    request: budget.Request,
+    method: Method,
+    *,
+    criterion: str = "l1-norm",
+) -> dict[str, int]:
+    """How many channels every group keeps.
+
+    Without a target: ``ratio`` (or the group's entry of ``request.ratios``) removed from each, as
+    ``engine.kept_counts`` rounds it, then snapped to ``request.round_to``. With a target: groups
+    with an explicit ratio keep that width, groups ``costs`` cannot model (``costed``) keep all
+    their channels, and the others get the widths ``budget`` allocates. Raises
+    ``InvalidArgumentError`` when a group would keep no channel or the target is out of reach.
+    """
+    shares: dict[str, float] = {}
+    for group in groups:
+        r = _explicit(group, request)
+        if r is None and request.metric is None:
+            r = DEFAULT_RATIO if ratio is None else ratio
+        if r is not None:
+            shares[group.name] = r
+    fixed = engine.kept_counts([g for g in groups if g.name in shares], shares, method)
+    if request.round_to > 1:
+        for group in groups:
+            if group.name in fixed:
+                step = math.lcm(request.round_to, group.blocks)
+                whole = budget.GroupBudget("", group.channels, (), 1, group.channels)
+                fixed[group.name] = budget.snap(whole, fixed[group.name], step)
+    if request.metric is None:
+        return fixed
+    for group in groups:
+        if group.name in fixed and not costed(group):
+            raise InvalidArgumentError(
+                f"{group.name}: a per-layer ratio cannot be combined with a target here (its "
+                "channels come in blocks or reach a tensor along another axis); exclude it or "
+                "drop the target"
+            )
+    # Groups ``costs`` cannot model keep their width, and count as constants.
+    modelled = [g for g in groups if costed(g)]
+    costs = model_costs(graph_module, [shape_of(g) for g in modelled], inputs)
+    terms = costs.params if request.metric == "params" else costs.macs
+    whole_model = budget.total(terms, {g.name: g.channels for g in modelled})
+    budgets = []
+    for group in modelled:
+        if group.name in fixed:
+            keep = fixed[group.name]
+            budgets.append(budget.GroupBudget(group.name, group.channels, (), keep, keep))
+            continue
+        curve = (
+            error_curve(graph_module, group, criterion)
+            if request.allocation == "error"
+            else (0.0,) * (group.channels + 1)
+        )
+        budgets.append(budget.GroupBudget(group.name, group.channels, curve, 1, group.channels))
+    what = "parameters" if request.metric == "params" else "MACs per example"
+    choose = budget.allocate if request.allocation == "error" else budget.uniform
+    kept = choose(budgets, terms, request.absolute(whole_model), round_to=request.round_to, what=what)
+    return {g.name: kept.get(g.name, g.channels) for g in groups}

@@ -1,0 +1,190 @@
+"""Compressing to a budget: targets met, costs predicted exactly, unreachable targets refused, and
+the data-free allocation putting the cuts where the weights say they are free."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import neuronmerge as nm
+from neuronmerge import budget
+from neuronmerge.cli import main
+from neuronmerge.costs import model_costs
+from neuronmerge.engine import capture, groups
+from neuronmerge.evaluate import count_flops, count_parameters
+from neuronmerge.models import create_model
+from neuronmerge.options import Options
+from neuronmerge.widths import shape_of
+from tests.builders import duplicated_convnet
+
+X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def vgg() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("vgg-fmnist").eval()
+
+
+@pytest.mark.parametrize(
+    ("arch", "options"),
+    [
+        ("lenet-300-100", {"target_params": 0.3}),
+        ("vgg-fmnist", {"target_params": 0.5}),
+        ("vgg-fmnist", {"target_macs": 0.4, "allocation": "uniform"}),
+        ("resnet-fmnist", {"target_params": 0.6, "round_to": 8}),
+        ("alexnet-fmnist", {"target_macs": 0.3}),
+    ],
+)
+def test_target_is_met_and_costs_are_predicted_exactly(arch: str, options: dict) -> None:
+    torch.manual_seed(0)
+    model = create_model(arch).eval()
+    result = nm.compress(model, X, **options)
+    small = result.model
+    if "target_params" in options:
+        reached, whole = count_parameters(small), count_parameters(model)
+        target = options["target_params"] * whole
+    else:
+        reached, whole = count_flops(small, X[:1]), count_flops(model, X[:1])
+        target = options["target_macs"] * whole
+    assert abs(reached - target) <= 0.01 * target
+    assert small(X).shape == model(X).shape
+    # The cost polynomials give exactly what surgery produced, at the widths it produced.
+    gm = capture(model, X)
+    chosen, _ = groups(gm, Options())
+    costs = model_costs(gm, [shape_of(g) for g in chosen], (X,))
+    kept = {s.producer: s.kept for s in result.report.sites}
+    assert budget.total(costs.params, kept) == count_parameters(small)
+    assert budget.total(costs.macs, kept) == count_flops(small, X[:1])
+    if "round_to" in options:
+        step = options["round_to"]
+        assert all(s.kept % step == 0 or s.kept == s.channels for s in result.report.sites)
+
+
+def test_absolute_count_and_report(vgg: torch.nn.Module) -> None:
+    result = nm.compress(vgg, X, target_params=50_000, method="prune")
+    assert abs(count_parameters(result.model) - 50_000) <= 500
+    report = result.report
+    assert report.ratio is None and report.target_params == 50_000
+    assert report.allocation == "error"
+
+
+def test_out_of_reach_and_bad_options_are_refused(vgg: torch.nn.Module) -> None:
+    with pytest.raises(nm.InvalidArgumentError, match=r"out of reach.*87 to 145,082"):
+        nm.compress(vgg, X, target_params=50)
+    with pytest.raises(nm.InvalidArgumentError, match="fraction of the model must be in"):
+        nm.compress(vgg, X, target_params=1.5)
+    with pytest.raises(nm.InvalidArgumentError, match="not both"):
+        nm.compress(vgg, X, 0.5, target_params=0.5)
+    with pytest.raises(nm.InvalidArgumentError, match="not both"):
+        nm.compress(vgg, X, target_params=0.5, target_macs=0.5)
+    with pytest.raises(nm.InvalidArgumentError, match="round_to"):
+        nm.compress(vgg, X, target_params=0.5, round_to=0)
+    with pytest.raises(nm.InvalidArgumentError, match="allocation must be"):
+        nm.compress(vgg, X, target_params=0.5, allocation="greedy")  # type: ignore[arg-type]
+    with pytest.raises(nm.InvalidArgumentError, match=r"ratios\['features\.0'\]"):
+        nm.compress(vgg, X, ratios={"features.0": 1.0})
+    # Every group fixed by an explicit ratio leaves nothing to reach a target with.
+    with pytest.raises(nm.InvalidArgumentError, match="out of reach"):
+        nm.compress(vgg, X, target_params=0.2, ratios={"*": 0.1})
+
+
+def test_explicit_ratios_fix_matching_groups(vgg: torch.nn.Module) -> None:
+    fixed = nm.compress(vgg, X, ratios={"features.0": 0.25, "classifier.*": 0.5}, method="prune")
+    kept = {s.producer: s.kept for s in fixed.report.sites}
+    assert kept["features.0"] == 12 and kept["classifier.0"] == 64
+    assert kept["features.4"] == 16  # the others: the default ratio 0.5
+    budgeted = nm.compress(vgg, X, target_params=0.4, ratios={"features.0": 0.25}, method="prune")
+    assert {s.producer: s.kept for s in budgeted.report.sites}["features.0"] == 12
+    assert abs(count_parameters(budgeted.model) - 0.4 * 145_082) <= 0.01 * 0.4 * 145_082
+
+
+def test_plan_shows_the_chosen_widths(vgg: torch.nn.Module) -> None:
+    shown = nm.plan(vgg, X, target_params=0.5)
+    assert shown.totals is not None
+    assert abs(shown.totals.params_after - 0.5 * 145_082) <= 0.01 * 0.5 * 145_082
+    widths = {row.layer: row.kept for row in shown.layers if row.kept is not None}
+    assert set(widths) == {s.producer for s in shown.sites} and len(widths) == 6
+
+
+def test_merge_error_curve_sees_duplicates() -> None:
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 9, generator=g, dtype=torch.float64)
+    rows = torch.cat([base, 0.5 * base[:2], torch.randn(1, 9, generator=g, dtype=torch.float64)])
+    energy = torch.rand(7, generator=g, dtype=torch.float64) + 0.5
+    order = torch.tensor([0, 1, 2, 3, 6, 4, 5])  # the two duplicates last
+    curve = budget.merge_error_curve(rows, energy, order)
+    assert curve[0] == pytest.approx(1.0) and curve[7] == 0
+    assert curve[5] == pytest.approx(0.0, abs=1e-12)  # the duplicates merge without residual
+    assert curve[4] > 0 and all(curve[k] >= curve[k + 1] - 1e-12 for k in range(7))
+
+
+def test_allocation_removes_what_merges_exactly() -> None:
+    """conv1 holds 8 exact duplicates, conv2 and fc1 two each: at the parameter count of removing
+    exactly those, the data-free allocation finds them and merging reproduces the model, where the
+    uniform allocation at the same count cannot."""
+    model = duplicated_convnet([4, 4, 8], [8, 2, 2], "l1-norm", seed=3)
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = nm.compress(model, x[:2], ratios={"conv1": 8 / 12, "conv2": 2 / 6, "fc1": 2 / 10})
+    target = count_parameters(exact.model)
+    allocated = nm.compress(model, x[:2], target_params=target, threshold=None)
+    assert [s.kept for s in allocated.report.sites] == [4, 4, 8]
+    assert torch.allclose(allocated.model(x), model(x), rtol=1e-7, atol=1e-8)
+    uniform = nm.compress(model, x[:2], target_params=target, allocation="uniform")
+    assert abs(count_parameters(uniform.model) - target) <= 0.01 * target
+    reference = model(x)
+    change = torch.linalg.vector_norm(uniform.model(x) - reference) / torch.linalg.vector_norm(reference)
+    assert change > 1e-4  # uniform widths cut distinct neurons: no longer the same function
+
+
+def test_allocate_meets_the_target_on_plain_values() -> None:
+    """Two groups feeding each other: cost a*k1 + k1*k2 + b*k2; the flat-error group goes first."""
+    terms = (budget.Term(10, ("a",)), budget.Term(1, ("a", "b")), budget.Term(5, ("b",)), budget.Term(7))
+    cheap = budget.GroupBudget("a", 200, tuple(0.001 * (200 - k) for k in range(201)), 1, 200)
+    dear = budget.GroupBudget("b", 200, tuple(1 - k / 200 for k in range(201)), 1, 200)
+    kept = budget.allocate([cheap, dear], terms, 15_000)
+    assert abs(budget.total(terms, kept) - 15_000) <= 150 and kept == {"a": 66, "b": 200}
+    with pytest.raises(nm.InvalidArgumentError, match="out of reach: the mergeable groups allow 23 to"):
+        budget.allocate([cheap, dear], terms, 20)
+
+
+def test_cli_plan_and_compress_take_a_budget(
+    vgg: torch.nn.Module, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint = tmp_path / "vgg.pth"
+    torch.save(vgg.state_dict(), checkpoint)
+    argv = ["plan", str(checkpoint), "--arch", "vgg-fmnist", "--target-params", "0.5"]
+    assert main([*argv, "--round-to", "4", "--ratios", "features.0=0.25", "--json"]) == 0
+    payload = json.loads(capsys.readouterr().out)
+    kept = {row["layer"]: row["kept"] for row in payload["layers"] if row["kept"] is not None}
+    assert kept["features.0"] == 12 and all(k % 4 == 0 for k in kept.values())
+    assert abs(payload["totals"]["params_after"] - 72_541) <= 726
+    assert payload["settings"]["target_params"] == 0.5
+    assert main(argv) == 0
+    assert "50% of the parameters (error allocation)" in capsys.readouterr().out
+    out = tmp_path / "small.safetensors"
+    command = ["compress", str(checkpoint), "--arch", "vgg-fmnist", "--out", str(out)]
+    assert main([*command, "--target-macs", "0.3", "--allocation", "uniform", "--json"]) == 0
+    assert abs(count_flops(nm.load(out), X[:1]) - 0.3 * count_flops(vgg, X[:1])) <= 0.003 * count_flops(
+        vgg, X[:1]
+    )
+    assert main([*command, "--target-params", "10", "--force"]) == 2
+    assert "out of reach" in capsys.readouterr().err
+    assert main([*command, "--force"]) == 2  # neither a ratio nor a budget
+    capsys.readouterr()
+    assert main([*argv, "--ratios", "features0.3"]) == 2
+    assert "expected GLOB=RATIO" in capsys.readouterr().err
+
+
+def test_readme_budget_tables_are_generated_from_the_committed_json() -> None:
+    script = Path(__file__).resolve().parents[1] / "experiments" / "budget_tables.py"
+    spec = importlib.util.spec_from_file_location("budget_tables", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (script.parents[1] / "README.md").read_text()
+    assert f"{module.START}\n{module.tables()}\n{module.END}" in readme
