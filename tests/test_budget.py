@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import neuronmerge as nm
 from neuronmerge import budget
@@ -188,3 +190,48 @@ def test_readme_budget_tables_are_generated_from_the_committed_json() -> None:
     spec.loader.exec_module(module)
     readme = (script.parents[1] / "README.md").read_text()
     assert f"{module.START}\n{module.tables()}\n{module.END}" in readme
+
+
+class _LayerScale(nn.Module):
+    """fc1 -> ReLU -> * gamma -> fc2, with an unrelated root parameter as long as the hidden width."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 10), nn.Linear(10, 3)
+        self.gamma = nn.Parameter(torch.randn(10))
+        self.other = nn.Parameter(torch.randn(10, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(x)) * self.gamma) + self.other.sum()
+
+
+class _Concat(nn.Module):
+    """Two convs concatenated into one BatchNorm: each group owns half of it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.c = nn.Conv2d(16, 8, 3, padding=1)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.head(F.relu(self.c(y)).mean((2, 3)))
+
+
+def test_per_channel_tensors_are_costed_or_the_group_keeps_its_width() -> None:
+    torch.manual_seed(0)
+    scaled = _LayerScale().eval()
+    # Each hidden channel costs 6 + 1 (fc1) + 1 (gamma) + 3 (fc2); ``other`` is a constant.
+    result = nm.compress(scaled, torch.randn(4, 6), target_params=133 - 4 * 11)
+    assert count_parameters(result.model) == 89 and result.model.gamma.shape == (6,)
+    concat = _Concat().eval()
+    x = torch.randn(2, 3, 8, 8)
+    target = count_parameters(nm.compress(concat, x, ratios={"c": 0.5, "a": 0.0, "b": 0.0}).model)
+    budgeted = nm.compress(concat, x, target_params=target)
+    kept = {s.producer: s.kept for s in budgeted.report.sites}
+    assert kept == {"a": 8, "b": 8, "c": 4}  # a and b share the BatchNorm: costs cannot split it
+    assert count_parameters(budgeted.model) == target
+    with pytest.raises(nm.InvalidArgumentError, match="cannot be combined with a target"):
+        nm.compress(concat, x, target_params=0.8, ratios={"a": 0.5})

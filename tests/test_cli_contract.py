@@ -279,6 +279,11 @@ def test_plan_takes_merge_ls_like_compress(
         "lam": None,
         "fidelity": "exact",
         "approximate": False,
+        "target_params": None,
+        "target_macs": None,
+        "ratios": None,
+        "round_to": None,
+        "allocation": "error",
     }
 
 

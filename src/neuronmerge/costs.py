@@ -30,8 +30,10 @@ class GroupShape:
     """Where one group's channels live, as module names.
 
     ``producers`` write the channels (their weight rows); ``followers`` hold per-channel tensors of
-    them along their first axis (BatchNorm, a depthwise conv); ``readers`` are ``(layer, block)``: a
-    layer reading ``block`` input columns per channel.
+    them along their first axis (BatchNorm, a depthwise conv); ``tensors`` are single parameters
+    (qualified names) along the channels on their first axis, owned by a module that is no follower
+    (a LayerScale vector); ``readers`` are ``(layer, block)``: a layer reading ``block`` input
+    columns per channel.
     """
 
     name: str
@@ -39,6 +41,7 @@ class GroupShape:
     producers: tuple[str, ...]
     followers: tuple[str, ...]
     readers: tuple[tuple[str, int], ...]
+    tensors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -66,9 +69,11 @@ def model_costs(
     rows_of: dict[str, GroupShape] = {}
     follows: dict[str, GroupShape] = {}
     reads: dict[str, list[tuple[GroupShape, int]]] = {}
+    scaled: dict[str, GroupShape] = {}
     for shape in shapes:
         rows_of.update((p, shape) for p in shape.producers)
         follows.update((f, shape) for f in shape.followers)
+        scaled.update((t, shape) for t in shape.tensors)
         for layer, block in shape.readers:
             reads.setdefault(layer, []).append((shape, block))
 
@@ -77,8 +82,13 @@ def model_costs(
     fixed = 0
     seen: set[int] = set()
     for name, module in model.named_modules():
-        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
-        seen.update(id(p) for p in own)
+        named = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for _, p in named)
+        for leaf, p in named:
+            group = scaled.get(f"{name}.{leaf}" if name else leaf)
+            if group is not None:
+                params.append(Term(p.numel() // group.channels, (group.name,)))
+        own = [p for n, p in named if (f"{name}.{n}" if name else n) not in scaled]
         if name in follows:
             group = follows[name]
             for p in own:

@@ -31,12 +31,26 @@ DEFAULT_RATIO = 0.5
 RELATIVE_CURVES = True
 
 
-def costed(group: Group) -> bool:
+def costed(graph_module: fx.GraphModule, group: Group) -> bool:
     """Whether ``costs`` models the group's width exactly: one channel per block, and every
-    per-channel tensor along the first axis of its owner (a BatchNorm, LayerNorm, depthwise conv).
-    Other groups (grouped heads, a positional embedding along the stream) keep their width under a
-    target rather than be costed wrongly."""
-    return group.blocks == 1 and all(p.axis == 0 and p.offset == 0 for p in group.params)
+    per-channel tensor of it spanning the whole first axis of its owner (a BatchNorm, LayerNorm,
+    depthwise conv, LayerScale vector). Other groups (grouped heads, half of a BatchNorm after a
+    concatenation, a positional embedding along the stream) keep their width under a target rather
+    than be costed wrongly."""
+    if group.blocks != 1:
+        return False
+    for piece in group.params:
+        if piece.axis != 0 or piece.offset != 0:
+            return False
+        owner = graph_module.get_submodule(piece.owner)
+        tensors = (
+            [p for p in owner.parameters(recurse=False) if p.dim() > 0]
+            if piece.name == "*"
+            else [getattr(owner, piece.name)]
+        )
+        if any(t.shape[0] != group.channels for t in tensors):
+            return False
+    return True
 
 
 def shape_of(group: Group) -> GroupShape:
@@ -45,8 +59,11 @@ def shape_of(group: Group) -> GroupShape:
         name=group.name,
         channels=group.channels,
         producers=group.producers,
-        followers=tuple(dict.fromkeys(p.owner for p in group.params)),
+        followers=tuple(dict.fromkeys(p.owner for p in group.params if p.name == "*")),
         readers=tuple((c.module, c.block) for c in group.consumers),
+        tensors=tuple(
+            f"{p.owner}.{p.name}" if p.owner else p.name for p in group.params if p.name != "*"
+        ),
     )
 
 
@@ -112,14 +129,14 @@ def kept_counts(
     if request.metric is None:
         return fixed
     for group in groups:
-        if group.name in fixed and not costed(group):
+        if group.name in fixed and not costed(graph_module, group):
             raise InvalidArgumentError(
                 f"{group.name}: a per-layer ratio cannot be combined with a target here (its "
                 "channels come in blocks or reach a tensor along another axis); exclude it or "
                 "drop the target"
             )
     # Groups ``costs`` cannot model keep their width, and count as constants.
-    modelled = [g for g in groups if costed(g)]
+    modelled = [g for g in groups if costed(graph_module, g)]
     costs = model_costs(graph_module, [shape_of(g) for g in modelled], inputs)
     terms = costs.params if request.metric == "params" else costs.macs
     whole_model = budget.total(terms, {g.name: g.channels for g in modelled})
