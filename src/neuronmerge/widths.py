@@ -132,8 +132,8 @@ def kept_counts(
         if group.name in fixed and not costed(graph_module, group):
             raise InvalidArgumentError(
                 f"{group.name}: a per-layer ratio cannot be combined with a target here (its "
-                "channels come in blocks or reach a tensor along another axis); exclude it or "
-                "drop the target"
+                "channels come in blocks, or share a per-channel tensor with other channels, which "
+                "the cost model does not split); exclude it or drop the target"
             )
     # Groups ``costs`` cannot model keep their width, and count as constants.
     modelled = [g for g in groups if costed(graph_module, g)]
