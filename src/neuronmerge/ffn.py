@@ -147,7 +147,7 @@ def compress_block(
 ) -> BlockReport:
     """Compress ``block``'s MLP in place (call it on a copy) and report what was done."""
     spellings = spellings or Spellings()
-    ffn = lift(block, spec, spellings)
+    ffn = lift(block, spec, spellings).eval()  # a fresh module: its mode is ours, not the caller's
     hidden, width = ffn.up.in_features, ffn.up.out_features
     # The MLP acts on every token alike, so it is traced on (tokens, hidden): what the engine and
     # its moment estimates handle best, and the same compressed layers serve (batch, length, hidden).
