@@ -6,10 +6,24 @@ torchvision imports only beside torch 2.14.1, so this directory runs in its own 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def reach() -> ModuleType:
+    """``benchmarks/reach.py`` as a module: its model list and table are what this tier tests."""
+    spec = importlib.util.spec_from_file_location("reach", ROOT / "benchmarks" / "reach.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

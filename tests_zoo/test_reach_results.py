@@ -7,22 +7,12 @@ neuronmerge variant kept the output shape and left the caller's model bit-identi
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, reach
+
 RESULTS = ROOT / "benchmarks" / "results" / "reach.json"
-
-
-def reach() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("reach", ROOT / "benchmarks" / "reach.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def results() -> dict[str, Any]:

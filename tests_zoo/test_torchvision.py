@@ -14,31 +14,14 @@ from typing import Any
 import pytest
 import torch
 import torchvision
+from conftest import reach
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import neuronmerge as nm
 
-#: name -> (input side, constructor keyword arguments): inputs as small as each model accepts.
-ZOO: dict[str, tuple[int, dict[str, Any]]] = {
-    "alexnet": (64, {}),
-    "vgg16_bn": (32, {}),
-    "googlenet": (64, {"aux_logits": False, "init_weights": True}),
-    "inception_v3": (80, {"aux_logits": False, "init_weights": True}),
-    "resnet18": (32, {}),
-    "resnet50": (32, {}),
-    "resnext50_32x4d": (32, {}),
-    "densenet121": (32, {}),
-    "mobilenet_v2": (32, {}),
-    "mobilenet_v3_small": (32, {}),
-    "efficientnet_b0": (32, {}),
-    "shufflenet_v2_x1_0": (32, {}),
-    "mnasnet0_5": (32, {}),
-    "regnet_y_400mf": (32, {}),
-    "convnext_tiny": (32, {}),
-    "vit_b_16": (224, {}),
-    "swin_t": (32, {}),
-}
+#: name -> (input side, constructor keyword arguments): the architectures of benchmarks/reach.py.
+ZOO: dict[str, tuple[int, dict[str, Any]]] = reach().MODELS
 
 
 def build(name: str, seed: int = 0) -> nn.Module:
