@@ -201,6 +201,17 @@ def compress(
         round_to=round_to,
         allocation=allocation,
     )
+    return _compress(model, example_inputs, ratio, options, calibration)
+
+
+def _compress(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    ratio: float | None,
+    options: Options,
+    calibration: Iterable[ExampleInputs] | None = None,
+) -> Result:
+    """``compress`` with its options validated once, as ``Options``."""
     targeted = options.budget.metric is not None
     if ratio is not None:
         ratio = check_ratio(ratio)
@@ -224,7 +235,7 @@ def compress(
     decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, batches), chosen)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
-    reference = engine.run(gm, inputs) if approximate else None
+    reference = engine.run(gm, inputs) if options.approximate else None
     small = engine.surgery(gm, groups, decompositions)
     if batches is not None:
         small = lsq.remeasure_batchnorm(small, batches)
@@ -251,18 +262,18 @@ def compress(
     report = Report(
         method=options.method,
         ratio=None if targeted else widths.DEFAULT_RATIO if ratio is None else ratio,
-        criterion=criterion,
-        threshold=None if fidelity == "paper" and threshold == 0 else threshold,
+        criterion=options.criterion,
+        threshold=None if options.fidelity == "paper" and options.threshold == 0 else options.threshold,
         fidelity=options.fidelity,
         params_before=params_before,
         params_after=count_parameters(small),
         sites=tuple(reports),
         skipped=tuple(skipped),
-        approximate=approximate,
+        approximate=options.approximate,
         output_error=error,
-        target_params=target_params,
-        target_macs=target_macs,
-        allocation=allocation if targeted else None,
+        target_params=options.budget.amount if options.budget.metric == "params" else None,
+        target_macs=options.budget.amount if options.budget.metric == "macs" else None,
+        allocation=options.budget.allocation if targeted else None,
     )
     # Under a target every group may take some width: the same outcome check as a nonzero ratio.
     warn_about_outcome(
@@ -363,29 +374,7 @@ def plan(
     (``target_params``, ``target_macs``, ``ratios``, ``round_to``, ``allocation``: see
     ``compress``) fills them too, with the width chosen for every group.
     """
-    budgeted = target_params is not None or target_macs is not None or bool(ratios)
-    if ratio is None and not budgeted:
-        options = Options.of(
-            method=method,
-            criterion=criterion,
-            threshold=threshold,
-            lam=lam,
-            fidelity=fidelity,
-            include=include,
-            exclude=exclude,
-            approximate=approximate,
-        )
-        found, skipped = engine.groups(engine.capture(model, example_inputs), options)
-        return Plan(tuple(found), tuple(skipped))
-    result = compress(
-        model,
-        example_inputs,
-        ratio,
-        target_params=target_params,
-        target_macs=target_macs,
-        ratios=ratios,
-        round_to=round_to,
-        allocation=allocation,
+    options = Options.of(
         method=method,
         criterion=criterion,
         threshold=threshold,
@@ -394,7 +383,16 @@ def plan(
         include=include,
         exclude=exclude,
         approximate=approximate,
+        target_params=target_params,
+        target_macs=target_macs,
+        ratios=ratios,
+        round_to=round_to,
+        allocation=allocation,
     )
+    if ratio is None and options.budget.metric is None and not options.budget.ratios:
+        found, skipped = engine.groups(engine.capture(model, example_inputs), options)
+        return Plan(tuple(found), tuple(skipped))
+    result = _compress(model, example_inputs, ratio, options)
     report = result.report
     rows, totals = layer_rows(
         model,
