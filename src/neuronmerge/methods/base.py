@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch import fx
 
+from neuronmerge import criteria
 from neuronmerge.decompose import Decomposition
 from neuronmerge.types import Group
 
@@ -75,3 +76,9 @@ class Method(Protocol):
     ) -> dict[str, GroupDecomposition]:
         """A decomposition of every group in ``groups``, keeping ``keep[group.name]`` channels."""
         ...
+
+
+def balanced_kept_count(group: Group, ratio: float) -> int:
+    """Channels kept by removing ``ratio`` from every block of ``group`` alike: a grouped conv's
+    channels come in ``group.blocks`` equal blocks, and each must keep as many (one block otherwise)."""
+    return criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING
 
 from torch import fx
 
-from neuronmerge import criteria, lsq
+from neuronmerge import lsq
 from neuronmerge.errors import InvalidArgumentError
-from neuronmerge.methods.base import GroupDecomposition, Inputs
+from neuronmerge.methods.base import GroupDecomposition, Inputs, balanced_kept_count
 from neuronmerge.types import Group
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ class LeastSquares:
         return None
 
     def kept_count(self, group: Group, ratio: float) -> int:
-        return criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
+        return balanced_kept_count(group, ratio)
 
     def decompose(
         self,

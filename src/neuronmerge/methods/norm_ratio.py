@@ -33,7 +33,7 @@ from torch import fx, nn
 from neuronmerge import criteria
 from neuronmerge.decompose import Decomposition, Rows, identity_on_kept, norm_ratio
 from neuronmerge.errors import InvalidArgumentError
-from neuronmerge.methods.base import GroupDecomposition, Inputs
+from neuronmerge.methods.base import GroupDecomposition, Inputs, balanced_kept_count
 from neuronmerge.types import Group, Step
 
 if TYPE_CHECKING:
@@ -265,7 +265,7 @@ class NormRatio:
         return group.why
 
     def kept_count(self, group: Group, ratio: float) -> int:
-        return criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
+        return balanced_kept_count(group, ratio)
 
     def decompose(
         self,
