@@ -29,7 +29,9 @@ from neuronmerge.ffn import (
     add_zero_biases,
     compress_ffns,
     has_bias,
+    mlp_inputs,
 )
+from neuronmerge.generated import sample_tokens
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,23 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
         bias_field="mlp_bias",
     ),
 )
+
+
+#: Length of each self-generated probe sequence (``generated.sample_tokens``), in tokens, at most
+#: the model's context.
+PROBE_LENGTH = 64
+
+
+def _can_generate(model: nn.Module) -> bool:
+    """Whether ``model`` predicts next tokens (a ``...ForCausalLM`` head), so it can write probes."""
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else False
+
+
+def _start_token(config: Any) -> int | None:
+    """The config's beginning-of-sequence token when it has a valid one (else a random start)."""
+    bos = getattr(config, "bos_token_id", None)
+    return bos if isinstance(bos, int) and 0 <= bos < config.vocab_size else None
 
 
 @dataclass(frozen=True)
@@ -161,16 +180,29 @@ def compress_pretrained(
     """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio``.
 
     ``method`` and ``options`` are those of ``nm.compress`` (e.g. ``approximate=True`` to merge
-    through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are each block's own
-    normalisation applied to Gaussian noise. The caller's model is not modified.
+    through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are what each MLP reads
+    when a model that can generate runs on text it sampled itself (``generated``), else each block's
+    own normalisation applied to Gaussian noise. The caller's model is not modified.
     """
     _require_transformers()
     kind, _ = block_kind(model)
     small = copy.deepcopy(model).eval()
     _, blocks = block_kind(small)
-    reports = compress_ffns(
-        blocks, kind.spec, FFNOptions(ratio, method=method, extra=options), _spellings()
-    )
+    ffn_options = FFNOptions(ratio, method=method, extra=options)
+    inputs = None
+    if method == "merge-ls" and "calibration" not in options and _can_generate(small):
+        config: Any = small.config
+        length = min(PROBE_LENGTH, getattr(config, "max_position_embeddings", PROBE_LENGTH))
+        tokens = sample_tokens(
+            small,
+            config.vocab_size,
+            count=max(1, ffn_options.probes // length),
+            length=length,
+            seed=ffn_options.seed,
+            first=_start_token(config),
+        )
+        inputs = mlp_inputs(small, blocks, kind.spec, tokens)
+    reports = compress_ffns(blocks, kind.spec, ffn_options, _spellings(), inputs)
     width_before, width_after = reports[0].width_before, reports[0].width_after
     setattr(small.config, kind.width_field, width_after)
     if kind.bias_field and any(has_bias(block, kind.spec) for _, block in blocks):
