@@ -190,3 +190,31 @@ def test_models_that_cannot_generate_keep_noise_probes(monkeypatch) -> None:
         compress_pretrained(model, 0.5, method="merge-ls", approximate=True).model.named_parameters()
     )
     assert result.keys() == _compressed_blocks(model, None).keys()
+
+
+@pytest.mark.parametrize(("build", "field"), [(_llama, "intermediate_size"), (_gpt2, "n_inner")])
+def test_a_parameter_target_lands_within_one_percent_and_round_to_holds(build, field) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    total = sum(p.numel() for p in model.parameters())
+    result = compress_pretrained(model, target_params=0.8, approximate=True)
+    kept = sum(p.numel() for p in result.model.parameters())
+    assert abs(kept - 0.8 * total) <= 0.01 * total
+    assert getattr(result.model.config, field) == result.width_after < result.width_before
+    count = compress_pretrained(model, target_params=kept, approximate=True)  # an absolute count
+    assert count.width_after == result.width_after
+    rounded = compress_pretrained(model, target_params=0.8, round_to=8, approximate=True)
+    assert rounded.width_after % 8 == 0 and abs(rounded.width_after - result.width_after) <= 4
+
+
+def test_an_unreachable_parameter_target_names_the_range_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = _llama().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InvalidArgumentError, match=r"out of reach: .* reaches [\d,]+ \(width 1\)"):
+        compress_pretrained(model, target_params=0.01)
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        compress_pretrained(model, 0.5, target_params=0.8)
+    with pytest.raises(InvalidArgumentError, match="round_to must be a positive integer"):
+        compress_pretrained(model, 0.5, round_to=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -189,3 +189,36 @@ def test_the_command_line_streams_a_checkpoint_folder(tmp_path: Path) -> None:
     summary = json.loads(done.stdout)
     assert (summary["width_before"], summary["width_after"], summary["layers"]) == (64, 48, 2)
     assert tf.OPTForCausalLM.from_pretrained(tmp_path / "out").config.ffn_dim == 48
+    target = [sys.executable, "-m", "neuronmerge", "compress", str(tmp_path / "src")]
+    done = subprocess.run(
+        [*target, "--target-params", "0.9", "--round-to", "8", "--out", str(tmp_path / "t"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["width_after"] % 8 == 0
+    done = subprocess.run(
+        [*target, "--target-macs", "0.5", "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "--target-macs and --ratios need a model file" in done.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_parameter_target_streams_to_the_width_compress_pretrained_picks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _llama()
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    report = compress_checkpoint(tmp_path / "src", tmp_path / "out", target_params=0.8, round_to=4)
+    in_memory = compress_pretrained(model, target_params=0.8, round_to=4)
+    assert report.width_after == in_memory.width_after < 64 and report.width_after % 4 == 0
+    streamed = type(model).from_pretrained(tmp_path / "out").eval()
+    total = sum(p.numel() for p in model.parameters())
+    step = 4 * 2 * 3 * 32  # round_to neurons x layers x (gate row, up row, down column)
+    assert abs(sum(p.numel() for p in streamed.parameters()) - 0.8 * total) <= step / 2
+    with pytest.raises(InvalidArgumentError, match="out of reach"):
+        compress_checkpoint(tmp_path / "src", tmp_path / "out2", target_params=0.05)
+    assert not (tmp_path / "out2").exists()

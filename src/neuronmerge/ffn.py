@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from neuronmerge.api import Report, compress
+from neuronmerge.budget import request as budget_request
+from neuronmerge.criteria import check_ratio, kept_count
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.generated import layer_inputs
 
@@ -96,6 +98,50 @@ class FFNOptions:
     probes: int = 2048
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def mlp_width(
+    width: int,
+    *,
+    ratio: float | None = None,
+    target_params: float | None = None,
+    round_to: int | None = None,
+    total: int,
+    per_neuron: int,
+    blocks: int,
+) -> int:
+    """The one MLP width every block keeps, from a ``ratio`` or a parameter target.
+
+    Configs with one width field (``intermediate_size``) need every block alike, so a budget here is
+    a single width: the model's ``total`` parameters fall by ``blocks * per_neuron`` for each hidden
+    neuron removed (``per_neuron``: one up row and bias, one gate row and bias, one down column). The
+    width is the multiple of ``round_to`` (or the full width) whose count is closest to the target;
+    ``target_params`` is a fraction of ``total`` kept or an absolute count, validated as
+    ``nm.compress`` validates it. A target out of reach raises with the reachable range.
+    """
+    if (ratio is None) == (target_params is None):
+        raise InvalidArgumentError("give a ratio or target_params, exactly one of them")
+    request = budget_request(target_params=target_params, round_to=round_to)
+    step = request.round_to
+    if ratio is not None:
+        kept = kept_count(width, check_ratio(ratio))
+        return kept if step == 1 or kept == width else min(width, max(step, round(kept / step) * step))
+    fixed = total - blocks * per_neuron * width
+    smallest = min(step, width)
+    low, target = fixed + blocks * per_neuron * smallest, request.absolute(total)
+    if not low <= target <= total:
+        raise InvalidArgumentError(
+            f"target_params {target:,} is out of reach: narrowing every MLP (width {width}) reaches "
+            f"{low:,} (width {smallest}) to {total:,} (unchanged) parameters"
+        )
+    best = round((target - fixed) / (blocks * per_neuron) / step) * step
+    return min(width, max(smallest, best))
+
+
+def neuron_cost(ffn: FeedForward) -> int:
+    """Parameters one hidden neuron of ``ffn`` costs: its up (and gate) row and bias, its down column."""
+    layers = [ffn.up] + ([ffn.gate] if ffn.gate is not None else [])
+    return sum(layer.in_features + (layer.bias is not None) for layer in layers) + ffn.down.out_features
 
 
 def _linear_of(module: nn.Module, spellings: Spellings) -> nn.Linear:

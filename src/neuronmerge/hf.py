@@ -29,7 +29,10 @@ from neuronmerge.ffn import (
     add_zero_biases,
     compress_ffns,
     has_bias,
+    lift,
     mlp_inputs,
+    mlp_width,
+    neuron_cost,
 )
 from neuronmerge.generated import sample_tokens
 
@@ -175,9 +178,17 @@ def block_kind(model: nn.Module) -> tuple[BlockKind, list[tuple[str, nn.Module]]
 
 
 def compress_pretrained(
-    model: nn.Module, ratio: float, *, method: str = "merge", **options: Any
+    model: nn.Module,
+    ratio: float | None = None,
+    *,
+    method: str = "merge",
+    target_params: float | None = None,
+    round_to: int | None = None,
+    **options: Any,
 ) -> PretrainedResult:
-    """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio``.
+    """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio`` (default
+    0.5), or to the one MLP width whose parameter count is closest to ``target_params`` (a fraction
+    of the model kept, or a count; ``ffn.mlp_width``); ``round_to=N`` keeps the width a multiple of N.
 
     ``method`` and ``options`` are those of ``nm.compress`` (e.g. ``approximate=True`` to merge
     through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are what each MLP reads
@@ -185,10 +196,21 @@ def compress_pretrained(
     own normalisation applied to Gaussian noise. The caller's model is not modified.
     """
     _require_transformers()
-    kind, _ = block_kind(model)
+    kind, originals = block_kind(model)
+    first = lift(originals[0][1], kind.spec, _spellings())  # the caller's layers, only read
+    width = first.up.out_features
+    kept = mlp_width(
+        width,
+        ratio=0.5 if ratio is None and target_params is None else ratio,
+        target_params=target_params,
+        round_to=round_to,
+        total=sum(p.numel() for p in model.parameters()),
+        per_neuron=neuron_cost(first),
+        blocks=len(originals),
+    )
     small = copy.deepcopy(model).eval()
     _, blocks = block_kind(small)
-    ffn_options = FFNOptions(ratio, method=method, extra=options)
+    ffn_options = FFNOptions(1 - kept / width, method=method, extra=options)
     inputs = None
     if method == "merge-ls" and "calibration" not in options and _can_generate(small):
         config: Any = small.config
