@@ -139,7 +139,8 @@ def table(result: dict) -> str:
     for run in result["runs"]:
         lines.append(
             f"| {run['layers']} | {_size(run['checkpoint_bytes'])} "
-            f"| {_size(run['largest_group_bytes'])} | {_size(run['peak_minus_overhead_bytes'])} | {run['peak_over_largest_group']:.2f} "
+            f"| {_size(run['largest_group_bytes'])} | {_size(run['peak_minus_overhead_bytes'])} "
+            f"| {run['peak_over_largest_group']:.2f} "
             f"| {_size(run['overhead_bytes'])} | {run['seconds'] / 60:.1f} min |"
         )
     return "\n".join(lines)
