@@ -102,7 +102,8 @@ class Report:
     """The settings of one compression and what it did at every site."""
 
     method: Method
-    #: The fraction removed per group (``None`` when the widths came from a target).
+    #: The fraction removed from every group that no ``ratios`` glob matched; ``None`` when a
+    #: target chose the widths, or when ``ratios`` matched every group.
     ratio: float | None
     criterion: str
     threshold: float | None
@@ -120,6 +121,9 @@ class Report:
     target_params: float | None = None
     target_macs: float | None = None
     allocation: str | None = None
+    #: The ``ratios`` asked for, as (glob, fraction removed) pairs, first match wins; each site's
+    #: ``kept`` of ``channels`` says what it took.
+    ratios: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -230,7 +234,7 @@ def _compress(
             )
         batches = lsq.moment_batches(gm, inputs[0], calibration, groups)
     keep = widths.kept_counts(
-        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion
+        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion, batches=batches
     )
     decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, batches), chosen)
     expected = engine.output_shapes(gm, inputs)
@@ -259,9 +263,10 @@ def _compress(
                 mode=group.mode,
             )
         )
+    defaulted = any(widths.explicit_ratio(g, options.budget) is None for g in groups)
     report = Report(
         method=options.method,
-        ratio=None if targeted else widths.DEFAULT_RATIO if ratio is None else ratio,
+        ratio=None if targeted or not defaulted else widths.DEFAULT_RATIO if ratio is None else ratio,
         criterion=options.criterion,
         threshold=None if options.fidelity == "paper" and options.threshold == 0 else options.threshold,
         fidelity=options.fidelity,
@@ -274,6 +279,7 @@ def _compress(
         target_params=options.budget.amount if options.budget.metric == "params" else None,
         target_macs=options.budget.amount if options.budget.metric == "macs" else None,
         allocation=options.budget.allocation if targeted else None,
+        ratios=options.budget.ratios,
     )
     # Under a target every group may take some width: the same outcome check as a nonzero ratio.
     warn_about_outcome(
@@ -285,8 +291,13 @@ def _compress(
 def merge(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    round_to: int | None = None,
+    allocation: Allocation = "error",
     criterion: str = "l1-norm",
     threshold: float | None = DEFAULT_THRESHOLD,
     lam: float | None = None,
@@ -297,13 +308,20 @@ def merge(
 ) -> fx.GraphModule:
     """Neuron merging: a smaller model whose removed neurons are folded into kept ones.
 
-    ``approximate=True`` merges through non-homogeneous activations too; use ``compress`` to read
-    the measured output error from its report.
+    ``ratio`` (default 0.5) or a budget (``target_params``, ``target_macs``, ``ratios``,
+    ``round_to``, ``allocation``) as in ``compress``. ``approximate=True`` merges through
+    non-homogeneous activations too; use ``compress`` to read the measured output error from its
+    report.
     """
     return compress(
         model,
         example_inputs,
         ratio,
+        target_params=target_params,
+        target_macs=target_macs,
+        ratios=ratios,
+        round_to=round_to,
+        allocation=allocation,
         method="merge",
         criterion=criterion,
         threshold=threshold,
@@ -318,8 +336,13 @@ def merge(
 def prune(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    round_to: int | None = None,
+    allocation: Allocation = "error",
     criterion: str = "l1-norm",
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
@@ -328,13 +351,18 @@ def prune(
 ) -> fx.GraphModule:
     """Structured pruning with the same topology as ``merge`` and no compensation.
 
-    ``approximate=True`` also prunes layers followed by non-homogeneous activations (the same sites
-    that approximate merging uses).
+    ``ratio`` (default 0.5) or a budget as in ``compress``. ``approximate=True`` also prunes layers
+    followed by non-homogeneous activations (the same sites that approximate merging uses).
     """
     return compress(
         model,
         example_inputs,
         ratio,
+        target_params=target_params,
+        target_macs=target_macs,
+        ratios=ratios,
+        round_to=round_to,
+        allocation=allocation,
         method="prune",
         criterion=criterion,
         fidelity=fidelity,

@@ -39,6 +39,11 @@ from neuronmerge.errors import InvalidArgumentError
 #: A result within this fraction of the target counts as meeting it.
 TOLERANCE = 0.01
 
+#: How far (in kept fraction) ``allocate`` lets a group move from the uniform widths: a trust
+#: region around them, since the error curves rank groups only roughly. Chosen on the validation
+#: split (``experiments/budget_validation.py``, ``experiments/budget_validation.json``).
+BAND = 1.0
+
 #: How widths are chosen for a target: ``error`` (the data-free allocation of this module) or
 #: ``uniform`` (the same fraction of every group).
 Allocation = Literal["error", "uniform"]
@@ -232,15 +237,23 @@ def allocate(
     *,
     round_to: int = 1,
     what: str = "parameters",
+    band: float | None = None,
 ) -> dict[str, int]:
     """Kept counts per group whose cost is within ``TOLERANCE`` of ``target`` (at most ``target``
-    when the widths allow), removing channels where the error curves say they matter least.
+    when the widths allow), removing channels where the error curves say they matter least, each
+    group's kept fraction within ``band`` (default ``BAND``) of the uniform widths' (``uniform``;
+    1: unbounded).
 
     Raises ``InvalidArgumentError`` naming the reachable range when the target is out of it, or when
     the width steps (``round_to``) are too coarse to land within the tolerance.
     """
     low, high = reachable(terms, groups, round_to)
     _check_target(target, low, high, what)
+    band = BAND if band is None else band
+    centre = None
+    if band < 1:
+        centre = uniform(groups, terms, target, round_to=round_to, what=what)
+        groups = [_banded(g, centre[g.name], band) for g in groups]
     options = {
         g.name: [w for w in widths(g.channels, round_to, g.low) if w <= g.high]
         if g.low != g.high
@@ -272,7 +285,18 @@ def allocate(
         kept[name] = options[name][position[name]]
         cost -= saved
     _land(options, error, position, kept, costs, terms, target)
+    if centre is not None and abs(total(terms, kept) - target) > TOLERANCE * target:
+        return centre  # the band left the greedy steps no way to land: the uniform widths do
     return _checked(kept, terms, target, low, high, what)
+
+
+def _banded(group: GroupBudget, centre: int, band: float) -> GroupBudget:
+    """``group`` with its kept count bounded to ``centre``'s kept fraction plus or minus ``band``."""
+    if group.low == group.high:
+        return group
+    low = max(group.low, math.floor((centre / group.channels - band) * group.channels))
+    high = min(group.high, math.ceil((centre / group.channels + band) * group.channels))
+    return GroupBudget(group.name, group.channels, group.error, min(low, centre), max(high, centre))
 
 
 def _fill(

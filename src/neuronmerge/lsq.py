@@ -15,7 +15,7 @@ synthetic probes this is data-free. The batches are synthetic probes made from t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import fx, nn
@@ -52,6 +52,22 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
     return energy
 
 
+def covering_inputs(
+    graph_module: fx.GraphModule, group: Group, moments: Mapping[tuple[str, str], decompose.Moments]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The covariance and consumer energy ``criteria.covering_kept`` chooses ``group``'s kept set
+    on: the covariance at the one tensor its consumers read, or the sum of those at several tensors
+    each scaled to unit trace, and the energy of every consumer column."""
+    tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
+    cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
+    energy = torch.zeros(group.channels, dtype=torch.float64)
+    for tensor in tensors:
+        c = moments[(group.name, tensor)].cov
+        cov += c / c.diagonal().sum().clamp_min(1e-300) if len(tensors) > 1 else c
+        energy += consumer_energy(graph_module, group, tensor)
+    return cov, energy
+
+
 def moment_batches(
     graph_module: fx.GraphModule,
     example: torch.Tensor,
@@ -80,12 +96,7 @@ def decompositions(
     result: dict[str, GroupDecomposition] = {}
     for group in groups:
         tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
-        cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
-        energy = torch.zeros(group.channels, dtype=torch.float64)
-        for tensor in tensors:
-            c = moments[(group.name, tensor)].cov
-            cov += c / c.diagonal().sum().clamp_min(1e-300) if len(tensors) > 1 else c
-            energy += consumer_energy(graph_module, group, tensor)
+        cov, energy = covering_inputs(graph_module, group, moments)
         spans = group.block_spans()  # grouped convs: each block keeps as many, merges inside
         per_block = keep[group.name] // group.blocks
         kept = torch.cat(
