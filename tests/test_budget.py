@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge import budget
+from neuronmerge import budget, criteria
 from neuronmerge.cli import main
 from neuronmerge.costs import model_costs
 from neuronmerge.engine import capture, groups
@@ -149,10 +149,12 @@ def test_merge_error_curve_sees_duplicates() -> None:
     assert curve[4] > 0 and all(curve[k] >= curve[k + 1] - 1e-12 for k in range(7))
 
 
-def test_allocation_removes_what_merges_exactly() -> None:
+def test_allocation_removes_what_merges_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """conv1 holds 8 exact duplicates, conv2 and fc1 two each: at the parameter count of removing
-    exactly those, the data-free allocation finds them and merging reproduces the model, where the
-    uniform allocation at the same count cannot."""
+    exactly those, the data-free allocation without a trust band (conv1 keeps a third, the others
+    two thirds and more) finds them and merging reproduces the model, where the uniform allocation
+    at the same count cannot."""
+    monkeypatch.setattr(budget, "BAND", 1.0)
     model = duplicated_convnet([4, 4, 8], [8, 2, 2], "l1-norm", seed=3)
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = nm.compress(model, x[:2], ratios={"conv1": 8 / 12, "conv2": 2 / 6, "fc1": 2 / 10})
@@ -172,10 +174,46 @@ def test_allocate_meets_the_target_on_plain_values() -> None:
     terms = (budget.Term(10, ("a",)), budget.Term(1, ("a", "b")), budget.Term(5, ("b",)), budget.Term(7))
     cheap = budget.GroupBudget("a", 200, tuple(0.001 * (200 - k) for k in range(201)), 1, 200)
     dear = budget.GroupBudget("b", 200, tuple(1 - k / 200 for k in range(201)), 1, 200)
-    kept = budget.allocate([cheap, dear], terms, 15_000)
+    kept = budget.allocate([cheap, dear], terms, 15_000, band=1.0)
     assert abs(budget.total(terms, kept) - 15_000) <= 150 and kept == {"a": 66, "b": 200}
     with pytest.raises(nm.InvalidArgumentError, match="out of reach: the mergeable groups allow 23 to"):
         budget.allocate([cheap, dear], terms, 20)
+
+
+def test_the_trust_band_bounds_every_group_around_the_uniform_widths() -> None:
+    """The same two groups: unbounded, the flat-error group loses two thirds of its channels; with
+    a band, no group's kept fraction leaves the uniform one's by more than it, and band 0 is the
+    uniform allocation itself."""
+    terms = (budget.Term(10, ("a",)), budget.Term(1, ("a", "b")), budget.Term(5, ("b",)), budget.Term(7))
+    cheap = budget.GroupBudget("a", 200, tuple(0.001 * (200 - k) for k in range(201)), 1, 200)
+    dear = budget.GroupBudget("b", 200, tuple(1 - k / 200 for k in range(201)), 1, 200)
+    centre = budget.uniform([cheap, dear], terms, 15_000)
+    assert budget.allocate([cheap, dear], terms, 15_000, band=0.0) == centre
+    for band in (0.05, 0.2):
+        kept = budget.allocate([cheap, dear], terms, 15_000, band=band)
+        assert abs(budget.total(terms, kept) - 15_000) <= 150
+        assert all(abs(kept[g] - centre[g]) / 200 <= band + 1 / 200 for g in kept)
+        assert kept["a"] < centre["a"] and kept["b"] > centre["b"]  # the curves decide inside it
+
+
+def test_least_squares_curve_is_merge_ls_own_residual() -> None:
+    """The covering curve starts at the consumer-weighted variance, falls to zero once the kept
+    channels span the others (here 3 independent ones and 3 combinations of them), agrees with
+    ``covering_kept`` at every count, and equals the residual of the least-squares fit there."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    samples = torch.cat([base, base @ torch.randn(3, 3, generator=g, dtype=torch.float64)], 1)
+    cov = torch.cov(samples.T)
+    weights = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    curve = criteria.covering_curve(cov, weights)
+    assert curve[0] == pytest.approx(float((weights * cov.diagonal()).sum()))
+    assert curve[3] == pytest.approx(0.0, abs=1e-9) and all(curve[k] >= curve[k + 1] for k in range(3))
+    for keep in (1, 2):
+        kept = criteria.covering_kept(cov, weights, keep)
+        x = samples - samples.mean(0)
+        fit = torch.linalg.lstsq(x[:, kept], x).solution
+        left = (x - x[:, kept] @ fit).square().sum(0) / (x.shape[0] - 1)
+        assert curve[keep] == pytest.approx(float((weights * left).sum()), rel=1e-6)
 
 
 def test_cli_plan_and_compress_take_a_budget(

@@ -183,11 +183,13 @@ def compress(
     Budgets: ``ratio`` (default 0.5) removes the same fraction from every group. ``target_params`` or
     ``target_macs`` (a fraction of the model's count kept, or an int count; MACs per example as
     ``count_flops`` counts them) instead chooses every group's width so that the result lands within
-    1% of the target: ``allocation="error"`` (default) removes channels where their merge residual,
-    computed from the weights alone, is smallest per parameter (or MAC) saved (see ``budget``);
-    ``"uniform"`` removes one fraction from every group. ``ratios={"glob": r}`` fixes the fraction
-    removed from groups with a matching producer (first match wins); the target then sets the
-    others. ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
+    1% of the target: ``allocation="error"`` (default) removes channels where their merge residual
+    (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
+    smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
+    (see ``budget``); ``"uniform"`` removes one fraction from every group. ``ratios={"glob": r}``
+    fixes the fraction removed from groups with a matching producer (first match wins); the target
+    then sets the others, and without one the others lose ``ratio`` (the report lists both).
+    ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
     ``InvalidArgumentError`` with the reachable range.
     """
     options = Options.of(

@@ -15,8 +15,19 @@ constant); merging it into the kept channel ``j`` most similar to it leaves the 
 channels kept in the method's order (largest first), this is the group's error as a function of its
 kept count, computed from the weights alone, in one matrix product and a running maximum. Each curve
 is divided by its value at zero kept channels, so that groups are compared by the fraction of their
-signal lost rather than by the scale of their weights (chosen on validation data, see
-``experiments/budget_validation.py``).
+signal lost rather than by the scale of their weights. ``merge-ls`` does not merge into one
+neighbour: it writes a removed channel as a least-squares combination of all kept ones, fitted on
+the probes' moments, so its curve is its own loss instead (``criteria.covering_curve``: the
+consumer-weighted variance its fit leaves unexplained, for every kept count, in one pivoted
+Cholesky pass over the covariance), relative in the same way.
+
+Both curves rank groups only roughly: they see one layer's error, not how it grows through the
+layers after it, nor how BatchNorm re-measurement repairs it. So the allocation moves widths only
+within a *trust band* around the uniform ones (``BAND``): each group's kept fraction stays within
+``BAND`` of the fraction the uniform allocation gives it, and inside that band the curves decide.
+A small band keeps what uniform widths get right and still moves channels from the layers whose
+curve says they are free to the ones that are not. The band and the curve of ``merge-ls`` were
+chosen on the validation split (``experiments/budget_validation.py``, ``.json``).
 
 ``allocate`` is greedy on marginal utility: starting from every group at full width it repeatedly
 removes ``round_to`` channels from the group whose error grows least per unit of cost saved, until
@@ -42,7 +53,7 @@ TOLERANCE = 0.01
 #: How far (in kept fraction) ``allocate`` lets a group move from the uniform widths: a trust
 #: region around them, since the error curves rank groups only roughly. Chosen on the validation
 #: split (``experiments/budget_validation.py``, ``experiments/budget_validation.json``).
-BAND = 1.0
+BAND = 0.2
 
 #: How widths are chosen for a target: ``error`` (the data-free allocation of this module) or
 #: ``uniform`` (the same fraction of every group).

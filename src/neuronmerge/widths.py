@@ -33,7 +33,7 @@ RELATIVE_CURVES = True
 #: Under a target, ``merge-ls`` (given its probe ``batches``) ranks groups by its own least-squares
 #: residual on the probes' moments rather than by the weights' merge residual: chosen on the
 #: validation split (``experiments/budget_validation.py``, ``experiments/budget_validation.json``).
-LEAST_SQUARES_CURVES = False
+LEAST_SQUARES_CURVES = True
 
 
 def costed(graph_module: fx.GraphModule, group: Group) -> bool:
