@@ -28,7 +28,8 @@ from neuronmerge.types import Group
 #: The fraction removed per group when neither a ratio nor a target is given.
 DEFAULT_RATIO = 0.5
 #: Compare groups by the fraction of their signal lost (``True``) rather than its raw size: chosen
-#: on the validation split (``experiments/budget_sweep.py``, ``experiments/budget_sweep.json``).
+#: on the validation split by the first budget sweep, before the trust band (its ``error-absolute``
+#: rows in ``experiments/budget_sweep.json`` as of commit e6e6d0e); not re-measured since.
 RELATIVE_CURVES = True
 #: Under a target, ``merge-ls`` (given its probe ``batches``) ranks groups by its own least-squares
 #: residual on the probes' moments rather than by the weights' merge residual: chosen on the
