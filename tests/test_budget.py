@@ -194,6 +194,9 @@ def test_the_trust_band_bounds_every_group_around_the_uniform_widths() -> None:
         assert abs(budget.total(terms, kept) - 15_000) <= 150
         assert all(abs(kept[g] - centre[g]) / 200 <= band + 1 / 200 for g in kept)
         assert kept["a"] < centre["a"] and kept["b"] > centre["b"]  # the curves decide inside it
+    # A held group (a residual stream) keeps the uniform width whatever its curve says.
+    held = budget.GroupBudget("a", 200, cheap.error, 1, 200, held=True)
+    assert budget.allocate([held, dear], terms, 15_000, band=1.0)["a"] == centre["a"]
 
 
 def test_least_squares_curve_is_merge_ls_own_residual() -> None:

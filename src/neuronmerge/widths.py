@@ -35,6 +35,9 @@ RELATIVE_CURVES = True
 #: residual on the probes' moments rather than by the weights' merge residual: chosen on the
 #: validation split (``experiments/budget_validation.py``, ``experiments/budget_validation.json``).
 LEAST_SQUARES_CURVES = True
+#: Under a target, residual streams keep the uniform allocation's width (``budget.GroupBudget.held``):
+#: chosen on resnet-fmnist's validation split (``experiments/budget_streams.py``, ``.json``).
+HOLD_STREAMS = True
 
 
 def costed(graph_module: fx.GraphModule, group: Group) -> bool:
@@ -176,7 +179,8 @@ def kept_counts(
             budgets.append(budget.GroupBudget(group.name, group.channels, (), keep, keep))
             continue
         curve = curves.get(group.name, (0.0,) * (group.channels + 1))
-        budgets.append(budget.GroupBudget(group.name, group.channels, curve, 1, group.channels))
+        held = HOLD_STREAMS and group.pattern == "residual"
+        budgets.append(budget.GroupBudget(group.name, group.channels, curve, 1, group.channels, held))
     what = "parameters" if request.metric == "params" else "MACs per example"
     choose = budget.allocate if request.allocation == "error" else budget.uniform
     kept = choose(budgets, terms, request.absolute(whole_model), round_to=request.round_to, what=what)
