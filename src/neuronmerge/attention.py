@@ -86,6 +86,41 @@ def head_rows(module: nn.MultiheadAttention) -> list[Rows]:
     return [Rows(torch.cat([w, b[:, None]], dim=1).reshape(heads, -1)) for w, b in projections(module)]
 
 
+def head_pairs(
+    rows: list[Rows], kept: torch.Tensor, threshold: float | None, tolerance: float = 1e-5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each head's kept partner position (-1: dropped) and value scale, from its query, key and
+    value ``rows``. A removed head merges only into a kept head whose query and key rows equal its
+    own (within ``tolerance``, relative): their attention maps are then the same, and the removed
+    head's output is the kept head's with its own value rows. It goes to the one whose value rows
+    are the most parallel to its own (cosine at least ``threshold``), with the ratio of their norms
+    as scale: exact where they are parallel, the paper's approximation elsewhere. Heads with other
+    attention maps are dropped (merging them would mix two different maps)."""
+    q, k, v = (r.dense() for r in rows)
+    n = q.shape[0]
+    is_kept = torch.zeros(n, dtype=torch.bool)
+    is_kept[kept] = True
+    removed = torch.nonzero(~is_kept).flatten()
+
+    def equal(a: torch.Tensor) -> torch.Tensor:
+        size = torch.linalg.vector_norm(a[kept], dim=1)
+        return torch.cdist(a[removed], a[kept]) <= tolerance * size[None, :]
+
+    norms = torch.linalg.vector_norm(v, dim=1)
+    unit = v / torch.where(norms > 0, norms, 1)[:, None]
+    cosine = (unit[removed] @ unit[kept].T).masked_fill(~(equal(q) & equal(k)), -torch.inf)
+    cosine = cosine.masked_fill(norms[kept][None, :] == 0, -torch.inf)
+    best, choice = cosine.max(dim=1) if kept.numel() else (cosine.sum(1), cosine.sum(1).long())
+    accept = torch.isfinite(best) & (best >= (-1.0 if threshold is None else threshold))
+    target = torch.full((n,), -1, dtype=torch.long)
+    target[kept] = torch.arange(kept.shape[0])
+    target[removed] = torch.where(accept, choice, -1)
+    scale = torch.ones(n, dtype=v.dtype)
+    ratio = norms[removed] / torch.where(norms[kept] > 0, norms[kept], 1)[choice]
+    scale[removed] = torch.where(accept, ratio, 0)
+    return target, scale
+
+
 def _spans(heads: torch.Tensor, width: int) -> torch.Tensor:
     return (heads[:, None] * width + torch.arange(width)).flatten()
 
@@ -137,9 +172,10 @@ def narrower_heads(module: nn.MultiheadAttention, heads: int, width: int) -> Hea
     return HeadPlan(heads, per_head(pair_scores), per_head(value_scores), empty, empty, torch.zeros(0))
 
 
-def pruned(module: nn.MultiheadAttention, kept: int, criterion: str) -> HeadPlan:
-    """The plan for ``kept`` inner dims without merging: whole heads by ``criterion`` on their
-    rows where ``head_layout`` allows, else narrower heads."""
+def pruned(module: nn.Module, kept: int, criterion: str) -> HeadPlan:
+    """The plan for ``kept`` inner dims of attention ``module`` without merging: whole heads by
+    ``criterion`` on their rows where ``head_layout`` allows, else narrower heads."""
+    assert isinstance(module, nn.MultiheadAttention)
     heads, width = head_layout(module.embed_dim, module.num_heads, kept)
     if width == module.embed_dim // module.num_heads:
         whole = Rows(torch.cat([r.dense() for r in head_rows(module)], dim=1))

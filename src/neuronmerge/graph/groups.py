@@ -929,7 +929,11 @@ class GroupFinder:
             if s.kind == "nonhomogeneous" and not (s.node in feeds_mul and set(s.inputs) <= root_names)
         ]
         if mixing:
-            mode, why = "prune-only", f"channels enter {mixing[0]}, which mixes them: prune only"
+            mode, why = (
+                "prune-only",
+                f"channels enter {mixing[0]}, which normalises across them: prune only "
+                "(its weight and bias keep the kept channels' entries)",
+            )
         elif through:
             mode, why = "least-squares", NON_HOMOGENEOUS.format(through[0])
         else:

@@ -299,7 +299,17 @@ class NormRatio:
                     f"{group.name}: keeping {keep[group.name]} channels splits its "
                     f"{group.blocks} conv groups unevenly"
                 )
-            kept, target, scales = select_and_pair(rows, group, keep[group.name], options, merge)
+            heads_group = group.pattern == "heads"
+            kept, target, scales = select_and_pair(
+                rows, group, keep[group.name], options, merge and not heads_group
+            )
+            if merge and heads_group:
+                q, k, v = _roles(group)
+                target, value_scale = attention.head_pairs(
+                    [rows[q], rows[k], rows[v]], kept, options.threshold
+                )
+                scales = [torch.ones_like(value_scale) for _ in rows]
+                scales[v] = value_scale
             heads = {
                 name: self._heads(graph_module.get_submodule(name), int(kept.shape[0]), merge, options)
                 for name in group.attention
@@ -324,5 +334,21 @@ class NormRatio:
         rows = attention.head_rows(module)
         whole = Rows(torch.cat([r.dense() for r in rows], 1))
         chosen = criteria.select_kept(criteria.channel_scores(whole, options.criterion), count)
-        target, scales = pair(rows, chosen, options.threshold, options.criterion)
-        return attention.whole_heads(module, chosen, target, scales[2])
+        target, scale = attention.head_pairs(rows, chosen, options.threshold)
+        return attention.whole_heads(module, chosen, target, scale)
+
+
+def _roles(group: Group) -> tuple[int, int, int]:
+    """The roots of a head group that the attention reads as query, key and value."""
+    origin: dict[str, int] = {}
+    root_steps = [s for s in group.steps if s.kind == "root"]
+    for step, root in zip(root_steps, group.roots, strict=True):
+        origin[step.node] = root
+    for step in group.steps[len(root_steps) :]:
+        if step.kind == "attention":
+            q, k, v = (origin[name] for name in step.inputs)
+            return q, k, v
+        known = [origin[name] for name in step.inputs if name in origin]
+        if known:
+            origin[step.node] = known[0]
+    raise ValueError(f"{group.name} has no attention step")
