@@ -184,3 +184,20 @@ def test_gpt_heads_with_different_attention_maps_are_dropped_not_merged() -> Non
     assert merged.report.sites[0].merged == 0
     with torch.no_grad():
         assert torch.equal(merged.model(tokens), pruned.model(tokens))
+
+
+def test_an_attention_no_layer_reaches_still_gets_a_reason() -> None:
+    class Direct(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.attention(x, x, x)[0])
+
+    plan = nm.plan(Direct(), torch.randn(2, 4, 8))
+    reasons = {s.producer: s.reason for s in plan.skipped}
+    assert reasons["attention.out_proj"] == (
+        "the channels come from the model input x, which cannot lose any"
+    )

@@ -114,6 +114,12 @@ class GroupFinder:
         # Heads first: the projections feeding a scaled dot-product attention are grouped by head.
         seeds = [n for n in self.gm.graph.nodes if self._is_heads(n)]
         seeds += [n for n in self.gm.graph.nodes if self._is_producer(n)]
+        # An attention no layer's channels reach still gets its group, or the reason it has none.
+        seeds += [
+            n
+            for n in self.gm.graph.nodes
+            if isinstance(self._module(n), nn.MultiheadAttention) and not self._is_heads(n)
+        ]
         for node in seeds:
             if node in done:
                 continue
@@ -121,11 +127,15 @@ class GroupFinder:
             try:
                 if self._is_heads(node):
                     self._heads(node, state)
+                elif isinstance(self._module(node), nn.MultiheadAttention):
+                    self._add_attention(node, state)
                 else:
                     self._add_producer(node, state, None)
                 group = self._grow(state)
             except _Refusal as refusal:
                 reached = state.producers or ([] if self._is_heads(node) else [node])
+                if isinstance(self._module(node), nn.MultiheadAttention):
+                    state.names.setdefault(node, f"{node.target}.out_proj")
                 done.update(reached)
                 skipped += [Skipped(state.names.get(p, str(p.target)), str(refusal)) for p in reached]
                 continue
