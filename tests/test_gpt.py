@@ -126,6 +126,10 @@ def test_readme_table_is_generated_from_the_committed_sweep() -> None:
     outcome = json.loads((ROOT / "experiments" / "gpt_sweep.json").read_text())
     readme = (ROOT / "README.md").read_text()
     assert f"{script.START}\n{script.table(outcome)}\n{script.END}" in readme
+    assert f"{script.HEADS_START}\n{script.heads_table(outcome)}\n{script.HEADS_END}" in readme
+    assert {(r["heads_removed"], r["method"]) for r in outcome["heads"]} == {
+        (n, m) for n in script.HEADS_REMOVED for m in script.HEAD_METHODS
+    }
     methods = {r["method"] for r in outcome["results"]}
     assert methods == set(script.METHODS) and len(outcome["results"]) == 9 * len(methods)
 
