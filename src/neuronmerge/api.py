@@ -392,6 +392,13 @@ def plan(
         round_to=round_to,
         allocation=allocation,
     )
+    return _plan(model, example_inputs, ratio, options)
+
+
+def _plan(
+    model: nn.Module, example_inputs: ExampleInputs, ratio: float | None, options: Options
+) -> Plan:
+    """``plan`` with its options validated once, as ``Options``."""
     if ratio is None and options.budget.metric is None and not options.budget.ratios:
         found, skipped = engine.groups(engine.capture(model, example_inputs), options)
         return Plan(tuple(found), tuple(skipped))
@@ -401,7 +408,7 @@ def plan(
         model,
         result.model,
         as_input_tuple(example_inputs),
-        method,
+        options.method,
         report.sites,
         report.skipped,
     )
