@@ -22,6 +22,12 @@ For each model, in one run:
   ``old_s`` is the old probes alone: a lower bound.
 * ``speedup``: ``old_s / new_s``; ``probes`` and ``steps``: what the new schedule chose (at most:
   early stopping may take fewer steps).
+* ``propagated_s`` and ``noise_s``: the same call at ratio 0.5 with the probe-free moment sources of
+  ``neuronmerge.lab.propagate`` (``PropagatedMoments``: closed forms; ``NoiseMoments``: noise run
+  with batch-normalised BatchNorms), making the source included; ``null`` where a model has no
+  BatchNorm (neither applies). They are not the default: they lost 8-45 validation points against
+  the probes at ratios 0.6-0.8 (``experiments/moments_validation.json``); the columns say what
+  their speed would buy.
 
 Models use random weights (seeded) with randomised BatchNorm statistics: the cost does not depend on
 what the weights learned, except through early stopping. ``conv3-bn-32`` is the 3-conv-layer BatchNorm
@@ -47,6 +53,7 @@ import neuronmerge as nm
 from neuronmerge import probes
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import count_flops
+from neuronmerge.lab.propagate import NoiseMoments, PropagatedMoments, Unsupported, compress_with
 
 OUT = Path(__file__).parent / "results" / "merge_ls_speed.json"
 #: Optimisation steps of the old schedule that are timed to extrapolate its probe cost.
@@ -148,6 +155,14 @@ def measure(name: str, full_baseline: bool) -> dict[str, Any]:
             lambda: nm.compress(model, example, 0.5, method="merge-ls", calibration=stand_in)
         )
     old_s = old_probe_s + rest_s
+    free: dict[str, float | None] = {}
+    for label, kind in (("propagated_s", PropagatedMoments), ("noise_s", NoiseMoments)):
+        started = time.perf_counter()
+        try:
+            compress_with(model, example, 0.5, kind.of(capture(model, example), example))
+            free[label] = round(time.perf_counter() - started, 2)
+        except Unsupported:
+            free[label] = None
     return {
         "model": name,
         "macs_per_input": macs,
@@ -158,19 +173,25 @@ def measure(name: str, full_baseline: bool) -> dict[str, Any]:
         "old_s": round(old_s, 1),
         "old_estimated": estimated,
         "speedup": round(old_s / new_s, 1),
+        **free,
     }
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "| model | probes x steps | merge-ls now (s) | next ratio (s) | before (s) | speed-up |",
-        "|---|---|---|---|---|---|",
+        "| model | probes x steps | merge-ls now (s) | next ratio (s) | before (s) | speed-up "
+        "| propagated (s, speed-up) | noise (s, speed-up) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
         before = f"{row['old_s']}{' (est.)' if row['old_estimated'] else ''}"
+        free = [
+            "-" if row.get(key) is None else f"{row[key]} ({round(row['old_s'] / row[key])}x)"
+            for key in ("propagated_s", "noise_s")
+        ]
         lines.append(
             f"| {row['model']} | {row['probes']} x {row['steps']} | {row['new_s']} | "
-            f"{row['next_ratio_s']} | {before} | {row['speedup']}x |"
+            f"{row['next_ratio_s']} | {before} | {row['speedup']}x | {free[0]} | {free[1]} |"
         )
     return "\n".join(lines)
 

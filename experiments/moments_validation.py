@@ -12,7 +12,8 @@ Sources: ``probes`` (``lsq.MeasuredMoments`` on the model's synthetic probes: th
 ``propagated[:S]`` (``lab.propagate.PropagatedMoments``: BatchNorm statistics carried through the
 graph, statistics of the merged model corrected analytically; ``S`` is
 ``Assumptions.spatial``, default ``DEFAULT_ASSUMPTIONS``), ``propagated-no-repair[:S]`` (the same
-moments, stored statistics left alone). Models are read from the training cache as they are, never
+moments, stored statistics left alone), ``noise[:N]`` (``lab.propagate.NoiseMoments`` on N noise
+inputs, default ``NOISE_COUNT``). Models are read from the training cache as they are, never
 trained here.
 """
 
@@ -27,12 +28,18 @@ from typing import Any
 import torch
 from torch import fx
 
-import neuronmerge as nm
 from neuronmerge import lsq
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import accuracy
 from neuronmerge.lab.data import load_fashion_mnist, train_val_split
-from neuronmerge.lab.propagate import DEFAULT_ASSUMPTIONS, Assumptions, PropagatedMoments
+from neuronmerge.lab.propagate import (
+    DEFAULT_ASSUMPTIONS,
+    NOISE_COUNT,
+    Assumptions,
+    NoiseMoments,
+    PropagatedMoments,
+    compress_with,
+)
 from neuronmerge.lab.training import (
     VAL_SEED,
     VAL_SIZE,
@@ -70,6 +77,9 @@ def source_of(kind: str, model: torch.nn.Module, example: torch.Tensor) -> lsq.M
     gm = capture(model, example)
     if kind == "probes":
         return lsq.MeasuredMoments(tuple(cached_probes(gm, example, progress=False)))
+    if kind.startswith("noise"):
+        _, _, count = kind.partition(":")
+        return NoiseMoments.of(gm, example, int(count) if count else NOISE_COUNT)
     name, _, spatial = kind.partition(":")
     assume = Assumptions(float(spatial)) if spatial else DEFAULT_ASSUMPTIONS
     if name == "propagated":
@@ -92,7 +102,7 @@ def run(name: str, kinds: list[str]) -> list[dict[str, Any]]:
         val_acc, test_acc, seconds = [], [], []
         for ratio in RATIOS:
             started = time.perf_counter()
-            small = _compress(model, example, ratio, source)
+            small = compress_with(model, example, ratio, source).model
             seconds.append(round(time.perf_counter() - started, 2))
             val_acc.append(round(accuracy(small, x, y), 2))
             test_acc.append(round(accuracy(small, test_x, test_y), 2))
@@ -110,18 +120,6 @@ def run(name: str, kinds: list[str]) -> list[dict[str, Any]]:
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
-
-
-def _compress(
-    model: torch.nn.Module, example: torch.Tensor, ratio: float, source: lsq.MomentSource
-) -> torch.nn.Module:
-    """``compress(..., method="merge-ls")`` with the moments of ``source``."""
-    original = lsq.moment_source
-    lsq.moment_source = lambda *_: source  # type: ignore[assignment]
-    try:
-        return nm.compress(model, example, ratio, method="merge-ls").model
-    finally:
-        lsq.moment_source = original  # type: ignore[assignment]
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from neuronmerge.activations import tensor_moments
 from neuronmerge.capture import capture
 from neuronmerge.lab.propagate import (
     Gaussian,
+    NoiseMoments,
     PropagatedMoments,
     Unsupported,
     _max_of_normals,
@@ -104,14 +105,32 @@ def test_propagated_moments_match_measured_ones_where_the_assumptions_hold() -> 
     assert torch.allclose(propagated[second].cov, measured[second].cov, atol=0.03)
 
 
-def test_batchnorm_correction_changes_nothing_when_nothing_is_removed() -> None:
+def test_noise_moments_match_measured_ones_when_the_input_is_that_noise() -> None:
+    """Standard normal inputs with exactly calibrated BatchNorms: normalising by the batch's
+    statistics computes nearly what the stored ones do, so the moments agree with eval mode's."""
+    model = _Mlp()
+    _calibrate_exactly(model)
+    example = torch.zeros(2, 48, dtype=torch.float64)
+    gm = capture(model, example)
+    groups, _ = engine.groups(gm, nm.Options(method="merge-ls"))
+    source = NoiseMoments.of(gm, example, count=20_000)
+    noise = [(torch.cat([b[0] for b in source.batches]),)]
+    measured = tensor_moments(gm, groups, noise)
+    for key, moments in source.moments(gm, groups).items():
+        assert torch.allclose(moments.mean, measured[key].mean, atol=0.02)
+        assert torch.allclose(moments.cov, measured[key].cov, atol=0.02)
+    assert torch.allclose(gm.bn2.running_var, model.bn2.running_var)  # the model is left alone
+
+
+@pytest.mark.parametrize("source_type", [PropagatedMoments, NoiseMoments])
+def test_batchnorm_correction_changes_nothing_when_nothing_is_removed(source_type: type) -> None:
     model = _Mlp()
     _calibrate_exactly(model)
     example = torch.zeros(2, 48, dtype=torch.float64)
     gm = capture(model, example)
     options = nm.Options(method="merge-ls")
     groups, _ = engine.groups(gm, options)
-    source = PropagatedMoments.of(gm, example)
+    source = source_type.of(gm, example)
     keep = {g.name: g.channels for g in groups}
     decompositions = engine.decompose(gm, groups, keep, options, Inputs((example,), source))
     small = engine.surgery(gm, groups, decompositions)
