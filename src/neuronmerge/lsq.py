@@ -97,9 +97,10 @@ def moment_source(
     """Where ``merge-ls`` gets its moments: ``calibration`` when given, else the model's synthetic
     probes (``cached_probes``: made once per model); no batches at all when no group needs them.
 
-    Moments propagated from the BatchNorm statistics instead (no probes; ``lab.propagate``) were
-    measured and lost 10-45 validation points against the probes on vgg-fmnist and resnet-fmnist
-    at ratios 0.5-0.8 (``experiments/moments_validation.json``), so the probes stay.
+    Probe-free moments anchored on the BatchNorm statistics (``lab.propagate``: closed forms, or
+    noise run with batch-normalised BatchNorms) take about a second instead, but lost 4-45
+    validation points to the probes on vgg-fmnist and resnet-fmnist at ratios 0.5-0.8
+    (``experiments/moments_validation.json``), so the probes stay.
     """
     if not groups:
         return MeasuredMoments(())
