@@ -8,8 +8,9 @@ untouched. Methods, all without data and without fine-tuning:
 
 * ``prune``: drop the neurons of smallest l1 norm (the paper's pruning baseline).
 * ``merge``: the paper's merge with neuronmerge's defaults (exact merging through ReLU, t = 0.1).
-* ``merge-ls``: least-squares merge into all kept neurons; its moments come from synthetic probes,
-  the block's own LayerNorm applied to Gaussian noise (data-free).
+* ``merge-ls``: least-squares merge into all kept neurons; its moments come from what each MLP reads
+  when the model runs on 2,048 tokens it sampled itself (``neuronmerge.generated``; data-free, chosen
+  over LayerNorm-of-noise probes on validation: ``gpt_probe_validation.json``).
 * ``fold-ar``: model folding (Wang et al. 2025; ``neuronmerge.lab.folding``): k-means clusters of
   each MLP's neurons, data-free approximate variance repair.
 * ``torch-pruning``: Torch-Pruning's magnitude pruner (l1 group importance) on each lifted MLP, same
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from neuronmerge.ffn import FFNOptions, FFNSpec, compress_ffns, lift, put_back
+from neuronmerge.ffn import FFNOptions, FFNSpec, compress_ffns, lift, mlp_inputs, put_back
+from neuronmerge.generated import sample_tokens
 from neuronmerge.lab.folding import fold
 from neuronmerge.lab.gpt import GPT, perplexity, trained_gpt
 from neuronmerge.lab.peers import torch_pruning_magnitude
@@ -46,6 +48,7 @@ START, END = "<!-- gpt-sweep:start -->", "<!-- gpt-sweep:end -->"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SPEC = FFNSpec(up="mlp.fc", down="mlp.proj", act="mlp.act", norm="ln2")
 TEST_TOKENS = 2**15 + 1
+PROBE_TOKENS = 2048
 
 
 def _blocks(model: GPT) -> list[tuple[str, nn.Module]]:
@@ -55,7 +58,11 @@ def _blocks(model: GPT) -> list[tuple[str, nn.Module]]:
 def _engine(method: str) -> Callable[[GPT, float], GPT]:
     def run(model: GPT, ratio: float) -> GPT:
         small = copy.deepcopy(model)
-        compress_ffns(_blocks(small), SPEC, FFNOptions(ratio, method=method))
+        inputs = None
+        if method == "merge-ls":  # data-free probes: text the model writes itself
+            tokens = sample_tokens(model, model.config.vocab_size, count=PROBE_TOKENS // 64, length=64)
+            inputs = mlp_inputs(small, _blocks(small), SPEC, tokens)
+        compress_ffns(_blocks(small), SPEC, FFNOptions(ratio, method=method), inputs=inputs)
         return small
 
     return run

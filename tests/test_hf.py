@@ -9,8 +9,10 @@ import pytest
 import torch
 import transformers as tf
 
+from neuronmerge import hf
 from neuronmerge.errors import InvalidArgumentError
-from neuronmerge.hf import compress_pretrained
+from neuronmerge.ffn import FFNOptions, compress_ffns, mlp_inputs
+from neuronmerge.hf import block_kind, compress_pretrained
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -144,3 +146,75 @@ def test_llama_gated_planted_duplicates_merge_exactly() -> None:
 def test_a_model_without_known_blocks_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="no transformer block"):
         compress_pretrained(torch.nn.Sequential(torch.nn.Linear(4, 4)), 0.5)
+
+
+def _compressed_blocks(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None) -> dict:
+    """``model``'s parameters after compress_ffns at 0.5 with merge-ls on ``inputs`` (None: noise)."""
+    twin = copy.deepcopy(model)
+    kind, blocks = block_kind(twin)
+    compress_ffns(blocks, kind.spec, FFNOptions(0.5, "merge-ls"), hf._spellings(), inputs)
+    return dict(twin.named_parameters())
+
+
+def test_merge_ls_on_a_causal_lm_fits_on_text_the_model_wrote(monkeypatch) -> None:
+    """merge-ls on a model that can generate fits each MLP on what it reads on self-sampled text:
+    the same fit as compress_ffns given those inputs, and not the fit on normalised noise."""
+    torch.manual_seed(0)
+    model = _opt().eval()
+    seen: list[torch.Tensor] = []
+    sample = hf.sample_tokens
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(sample(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(hf, "sample_tokens", spy)
+    result = dict(compress_pretrained(model, 0.5, method="merge-ls").model.named_parameters())
+    (tokens,) = seen
+    assert tokens.shape == (2048 // 32, 32)  # probe tokens in sequences of the context length
+    assert tokens[:, 0].eq(0).all() and tokens.max() < 50  # the config's start token, in vocab
+    kind, blocks = block_kind(model)
+    inputs = mlp_inputs(model, blocks, kind.spec, tokens)
+    assert all(x.shape == (tokens.numel(), 32) for x in inputs.values())
+    fitted, noise = _compressed_blocks(model, inputs), _compressed_blocks(model, None)
+    assert all(torch.allclose(result[name], value) for name, value in fitted.items())
+    down = "model.decoder.layers.0.fc2.weight"
+    assert not torch.allclose(result[down], noise[down], atol=1e-4)
+
+
+def test_models_that_cannot_generate_keep_noise_probes(monkeypatch) -> None:
+    monkeypatch.setattr(hf, "sample_tokens", lambda *a, **k: pytest.fail("BERT cannot generate"))
+    torch.manual_seed(0)
+    model = _bert().eval()
+    result = dict(
+        compress_pretrained(model, 0.5, method="merge-ls", approximate=True).model.named_parameters()
+    )
+    assert result.keys() == _compressed_blocks(model, None).keys()
+
+
+@pytest.mark.parametrize(("build", "field"), [(_llama, "intermediate_size"), (_gpt2, "n_inner")])
+def test_a_parameter_target_lands_within_one_percent_and_round_to_holds(build, field) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    total = sum(p.numel() for p in model.parameters())
+    result = compress_pretrained(model, target_params=0.8, approximate=True)
+    kept = sum(p.numel() for p in result.model.parameters())
+    assert abs(kept - 0.8 * total) <= 0.01 * total
+    assert getattr(result.model.config, field) == result.width_after < result.width_before
+    count = compress_pretrained(model, target_params=kept, approximate=True)  # an absolute count
+    assert count.width_after == result.width_after
+    rounded = compress_pretrained(model, target_params=0.8, round_to=8, approximate=True)
+    assert rounded.width_after % 8 == 0 and abs(rounded.width_after - result.width_after) <= 4
+
+
+def test_an_unreachable_parameter_target_names_the_range_and_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = _llama().eval()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(InvalidArgumentError, match=r"out of reach: .* reaches [\d,]+ \(width 1\)"):
+        compress_pretrained(model, target_params=0.01)
+    with pytest.raises(InvalidArgumentError, match="exactly one"):
+        compress_pretrained(model, 0.5, target_params=0.8)
+    with pytest.raises(InvalidArgumentError, match="round_to must be a positive integer"):
+        compress_pretrained(model, 0.5, round_to=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

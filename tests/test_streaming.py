@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -13,8 +14,10 @@ import torch
 import transformers as tf
 from safetensors.torch import save_file
 
+from neuronmerge import hf
 from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
-from neuronmerge.hf import compress_pretrained
+from neuronmerge.ffn import FFNOptions, compress_ffns
+from neuronmerge.hf import block_kind, compress_pretrained
 from neuronmerge.streaming import compress_checkpoint
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -64,7 +67,12 @@ def test_streamed_result_equals_the_in_memory_one_and_reloads(
     assert report.bytes_after < report.bytes_before
     streamed = type(model).from_pretrained(tmp_path / "out").eval()
     assert getattr(streamed.config, field) == 32
-    in_memory = compress_pretrained(model, 0.5, method=method).model
+    if method == "merge":
+        in_memory = compress_pretrained(model, 0.5, method=method).model
+    else:  # a streamed model cannot generate probes: both fit on each block's norm of noise
+        in_memory = copy.deepcopy(model)
+        kind, blocks = block_kind(in_memory)
+        compress_ffns(blocks, kind.spec, FFNOptions(0.5, method="merge-ls"), hf._spellings())
     with torch.no_grad():
         # merge-ls probes pass through torch's RMSNorm here and LLaMA's own in memory: same function
         assert torch.allclose(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-5)
@@ -181,3 +189,36 @@ def test_the_command_line_streams_a_checkpoint_folder(tmp_path: Path) -> None:
     summary = json.loads(done.stdout)
     assert (summary["width_before"], summary["width_after"], summary["layers"]) == (64, 48, 2)
     assert tf.OPTForCausalLM.from_pretrained(tmp_path / "out").config.ffn_dim == 48
+    target = [sys.executable, "-m", "neuronmerge", "compress", str(tmp_path / "src")]
+    done = subprocess.run(
+        [*target, "--target-params", "0.9", "--round-to", "8", "--out", str(tmp_path / "t"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["width_after"] % 8 == 0
+    done = subprocess.run(
+        [*target, "--target-macs", "0.5", "--out", str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "--target-macs and --ratios need a model file" in done.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_parameter_target_streams_to_the_width_compress_pretrained_picks(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _llama()
+    model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    report = compress_checkpoint(tmp_path / "src", tmp_path / "out", target_params=0.8, round_to=4)
+    in_memory = compress_pretrained(model, target_params=0.8, round_to=4)
+    assert report.width_after == in_memory.width_after < 64 and report.width_after % 4 == 0
+    streamed = type(model).from_pretrained(tmp_path / "out").eval()
+    total = sum(p.numel() for p in model.parameters())
+    step = 4 * 2 * 3 * 32  # round_to neurons x layers x (gate row, up row, down column)
+    assert abs(sum(p.numel() for p in streamed.parameters()) - 0.8 * total) <= step / 2
+    with pytest.raises(InvalidArgumentError, match="out of reach"):
+        compress_checkpoint(tmp_path / "src", tmp_path / "out2", target_params=0.05)
+    assert not (tmp_path / "out2").exists()

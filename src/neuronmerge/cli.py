@@ -339,6 +339,8 @@ def _compress_folder(args: argparse.Namespace) -> None:
         args.out,
         args.ratio,
         method=args.method,
+        target_params=args.target_params,
+        round_to=args.round_to,
         criterion=args.criterion,
         threshold=args.threshold,
         approximate=args.approximate,
@@ -367,10 +369,10 @@ def cmd_compress(args: argparse.Namespace) -> None:
             "--target-macs or --ratios"
         )
     if args.checkpoint.is_dir():  # a Hugging Face folder in, a new folder out (checked first there)
-        if _budget_given(args) or args.round_to is not None:
+        if args.target_macs is not None or args.ratios:
             raise InvalidArgumentError(
-                "a Hugging Face checkpoint folder is compressed at one --ratio; budgets "
-                "(--target-params, --target-macs, --ratios, --round-to) need a model file"
+                "a Hugging Face checkpoint folder keeps one MLP width in every layer: give --ratio "
+                "or --target-params (and --round-to); --target-macs and --ratios need a model file"
             )
         _compress_folder(args)
         return

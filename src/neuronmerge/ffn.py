@@ -8,14 +8,16 @@ function alone is trivial to trace. So each block's MLP layers are lifted into a
 there), and the compressed layers are put back into a copy of the block. Uniform ratios keep every
 block at the same width, which is what configs with one ``intermediate_size`` need.
 
-Data-free probes for least-squares methods come from the block's own normalisation layer: the MLP
-reads ``norm(h)``, so ``norm(z)`` for Gaussian ``z`` has the right per-channel scale and offset
-(LayerNorm's ``gamma``, ``beta``; RMSNorm's weight) without any data.
+Data-free probes for least-squares methods: the caller may pass what each MLP reads when the model
+runs on text it wrote itself (``generated``: the better probes, for causal language models). Without
+them they come from the block's own normalisation layer: the MLP reads ``norm(h)``, so ``norm(z)`` for
+Gaussian ``z`` has the right per-channel scale and offset (LayerNorm's ``gamma``, ``beta``; RMSNorm's
+weight) without any data. Either way every block is fitted on inputs of the original model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,7 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from neuronmerge.api import Report, compress
+from neuronmerge.budget import request as budget_request
+from neuronmerge.criteria import check_ratio, kept_count
 from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.generated import layer_inputs
 
 #: Turns a block's layer into an ``nn.Linear`` (same function) and a compressed Linear back into the
 #: block's kind. ``nn.Linear`` needs nothing; adapters add kinds (GPT-2's transposed ``Conv1D``).
@@ -95,6 +100,50 @@ class FFNOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def mlp_width(
+    width: int,
+    *,
+    ratio: float | None = None,
+    target_params: float | None = None,
+    round_to: int | None = None,
+    total: int,
+    per_neuron: int,
+    blocks: int,
+) -> int:
+    """The one MLP width every block keeps, from a ``ratio`` or a parameter target.
+
+    Configs with one width field (``intermediate_size``) need every block alike, so a budget here is
+    a single width: the model's ``total`` parameters fall by ``blocks * per_neuron`` for each hidden
+    neuron removed (``per_neuron``: one up row and bias, one gate row and bias, one down column). The
+    width is the multiple of ``round_to`` (or the full width) whose count is closest to the target;
+    ``target_params`` is a fraction of ``total`` kept or an absolute count, validated as
+    ``nm.compress`` validates it. A target out of reach raises with the reachable range.
+    """
+    if (ratio is None) == (target_params is None):
+        raise InvalidArgumentError("give a ratio or target_params, exactly one of them")
+    request = budget_request(target_params=target_params, round_to=round_to)
+    step = request.round_to
+    if ratio is not None:
+        kept = kept_count(width, check_ratio(ratio))
+        return kept if step == 1 or kept == width else min(width, max(step, round(kept / step) * step))
+    fixed = total - blocks * per_neuron * width
+    smallest = min(step, width)
+    low, target = fixed + blocks * per_neuron * smallest, request.absolute(total)
+    if not low <= target <= total:
+        raise InvalidArgumentError(
+            f"target_params {target:,} is out of reach: narrowing every MLP (width {width}) reaches "
+            f"{low:,} (width {smallest}) to {total:,} (unchanged) parameters"
+        )
+    best = round((target - fixed) / (blocks * per_neuron) / step) * step
+    return min(width, max(smallest, best))
+
+
+def neuron_cost(ffn: FeedForward) -> int:
+    """Parameters one hidden neuron of ``ffn`` costs: its up (and gate) row and bias, its down column."""
+    layers = [ffn.up] + ([ffn.gate] if ffn.gate is not None else [])
+    return sum(layer.in_features + (layer.bias is not None) for layer in layers) + ffn.down.out_features
+
+
 def _linear_of(module: nn.Module, spellings: Spellings) -> nn.Linear:
     if isinstance(module, nn.Linear):
         return module
@@ -135,7 +184,18 @@ def probes_for(block: nn.Module, spec: FFNSpec, hidden: int, options: FFNOptions
     noise = torch.randn(options.probes, hidden, generator=generator, dtype=dtype)
     with torch.no_grad():
         x = block.get_submodule(spec.norm)(noise) if spec.norm else noise
-    return [x[i : i + 256] for i in range(0, len(x), 256)]
+    return _batches(x)
+
+
+def _batches(rows: Tensor, size: int = 256) -> list[Tensor]:
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+
+def mlp_inputs(
+    model: nn.Module, blocks: Sequence[tuple[str, nn.Module]], spec: FFNSpec, tokens: Tensor
+) -> dict[str, Tensor]:
+    """Per block name, what its MLP reads when ``model`` runs on ``tokens`` (one token per row)."""
+    return layer_inputs(model, {name: block.get_submodule(spec.up) for name, block in blocks}, tokens)
 
 
 def compress_block(
@@ -144,8 +204,13 @@ def compress_block(
     options: FFNOptions,
     spellings: Spellings | None = None,
     name: str = "block",
+    inputs: Tensor | None = None,
 ) -> BlockReport:
-    """Compress ``block``'s MLP in place (call it on a copy) and report what was done."""
+    """Compress ``block``'s MLP in place (call it on a copy) and report what was done.
+
+    ``inputs``: what the MLP reads, one token per row (``generated.layer_inputs``), used as the
+    probes of least-squares methods instead of normalised noise.
+    """
     spellings = spellings or Spellings()
     ffn = lift(block, spec, spellings).eval()  # a fresh module: its mode is ours, not the caller's
     hidden, width = ffn.up.in_features, ffn.up.out_features
@@ -154,7 +219,9 @@ def compress_block(
     example = torch.zeros(8, hidden, dtype=ffn.up.weight.dtype)
     extra = dict(options.extra)
     if options.method == "merge-ls" and "calibration" not in extra:
-        extra["calibration"] = probes_for(block, spec, hidden, options)
+        extra["calibration"] = (
+            _batches(inputs) if inputs is not None else probes_for(block, spec, hidden, options)
+        )
     result = compress(ffn, example, options.ratio, method=options.method, **extra)  # type: ignore[arg-type]
     if _width(result.model) == width and options.ratio > 0:
         reasons = "; ".join(f"{s.producer}: {s.reason}" for s in result.report.skipped)
@@ -187,9 +254,16 @@ def compress_ffns(
     spec: FFNSpec,
     options: FFNOptions,
     spellings: Spellings | None = None,
+    inputs: Mapping[str, Tensor] | None = None,
 ) -> tuple[BlockReport, ...]:
-    """Compress every block's MLP in place; every block must end at the same width."""
-    reports = tuple(compress_block(b, spec, options, spellings, name) for name, b in blocks)
+    """Compress every block's MLP in place; every block must end at the same width.
+
+    ``inputs``: per block name, what its MLP reads (see ``compress_block``).
+    """
+    inputs = inputs or {}
+    reports = tuple(
+        compress_block(b, spec, options, spellings, name, inputs.get(name)) for name, b in blocks
+    )
     widths = {r.width_after for r in reports}
     if len(widths) > 1:
         raise InvalidArgumentError(f"blocks ended at different MLP widths {sorted(widths)}")

@@ -29,7 +29,12 @@ from neuronmerge.ffn import (
     add_zero_biases,
     compress_ffns,
     has_bias,
+    lift,
+    mlp_inputs,
+    mlp_width,
+    neuron_cost,
 )
+from neuronmerge.generated import sample_tokens
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,23 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
         bias_field="mlp_bias",
     ),
 )
+
+
+#: Length of each self-generated probe sequence (``generated.sample_tokens``), in tokens, at most
+#: the model's context.
+PROBE_LENGTH = 64
+
+
+def _can_generate(model: nn.Module) -> bool:
+    """Whether ``model`` predicts next tokens (a ``...ForCausalLM`` head), so it can write probes."""
+    can = getattr(model, "can_generate", None)
+    return bool(can()) if callable(can) else False
+
+
+def _start_token(config: Any) -> int | None:
+    """The config's beginning-of-sequence token when it has a valid one (else a random start)."""
+    bos = getattr(config, "bos_token_id", None)
+    return bos if isinstance(bos, int) and 0 <= bos < config.vocab_size else None
 
 
 @dataclass(frozen=True)
@@ -156,21 +178,53 @@ def block_kind(model: nn.Module) -> tuple[BlockKind, list[tuple[str, nn.Module]]
 
 
 def compress_pretrained(
-    model: nn.Module, ratio: float, *, method: str = "merge", **options: Any
+    model: nn.Module,
+    ratio: float | None = None,
+    *,
+    method: str = "merge",
+    target_params: float | None = None,
+    round_to: int | None = None,
+    **options: Any,
 ) -> PretrainedResult:
-    """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio``.
+    """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio`` (default
+    0.5), or to the one MLP width whose parameter count is closest to ``target_params`` (a fraction
+    of the model kept, or a count; ``ffn.mlp_width``); ``round_to=N`` keeps the width a multiple of N.
 
     ``method`` and ``options`` are those of ``nm.compress`` (e.g. ``approximate=True`` to merge
-    through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are each block's own
-    normalisation applied to Gaussian noise. The caller's model is not modified.
+    through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are what each MLP reads
+    when a model that can generate runs on text it sampled itself (``generated``), else each block's
+    own normalisation applied to Gaussian noise. The caller's model is not modified.
     """
     _require_transformers()
-    kind, _ = block_kind(model)
+    kind, originals = block_kind(model)
+    first = lift(originals[0][1], kind.spec, _spellings())  # the caller's layers, only read
+    width = first.up.out_features
+    kept = mlp_width(
+        width,
+        ratio=0.5 if ratio is None and target_params is None else ratio,
+        target_params=target_params,
+        round_to=round_to,
+        total=sum(p.numel() for p in model.parameters()),
+        per_neuron=neuron_cost(first),
+        blocks=len(originals),
+    )
     small = copy.deepcopy(model).eval()
     _, blocks = block_kind(small)
-    reports = compress_ffns(
-        blocks, kind.spec, FFNOptions(ratio, method=method, extra=options), _spellings()
-    )
+    ffn_options = FFNOptions(1 - kept / width, method=method, extra=options)
+    inputs = None
+    if method == "merge-ls" and "calibration" not in options and _can_generate(small):
+        config: Any = small.config
+        length = min(PROBE_LENGTH, getattr(config, "max_position_embeddings", PROBE_LENGTH))
+        tokens = sample_tokens(
+            small,
+            config.vocab_size,
+            count=max(1, ffn_options.probes // length),
+            length=length,
+            seed=ffn_options.seed,
+            first=_start_token(config),
+        )
+        inputs = mlp_inputs(small, blocks, kind.spec, tokens)
+    reports = compress_ffns(blocks, kind.spec, ffn_options, _spellings(), inputs)
     width_before, width_after = reports[0].width_before, reports[0].width_after
     setattr(small.config, kind.width_field, width_after)
     if kind.bias_field and any(has_bias(block, kind.spec) for _, block in blocks):

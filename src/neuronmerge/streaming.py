@@ -38,6 +38,7 @@ from neuronmerge.ffn import (
     add_zero_biases,
     compress_block,
     has_bias,
+    mlp_width,
 )
 
 
@@ -115,15 +116,49 @@ def _read(folder: Path, weight_map: dict[str, str], names: list[str]) -> dict[st
     return {name: tensors[name] for name in names}
 
 
-def _nbytes(folder: Path, shard: str, name: str) -> int:
+def _header(folder: Path, shard: str, name: str) -> tuple[list[int], int]:
+    """A tensor's shape and element size, read from its shard's header (no data is read)."""
     with safe_open(str(folder / shard), framework="pt") as f:
         piece = f.get_slice(name)
         shape, dtype = piece.get_shape(), piece.get_dtype()
     size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}[dtype]
+    return shape, size
+
+
+def _count(shape: list[int]) -> int:
     count = 1
     for dim in shape:
         count *= dim
-    return count * size
+    return count
+
+
+def _kept_width(
+    shapes: dict[str, list[int]],
+    groups: list[tuple[str, list[str]]],
+    layout: Layout,
+    ratio: float | None,
+    target_params: float | None,
+    round_to: int | None,
+) -> tuple[int, int]:
+    """The MLP width before and after (``ffn.mlp_width``), from the tensors' shapes alone."""
+    layers = [prefix for prefix, _ in groups if prefix]
+    spec, first = layout.spec, layers[0]
+    width = shapes[f"{first}{spec.up}.weight"][0]
+    reads = [spec.up] + ([spec.gate] if spec.gate else [])
+    per_neuron = sum(
+        shapes[f"{first}{path}.weight"][1] + (f"{first}{path}.bias" in shapes) for path in reads
+    )
+    per_neuron += shapes[f"{first}{spec.down}.weight"][0]
+    kept = mlp_width(
+        width,
+        ratio=0.5 if ratio is None and target_params is None else ratio,
+        target_params=target_params,
+        round_to=round_to,
+        total=sum(_count(shape) for shape in shapes.values()),
+        per_neuron=per_neuron,
+        blocks=len(layers),
+    )
+    return width, kept
 
 
 def _set_path(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -190,13 +225,18 @@ def _groups(weight_map: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
 def compress_checkpoint(
     src: str | os.PathLike[str],
     out: str | os.PathLike[str],
-    ratio: float,
+    ratio: float | None = None,
     *,
     method: str = "merge",
+    target_params: float | None = None,
+    round_to: int | None = None,
     **options: Any,
 ) -> StreamReport:
     """Compress every layer's MLP of the checkpoint folder ``src`` into the new folder ``out``.
 
+    By ``ratio`` (default 0.5) or to the one MLP width whose parameter count is closest to
+    ``target_params`` (a fraction kept or a count, counted from the shards' headers before anything
+    is read; ``round_to=N`` keeps the width a multiple of N), as ``hf.compress_pretrained``.
     ``method`` and ``options`` are those of ``nm.compress``; ``merge-ls`` is data-free here (probes
     from each layer's own norm). ``out`` must not exist. ``src`` is only read.
     """
@@ -219,7 +259,10 @@ def compress_checkpoint(
     eps = float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-5)))
     weight_map = _weight_map(folder)
     groups = list(_groups(weight_map))
-    sizes = {n: _nbytes(folder, weight_map[n], n) for n in weight_map}
+    headers = {name: _header(folder, shard, name) for name, shard in weight_map.items()}
+    sizes = {name: _count(shape) * size for name, (shape, size) in headers.items()}
+    shapes = {name: shape for name, (shape, _) in headers.items()}
+    width, kept = _kept_width(shapes, groups, layout, ratio, target_params, round_to)
     limit = max(sum(sizes[n] for n in names) for prefix, names in groups if prefix)
     rest = list(_batches(groups[-1][1], sizes, limit))
     # A tensor outside the layers (an embedding) may alone outweigh a layer: then it is the largest.
@@ -247,7 +290,7 @@ def compress_checkpoint(
                 continue
             tensors = {n[len(prefix) :]: t for n, t in _read(folder, weight_map, names).items()}
             block = _mlp_block(tensors, layout, _ACTIVATIONS[act_name], eps)
-            ffn_options = FFNOptions(ratio, method=method, extra=options)
+            ffn_options = FFNOptions(1 - kept / width, method=method, extra=options)
             reports.append(compress_block(block, layout.spec, ffn_options, name=prefix[:-1]))
             biased = layout.bias_field is not None and has_bias(block, layout.spec)
             if biased and not config.get(layout.bias_field):
