@@ -167,3 +167,25 @@ def test_propagation_refuses_models_without_batchnorm_and_unknown_ops() -> None:
     gelu = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.GELU(), nn.Linear(3, 2)).eval()
     with pytest.raises(Unsupported, match="GELU"):
         propagate(capture(gelu, torch.zeros(2, 4)), torch.zeros(2, 4))
+
+
+def test_flatten_module_and_function_propagate_alike() -> None:
+    """``nn.Flatten`` and ``torch.flatten`` give the Linear after them the same moments."""
+    torch.manual_seed(0)
+    body = [nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU()]
+    as_module = nn.Sequential(*body, nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).eval()
+
+    class AsFunction(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body, self.head = nn.Sequential(*body), as_module[-1]
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.flatten(self.body(x), 1))
+
+    example = torch.zeros(2, 2, 6, 6)
+    heads = []
+    for model in (as_module, AsFunction().eval()):
+        values = propagate(capture(model, example), example).values
+        heads.append(values[list(values)[-1]])
+    assert torch.allclose(heads[0].mean, heads[1].mean) and torch.allclose(heads[0].cov, heads[1].cov)

@@ -378,6 +378,9 @@ def propagate(
             )
         elif node.op == "call_module":
             module = graph_module.get_submodule(node.target)
+            if isinstance(module, nn.Flatten):
+                values[node.name] = _flattened(node, shapes, arg(node.args[0]))
+                continue
             rule = MODULE_RULES.get(type(module))
             if rule is None:
                 raise Unsupported(f"no moment rule for {type(module).__name__} ({node.name})")

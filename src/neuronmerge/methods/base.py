@@ -45,8 +45,8 @@ class GroupDecomposition:
 @dataclass(frozen=True)
 class Inputs:
     """What a method may read besides the graph: the example inputs and, for methods that fit on
-    activations, where their moments come from (``lsq.MomentSource``: propagated, or measured on
-    synthetic probes or the caller's samples)."""
+    activations, where their moments come from (an ``lsq.MomentSource``: measured on synthetic
+    probes or on the caller's samples by default)."""
 
     example: tuple[torch.Tensor, ...]
     moments: MomentSource | None = None
