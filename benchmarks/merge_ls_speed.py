@@ -204,8 +204,9 @@ def markdown(results: dict[str, Any]) -> str:
             "-" if row.get(key) is None else f"{row[key]} ({round(row['old_s'] / row[key])}x)"
             for key in ("propagated_s", "noise_s")
         ]
+        model = f"{row['model']}{' (superseded: see JSON)' if 'superseded' in row else ''}"
         lines.append(
-            f"| {row['model']} | {row['probes']} x {row['steps']} | {row['new_s']} | "
+            f"| {model} | {row['probes']} x {row['steps']} | {row['new_s']} | "
             f"{row['next_ratio_s']} | {before} | {row['speedup']}x | {free[0]} | {free[1]} |"
         )
     return "\n".join(lines)
