@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import subprocess
@@ -222,3 +223,22 @@ def test_a_parameter_target_streams_to_the_width_compress_pretrained_picks(tmp_p
     with pytest.raises(InvalidArgumentError, match="out of reach"):
         compress_checkpoint(tmp_path / "src", tmp_path / "out2", target_params=0.05)
     assert not (tmp_path / "out2").exists()
+
+
+def test_readme_streaming_table_is_generated_from_the_committed_benchmark() -> None:
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "streaming_bench", root / "benchmarks" / "streaming.py"
+    )
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = json.loads((root / "benchmarks" / "results" / "streaming.json").read_text())
+    readme = (root / "README.md").read_text()
+    assert (
+        f"<!-- streaming-bench:start -->\n{bench.table(result)}\n<!-- streaming-bench:end -->" in readme
+    )
+    deepest = max(result["runs"], key=lambda run: run["layers"])
+    assert result["layout"] == "llama" and result["method"] == "merge"
+    assert deepest["checkpoint_bytes"] > 24 * 2**30  # larger than the machine's memory
+    assert deepest["peak_over_largest_group"] < 2.5

@@ -82,10 +82,13 @@ class Plan:
                 if site.approximate_through
                 else ""
             )
-            lines.append(
-                f"  {site.mode} {writers}{norm} ({site.channels} ch, {site.pattern}) -> "
-                f"{readers}{approx}"
+            width = (
+                f"{site.channels} heads"
+                if site.pattern == "heads"
+                else f"{site.channels} ch, {site.pattern}"
             )
+            why = f" [{site.why}]" if site.mode == "prune-only" else ""
+            lines.append(f"  {site.mode} {writers}{norm} ({width}) -> {readers}{approx}{why}")
         for skip in self.skipped:
             lines.append(f"  skip  {skip.producer}: {skip.reason}")
         if self.totals is not None:

@@ -22,7 +22,7 @@ from typing import Protocol
 import torch
 from torch import fx, nn
 
-from neuronmerge import criteria, decompose
+from neuronmerge import attention, criteria, decompose
 from neuronmerge.activations import tensor_moments
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.methods.base import GroupDecomposition
@@ -42,6 +42,12 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
         if piece.tensor != tensor:
             continue
         layer = graph_module.get_submodule(piece.module)
+        if isinstance(layer, nn.MultiheadAttention):  # the query/key/value rows reading the stream
+            rows = torch.cat(
+                [w for w, _ in attention.projections(layer)][: 3 if layer._qkv_same_embed_dim else 1]
+            )
+            energy += rows.to(torch.float64).square().sum(dim=0)
+            continue
         assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
         weight = layer.weight.detach().to(torch.float64)
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:  # local columns
@@ -135,13 +141,17 @@ def decompositions(
                 for span in spans
             ]
         )
+        heads = {
+            name: attention.pruned(graph_module.get_submodule(name), int(kept.shape[0]), "l1-norm")
+            for name in group.attention
+        }
         if group.mode == "prune-only":
             prune = decompose.identity_on_kept(group.channels, kept, torch.float32)
-            result[group.name] = GroupDecomposition(kept, {t: prune for t in tensors}, 0)
+            result[group.name] = GroupDecomposition(kept, {t: prune for t in tensors}, 0, heads)
             continue
         at = {t: _blockwise(moments[(group.name, t)], kept, spans, floor) for t in tensors}
         merged = max(int(d.merged().shape[0]) for d in at.values())
-        result[group.name] = GroupDecomposition(kept, at, merged)
+        result[group.name] = GroupDecomposition(kept, at, merged, heads)
     return result
 
 

@@ -36,8 +36,8 @@ def costed(graph_module: fx.GraphModule, group: Group) -> bool:
     per-channel tensor of it spanning the whole first axis of its owner (a BatchNorm, LayerNorm,
     depthwise conv, LayerScale vector). Other groups (grouped heads, half of a BatchNorm after a
     concatenation, a positional embedding along the stream) keep their width under a target rather
-    than be costed wrongly."""
-    if group.blocks != 1:
+    than be costed wrongly; so do groups holding attention or heads, whose inner widths follow)."""
+    if group.blocks != 1 or group.attention or group.row_blocks:
         return False
     for piece in group.params:
         if piece.axis != 0 or piece.offset != 0:
@@ -123,7 +123,7 @@ def kept_counts(
     if request.round_to > 1:
         for group in groups:
             if group.name in fixed:
-                step = math.lcm(request.round_to, group.blocks)
+                step = math.lcm(request.round_to, group.blocks, group.multiple)
                 whole = budget.GroupBudget("", group.channels, (), 1, group.channels)
                 fixed[group.name] = budget.snap(whole, fixed[group.name], step)
     if request.metric is None:

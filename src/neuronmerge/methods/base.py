@@ -10,13 +10,14 @@ never touch the graph's layers; ``surgery`` applies what they return.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import fx
 
 from neuronmerge import criteria
+from neuronmerge.attention import HeadPlan
 from neuronmerge.decompose import Decomposition
 from neuronmerge.types import Group
 
@@ -36,6 +37,8 @@ class GroupDecomposition:
     kept: torch.Tensor
     at: Mapping[str, Decomposition]
     merged: int
+    #: The inner dims every attention of the group keeps (``Group.attention``), by module name.
+    heads: Mapping[str, HeadPlan] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -82,5 +85,9 @@ class Method(Protocol):
 
 def balanced_kept_count(group: Group, ratio: float) -> int:
     """Channels kept by removing ``ratio`` from every block of ``group`` alike: a grouped conv's
-    channels come in ``group.blocks`` equal blocks, and each must keep as many (one block otherwise)."""
-    return criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
+    channels come in ``group.blocks`` equal blocks, and each must keep as many (one block otherwise).
+    A group read by attention keeps the nearest multiple of ``group.multiple`` (its head count)."""
+    kept = criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
+    if group.multiple > 1 and kept:
+        kept = max(group.multiple, round(kept / group.multiple) * group.multiple)
+    return kept

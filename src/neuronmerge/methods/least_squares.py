@@ -30,6 +30,8 @@ class LeastSquares:
     def refusal(self, group: Group, options: Options) -> str | None:
         if group.mode == "prune-only" and not options.approximate:
             return group.why
+        if group.pattern == "heads":
+            return "merge-ls fits channels one by one, not whole heads: use merge or prune"
         return None
 
     def kept_count(self, group: Group, ratio: float) -> int:
