@@ -225,23 +225,23 @@ def _compress(
     gm = engine.capture(model, inputs)
     groups, skipped = engine.groups(gm, options, chosen)
     params_before = count_parameters(gm)
-    batches = None
+    source = None
     if options.method == "merge-ls":
         if calibration is None and len(inputs) != 1:
             raise InvalidArgumentError(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
-        batches = lsq.moment_batches(gm, inputs[0], calibration, groups)
+        source = lsq.moment_source(gm, inputs[0], calibration, groups)
     keep = widths.kept_counts(
         gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion
     )
-    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, batches), chosen)
+    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = engine.run(gm, inputs) if options.approximate else None
     small = engine.surgery(gm, groups, decompositions)
-    if batches is not None:
-        small = lsq.remeasure_batchnorm(small, batches)
+    if source is not None:
+        small = source.repair(small, groups, decompositions)
     error = engine.verify(small, inputs, expected, reference)
 
     reports = []
@@ -392,6 +392,13 @@ def plan(
         round_to=round_to,
         allocation=allocation,
     )
+    return _plan(model, example_inputs, ratio, options)
+
+
+def _plan(
+    model: nn.Module, example_inputs: ExampleInputs, ratio: float | None, options: Options
+) -> Plan:
+    """``plan`` with its options validated once, as ``Options``."""
     if ratio is None and options.budget.metric is None and not options.budget.ratios:
         found, skipped = engine.groups(engine.capture(model, example_inputs), options)
         return Plan(tuple(found), tuple(skipped))
@@ -401,7 +408,7 @@ def plan(
         model,
         result.model,
         as_input_tuple(example_inputs),
-        method,
+        options.method,
         report.sites,
         report.skipped,
     )

@@ -22,6 +22,7 @@ from neuronmerge.decompose import Decomposition
 from neuronmerge.types import Group
 
 if TYPE_CHECKING:
+    from neuronmerge.lsq import MomentSource
     from neuronmerge.options import Options
 
 
@@ -46,11 +47,12 @@ class GroupDecomposition:
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a method may read besides the graph: the example inputs and, for methods that measure
-    activations, calibration batches (synthetic probes or the caller's samples)."""
+    """What a method may read besides the graph: the example inputs and, for methods that fit on
+    activations, where their moments come from (an ``lsq.MomentSource``: measured on synthetic
+    probes or on the caller's samples by default)."""
 
     example: tuple[torch.Tensor, ...]
-    calibration: Sequence[tuple[torch.Tensor, ...]] | None = None
+    moments: MomentSource | None = None
 
 
 class Method(Protocol):

@@ -45,6 +45,6 @@ class LeastSquares:
         options: Options,
         inputs: Inputs,
     ) -> dict[str, GroupDecomposition]:
-        if inputs.calibration is None:
-            raise InvalidArgumentError("merge-ls needs calibration batches or synthetic probes")
-        return lsq.decompositions(graph_module, list(groups), dict(keep), list(inputs.calibration))
+        if inputs.moments is None:
+            raise InvalidArgumentError("merge-ls needs activation moments (calibration or probes)")
+        return lsq.decompositions(graph_module, list(groups), dict(keep), inputs.moments)
