@@ -110,7 +110,7 @@ def head_pairs(
     unit = v / torch.where(norms > 0, norms, 1)[:, None]
     cosine = (unit[removed] @ unit[kept].T).masked_fill(~(equal(q) & equal(k)), -torch.inf)
     cosine = cosine.masked_fill(norms[kept][None, :] == 0, -torch.inf)
-    best, choice = cosine.max(dim=1) if kept.numel() else (cosine.sum(1), cosine.sum(1).long())
+    best, choice = cosine.max(dim=1)  # a group keeps at least one head
     accept = torch.isfinite(best) & (best >= (-1.0 if threshold is None else threshold))
     target = torch.full((n,), -1, dtype=torch.long)
     target[kept] = torch.arange(kept.shape[0])
