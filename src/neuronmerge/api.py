@@ -82,10 +82,13 @@ class Plan:
                 if site.approximate_through
                 else ""
             )
-            lines.append(
-                f"  {site.mode} {writers}{norm} ({site.channels} ch, {site.pattern}) -> "
-                f"{readers}{approx}"
+            width = (
+                f"{site.channels} heads"
+                if site.pattern == "heads"
+                else f"{site.channels} ch, {site.pattern}"
             )
+            why = f" [{site.why}]" if site.mode == "prune-only" else ""
+            lines.append(f"  {site.mode} {writers}{norm} ({width}) -> {readers}{approx}{why}")
         for skip in self.skipped:
             lines.append(f"  skip  {skip.producer}: {skip.reason}")
         if self.totals is not None:
@@ -228,23 +231,23 @@ def _compress(
     gm = engine.capture(model, inputs)
     groups, skipped = engine.groups(gm, options, chosen)
     params_before = count_parameters(gm)
-    batches = None
+    source = None
     if options.method == "merge-ls":
         if calibration is None and len(inputs) != 1:
             raise InvalidArgumentError(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
-        batches = lsq.moment_batches(gm, inputs[0], calibration, groups)
+        source = lsq.moment_source(gm, inputs[0], calibration, groups)
     keep = widths.kept_counts(
-        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion, batches=batches
+        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion, moments=source
     )
-    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, batches), chosen)
+    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = engine.run(gm, inputs) if options.approximate else None
     small = engine.surgery(gm, groups, decompositions)
-    if batches is not None:
-        small = lsq.remeasure_batchnorm(small, batches)
+    if source is not None:
+        small = source.repair(small, groups, decompositions)
     error = engine.verify(small, inputs, expected, reference)
 
     reports = []
@@ -419,6 +422,13 @@ def plan(
         round_to=round_to,
         allocation=allocation,
     )
+    return _plan(model, example_inputs, ratio, options)
+
+
+def _plan(
+    model: nn.Module, example_inputs: ExampleInputs, ratio: float | None, options: Options
+) -> Plan:
+    """``plan`` with its options validated once, as ``Options``."""
     if ratio is None and options.budget.metric is None and not options.budget.ratios:
         found, skipped = engine.groups(engine.capture(model, example_inputs), options)
         return Plan(tuple(found), tuple(skipped))
@@ -428,7 +438,7 @@ def plan(
         model,
         result.model,
         as_input_tuple(example_inputs),
-        method,
+        options.method,
         report.sites,
         report.skipped,
     )

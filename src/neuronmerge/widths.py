@@ -16,11 +16,10 @@ import torch
 from torch import fx
 
 from neuronmerge import budget, criteria, engine
-from neuronmerge.activations import tensor_moments
 from neuronmerge.costs import GroupShape, model_costs
 from neuronmerge.decompose import Rows
 from neuronmerge.errors import InvalidArgumentError
-from neuronmerge.lsq import consumer_energy, covering_inputs
+from neuronmerge.lsq import MomentSource, consumer_energy, covering_inputs
 from neuronmerge.methods.base import Method
 from neuronmerge.methods.norm_ratio import root_rows
 from neuronmerge.types import Group
@@ -31,7 +30,7 @@ DEFAULT_RATIO = 0.5
 #: on the validation split by the first budget sweep, before the trust band (its ``error-absolute``
 #: rows in ``experiments/budget_sweep.json`` as of commit e6e6d0e); not re-measured since.
 RELATIVE_CURVES = True
-#: Under a target, ``merge-ls`` (given its probe ``batches``) ranks groups by its own least-squares
+#: Under a target, ``merge-ls`` (given its moments) ranks groups by its own least-squares
 #: residual on the probes' moments rather than by the weights' merge residual: chosen on the
 #: validation split (``experiments/budget_validation.py``, ``experiments/budget_validation.json``).
 LEAST_SQUARES_CURVES = True
@@ -45,8 +44,8 @@ def costed(graph_module: fx.GraphModule, group: Group) -> bool:
     of a per-channel tensor it owns (a whole BatchNorm, or its part after a concatenation; a
     LayerScale vector; a positional embedding along a stream) inside its tensor. Groups whose
     channels come in blocks (grouped convolutions) keep their width under a target rather than be
-    costed wrongly."""
-    if group.blocks != 1:
+    costed wrongly; so do groups holding attention or heads, whose inner widths follow."""
+    if group.blocks != 1 or group.attention or group.row_blocks:
         return False
     for piece in group.params:
         owner = graph_module.get_submodule(piece.owner)
@@ -94,12 +93,12 @@ def error_curve(graph_module: fx.GraphModule, group: Group, criterion: str) -> t
 
 
 def least_squares_curves(
-    graph_module: fx.GraphModule, groups: Sequence[Group], batches: list[tuple[torch.Tensor, ...]]
+    graph_module: fx.GraphModule, groups: Sequence[Group], source: MomentSource
 ) -> dict[str, tuple[float, ...]]:
     """Every group's ``merge-ls`` error as a function of its kept count: the consumer-weighted
-    variance its least-squares merge leaves unexplained on the probes' moments
+    variance its least-squares merge leaves unexplained on the moments ``source`` gives
     (``criteria.covering_curve``, the loss ``merge-ls`` itself minimises), over its whole variance."""
-    moments = tensor_moments(graph_module, list(groups), batches)
+    moments = source.moments(graph_module, list(groups))
     curves = {}
     for group in groups:
         curve = criteria.covering_curve(*covering_inputs(graph_module, group, moments))
@@ -126,7 +125,7 @@ def kept_counts(
     method: Method,
     *,
     criterion: str = "l1-norm",
-    batches: list[tuple[torch.Tensor, ...]] | None = None,
+    moments: MomentSource | None = None,
 ) -> dict[str, int]:
     """How many channels every group keeps.
 
@@ -134,8 +133,8 @@ def kept_counts(
     ``engine.kept_counts`` rounds it, then snapped to ``request.round_to``. With a target: groups
     with an explicit ratio keep that width, groups ``costs`` cannot model (``costed``) keep all
     their channels, and the others get the widths ``budget`` allocates, from their merge
-    residual on the weights, or, given ``merge-ls``'s probe ``batches``, from its least-squares
-    residual on their moments (``least_squares_curves``). Raises
+    residual on the weights, or, given ``merge-ls``'s ``moments`` source, from its least-squares
+    residual on them (``least_squares_curves``). Raises
     ``InvalidArgumentError`` when a group would keep no channel or the target is out of reach.
     """
     shares: dict[str, float] = {}
@@ -149,7 +148,7 @@ def kept_counts(
     if request.round_to > 1:
         for group in groups:
             if group.name in fixed:
-                step = math.lcm(request.round_to, group.blocks)
+                step = math.lcm(request.round_to, group.blocks, group.multiple)
                 whole = budget.GroupBudget("", group.channels, (), 1, group.channels)
                 fixed[group.name] = budget.snap(whole, fixed[group.name], step)
     if request.metric is None:
@@ -168,8 +167,8 @@ def kept_counts(
     whole_model = budget.total(terms, {g.name: g.channels for g in modelled})
     free = [g for g in modelled if g.name not in fixed]
     curves: dict[str, tuple[float, ...]] = {}
-    if request.allocation == "error" and batches is not None and LEAST_SQUARES_CURVES:
-        curves = least_squares_curves(graph_module, free, batches)
+    if request.allocation == "error" and moments is not None and LEAST_SQUARES_CURVES:
+        curves = least_squares_curves(graph_module, free, moments)
     elif request.allocation == "error":
         curves = {g.name: error_curve(graph_module, g, criterion) for g in free}
     budgets = []
