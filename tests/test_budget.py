@@ -243,6 +243,8 @@ def test_cli_plan_and_compress_take_a_budget(
     assert "out of reach" in capsys.readouterr().err
     assert main([*command, "--force"]) == 2  # neither a ratio nor a budget
     capsys.readouterr()
+    assert main([*command, "--ratios", "features.0=0.25", "--force"]) == 0
+    assert "ratios features.0 0.25, ratio 0.5 elsewhere" in capsys.readouterr().out
     assert main([*argv, "--ratios", "features0.3"]) == 2
     assert "expected GLOB=RATIO" in capsys.readouterr().err
 

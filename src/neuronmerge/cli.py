@@ -302,6 +302,11 @@ def _budget_label(ratio: float | None, settings: dict[str, Any]) -> str:
         if amount is not None:
             share = f"{amount:.0%}" if isinstance(amount, float) else f"{amount:,}"
             return f"{share} of the {what} ({settings['allocation']} allocation)"
+    asked = settings.get("ratios")
+    if asked:
+        pairs = asked.items() if isinstance(asked, dict) else asked
+        label = "ratios " + ", ".join(f"{glob} {value:g}" for glob, value in pairs)
+        return label if ratio is None else f"{label}, ratio {ratio:g} elsewhere"
     return f"ratio {ratio if ratio is not None else 0.5}"
 
 
