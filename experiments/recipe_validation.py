@@ -23,8 +23,8 @@ epochs). Only one slower decay was tried, for lack of CPU time; every run is kep
 file under ``plateau_by_decay`` and ``plateau`` is the run of the current ``DECAYS`` entry. Both
 stopped at 3 epochs, below the same 3 epochs under the cosine schedule (which anneals the rate to
 zero). ``--cosine EPOCHS`` trains a cosine candidate (cached, its validation accuracy recorded under
-``cosine_by_epochs``): 6 cosine epochs beat 3 on ``vgg-fmnist`` by two standard errors, so that is
-its recipe; ``resnet-fmnist``'s 6-epoch run is untried.
+``cosine_by_epochs``): 6 cosine epochs beat 3 on both by about two standard errors, so that is
+their recipe (longer runs untried).
 Writes ``experiments/recipe_validation.json``; set ``RECIPES`` in ``lab/training.py`` from it.
 
     nice -n 10 python experiments/recipe_validation.py [--only vgg-fmnist ...]
