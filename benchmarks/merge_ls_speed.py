@@ -4,6 +4,7 @@ Run from the repository root (``--threads 1`` on a machine whose cores other wor
 
     .venv/bin/python benchmarks/merge_ls_speed.py [--models NAME ...] [--json PATH] [--full-baseline]
     .venv/bin/python benchmarks/merge_ls_speed.py --markdown benchmarks/results/merge_ls_speed.json
+    .venv-zoo/bin/python benchmarks/merge_ls_speed.py --models resnet50 --free-only
 
 For each model, in one run:
 
@@ -22,6 +23,12 @@ For each model, in one run:
   ``old_s`` is the old probes alone: a lower bound.
 * ``speedup``: ``old_s / new_s``; ``probes`` and ``steps``: what the new schedule chose (at most:
   early stopping may take fewer steps).
+* ``propagated_s`` and ``noise_s``: the same call at ratio 0.5 with the probe-free moment sources of
+  ``neuronmerge.lab.propagate`` (``PropagatedMoments``: closed forms; ``NoiseMoments``: noise run
+  with batch-normalised BatchNorms), making the source included; ``null`` where a model has no
+  BatchNorm (neither applies). They are not the default: they lost 10-45 validation points against
+  the probes at ratios 0.6-0.8 (``experiments/moments_validation.json``); the columns say what
+  their speed would buy.
 
 Models use random weights (seeded) with randomised BatchNorm statistics: the cost does not depend on
 what the weights learned, except through early stopping. ``conv3-bn-32`` is the 3-conv-layer BatchNorm
@@ -47,6 +54,7 @@ import neuronmerge as nm
 from neuronmerge import probes
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import count_flops
+from neuronmerge.lab.propagate import NoiseMoments, PropagatedMoments, Unsupported, compress_with
 
 OUT = Path(__file__).parent / "results" / "merge_ls_speed.json"
 #: Optimisation steps of the old schedule that are timed to extrapolate its probe cost.
@@ -130,10 +138,25 @@ def old_probe_seconds(
     return seconds / BASELINE_STEPS * OLD_STEPS * OLD_PROBES / batch, True
 
 
-def measure(name: str, full_baseline: bool) -> dict[str, Any]:
+def probe_free(model: nn.Module, example: torch.Tensor) -> dict[str, float | None]:
+    """Seconds of ``merge-ls`` at ratio 0.5 with each probe-free source (``None``: not applicable)."""
+    free: dict[str, float | None] = {}
+    for label, kind in (("propagated_s", PropagatedMoments), ("noise_s", NoiseMoments)):
+        started = time.perf_counter()
+        try:
+            compress_with(model, example, 0.5, kind.of(capture(model, example), example))
+            free[label] = round(time.perf_counter() - started, 2)
+        except Unsupported:
+            free[label] = None
+    return free
+
+
+def measure(name: str, full_baseline: bool, free_only: bool = False) -> dict[str, Any]:
     model, example = build(name)
     with torch.no_grad():
         macs = count_flops(model, example[:1])
+    if free_only:  # a model whose probes take too long to time here (resnet50)
+        return {"model": name, "macs_per_input": macs, **probe_free(model, example)}
     plan = probes.schedule(macs)
     probes._CACHE.clear()
     new_s, _ = _timed(lambda: nm.compress(model, example, 0.5, method="merge-ls"))
@@ -148,6 +171,7 @@ def measure(name: str, full_baseline: bool) -> dict[str, Any]:
             lambda: nm.compress(model, example, 0.5, method="merge-ls", calibration=stand_in)
         )
     old_s = old_probe_s + rest_s
+    free = probe_free(model, example)
     return {
         "model": name,
         "macs_per_input": macs,
@@ -158,19 +182,32 @@ def measure(name: str, full_baseline: bool) -> dict[str, Any]:
         "old_s": round(old_s, 1),
         "old_estimated": estimated,
         "speedup": round(old_s / new_s, 1),
+        **free,
     }
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "| model | probes x steps | merge-ls now (s) | next ratio (s) | before (s) | speed-up |",
-        "|---|---|---|---|---|---|",
+        "| model | probes x steps | merge-ls now (s) | next ratio (s) | before (s) | speed-up "
+        "| propagated (s, speed-up) | noise (s, speed-up) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
+        if "old_s" not in row:  # probe-free sources only (``--free-only``)
+            lines.append(
+                f"| {row['model']} | - | - | - | - | - | {row.get('propagated_s') or '-'} | "
+                f"{row.get('noise_s') or '-'} |"
+            )
+            continue
         before = f"{row['old_s']}{' (est.)' if row['old_estimated'] else ''}"
+        free = [
+            "-" if row.get(key) is None else f"{row[key]} ({round(row['old_s'] / row[key])}x)"
+            for key in ("propagated_s", "noise_s")
+        ]
+        model = f"{row['model']}{' (superseded: see JSON)' if 'superseded' in row else ''}"
         lines.append(
-            f"| {row['model']} | {row['probes']} x {row['steps']} | {row['new_s']} | "
-            f"{row['next_ratio_s']} | {before} | {row['speedup']}x |"
+            f"| {model} | {row['probes']} x {row['steps']} | {row['new_s']} | "
+            f"{row['next_ratio_s']} | {before} | {row['speedup']}x | {free[0]} | {free[1]} |"
         )
     return "\n".join(lines)
 
@@ -181,6 +218,9 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--full-baseline", action="store_true")
+    parser.add_argument(
+        "--free-only", action="store_true", help="time only the probe-free sources (resnet50)"
+    )
     parser.add_argument("--markdown", type=Path, help="print the table of a results file and exit")
     args = parser.parse_args()
     if args.markdown:
@@ -190,7 +230,7 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     rows = []
     for name in args.models:
-        rows.append(measure(name, args.full_baseline))
+        rows.append(measure(name, args.full_baseline, args.free_only))
         print(json.dumps(rows[-1]), flush=True)
     results = {
         "machine": {

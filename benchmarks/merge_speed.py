@@ -25,6 +25,12 @@ For each model and pruning ratio it measures, in one run (medians of repeated ti
   neuronmerge's (to float32 rounding): both compute the same thing.
   ``null`` when its first removed neurons per site extrapolate past ``LITERAL_LIMIT_S`` (or a run
   passes it); the estimate is kept in ``literal_estimate_s``.
+* ``authors_s`` (ResNet-56 and VGG-16-CIFAR): the procedure of the authors' own ``Decompose`` class
+  (Kim et al.'s public code) on the model's state dict, re-implemented here with its structure (see
+  "The authors' procedure" below): per site a Python loop over removed channels and, inside it, over
+  kept candidates with scalar numpy arithmetic, then the consumer rebuilt one output filter at a time.
+  Timed alternately with ``compress`` (``authors_merge_s``, its median over the same pairs: load from
+  other work falls on both alike); the issue's target is ``authors_s / authors_merge_s >= 2``.
 * ``floor_s``: one dense ``torch.mm`` per site of the normalised pruned rows against the kept rows,
   plus one read of every weight: no merging method can do less work.
 * ``peak_extra_bytes``: in a fresh subprocess that has built the model, the peak resident set size
@@ -98,6 +104,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # literal_s / core_s on resnet56 and vgg16-cifar at ratio 0.5: the literal does what core_s does (it is
 # handed the sites and returns arrays, no traced or verified model); literal_s / merge_s is shown too.
 SPEEDUP_TARGET = 50.0
+AUTHORS_TARGET = 2.0  # authors_s / authors_merge_s, resnet56 and vgg16-cifar at 0.5 (issue 12)
+AUTHORS_PAIRS = 9  # alternate timings of the authors' procedure and of compress (at most)
 FLOOR_TARGET = 2.0  # core_s / floor_s on vgg16-imagenet and mlp-8192
 MEMORY_TARGET = 1.0  # peak_extra_bytes / model_bytes
 LATENCY_TARGET = 1.3  # latency_ratio / flop_ratio
@@ -450,6 +458,120 @@ def literal_estimate(model: nn.Module, sites: list[Site], ratio: float, gflops: 
 
 
 # ---------------------------------------------------------------------------------------------
+# 2b. The authors' procedure: the structure of their ``Decompose`` (Kim et al.'s public code)
+# ---------------------------------------------------------------------------------------------
+#
+# Written here from reading their decompose.py (none of their code is copied): it works on a state
+# dict, and per merged conv it (1) ranks the output channels by torch.norm(w, 1) and keeps the top
+# ones in index order; (2) takes the full N x N cosine-distance matrix of the flattened rows (their
+# sklearn ``pairwise_distances``; numpy here, the same formula); (3) for every removed channel loops
+# in Python over the kept ones, with scalar numpy arithmetic per pair for the norm ratio and their
+# BatchNorm scale and bias terms, min-max normalises the bias terms, scores ``lam * cos_dist +
+# (1 - lam) * bias_dist``, takes the argmin and checks the threshold, filling a dense Z; (4) rebuilds
+# the consumer's weight one output filter at a time with ``torch.mm(Z^T, filter)``, and slices the
+# conv and its BatchNorm to the kept channels. That is their ``merge`` model type with l1-norm and
+# the settings of their CIFAR scripts (threshold 0.1, lambda 0.85). Which layers: as in their code,
+# ResNet-56 merges each block's conv1 into its conv2 (27 sites); VGG-16 every conv into the next
+# conv, the last into the first classifier layer (13 sites). neuronmerge's ``merge`` does more: it
+# also shrinks ResNet-56's three residual streams and VGG-16's hidden classifier layer, and returns
+# a verified model rather than a list of tensors.
+
+AUTHORS_THRESHOLD = 0.1
+AUTHORS_LAMBDA = 0.85
+
+
+def authors_scaling(
+    weight: np.ndarray, kept: np.ndarray, bn: tuple[np.ndarray, ...], threshold: float, lam: float
+) -> np.ndarray:
+    """Z (N x K) of one conv + BatchNorm, channel by channel and candidate by candidate."""
+    rows = weight.reshape(weight.shape[0], -1)
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    distance = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+    gamma, beta, mean, var = bn
+    z = np.zeros((rows.shape[0], kept.shape[0]))
+    for i in range(rows.shape[0]):
+        if i in kept:
+            (position,) = np.where(kept == i)
+            z[i, position] = 1
+            continue
+        own_norm = np.linalg.norm(rows[i])
+        cos_list, scale_list, bias_list = [], [], []
+        for j in kept:
+            s = own_norm / np.linalg.norm(rows[j], ord=2)
+            scale = s * (gamma[j] / gamma[i]) * (var[i] / var[j])
+            moved = s * (-(var[i] * beta[i] / gamma[i]) + mean[i]) - mean[j]
+            shift = abs((gamma[j] / var[j]) * moved + beta[j])
+            cos_list.append(distance[i][j])
+            scale_list.append(scale)
+            bias_list.append(shift / scale)
+        biases = np.array(bias_list)
+        biases = (biases - np.min(biases)) / (np.max(biases) - np.min(biases))
+        best = int(np.argmin(lam * np.array(cos_list) + (1 - lam) * biases))
+        if threshold and 1 - cos_list[best] < threshold:
+            continue
+        z[i, best] = scale_list[best]
+    return z
+
+
+def authors_kept(weight: torch.Tensor, keep: int) -> list[int]:
+    order = np.argsort(torch.norm(weight.view(weight.shape[0], -1), 1, 1).numpy())
+    return sorted(order[::-1][:keep].tolist())
+
+
+def authors_consumer(weight: torch.Tensor, kept: list[int], zt: torch.Tensor) -> torch.Tensor:
+    """The consumer's input channels merged by Z, one output filter (or row) at a time."""
+    merged = weight[:, kept].clone()
+    for i, f in enumerate(weight):
+        merged[i] = torch.mm(zt, f.reshape(zt.shape[1], -1)).view(merged.shape[1:])
+    return merged
+
+
+def authors_site(
+    state: dict[str, torch.Tensor],
+    out: dict[str, torch.Tensor],
+    conv: str,
+    bn: str,
+    consumer: str,
+    keep: int,
+) -> None:
+    """One site: kept channels and Z from the original weights (as theirs); the conv keeps its rows
+    of what ``out`` holds already (its input columns merged by the previous site, on VGG)."""
+    weight = state[conv + ".weight"]
+    kept = authors_kept(weight, keep)
+    stats = tuple(state[f"{bn}.{k}"].numpy() for k in ("weight", "bias", "running_mean", "running_var"))
+    z = authors_scaling(weight.numpy(), np.array(kept), stats, AUTHORS_THRESHOLD, AUTHORS_LAMBDA)
+    zt = torch.from_numpy(z).float().t()
+    out[conv + ".weight"] = out.get(conv + ".weight", weight)[kept]
+    for k in ("weight", "bias", "running_mean", "running_var"):
+        out[f"{bn}.{k}"] = state[f"{bn}.{k}"][kept]
+    out[consumer + ".weight"] = authors_consumer(state[consumer + ".weight"], kept, zt)
+
+
+def authors_decompose(
+    name: str, state: dict[str, torch.Tensor], ratio: float
+) -> dict[str, torch.Tensor]:
+    """The authors' procedure on ``state`` (see above): the new tensors by key."""
+    out: dict[str, torch.Tensor] = {}
+    if name == "resnet56":
+        for stage, width in (("layer1", 16), ("layer2", 32), ("layer3", 64)):
+            for block in range(9):
+                p = f"{stage}.{block}."
+                authors_site(state, out, p + "conv1", p + "bn1", p + "conv2", int(width * (1 - ratio)))
+        return out
+    assert name == "vgg16-cifar"
+    convs = [k[: -len(".weight")] for k, v in state.items() if k.startswith("feature.") and v.dim() == 4]
+    for index, conv in enumerate(convs):
+        number = int(conv.split(".")[1])
+        consumer = convs[index + 1] if index + 1 < len(convs) else "classifier.0"
+        keep = int(state[conv + ".weight"].shape[0] * (1 - ratio))
+        authors_site(state, out, conv, f"feature.{number + 1}", consumer, keep)
+    return out
+
+
+AUTHORS_MODELS = ("resnet56", "vgg16-cifar")
+
+
+# ---------------------------------------------------------------------------------------------
 # 3. The floor: one dense pruned-by-kept product per site plus one read of every weight
 # ---------------------------------------------------------------------------------------------
 
@@ -644,6 +766,25 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
             estimate = max(estimate, LITERAL_LIMIT_S)
     row["literal_estimate_s"] = estimate
 
+    # 4b. authors_s: the structure of the authors' Decompose, on the state dict, timed alternately
+    # with compress (authors_merge_s) so that other load on the machine falls on both alike.
+    row["authors_s"] = row["authors_merge_s"] = None
+    if ctx.case.name in AUTHORS_MODELS:
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        pairs: list[tuple[float, float]] = []
+        began = time.perf_counter()
+        for index in range(AUTHORS_PAIRS + 1):  # the first pair warms up
+            start = time.perf_counter()
+            authors_decompose(ctx.case.name, state, ratio)
+            middle = time.perf_counter()
+            nm.compress(model, x, ratio)
+            if index:
+                pairs.append((middle - start, time.perf_counter() - middle))
+            if len(pairs) >= 3 and time.perf_counter() - began > 20 * repeats.budget_s:
+                break  # slow pairs (seconds each): three are enough
+        row["authors_s"] = median([a for a, _ in pairs])
+        row["authors_merge_s"] = median([m for _, m in pairs])
+
     # 5. memory (fresh subprocess), latency, FLOPs
     memory = measure_memory(ctx.case.name, ratio)
     row["peak_extra_bytes"] = int(memory["peak_extra_bytes"])
@@ -710,6 +851,7 @@ def bench_model(
         log.print(
             f"  ratio {ratio}: merge {row['merge_s']:.3g}s core {row['core_s']:.3g}s "
             f"literal {literal}s (est {row['literal_estimate_s']:.3g}s) floor {row['floor_s']:.3g}s "
+            f"authors {fmt(row['authors_s'])}s "
             f"cpu pressure {fmt(row['cpu_pressure'], 2)}"
         )
         rows.append(row)
@@ -744,6 +886,9 @@ def derived(row: dict[str, Any]) -> dict[str, float | None]:
     return {
         "speedup": None if row["literal_s"] is None else row["literal_s"] / row["core_s"],
         "speedup_end_to_end": None if row["literal_s"] is None else row["literal_s"] / row["merge_s"],
+        "authors_over_merge": None
+        if row.get("authors_s") is None
+        else row["authors_s"] / row["authors_merge_s"],
         "core_over_floor": row["core_s"] / row["floor_s"],
         # The most any method could gain over the literal: it must at least do the floor's work.
         "literal_over_floor": None if row["literal_s"] is None else row["literal_s"] / row["floor_s"],
@@ -769,6 +914,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         out.append(
             check(f">= {SPEEDUP_TARGET:g}x faster than literal (end to end)", speed_rows,
                   "speedup_end_to_end", lambda v: v >= SPEEDUP_TARGET)
+        )  # fmt: skip
+        out.append(
+            check(f">= {AUTHORS_TARGET:g}x faster than the authors' Decompose (end to end)",
+                  speed_rows, "authors_over_merge", lambda v: v >= AUTHORS_TARGET)
         )  # fmt: skip
     floor_rows = [r for r in rows if r["model"] in ("vgg16-imagenet", "mlp-8192")]
     if floor_rows:
@@ -800,7 +949,8 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[str, Any]]) -> None:
     table = Table(title="neuronmerge merge speed (seconds; medians)")
     for column in (
-        "model", "ratio", "merge_s", "core_s", "literal_s", "floor_s", "literal/core", "literal/merge",
+        "model", "ratio", "merge_s", "core_s", "authors_s", "authors/merge", "literal_s", "floor_s",
+        "literal/core", "literal/merge",
         "literal/floor", "core/floor", "peak/model", "latency", "flops", "lat/flop", "native lat", "det",
     ):  # fmt: skip
         table.add_column(column, justify="left" if column == "model" else "right")
@@ -814,6 +964,8 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
             f"{row['ratio']:g}",
             fmt(row["merge_s"]),
             fmt(row["core_s"]),
+            fmt(row.get("authors_s")),
+            fmt(d["authors_over_merge"]),
             literal,
             fmt(row["floor_s"]),
             fmt(d["speedup"]),
@@ -844,10 +996,11 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
 def markdown(document: dict[str, Any]) -> str:
     """The README's tables (rows, then targets) from a results file."""
     lines = [
-        "| model | ratio | merge_s | core_s | literal_s | floor_s | literal/core | literal/merge "
+        "| model | ratio | merge_s | core_s | authors_s | authors/merge | literal_s | floor_s "
+        "| literal/core | literal/merge "
         "| literal/floor | core/floor | peak extra/model | latency | FLOPs | latency/FLOPs "
         "| native latency | literal Z = ours |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in document["rows"]:
         d = derived(row)
@@ -855,7 +1008,8 @@ def markdown(document: dict[str, Any]) -> str:
         if row["literal_s"] is None:
             literal = f"> {LITERAL_LIMIT_S:g} (est. {row['literal_estimate_s']:.0f})"
         cells = [
-            row["model"], f"{row['ratio']:g}", fmt(row["merge_s"]), fmt(row["core_s"]), literal,
+            row["model"], f"{row['ratio']:g}", fmt(row["merge_s"]), fmt(row["core_s"]),
+            fmt(row.get("authors_s")), fmt(d["authors_over_merge"]), literal,
             fmt(row["floor_s"]), fmt(d["speedup"]), fmt(d["speedup_end_to_end"]),
             fmt(d["literal_over_floor"]), fmt(d["core_over_floor"]), fmt(d["peak_over_model"]),
             fmt(row["latency_ratio"]), fmt(row["flop_ratio"]), fmt(d["latency_over_flops"]),
@@ -915,6 +1069,8 @@ def main(argv: list[str] | None = None) -> int:
             "criterion": "l1-norm",
             "fidelity": "exact",
             "threshold": THRESHOLD,
+            "authors_threshold": AUTHORS_THRESHOLD,
+            "authors_lambda": AUTHORS_LAMBDA,
             "literal_limit_s": LITERAL_LIMIT_S,
             "quick": args.quick,
             "wall_s": time.perf_counter() - started,

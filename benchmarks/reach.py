@@ -22,8 +22,9 @@ Linear/Conv the forward calls) left alone:
   changes the output shape, the row says how.
 * ``skip_reasons``: ``neuronmerge.plan``'s refusals (with and without ``approximate``), counted by
   reason with layer names stripped; what the engine still misses on this architecture.
-  ``unlisted``: Linear/Conv modules that ``plan(approximate=True)`` names neither as a site nor as
-  skipped (weights read by a functional call, such as attention's projections). ``group_kinds``:
+  ``unlisted``: Linear/Conv modules that ``plan(approximate=True)`` names neither in a group (as a
+  producer, or as a per-channel tensor of one: a depthwise conv) nor as skipped (weights read by a
+  functional call, such as Swin's attention projections). ``group_kinds``:
   the groups ``plan(approximate=True)`` finds, counted by pattern and mode.
 
 ``reach`` is neuronmerge's fraction over Torch-Pruning's (the issue's target: >= 1 on every row).
@@ -215,6 +216,8 @@ def run_neuronmerge(model: Any, x: Any, output: str, expected: list[int]) -> dic
         if approximate:
             # A group may have several producers (a residual stream, a gated pair).
             named = {p for g in found.sites for p in getattr(g, "producers", (g.producer,))}
+            # Depthwise convs inside a group are per-channel tensors of it, not unlisted layers.
+            named |= {p.owner for g in found.sites for p in getattr(g, "params", ())}
             named |= {s.producer for s in found.skipped}
             unlisted = [name for name in producers(model) if name not in named]
             kinds = Counter(

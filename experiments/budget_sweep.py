@@ -1,21 +1,16 @@
 """Accuracy at equal parameter count: uniform widths against the data-free allocation, beside
 Torch-Pruning's global pruning; writes experiments/budget_sweep.json.
 
-    python experiments/budget_sweep.py [--models lenet-300-100 ...] [--merge-ls]
+    python experiments/budget_sweep.py [--models lenet-300-100 ...] [--methods merge prune merge-ls]
 
 For every model trained here (``lab.training.trained_model``: cached, trained first if missing) and
-every fraction of parameters kept (0.1 ... 0.9), each data-free method compresses to that target
-with ``allocation="uniform"`` and ``allocation="error"`` (``nm.compress(..., target_params=f)``).
-Torch-Pruning's magnitude pruner with ``global_pruning=True`` (one importance ranking across the
-same layers) is run at the pruning ratio, found by bisection, whose result comes closest to the
-same parameter count. No fine-tuning anywhere. ``val_accuracy`` is on the 5,000 validation images
-held out of the training split (what choices are made on), ``accuracy`` on the test split.
-
-The allocation's one choice, comparing groups by relative rather than absolute merge residual
-(``widths.RELATIVE_CURVES``), is made here on validation accuracy: the rows with allocation
-``error-absolute`` are the alternative, on ``merge``. (Rows ``error-span`` of merge-ls in the
-committed JSON come from a least-squares residual curve tried for merge-ls and not kept: on
-LeNet-300-100 its mean validation accuracy was 87.94 against 87.95 for the merge curve.)
+every fraction of parameters kept (0.1 ... 0.9), each data-free method (merge, prune, and merge-ls
+on synthetic probes) compresses to that target with ``allocation="uniform"`` and
+``allocation="error"`` (``nm.compress(..., target_params=f)``, the library's defaults). Torch-Pruning's
+magnitude pruner with ``global_pruning=True`` (one importance ranking across the same layers) is run
+at the pruning ratio, found by bisection, whose result comes closest to the same parameter count.
+No fine-tuning anywhere. ``accuracy`` is on the test split; nothing is chosen here (the allocation's
+settings were chosen on the validation split by ``experiments/budget_validation.py``).
 Torch runs on one thread (a shared machine).
 """
 
@@ -30,22 +25,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from probe_files import probe_batches
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge import widths
-from neuronmerge.capture import capture
 from neuronmerge.evaluate import accuracy, count_flops, count_parameters
 from neuronmerge.lab import require
 from neuronmerge.lab.sweep import EvalData, fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
-from neuronmerge.probes import synthesize_probes
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "budget_sweep.json"
 MODELS = ("lenet-300-100", "vgg-fmnist", "alexnet-fmnist", "resnet-fmnist")
 KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-ALLOCATIONS = ("uniform", "error", "error-absolute")
+ALLOCATIONS = ("uniform", "error")
 
 
 def torch_pruning_global(
@@ -95,27 +88,22 @@ def torch_pruning_global(
     return best[1], best[2]
 
 
-def evaluate(
-    small: nn.Module, data: EvalData, example: torch.Tensor, validate: bool = True
-) -> dict[str, Any]:
-    """Counts and test accuracy; validation accuracy only where a choice is made on it (the CPU is
-    shared: a third of the evaluation saved)."""
+def evaluate(small: nn.Module, data: EvalData, example: torch.Tensor) -> dict[str, Any]:
+    """Counts and test accuracy."""
     return {
         "params": count_parameters(small),
         "macs": count_flops(small, example[:1]),
-        "val_accuracy": round(accuracy(small, *data.val), 2) if validate else None,
         "accuracy": round(accuracy(small, *data.test), 2),
     }
 
 
 def _scores(row: dict[str, Any]) -> str:
-    return f"val {row['val_accuracy']} test {row['accuracy']:.2f} params {row['params']}"
+    return f"test {row['accuracy']:.2f} params {row['params']}"
 
 
 def run_model(
     name: str,
     data: EvalData,
-    with_merge_ls: bool,
     fractions: tuple[float, ...],
     plain: tuple[str, ...],
     log: Callable[[str], None],
@@ -137,41 +125,33 @@ def run_model(
         "rows": rows,
         "skipped": skipped,
     }
-    methods: dict[str, dict[str, Any]] = {m: {"method": m} for m in plain}
-    if with_merge_ls:
+    methods: dict[str, dict[str, Any]] = {m: {"method": m} for m in plain if m != "merge-ls"}
+    if "merge-ls" in plain:
         started = time.perf_counter()
-        probes = synthesize_probes(capture(model, example), example)
+        probes = probe_batches(name, model, example)
         log(f"{name}: probes in {time.perf_counter() - started:.0f} s")
         methods["merge-ls"] = {"method": "merge-ls", "calibration": probes}
-    producers = {site.producer for site in nm.plan(model, example).sites}
+    producers = {p for group in nm.plan(model, example).sites for p in group.producers}
     for kept in fractions:
         target = round(kept * params)
         for method, options in methods.items():
             for allocation in ALLOCATIONS:
-                if allocation == "error-absolute" and method != "merge":
-                    continue  # the choice is made on merge alone
-                widths.RELATIVE_CURVES = allocation != "error-absolute"
-                chosen = "uniform" if allocation == "uniform" else "error"
                 started = time.perf_counter()
                 try:
                     result = nm.compress(
-                        model, example, target_params=kept, allocation=chosen, **options
+                        model, example, target_params=kept, allocation=allocation, **options
                     )
                 except nm.InvalidArgumentError as exc:
                     skipped.append(
                         {"kept": kept, "method": method, "allocation": allocation, "reason": str(exc)}
                     )
                     continue
-                finally:
-                    widths.RELATIVE_CURVES = True
                 seconds = time.perf_counter() - started
                 row = {
                     "kept": kept,
                     "method": method,
                     "allocation": allocation,
-                    **evaluate(
-                        result.model, data, example, allocation != "uniform" and method != "prune"
-                    ),
+                    **evaluate(result.model, data, example),
                     "widths": [site.kept for site in result.report.sites],
                     "seconds": round(seconds, 2),
                 }
@@ -183,7 +163,7 @@ def run_model(
             "kept": kept,
             "method": "torch-pruning-global",
             "allocation": "global",
-            **evaluate(small, data, example, validate=False),
+            **evaluate(small, data, example),
             "tp_ratio": round(ratio, 4),
         }
         rows.append(row)
@@ -195,9 +175,8 @@ def run_model(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--merge-ls", action="store_true", help="also run merge-ls on synthetic probes")
     parser.add_argument("--kept", type=float, nargs="+", default=list(KEPT))
-    parser.add_argument("--methods", nargs="+", default=["merge", "prune"], help="merge, prune")
+    parser.add_argument("--methods", nargs="+", default=["merge", "prune", "merge-ls"])
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -212,7 +191,6 @@ def main() -> None:
         run_model(
             name,
             data,
-            args.merge_ls,
             tuple(args.kept),
             tuple(args.methods),
             lambda line: print(line, flush=True),

@@ -3,7 +3,8 @@
     python experiments/budget_tables.py            # print the tables
     python experiments/budget_tables.py --write    # replace them in README.md between the markers
 
-Reads ``experiments/budget_sweep.json`` (``budget_sweep.py``) and
+Reads ``experiments/budget_sweep.json`` (``budget_sweep.py``),
+``experiments/budget_validation.json`` (``budget_validation.py``) and
 ``benchmarks/results/budget_latency.json`` (``benchmarks/budget_latency.py``).
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "budget_sweep.json"
+VALIDATION = ROOT / "experiments" / "budget_validation.json"
 LATENCY = ROOT / "benchmarks" / "results" / "budget_latency.json"
 README = ROOT / "README.md"
 START, END = "<!-- budget-tables:start -->", "<!-- budget-tables:end -->"
@@ -27,92 +29,98 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def comparisons(result: dict[str, Any]) -> list[tuple[float, float | None, float | None]]:
+    """Per parameter count: best allocated minus best uniform, and minus Torch-Pruning global
+    (test accuracy, points; ``None`` where a row is missing)."""
+    rows = result["rows"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    at = {(r["kept"], r["method"], r["allocation"]): r for r in rows}
+    out = []
+    for kept in sorted({r["kept"] for r in rows}):
+        uniform = _best(at, kept, methods, "uniform")
+        allocated = _best(at, kept, methods, "error")
+        peer = _accuracy(at, kept, "torch-pruning-global", "global")
+        out.append(
+            (
+                kept,
+                None if uniform is None or allocated is None else round(allocated - uniform, 2),
+                None if peer is None or allocated is None else round(allocated - peer, 2),
+            )
+        )
+    return out
+
+
+def _best(
+    at: dict[tuple[float, str, str], dict[str, Any]], kept: float, methods: list[str], allocation: str
+) -> float | None:
+    values = [v for v in (_accuracy(at, kept, m, allocation) for m in methods) if v is not None]
+    return max(values, default=None)
+
+
 def sweep_tables(sweep: dict[str, Any]) -> list[str]:
     lines: list[str] = []
     verdicts: list[str] = []
-    choice: list[str] = []
     for name, result in sweep["models"].items():
         rows = result["rows"]
         methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
         at = {(r["kept"], r["method"], r["allocation"]): r for r in rows}
-        fractions = sorted({r["kept"] for r in rows})
         header = [f"{m} {a}" for m in methods for a in ("uniform", "error")]
         lines += [
-            f"**{name}** ({result['params']:,} parameters, unpruned {result['baseline_accuracy']:.2f}%)",
+            f"**{name}** ({result['params']:,} parameters, {result['epochs']} epochs, unpruned "
+            f"{result['baseline_accuracy']:.2f}%)",
             "",
             "| params kept | " + " | ".join(header) + " | torch-pruning global | best uniform | "
             "best allocated |",
             "|---:|" + "---:|" * (len(header) + 3),
         ]
-        wins, beats = [], []
-        for kept in fractions:
-
-            def acc(method: str, allocation: str, kept: float = kept, at: Any = at) -> float | None:
-                return _accuracy(at, kept, method, allocation)
-
-            cells = [acc(m, a) for m in methods for a in ("uniform", "error")]
-            uniform = max(
-                (v for v in (acc(m, "uniform") for m in methods) if v is not None), default=None
-            )
-            allocated = max(
-                (v for v in (acc(m, "error") for m in methods) if v is not None), default=None
-            )
-            peer = acc("torch-pruning-global", "global")
-            if uniform is not None and allocated is not None:
-                wins.append((kept, allocated - uniform))
-            if peer is not None and allocated is not None:
-                beats.append((kept, allocated - peer))
+        for kept, _, _ in comparisons(result):
+            cells = [_accuracy(at, kept, m, a) for m in methods for a in ("uniform", "error")]
+            peer = _accuracy(at, kept, "torch-pruning-global", "global")
             lines.append(
                 f"| {kept:.0%} | "
                 + " | ".join(_cell(c) for c in cells)
-                + f" | {_cell(peer)} | {_cell(uniform)} | **{_cell(allocated)}** |"
+                + f" | {_cell(peer)} | {_cell(_best(at, kept, methods, 'uniform'))} | "
+                f"**{_cell(_best(at, kept, methods, 'error'))}** |"
             )
         lines.append("")
+        wins = [(k, d) for k, d, _ in comparisons(result) if d is not None]
+        beats = [(k, d) for k, _, d in comparisons(result) if d is not None]
         verdicts.append(
             f"| {name} | {_misses(wins)} | {sum(d for _, d in wins) / max(1, len(wins)):+.2f} | "
             f"{_misses(beats)} | {sum(d for _, d in beats) / max(1, len(beats)):+.2f} |"
         )
-        means = {}
-        for method, allocation in (
-            ("merge", "error"),
-            ("merge", "error-absolute"),
-            ("merge-ls", "error"),
-            ("merge-ls", "error-span"),
-        ):
-            val = [
-                r["val_accuracy"]
-                for r in rows
-                if r["method"] == method
-                and r["allocation"] == allocation
-                and r["val_accuracy"] is not None
-            ]
-            means[method, allocation] = f"{sum(val) / len(val):.2f}" if val else "-"
-        choice.append(
-            f"| {name} | {means['merge', 'error']} | {means['merge', 'error-absolute']} | "
-            f"{means['merge-ls', 'error']} | {means['merge-ls', 'error-span']} |"
-        )
-    lines += [
+    return lines + [
         "Targets: best allocated >= best uniform, and >= Torch-Pruning global, at every parameter count "
-        "(test accuracy; `yes` or the counts where missed, and the mean difference in points):",
+        "(test accuracy; `yes` or the counts where missed with the difference, and the mean "
+        "difference in points):",
         "",
         "| model | allocated >= uniform | mean diff | allocated >= torch-pruning global | mean diff |",
         "|---|---|---:|---|---:|",
         *verdicts,
         "",
     ]
-    if choice:
-        lines += [
-            "The allocation's choice, on the validation split (mean validation accuracy of the "
-            "allocated widths over all counts): relative against absolute curves; and, tried for "
-            "`merge-ls` and not kept, a least-squares (span) residual curve instead of the merge one:",
-            "",
-            "| model | merge, relative (chosen) | merge, absolute | merge-ls, merge curve (chosen) | "
-            "merge-ls, span curve |",
-            "|---|---:|---:|---:|---:|",
-            *choice,
-            "",
-        ]
-    return lines
+
+
+def validation_table(validation: dict[str, Any]) -> list[str]:
+    """The allocation's settings tried on the validation split, and the one chosen."""
+    chosen = validation["summary"]["chosen"]
+    models = ", ".join(validation["models"])
+    lines = [
+        "The allocation's settings, chosen on the validation split (`experiments/budget_validation.py`"
+        f", `.json`; {models}): per setting, the best method's allocated validation accuracy minus "
+        "the best method's uniform one, over every model and parameter count:",
+        "",
+        "| merge-ls curve | band | mean gain | worst cell | cells below uniform |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for setting in validation["summary"]["settings"].values():
+        mark = " (chosen)" if setting == chosen else ""
+        below = ", ".join(setting["cells_below_uniform"]) or "none"
+        lines.append(
+            f"| {setting['curve']}{mark} | {setting['band']} | {setting['mean_gain']:+.3f} | "
+            f"{setting['worst']:+.2f} | {below} |"
+        )
+    return lines + [""]
 
 
 def _accuracy(
@@ -123,7 +131,7 @@ def _accuracy(
 
 
 def _misses(diffs: list[tuple[float, float]]) -> str:
-    missed = [f"{kept:.0%}" for kept, d in diffs if d < 0]
+    missed = [f"{kept:.0%} {d:+.2f}" for kept, d in diffs if d < 0]
     return "yes" if not missed else "no (" + ", ".join(missed) + ")"
 
 
@@ -148,6 +156,8 @@ def tables() -> str:
     lines: list[str] = []
     if SWEEP.is_file():
         lines += sweep_tables(json.loads(SWEEP.read_text()))
+    if VALIDATION.is_file():
+        lines += validation_table(json.loads(VALIDATION.read_text()))
     if LATENCY.is_file():
         lines += [
             "Latency on this CPU (one thread; medians of interleaved rounds, as ratios to the "

@@ -27,6 +27,7 @@ import argparse
 import copy
 import json
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,17 +35,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from neuronmerge.api import compress
 from neuronmerge.ffn import FFNOptions, FFNSpec, compress_ffns, lift, mlp_inputs, put_back
 from neuronmerge.generated import sample_tokens
 from neuronmerge.lab.folding import fold
 from neuronmerge.lab.gpt import GPT, perplexity, trained_gpt
 from neuronmerge.lab.peers import torch_pruning_magnitude
 from neuronmerge.lab.text import load_kjv
+from neuronmerge.notices import CompressionWarning
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "gpt_sweep.json"
 README = HERE.parent / "README.md"
 START, END = "<!-- gpt-sweep:start -->", "<!-- gpt-sweep:end -->"
+HEADS_START, HEADS_END = "<!-- gpt-heads:start -->", "<!-- gpt-heads:end -->"
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 SPEC = FFNSpec(up="mlp.fc", down="mlp.proj", act="mlp.act", norm="ln2")
 TEST_TOKENS = 2**15 + 1
@@ -193,17 +197,85 @@ def targets(outcome: dict[str, Any]) -> dict[str, Any]:
 
 def write_readme(outcome: dict[str, Any]) -> None:
     text = README.read_text()
-    head, _, rest = text.partition(START)
-    _, _, tail = rest.partition(END)
-    README.write_text(f"{head}{START}\n{table(outcome)}\n{END}{tail}")
+    for start, end, block in (
+        (START, END, table(outcome)),
+        (HEADS_START, HEADS_END, heads_table(outcome)),
+    ):
+        head, _, rest = text.partition(start)
+        _, _, tail = rest.partition(end)
+        text = f"{head}{start}\n{block}\n{end}{tail}"
+    README.write_text(text)
+
+
+#: Heads removed per block (of the model's ``n_head``), and the methods that act on whole heads.
+HEADS_REMOVED = (1, 2, 3, 4, 5, 6)
+HEAD_METHODS = ("prune", "merge")
+
+
+def run_heads() -> list[dict[str, Any]]:
+    """Every block's attention loses the same number of whole heads (q, k, v rows and proj columns;
+    ``include`` selects the head groups, the MLPs are untouched): test perplexity per method."""
+    torch.set_num_threads(1)
+    corpus = load_kjv()
+    model, _ = trained_gpt("gpt-kjv", corpus=corpus, progress=False)
+    test = corpus.test[:TEST_TOKENS]
+    example = torch.zeros(2, model.config.block_size, dtype=torch.long)
+    rows = []
+    for removed in HEADS_REMOVED:
+        for method in HEAD_METHODS:
+            started = time.perf_counter()
+            with warnings.catch_warnings():  # the MLPs and the stream are left alone on purpose
+                warnings.simplefilter("ignore", CompressionWarning)
+                result = compress(
+                    model, example, removed / model.config.n_head, method=method, include=["*attn*"]
+                )
+            small = result.model
+            rows.append(
+                {
+                    "heads_removed": removed,
+                    "heads_kept": model.config.n_head - removed,
+                    "method": method,
+                    "test_perplexity": round(perplexity(small, test), 4),
+                    "params": sum(p.numel() for p in small.parameters()),
+                    "merged": sum(r.merged for r in result.report.sites),
+                    "seconds": round(time.perf_counter() - started, 2),
+                }
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def heads_table(outcome: dict[str, Any]) -> str:
+    """The README block of the head sweep: one row per heads removed, test perplexity per method."""
+    rows = outcome["heads"]
+    cells = {(r["heads_removed"], r["method"]): r for r in rows}
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    lines = [
+        "| heads removed per block | " + " | ".join(methods) + " | best / dense | params |",
+        "|---:|" + "---:|" * len(methods) + "---:|---:|",
+    ]
+    for removed in sorted({r["heads_removed"] for r in rows}):
+        row = [cells[(removed, m)] for m in methods]
+        best = min(c["test_perplexity"] for c in row)
+        lines.append(
+            f"| {removed} of {removed + row[0]['heads_kept']} | "
+            + " | ".join(f"{c['test_perplexity']:.3f}" for c in row)
+            + f" | {best / outcome['dense_test_perplexity']:.2f}x | {row[0]['params']:,} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="only regenerate the README table")
+    parser.add_argument("--heads", action="store_true", help="only rerun the head sweep")
     args = parser.parse_args()
-    if not args.write:
-        OUT.write_text(json.dumps(run(), indent=1) + "\n")
+    if args.heads:
+        OUT.write_text(
+            json.dumps({**json.loads(OUT.read_text()), "heads": run_heads()}, indent=1) + "\n"
+        )
+    elif not args.write:
+        OUT.write_text(json.dumps({**run(), "heads": run_heads()}, indent=1) + "\n")
     outcome = json.loads(OUT.read_text())
     print(table(outcome))
     if START in README.read_text():

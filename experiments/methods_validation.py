@@ -125,7 +125,11 @@ def ls_variant(batches: list[tuple[torch.Tensor, ...]], selection: str, constant
 
 def ls_with(batches: list[tuple[torch.Tensor, ...]], floor: float = lsq.FLOOR) -> Decide:
     return lambda gm, sites, ratio: lsq.decompositions(
-        gm, sites, {s.name: criteria.kept_count(s.channels, ratio) for s in sites}, batches, floor
+        gm,
+        sites,
+        {s.name: criteria.kept_count(s.channels, ratio) for s in sites},
+        lsq.MeasuredMoments(tuple(batches)),
+        floor,
     )
 
 

@@ -292,3 +292,102 @@ def plant_duplicates(
                     slopes[is_dup] = slopes[partner[is_dup]]
         counts[group.producer] = (keep, dups)
     return counts
+
+
+class EncoderBlock(nn.Module):
+    """A pre-LayerNorm transformer block on ``nn.MultiheadAttention`` (packed ``in_proj``)."""
+
+    def __init__(self, width: int, heads: int, batch_first: bool) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=batch_first)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.ReLU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.ln_1(x)
+        y, _ = self.attention(y, y, y, need_weights=False)
+        x = x + y
+        return x + self.mlp(self.ln_2(x))
+
+
+class TinyViT(nn.Module):
+    """torchvision's ViT in miniature: patches by a strided conv, a class token concatenated along
+    the tokens, a positional embedding added, encoder blocks, a final LayerNorm, the class token's
+    features (``x[:, 0]``, or ``x[0]`` with the sequence first) into the head."""
+
+    def __init__(
+        self, width: int = 24, heads: int = 4, depth: int = 2, classes: int = 5, batch_first: bool = True
+    ) -> None:
+        super().__init__()
+        self.width, self.batch_first = width, batch_first
+        self.conv_proj = nn.Conv2d(3, width, 4, 4)
+        self.class_token = nn.Parameter(torch.randn(1, 1, width))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 17, width))
+        self.blocks = nn.Sequential(*[EncoderBlock(width, heads, batch_first) for _ in range(depth)])
+        self.ln = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n = images.shape[0]
+        x = self.conv_proj(images).reshape(n, self.width, -1).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        x = x + self.pos_embedding
+        if self.batch_first:
+            return self.head(self.ln(self.blocks(x))[:, 0])
+        return self.head(self.ln(self.blocks(x.transpose(0, 1)))[0])
+
+
+def tiny_vit_params(width: int, heads: int, depth: int = 2, classes: int = 5) -> int:
+    """TinyViT's parameter count at stream width ``width`` (MLPs twice as wide): what compressing
+    the stream and the MLPs alike must give."""
+    block = 4 * width + (3 * width * width + 3 * width) + (width * width + width)
+    block += (width * 2 * width + 2 * width) + (2 * width * width + width)
+    embed = width * 3 * 16 + width + width + 17 * width
+    return embed + depth * block + 2 * width + classes * width + classes
+
+
+class AttentionChain(nn.Module):
+    """``Linear -> nn.MultiheadAttention (self) -> Linear``: one channel group from the first layer's
+    rows through the attention's ``in_proj`` columns and ``out_proj`` rows to the last layer."""
+
+    def __init__(self, inputs: int = 10, width: int = 16, heads: int = 4, outputs: int = 6) -> None:
+        super().__init__()
+        self.fc_in = nn.Linear(inputs, width)
+        self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.fc_out = nn.Linear(width, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)
+        return self.fc_out(self.attention(h, h, h, need_weights=False)[0])
+
+
+def duplicated_attention_chain(seed: int) -> AttentionChain:
+    """An ``AttentionChain`` (16 channels, 4 heads of 4) whose channels 12-15 are positive multiples
+    of channels 0-3 in both producers (``fc_in`` rows, ``out_proj`` rows), and whose head 3 has head
+    1's query and key rows and 0.5 times its value rows. Removing a quarter of the channels must
+    remove exactly those, and head 3: merging keeps the function."""
+    g = torch.Generator().manual_seed(seed)
+    model = AttentionChain().double().eval()
+    width, heads, size = 16, 4, 4
+
+    def rows(columns: int, scale: float) -> torch.Tensor:
+        base = torch.randn(12, columns, generator=g, dtype=torch.float64)
+        base = base / base.abs().sum(1, keepdim=True) * (1 + 0.2 * torch.rand(12, 1, generator=g))
+        return torch.cat([base, scale * base[:4]])
+
+    set_linear(model.fc_in, rows(11, 0.2))
+    set_linear(model.attention.out_proj, rows(width + 1, 0.3))
+    with torch.no_grad():
+        w, b = model.attention.in_proj_weight, model.attention.in_proj_bias
+        full = torch.randn(3 * width, width + 1, generator=g, dtype=torch.float64)
+        for part in range(3):  # each head's query, key and value block: l1 norm about 1 each
+            for head in range(heads):
+                span = slice(part * width + head * size, part * width + (head + 1) * size)
+                full[span] /= full[span].abs().sum() / (1 + 0.05 * torch.rand(1, generator=g).item())
+        for part, factor in ((0, 1.0), (1, 1.0), (2, 0.5)):
+            start = part * width
+            full[start + 3 * size : start + 4 * size] = factor * full[start + size : start + 2 * size]
+        w.copy_(full[:, :-1])
+        b.copy_(full[:, -1])
+    return model

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge import budget
+from neuronmerge import budget, criteria
 from neuronmerge.cli import main
 from neuronmerge.costs import model_costs
 from neuronmerge.engine import capture, groups
@@ -100,9 +100,33 @@ def test_explicit_ratios_fix_matching_groups(vgg: torch.nn.Module) -> None:
     kept = {s.producer: s.kept for s in fixed.report.sites}
     assert kept["features.0"] == 12 and kept["classifier.0"] == 64
     assert kept["features.4"] == 16  # the others: the default ratio 0.5
+    # The report says what was asked: the globs, and the ratio the unmatched groups took.
+    assert fixed.report.ratios == (("features.0", 0.25), ("classifier.*", 0.5))
+    assert fixed.report.ratio == 0.5
+    everywhere = nm.compress(vgg, X, ratios={"*": 0.25}, method="prune").report
+    assert everywhere.ratio is None and everywhere.ratios == (("*", 0.25),)
+    assert all(s.kept == s.channels - s.channels // 4 for s in everywhere.sites)
     budgeted = nm.compress(vgg, X, target_params=0.4, ratios={"features.0": 0.25}, method="prune")
     assert {s.producer: s.kept for s in budgeted.report.sites}["features.0"] == 12
     assert abs(count_parameters(budgeted.model) - 0.4 * 145_082) <= 0.01 * 0.4 * 145_082
+
+
+def test_merge_and_prune_take_the_same_budget_options(vgg: torch.nn.Module) -> None:
+    whole = count_parameters(vgg)
+    merged = nm.merge(vgg, X, target_params=0.4, round_to=4)
+    assert abs(count_parameters(merged) - 0.4 * whole) <= 0.01 * 0.4 * whole
+    pruned = nm.prune(vgg, X, target_macs=0.5, allocation="uniform")
+    assert abs(count_flops(pruned, X[:1]) - 0.5 * count_flops(vgg, X[:1])) <= 0.01 * count_flops(
+        vgg, X[:1]
+    )
+    same = nm.compress(vgg, X, ratios={"features.0": 0.25}, method="prune").model
+    assert torch.equal(nm.prune(vgg, X, ratios={"features.0": 0.25})(X), same(X))
+    # One validation: the wrappers refuse what compress refuses, with the same message.
+    for wrapper in (nm.merge, nm.prune):
+        with pytest.raises(nm.InvalidArgumentError, match="fraction of the model must be in"):
+            wrapper(vgg, X, target_params=1.5)
+        with pytest.raises(nm.InvalidArgumentError, match="not both"):
+            wrapper(vgg, X, 0.5, target_macs=0.5)
 
 
 def test_plan_shows_the_chosen_widths(vgg: torch.nn.Module) -> None:
@@ -125,10 +149,12 @@ def test_merge_error_curve_sees_duplicates() -> None:
     assert curve[4] > 0 and all(curve[k] >= curve[k + 1] - 1e-12 for k in range(7))
 
 
-def test_allocation_removes_what_merges_exactly() -> None:
+def test_allocation_removes_what_merges_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """conv1 holds 8 exact duplicates, conv2 and fc1 two each: at the parameter count of removing
-    exactly those, the data-free allocation finds them and merging reproduces the model, where the
-    uniform allocation at the same count cannot."""
+    exactly those, the data-free allocation without a trust band (conv1 keeps a third, the others
+    two thirds and more) finds them and merging reproduces the model, where the uniform allocation
+    at the same count cannot."""
+    monkeypatch.setattr(budget, "BAND", 1.0)
     model = duplicated_convnet([4, 4, 8], [8, 2, 2], "l1-norm", seed=3)
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = nm.compress(model, x[:2], ratios={"conv1": 8 / 12, "conv2": 2 / 6, "fc1": 2 / 10})
@@ -148,10 +174,49 @@ def test_allocate_meets_the_target_on_plain_values() -> None:
     terms = (budget.Term(10, ("a",)), budget.Term(1, ("a", "b")), budget.Term(5, ("b",)), budget.Term(7))
     cheap = budget.GroupBudget("a", 200, tuple(0.001 * (200 - k) for k in range(201)), 1, 200)
     dear = budget.GroupBudget("b", 200, tuple(1 - k / 200 for k in range(201)), 1, 200)
-    kept = budget.allocate([cheap, dear], terms, 15_000)
+    kept = budget.allocate([cheap, dear], terms, 15_000, band=1.0)
     assert abs(budget.total(terms, kept) - 15_000) <= 150 and kept == {"a": 66, "b": 200}
     with pytest.raises(nm.InvalidArgumentError, match="out of reach: the mergeable groups allow 23 to"):
         budget.allocate([cheap, dear], terms, 20)
+
+
+def test_the_trust_band_bounds_every_group_around_the_uniform_widths() -> None:
+    """The same two groups: unbounded, the flat-error group loses two thirds of its channels; with
+    a band, no group's kept fraction leaves the uniform one's by more than it, and band 0 is the
+    uniform allocation itself."""
+    terms = (budget.Term(10, ("a",)), budget.Term(1, ("a", "b")), budget.Term(5, ("b",)), budget.Term(7))
+    cheap = budget.GroupBudget("a", 200, tuple(0.001 * (200 - k) for k in range(201)), 1, 200)
+    dear = budget.GroupBudget("b", 200, tuple(1 - k / 200 for k in range(201)), 1, 200)
+    centre = budget.uniform([cheap, dear], terms, 15_000)
+    assert budget.allocate([cheap, dear], terms, 15_000, band=0.0) == centre
+    for band in (0.05, 0.2):
+        kept = budget.allocate([cheap, dear], terms, 15_000, band=band)
+        assert abs(budget.total(terms, kept) - 15_000) <= 150
+        assert all(abs(kept[g] - centre[g]) / 200 <= band + 1 / 200 for g in kept)
+        assert kept["a"] < centre["a"] and kept["b"] > centre["b"]  # the curves decide inside it
+    # A held group (a residual stream) keeps the uniform width whatever its curve says.
+    held = budget.GroupBudget("a", 200, cheap.error, 1, 200, held=True)
+    assert budget.allocate([held, dear], terms, 15_000, band=1.0)["a"] == centre["a"]
+
+
+def test_least_squares_curve_is_merge_ls_own_residual() -> None:
+    """The covering curve starts at the consumer-weighted variance, falls to zero once the kept
+    channels span the others (here 3 independent ones and 3 combinations of them), agrees with
+    ``covering_kept`` at every count, and equals the residual of the least-squares fit there."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(500, 3, generator=g, dtype=torch.float64)
+    samples = torch.cat([base, base @ torch.randn(3, 3, generator=g, dtype=torch.float64)], 1)
+    cov = torch.cov(samples.T)
+    weights = torch.rand(6, generator=g, dtype=torch.float64) + 0.5
+    curve = criteria.covering_curve(cov, weights)
+    assert curve[0] == pytest.approx(float((weights * cov.diagonal()).sum()))
+    assert curve[3] == pytest.approx(0.0, abs=1e-9) and all(curve[k] >= curve[k + 1] for k in range(3))
+    for keep in (1, 2):
+        kept = criteria.covering_kept(cov, weights, keep)
+        x = samples - samples.mean(0)
+        fit = torch.linalg.lstsq(x[:, kept], x).solution
+        left = (x - x[:, kept] @ fit).square().sum(0) / (x.shape[0] - 1)
+        assert curve[keep] == pytest.approx(float((weights * left).sum()), rel=1e-6)
 
 
 def test_cli_plan_and_compress_take_a_budget(
@@ -178,6 +243,8 @@ def test_cli_plan_and_compress_take_a_budget(
     assert "out of reach" in capsys.readouterr().err
     assert main([*command, "--force"]) == 2  # neither a ratio nor a budget
     capsys.readouterr()
+    assert main([*command, "--ratios", "features.0=0.25", "--force"]) == 0
+    assert "ratios features.0 0.25, ratio 0.5 elsewhere" in capsys.readouterr().out
     assert main([*argv, "--ratios", "features0.3"]) == 2
     assert "expected GLOB=RATIO" in capsys.readouterr().err
 
@@ -210,13 +277,29 @@ class _Concat(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(16)
-        self.c = nn.Conv2d(16, 8, 3, padding=1)
-        self.head = nn.Linear(8, 4)
+        self.a, self.b = nn.Conv2d(3, 32, 3, padding=1), nn.Conv2d(3, 32, 3, padding=1)
+        self.bn = nn.BatchNorm2d(64)
+        self.c = nn.Conv2d(64, 32, 3, padding=1)
+        self.head = nn.Linear(32, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1)))
+        return self.head(F.relu(self.c(y)).mean((2, 3)))
+
+
+class _Grouped(nn.Module):
+    """A grouped conv splits the channels it reads and writes into two blocks, which the cost
+    model does not split; ``c``'s channels are plain."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.g = nn.Conv2d(16, 16, 3, padding=1, groups=2)
+        self.c = nn.Conv2d(16, 16, 3, padding=1)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.g(F.relu(self.a(x))))
         return self.head(F.relu(self.c(y)).mean((2, 3)))
 
 
@@ -226,12 +309,30 @@ def test_per_channel_tensors_are_costed_or_the_group_keeps_its_width() -> None:
     # Each hidden channel costs 6 + 1 (fc1) + 1 (gamma) + 3 (fc2); ``other`` is a constant.
     result = nm.compress(scaled, torch.randn(4, 6), target_params=133 - 4 * 11)
     assert count_parameters(result.model) == 89 and result.model.gamma.shape == (6,)
+    # Groups owning halves of one BatchNorm (after a concatenation) shrink under a target, each
+    # costed with its half, and the prediction is exactly what surgery produces.
     concat = _Concat().eval()
+    for module in concat.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_var.uniform_(0.5, 2)
+            module.weight.data.uniform_(0.5, 2)
     x = torch.randn(2, 3, 8, 8)
-    target = count_parameters(nm.compress(concat, x, ratios={"c": 0.5, "a": 0.0, "b": 0.0}).model)
-    budgeted = nm.compress(concat, x, target_params=target)
+    whole = count_parameters(concat)
+    budgeted = nm.compress(concat, x, target_params=0.5)
     kept = {s.producer: s.kept for s in budgeted.report.sites}
-    assert kept == {"a": 8, "b": 8, "c": 4}  # a and b share the BatchNorm: costs cannot split it
-    assert count_parameters(budgeted.model) == target
+    assert kept["a"] < 32 and kept["b"] < 32
+    assert budgeted.model.bn.num_features == kept["a"] + kept["b"]
+    assert abs(count_parameters(budgeted.model) - whole / 2) <= 0.01 * whole / 2
+    gm = capture(concat, x)
+    chosen, _ = groups(gm, Options())
+    costs = model_costs(gm, [shape_of(g) for g in chosen], (x,))
+    assert budget.total(costs.params, kept) == count_parameters(budgeted.model)
+    assert budget.total(costs.macs, kept) == count_flops(budgeted.model, x[:1])
+    assert budgeted.model(x).shape == (2, 4)
+    # Channels in blocks keep their width under a target, and an explicit ratio there is refused.
+    grouped = _Grouped().eval()
+    target = count_parameters(nm.compress(grouped, x, ratios={"c": 0.5, "a": 0.0, "g": 0.0}).model)
+    kept = {s.producer: s.kept for s in nm.compress(grouped, x, target_params=target).report.sites}
+    assert kept["a"] == 16 and kept["g"] == 16 and kept["c"] < 16
     with pytest.raises(nm.InvalidArgumentError, match="cannot be combined with a target"):
-        nm.compress(concat, x, target_params=0.8, ratios={"a": 0.5})
+        nm.compress(grouped, x, target_params=0.8, ratios={"a": 0.5})

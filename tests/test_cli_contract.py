@@ -75,7 +75,7 @@ def test_compress_refuses_an_extension_that_is_not_what_it_would_write(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(cli, "compress", _no_work)
+    monkeypatch.setattr(cli, "_compress", _no_work)
     before = sorted(tmp_path.iterdir())
     out = tmp_path / "small.safetensors"
     assert main(["compress", str(pickled), *CUSTOM, "--ratio", "0.5", "--out", str(out)]) == 2
@@ -264,27 +264,38 @@ def test_plan_takes_merge_ls_like_compress(
     # merge-ls's synthetic probes take minutes on 2 cores; what matters here is the CLI's wiring.
     asked: dict[str, object] = {}
 
-    def plan(model: torch.nn.Module, inputs: torch.Tensor, ratio: float, **options: object) -> nm.Plan:
-        asked.update(options, ratio=ratio)
+    def plan(model: torch.nn.Module, inputs: torch.Tensor, ratio: float, options: nm.Options) -> nm.Plan:
+        asked.update(options=options, ratio=ratio)
         return nm.plan(model, inputs)
 
-    monkeypatch.setattr(cli, "plan_sites", plan)
+    monkeypatch.setattr(cli, "_plan", plan)
     argv = [str(pickled), *CUSTOM, "--ratio", "0.5", "--method", "merge-ls", "--threshold", "none"]
     assert main(["plan", *argv]) == 0
-    assert asked == {
-        "ratio": 0.5,
-        "method": "merge-ls",
-        "criterion": "l1-norm",
-        "threshold": None,
-        "lam": None,
-        "fidelity": "exact",
-        "approximate": False,
-        "target_params": None,
-        "target_macs": None,
-        "ratios": None,
-        "round_to": None,
-        "allocation": "error",
-    }
+    # One validated Options, built by the command line, the same the API builds from these values.
+    assert asked == {"ratio": 0.5, "options": nm.Options.of(method="merge-ls", threshold=None)}
+    assert asked["options"] == nm.Options(method="merge-ls", threshold=None)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--lam", "0.5"], "lam applies to fidelity='paper' only"),
+        (["--threshold", "2"], "threshold is a cosine similarity in [-1, 1], got 2.0"),
+        (["--method", "merge-ls", "--fidelity", "paper"], "method='merge-ls' has no paper fidelity"),
+    ],
+)
+def test_compress_and_plan_refuse_bad_options_with_the_libraries_message(
+    lenet: Path, tmp_path: Path, flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The command line builds one Options (validated there, as the API does), so the message is the
+    # library's own, the exit code that of InvalidArgumentError, and nothing is written.
+    out = tmp_path / "small.safetensors"
+    model = [str(lenet), "--arch", "lenet-300-100", "--ratio", "0.5", *flags]
+    assert main(["compress", *model, "--out", str(out)]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
+    assert not out.exists()
+    assert main(["plan", *model]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
 
 
 def test_quiet_leaves_only_the_result(

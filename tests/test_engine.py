@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from torch import nn
 
 import neuronmerge as nm
+from neuronmerge import engine
 from neuronmerge.criteria import kept_count
+from neuronmerge.methods.base import Inputs
 from tests.builders import duplicated_convnet, duplicated_mlp
 
 
@@ -123,6 +125,44 @@ def test_result_shares_no_tensor_with_the_input_model() -> None:
     with torch.no_grad():
         small.conv1.weight.zero_()
     assert model.conv1.weight.abs().sum() > 0
+
+
+def test_result_shares_no_mutable_state_with_the_input_model() -> None:
+    # Layers the merge leaves alone are copied tensor by tensor (not by deep-copying the whole graph
+    # module); their hook tables and other mutable attributes must be copies too.
+    model = duplicated_convnet([4, 3, 5], [4, 3, 5], "l1-norm", seed=6)
+    model.conv1.note = {"tag": [1]}  # type: ignore[assignment]
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    small = nm.merge(model, x, 0.5, include=["conv2"])
+    small.conv1.register_forward_hook(lambda *_: None)
+    small.conv1.note["tag"].append(2)
+    assert not model.conv1._forward_hooks and model.conv1.note == {"tag": [1]}
+    assert small.conv1 is not model.conv1 and small.conv1.weight is not model.conv1.weight
+    assert small.conv1.weight.requires_grad and isinstance(small.conv1.weight, nn.Parameter)
+
+
+def test_verify_detects_a_wrong_merge() -> None:
+    model = duplicated_mlp(12, [6, 5], [2, 2], "l1-norm", seed=2)
+    x = torch.randn(2, 12, dtype=torch.float64)
+    options = nm.Options()
+    gm = engine.capture(model, x)
+    groups, _ = engine.groups(gm, options)
+    keep = engine.kept_counts(groups, 0.5, options.method_object())
+    decompositions = engine.decompose(gm, groups, keep, options, Inputs((x,)))
+    expected = engine.output_shapes(gm, (x,))
+    small = engine.surgery(gm, groups, decompositions)
+    assert engine.verify(small, (x,), expected) is None  # the right merge passes
+    reader = small.get_submodule("layers.1")  # a consumer left one column short: cannot run
+    right = reader.weight
+    reader.weight = nn.Parameter(right.detach()[:, 1:])
+    with pytest.raises(nm.NeuronMergeError, match="failed to run"):
+        engine.verify(small, (x,), expected)
+    reader.weight = right
+    head = small.get_submodule("head")  # a wrong output width: runs, but the shape changed
+    head.weight = nn.Parameter(head.weight.detach()[1:])
+    head.bias = nn.Parameter(head.bias.detach()[1:])
+    with pytest.raises(nm.NeuronMergeError, match="output shape changed"):
+        engine.verify(small, (x,), expected)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5, float("nan"), "0.5", True])

@@ -218,3 +218,43 @@ def test_an_unreachable_parameter_target_names_the_range_and_changes_nothing() -
     with pytest.raises(InvalidArgumentError, match="round_to must be a positive integer"):
         compress_pretrained(model, 0.5, round_to=0)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def _llama_with_duplicate_heads() -> torch.nn.Module:
+    """LLaMA with 4 query heads over 2 key/value groups, group 1 planted as 0.5 x group 0."""
+    torch.manual_seed(0)
+    model = _llama().eval()
+    width = 32 // 4
+    with torch.no_grad():
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            attn.q_proj.weight[2 * width :] = attn.q_proj.weight[: 2 * width]  # same queries...
+            attn.k_proj.weight[width:] = attn.k_proj.weight[:width]  # ...and keys
+            attn.v_proj.weight[width:] = 0.5 * attn.v_proj.weight[:width]
+    return model
+
+
+def test_llama_planted_duplicate_heads_merge_exactly_and_reload(tmp_path: Path) -> None:
+    model = _llama_with_duplicate_heads()
+    result = compress_pretrained(model, 0.0, heads=0.5)
+    small = result.model
+    assert result.heads is not None and result.heads.merged == 2  # one per layer
+    assert (small.config.num_attention_heads, small.config.num_key_value_heads) == (2, 1)
+    assert small.model.layers[0].self_attn.q_proj.out_features == 2 * 8
+    assert torch.allclose(_out(small), _out(model), atol=1e-5)  # merged: no change
+    pruned = compress_pretrained(model, 0.0, method="prune", heads=0.5).model
+    assert not torch.allclose(_out(pruned), _out(model), atol=1e-3)  # pruning the duplicate is not free
+    small.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()  # plain transformers
+    assert torch.allclose(_out(reloaded), _out(small), atol=1e-6)
+
+
+def test_heads_are_refused_where_the_config_cannot_state_them() -> None:
+    with pytest.raises(InvalidArgumentError, match="head_dim"):
+        compress_pretrained(_gpt2(), 0.5, heads=0.5, approximate=True)
+    llama = _llama()
+    before = copy.deepcopy(llama.state_dict())
+    with pytest.raises(InvalidArgumentError, match="leaves no key/value head"):
+        compress_pretrained(llama, 0.5, heads=0.75)
+    assert llama.config.num_key_value_heads == 2
+    assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())

@@ -16,6 +16,7 @@ from neuronmerge.criteria import kept_count
 from neuronmerge.evaluate import accuracy
 from neuronmerge.io import load_checkpoint
 from neuronmerge.lab.data import load_fashion_mnist
+from neuronmerge.lsq import MeasuredMoments
 from neuronmerge.methods.base import Inputs
 from tests.builders import duplicated_convnet, duplicated_mlp
 
@@ -52,7 +53,8 @@ def test_least_squares_merge_is_exact_on_conv_batchnorm_and_flatten() -> None:
     options = nm.Options(method="merge-ls")
     groups, _ = engine.groups(gm, options)
     keep = engine.kept_counts(groups, ratio, options.method_object())
-    decompositions = engine.decompose(gm, groups, keep, options, Inputs((x[:2],), [(x,)]))
+    inputs = Inputs((x[:2],), MeasuredMoments(((x,),)))
+    decompositions = engine.decompose(gm, groups, keep, options, inputs)
     small = engine.surgery(gm, groups, decompositions)
     assert (small.conv1.out_channels, small.conv2.out_channels, small.fc1.out_features) == bases
     assert torch.allclose(small(x), model(x), rtol=1e-7, atol=1e-8)

@@ -89,6 +89,23 @@ def test_compress_keeps_shape_and_input_and_shrinks(name: str) -> None:
     assert head not in {site.producer for site in result.report.sites}
 
 
+def test_vit_shrinks_to_a_vit_of_half_the_width() -> None:
+    """ViT-B/16's residual stream (class token, positional embedding, LayerNorms, every attention)
+    and its MLPs at half width: as many parameters as torchvision's ViT built with hidden 384, MLP
+    1536 and 6 heads of 64 (whole heads go, since 384 is a multiple of the head width)."""
+    model = build("vit_b_16")
+    x = example("vit_b_16", 1, seed=1)
+    result = nm.compress(model, x, 0.5, method="prune", approximate=True, exclude=["heads.head"])
+    half = torchvision.models.VisionTransformer(224, 16, 12, 6, 384, 1536)
+    assert result.report.params_after == params(half)
+    attentions = [m for m in result.model.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert len(attentions) == 12
+    assert all((m.embed_dim, m.num_heads, m.head_dim) == (384, 6, 64) for m in attentions)
+    fresh = example("vit_b_16", 2, seed=2)
+    with torch.no_grad():
+        assert result.model(fresh).shape == (2, 1000)
+
+
 # ---------------------------------------------------------------------------------------------
 # Planted exact duplicates in ResNets
 # ---------------------------------------------------------------------------------------------

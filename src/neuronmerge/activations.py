@@ -54,7 +54,8 @@ def tensor_moments(
 
     def record(name: str, inputs: tuple[torch.Tensor, ...]) -> None:
         x = inputs[0].detach()
-        if isinstance(graph_module.get_submodule(name), nn.Linear):  # (..., features): rows of tokens
+        if isinstance(graph_module.get_submodule(name), (nn.Linear, nn.MultiheadAttention)):
+            # (..., features): rows of tokens
             x = x.reshape(-1, x.shape[-1])
         for key, piece, channels in by_consumer[name]:
             samples = _channel_samples(x, piece, channels).to(torch.float64)

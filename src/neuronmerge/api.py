@@ -82,10 +82,13 @@ class Plan:
                 if site.approximate_through
                 else ""
             )
-            lines.append(
-                f"  {site.mode} {writers}{norm} ({site.channels} ch, {site.pattern}) -> "
-                f"{readers}{approx}"
+            width = (
+                f"{site.channels} heads"
+                if site.pattern == "heads"
+                else f"{site.channels} ch, {site.pattern}"
             )
+            why = f" [{site.why}]" if site.mode == "prune-only" else ""
+            lines.append(f"  {site.mode} {writers}{norm} ({width}) -> {readers}{approx}{why}")
         for skip in self.skipped:
             lines.append(f"  skip  {skip.producer}: {skip.reason}")
         if self.totals is not None:
@@ -102,7 +105,8 @@ class Report:
     """The settings of one compression and what it did at every site."""
 
     method: Method
-    #: The fraction removed per group (``None`` when the widths came from a target).
+    #: The fraction removed from every group that no ``ratios`` glob matched; ``None`` when a
+    #: target chose the widths, or when ``ratios`` matched every group.
     ratio: float | None
     criterion: str
     threshold: float | None
@@ -120,6 +124,9 @@ class Report:
     target_params: float | None = None
     target_macs: float | None = None
     allocation: str | None = None
+    #: The ``ratios`` asked for, as (glob, fraction removed) pairs, first match wins; each site's
+    #: ``kept`` of ``channels`` says what it took.
+    ratios: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -179,11 +186,13 @@ def compress(
     Budgets: ``ratio`` (default 0.5) removes the same fraction from every group. ``target_params`` or
     ``target_macs`` (a fraction of the model's count kept, or an int count; MACs per example as
     ``count_flops`` counts them) instead chooses every group's width so that the result lands within
-    1% of the target: ``allocation="error"`` (default) removes channels where their merge residual,
-    computed from the weights alone, is smallest per parameter (or MAC) saved (see ``budget``);
-    ``"uniform"`` removes one fraction from every group. ``ratios={"glob": r}`` fixes the fraction
-    removed from groups with a matching producer (first match wins); the target then sets the
-    others. ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
+    1% of the target: ``allocation="error"`` (default) removes channels where their merge residual
+    (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
+    smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
+    (see ``budget``); ``"uniform"`` removes one fraction from every group. ``ratios={"glob": r}``
+    fixes the fraction removed from groups with a matching producer (first match wins); the target
+    then sets the others, and without one the others lose ``ratio`` (the report lists both).
+    ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
     ``InvalidArgumentError`` with the reachable range.
     """
     options = Options.of(
@@ -222,23 +231,23 @@ def _compress(
     gm = engine.capture(model, inputs)
     groups, skipped = engine.groups(gm, options, chosen)
     params_before = count_parameters(gm)
-    batches = None
+    source = None
     if options.method == "merge-ls":
         if calibration is None and len(inputs) != 1:
             raise InvalidArgumentError(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
-        batches = lsq.moment_batches(gm, inputs[0], calibration, groups)
+        source = lsq.moment_source(gm, inputs[0], calibration, groups)
     keep = widths.kept_counts(
-        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion
+        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion, moments=source
     )
-    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, batches), chosen)
+    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = engine.run(gm, inputs) if options.approximate else None
     small = engine.surgery(gm, groups, decompositions)
-    if batches is not None:
-        small = lsq.remeasure_batchnorm(small, batches)
+    if source is not None:
+        small = source.repair(small, groups, decompositions)
     error = engine.verify(small, inputs, expected, reference)
 
     reports = []
@@ -259,9 +268,10 @@ def _compress(
                 mode=group.mode,
             )
         )
+    defaulted = any(widths.explicit_ratio(g, options.budget) is None for g in groups)
     report = Report(
         method=options.method,
-        ratio=None if targeted else widths.DEFAULT_RATIO if ratio is None else ratio,
+        ratio=None if targeted or not defaulted else widths.DEFAULT_RATIO if ratio is None else ratio,
         criterion=options.criterion,
         threshold=None if options.fidelity == "paper" and options.threshold == 0 else options.threshold,
         fidelity=options.fidelity,
@@ -274,6 +284,7 @@ def _compress(
         target_params=options.budget.amount if options.budget.metric == "params" else None,
         target_macs=options.budget.amount if options.budget.metric == "macs" else None,
         allocation=options.budget.allocation if targeted else None,
+        ratios=options.budget.ratios,
     )
     # Under a target every group may take some width: the same outcome check as a nonzero ratio.
     warn_about_outcome(
@@ -285,8 +296,13 @@ def _compress(
 def merge(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    round_to: int | None = None,
+    allocation: Allocation = "error",
     criterion: str = "l1-norm",
     threshold: float | None = DEFAULT_THRESHOLD,
     lam: float | None = None,
@@ -297,13 +313,20 @@ def merge(
 ) -> fx.GraphModule:
     """Neuron merging: a smaller model whose removed neurons are folded into kept ones.
 
-    ``approximate=True`` merges through non-homogeneous activations too; use ``compress`` to read
-    the measured output error from its report.
+    ``ratio`` (default 0.5) or a budget (``target_params``, ``target_macs``, ``ratios``,
+    ``round_to``, ``allocation``) as in ``compress``. ``approximate=True`` merges through
+    non-homogeneous activations too; use ``compress`` to read the measured output error from its
+    report.
     """
     return compress(
         model,
         example_inputs,
         ratio,
+        target_params=target_params,
+        target_macs=target_macs,
+        ratios=ratios,
+        round_to=round_to,
+        allocation=allocation,
         method="merge",
         criterion=criterion,
         threshold=threshold,
@@ -318,8 +341,13 @@ def merge(
 def prune(
     model: nn.Module,
     example_inputs: ExampleInputs,
-    ratio: float = 0.5,
+    ratio: float | None = None,
     *,
+    target_params: float | None = None,
+    target_macs: float | None = None,
+    ratios: Mapping[str, float] | None = None,
+    round_to: int | None = None,
+    allocation: Allocation = "error",
     criterion: str = "l1-norm",
     fidelity: Fidelity = "exact",
     include: Sequence[str] | None = None,
@@ -328,13 +356,18 @@ def prune(
 ) -> fx.GraphModule:
     """Structured pruning with the same topology as ``merge`` and no compensation.
 
-    ``approximate=True`` also prunes layers followed by non-homogeneous activations (the same sites
-    that approximate merging uses).
+    ``ratio`` (default 0.5) or a budget as in ``compress``. ``approximate=True`` also prunes layers
+    followed by non-homogeneous activations (the same sites that approximate merging uses).
     """
     return compress(
         model,
         example_inputs,
         ratio,
+        target_params=target_params,
+        target_macs=target_macs,
+        ratios=ratios,
+        round_to=round_to,
+        allocation=allocation,
         method="prune",
         criterion=criterion,
         fidelity=fidelity,
@@ -389,6 +422,13 @@ def plan(
         round_to=round_to,
         allocation=allocation,
     )
+    return _plan(model, example_inputs, ratio, options)
+
+
+def _plan(
+    model: nn.Module, example_inputs: ExampleInputs, ratio: float | None, options: Options
+) -> Plan:
+    """``plan`` with its options validated once, as ``Options``."""
     if ratio is None and options.budget.metric is None and not options.budget.ratios:
         found, skipped = engine.groups(engine.capture(model, example_inputs), options)
         return Plan(tuple(found), tuple(skipped))
@@ -398,7 +438,7 @@ def plan(
         model,
         result.model,
         as_input_tuple(example_inputs),
-        method,
+        options.method,
         report.sites,
         report.skipped,
     )

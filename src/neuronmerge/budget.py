@@ -15,8 +15,23 @@ constant); merging it into the kept channel ``j`` most similar to it leaves the 
 channels kept in the method's order (largest first), this is the group's error as a function of its
 kept count, computed from the weights alone, in one matrix product and a running maximum. Each curve
 is divided by its value at zero kept channels, so that groups are compared by the fraction of their
-signal lost rather than by the scale of their weights (chosen on validation data, see
-``experiments/budget_validation.py``).
+signal lost rather than by the scale of their weights. ``merge-ls`` does not merge into one
+neighbour: it writes a removed channel as a least-squares combination of all kept ones, fitted on
+the probes' moments, so its curve is its own loss instead (``criteria.covering_curve``: the
+consumer-weighted variance its fit leaves unexplained, for every kept count, in one pivoted
+Cholesky pass over the covariance), relative in the same way.
+
+Both curves rank groups only roughly: they see one layer's error, not how it grows through the
+layers after it, nor how BatchNorm re-measurement repairs it. So the allocation moves widths only
+within a *trust band* around the uniform ones (``BAND``): each group's kept fraction stays within
+``BAND`` of the fraction the uniform allocation gives it, and inside that band the curves decide.
+A small band keeps what uniform widths get right and still moves channels from the layers whose
+curve says they are free to the ones that are not. A residual stream (a group written by several
+layers) is *held* at the uniform width: its error reaches every later block and the output, which
+a curve measured at its readers does not see (on resnet-fmnist's validation split, cutting streams
+by their curve lost 17.6 points at 10% of the parameters kept; ``experiments/budget_streams.py``).
+The band and the curve of ``merge-ls`` were chosen on the validation split
+(``experiments/budget_validation.py``, ``.json``).
 
 ``allocate`` is greedy on marginal utility: starting from every group at full width it repeatedly
 removes ``round_to`` channels from the group whose error grows least per unit of cost saved, until
@@ -38,6 +53,11 @@ from neuronmerge.errors import InvalidArgumentError
 
 #: A result within this fraction of the target counts as meeting it.
 TOLERANCE = 0.01
+
+#: How far (in kept fraction) ``allocate`` lets a group move from the uniform widths: a trust
+#: region around them, since the error curves rank groups only roughly. Chosen on the validation
+#: split (``experiments/budget_validation.py``, ``experiments/budget_validation.json``).
+BAND = 0.2
 
 #: How widths are chosen for a target: ``error`` (the data-free allocation of this module) or
 #: ``uniform`` (the same fraction of every group).
@@ -141,6 +161,8 @@ class GroupBudget:
     error: tuple[float, ...]
     low: int
     high: int
+    #: Keep the uniform allocation's width under ``allocate`` (its curve is not trusted).
+    held: bool = False
 
 
 def total(terms: Sequence[Term], kept: Mapping[str, int]) -> int:
@@ -232,15 +254,23 @@ def allocate(
     *,
     round_to: int = 1,
     what: str = "parameters",
+    band: float | None = None,
 ) -> dict[str, int]:
     """Kept counts per group whose cost is within ``TOLERANCE`` of ``target`` (at most ``target``
-    when the widths allow), removing channels where the error curves say they matter least.
+    when the widths allow), removing channels where the error curves say they matter least, each
+    group's kept fraction within ``band`` (default ``BAND``) of the uniform widths' (``uniform``;
+    1: unbounded).
 
     Raises ``InvalidArgumentError`` naming the reachable range when the target is out of it, or when
     the width steps (``round_to``) are too coarse to land within the tolerance.
     """
     low, high = reachable(terms, groups, round_to)
     _check_target(target, low, high, what)
+    band = BAND if band is None else band
+    centre = None
+    if band < 1 or any(g.held for g in groups):
+        centre = uniform(groups, terms, target, round_to=round_to, what=what)
+        groups = [_banded(g, centre[g.name], band) for g in groups]
     options = {
         g.name: [w for w in widths(g.channels, round_to, g.low) if w <= g.high]
         if g.low != g.high
@@ -272,7 +302,20 @@ def allocate(
         kept[name] = options[name][position[name]]
         cost -= saved
     _land(options, error, position, kept, costs, terms, target)
+    if centre is not None and abs(total(terms, kept) - target) > TOLERANCE * target:
+        return centre  # the band left the greedy steps no way to land: the uniform widths do
     return _checked(kept, terms, target, low, high, what)
+
+
+def _banded(group: GroupBudget, centre: int, band: float) -> GroupBudget:
+    """``group`` with its kept count bounded to ``centre``'s kept fraction plus or minus ``band``."""
+    if group.low == group.high:
+        return group
+    if group.held:
+        return GroupBudget(group.name, group.channels, group.error, centre, centre, True)
+    low = max(group.low, math.floor((centre / group.channels - band) * group.channels))
+    high = min(group.high, math.ceil((centre / group.channels + band) * group.channels))
+    return GroupBudget(group.name, group.channels, group.error, min(low, centre), max(high, centre))
 
 
 def _fill(

@@ -13,17 +13,18 @@ the model; the rest of the pipeline never writes to a shared tensor (``surgery``
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import traceback
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from neuronmerge.errors import CaptureError, InvalidArgumentError
 from neuronmerge.exported import export_graph, lift
@@ -51,10 +52,13 @@ def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None)
         return memo[id(module)]
     new = object.__new__(type(module))
     memo[id(module)] = new
-    new.__dict__.update(module.__dict__)
-    new._parameters = dict(module._parameters)
-    new._buffers = dict(module._buffers)
-    new._modules = {
+    attributes = new.__dict__
+    attributes.update(module.__dict__)
+    # Straight into the instance dict: ``nn.Module.__setattr__`` would only check that these names
+    # are not parameters or modules, for every module of the network.
+    attributes["_parameters"] = dict(module._parameters)
+    attributes["_buffers"] = dict(module._buffers)
+    attributes["_modules"] = {
         name: None if child is None else structural_copy(child, memo)
         for name, child in module._modules.items()
     }
@@ -95,6 +99,46 @@ def _untraceable(model: nn.Module, fx_error: Exception, export_error: Exception)
     )
 
 
+_MEMORY_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _tensor_metadata(tensor: torch.Tensor) -> TensorMetadata:
+    """What ``ShapeProp`` records for ``tensor``, read from the tensor's C++ queries for a dense
+    one (ShapeProp's own reader, built for symbolic shapes too, is the larger part of its cost)."""
+    if tensor.is_quantized or tensor.layout != torch.strided:
+        return _extract_tensor_metadata(tensor)
+    memory_format = next((f for f in _MEMORY_FORMATS if tensor.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(
+        tensor.shape, tensor.dtype, tensor.requires_grad, tensor.stride(), memory_format, False, {}
+    )
+
+
+class _ShapeRecorder(fx.Interpreter):
+    """``ShapeProp`` with a faster reader: runs the graph node by node and records every node's
+    ``tensor_meta`` (a ``TensorMetadata``, or a structure of them) and ``type``; an error of the
+    model is raised as the cause of a ``RuntimeError`` naming the node."""
+
+    def run_node(self, n: fx.Node) -> object:
+        try:
+            result = super().run_node(n)
+        except Exception as exc:
+            raise RuntimeError(f"running node {n.format_node()} failed") from exc
+        found = False
+
+        def read(value: Any) -> Any:
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _tensor_metadata(value)
+            return value
+
+        meta = map_aggregate(result, read)
+        if found:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     """Trace a structural copy of ``model`` in eval mode and record every node's output shape.
 
@@ -120,11 +164,10 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
         except Exception as export_error:
             raise _untraceable(model, fx_error, export_error) from fx_error
     try:
-        # ShapeProp prints the traceback of a failing node itself; the error below says it all.
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            ShapeProp(graph_module).propagate(*(t.clone() for t in inputs))
+        with torch.no_grad():
+            _ShapeRecorder(graph_module).run(*(t.clone() for t in inputs))
     except Exception as exc:
-        cause = exc.__cause__ or exc  # ShapeProp wraps the model's own error in a long one
+        cause = exc.__cause__ or exc  # the recorder wraps the model's own error
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
         raise CaptureError(
             f"running {type(model).__name__} on the example inputs (shape {shapes}) failed: "
@@ -144,15 +187,60 @@ def _in_eval_mode(module: nn.Module) -> nn.Module:
         return module
 
 
-def detach(graph_module: fx.GraphModule, owned: Iterable[torch.Tensor]) -> fx.GraphModule:
-    """A copy of ``graph_module`` that shares nothing with the traced model.
+#: Attribute values that nothing can change in place: a module may keep sharing them.
+_IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
-    Tensors in ``owned`` (the new weights that surgery created) are moved over as they are; everything
-    else (layers that were not resized) is copied once, layer by layer.
+
+def _immutable(value: object) -> bool:
+    return isinstance(value, _IMMUTABLE) or (
+        type(value) is tuple and all(_immutable(item) for item in value)
+    )
+
+
+def _copied(tensor: torch.Tensor, memo: dict[int, object]) -> torch.Tensor:
+    """``copy.deepcopy(tensor, memo)``, by ``clone`` for parameters and plain tensors (the
+    common case, several times faster)."""
+    done = memo.get(id(tensor))
+    if done is not None:
+        return done  # type: ignore[return-value]
+    if type(tensor) is nn.Parameter:
+        new: torch.Tensor = nn.Parameter(tensor.detach().clone(), tensor.requires_grad)
+    elif type(tensor) is torch.Tensor:
+        new = tensor.detach().clone().requires_grad_(tensor.requires_grad)
+    else:  # a tensor subclass: let it copy itself
+        new = copy.deepcopy(tensor, memo)
+    memo[id(tensor)] = new
+    return new
+
+
+def detach(graph_module: fx.GraphModule, owned: Iterable[torch.Tensor]) -> fx.GraphModule:
+    """``graph_module`` made to share nothing with the traced model, in place, and returned.
+
+    Its module objects and graph are already its own (``structural_copy``, the trace); what it may
+    still share are tensors and mutable attributes (hook tables, say) of layers that surgery did not
+    resize. Tensors in ``owned`` (the new weights that surgery created) stay as they are; every other
+    parameter and buffer is copied once (a tensor used by two layers stays one tensor), and every
+    mutable attribute value is deep-copied. That is what deep-copying the whole module did, without
+    copying and recompiling its graph, which on a network of small layers cost more than the merge.
     """
+    modules = list(graph_module.modules())
     memo: dict[int, object] = {id(tensor): tensor for tensor in owned}
+    memo.update((id(module), module) for module in modules)  # references between them stay
     with warnings.catch_warnings():
         # Copying the input/output specs that torch.export leaves on its modules trips a deprecation
         # inside PyTorch's own pytree code; nothing the user can act on.
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
-        return copy.deepcopy(graph_module, memo)
+        for module in modules:
+            for table in (module._parameters, module._buffers):
+                for name, tensor in table.items():
+                    if tensor is not None:
+                        table[name] = _copied(tensor, memo)  # type: ignore[assignment]
+            attributes = module.__dict__
+            for key, value in list(attributes.items()):
+                if key in ("_parameters", "_buffers", "_modules", "_graph") or _immutable(value):
+                    continue  # the tables handled above, the children and graph (ours), constants
+                if type(value) in (dict, OrderedDict, set) and not value:
+                    attributes[key] = type(value)()  # an empty hook table: the common case, fast
+                else:
+                    attributes[key] = copy.deepcopy(value, memo)
+    return graph_module

@@ -6,8 +6,10 @@ table, laid out at full width when stdout is not a terminal, or exactly one JSON
 ``--json``); progress, notes, warnings and errors go to stderr, and ``--quiet`` silences all of stderr
 but errors. Every error that neuronmerge raises on purpose becomes one line and its own exit code (see
 ``errors``); with ``--json`` it is also one object ``{"error": ..., "exit_code": ...}`` on stdout.
-Options shared by several commands are defined once (``OPTION_GROUPS``), and every output is checked
-(name, existence, folder) by ``_check_output`` before any work.
+Options shared by several commands are defined once (``OPTION_GROUPS``), built once into the validated
+``Options`` that ``compress`` and ``plan`` hand to the library's own core (the one ``nm.compress`` and
+``nm.plan`` run), and every output is checked (name, existence, folder) by ``_check_output`` before
+any work.
 """
 
 from __future__ import annotations
@@ -29,8 +31,7 @@ from rich.table import Table
 from torch import nn
 
 from neuronmerge import __version__  # noqa: I001
-from neuronmerge.api import DEFAULT_THRESHOLD, METHODS, Plan, Report, compress
-from neuronmerge.api import plan as plan_sites
+from neuronmerge.api import DEFAULT_THRESHOLD, METHODS, Plan, Report, _compress, _plan
 from neuronmerge.budget import ALLOCATIONS
 from neuronmerge.criteria import CRITERIA
 from neuronmerge.errors import (
@@ -51,6 +52,7 @@ from neuronmerge.io import (
 )
 from neuronmerge.models import available_models, get_spec
 from neuronmerge.notices import CompressionWarning
+from neuronmerge.options import Options
 from neuronmerge.progress import progress_bar
 
 _PIPE_WIDTH = 10_000  # wider than any table here: lines end where their content ends
@@ -254,8 +256,9 @@ def _example_inputs(loaded: _Loaded, input_shape: str | None) -> torch.Tensor | 
     return get_spec(loaded.arch).example_inputs()
 
 
-def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The ``compress``/``plan`` keyword arguments given on the command line (``OPTION_GROUPS``)."""
+def _compress_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``compress``/``plan`` settings given on the command line (``OPTION_GROUPS``), as shown in
+    tables and JSON; ``_options`` turns them into the validated ``Options``."""
     return {
         "method": args.method,
         "criterion": args.criterion,
@@ -264,6 +267,12 @@ def _compress_options(args: argparse.Namespace) -> dict[str, Any]:
         "fidelity": args.fidelity,
         **_budget(args),
     }
+
+
+def _options(args: argparse.Namespace, settings: dict[str, Any]) -> Options:
+    """The one validated ``Options`` of a command (``Options.of`` raises on a bad value), which the
+    command hands to the same core as ``nm.compress``/``nm.plan``."""
+    return Options.of(approximate=args.approximate, **settings)
 
 
 #: The keyword arguments of ``compress``/``plan`` that set a budget rather than a method.
@@ -293,6 +302,11 @@ def _budget_label(ratio: float | None, settings: dict[str, Any]) -> str:
         if amount is not None:
             share = f"{amount:.0%}" if isinstance(amount, float) else f"{amount:,}"
             return f"{share} of the {what} ({settings['allocation']} allocation)"
+    asked = settings.get("ratios")
+    if asked:
+        pairs = asked.items() if isinstance(asked, dict) else asked
+        label = "ratios " + ", ".join(f"{glob} {value:g}" for glob, value in pairs)
+        return label if ratio is None else f"{label}, ratio {ratio:g} elsewhere"
     return f"ratio {ratio if ratio is not None else 0.5}"
 
 
@@ -382,9 +396,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     example = _example_inputs(loaded, args.input_shape)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", CompressionWarning)
-        result = compress(
-            loaded.model, example, args.ratio, approximate=args.approximate, **_compress_options(args)
-        )
+        result = _compress(loaded.model, example, args.ratio, _options(args, _compress_settings(args)))
     notes = _print_warnings(args, caught)
     description = {"source": str(args.checkpoint), "report": _report_dict(result.report)}
     save(
@@ -450,7 +462,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> None:
     loaded = _load_any(args, args.path)
-    options = _compress_options(args)
+    options = _compress_settings(args)
     if args.ratio is None and not _budget_given(args):
         defaults = {
             action.dest: action.default
@@ -466,12 +478,11 @@ def cmd_plan(args: argparse.Namespace) -> None:
                 "(--target-params, --target-macs, --ratios)"
             )
         options = {}
-    found = plan_sites(
+    found = _plan(
         loaded.model,
         _example_inputs(loaded, args.input_shape),
         args.ratio,
-        approximate=args.approximate,
-        **options,
+        _options(args, options),
     )
     if args.json:
         payload: dict[str, Any] = {

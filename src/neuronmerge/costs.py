@@ -4,10 +4,12 @@
 Every Linear/Conv weight is ``rows x columns x kernel``: its rows are one group's channels or a
 constant, its columns a constant plus ``block`` columns per channel of every group it reads; so its
 parameter count expands into ``budget.Term``s of degree at most two, and its MACs are the same terms
-times the output positions it computes per example (as ``evaluate.count_flops`` counts them). The
-per-channel tensors of a group (BatchNorm, a depthwise conv that follows it) scale with its width;
-everything else is a constant. ``tests/test_budget.py`` checks these counts against the result of
-surgery.
+times the output positions it computes per example (as ``evaluate.count_flops`` counts them). A
+per-channel tensor (BatchNorm, a depthwise conv or LayerScale that follows a group, a positional
+embedding along a stream) is cut along one axis into the slices that groups own, ``block`` entries
+per channel each, and a constant rest: a BatchNorm after a concatenation costs ``2 * (k_a + k_b)``
+when groups ``a`` and ``b`` own its two halves. ``tests/test_budget.py`` checks these counts against
+the result of surgery.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 
 from neuronmerge.budget import Term
 from neuronmerge.evaluate import flops_by_layer
+from neuronmerge.types import ParamSlice
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -29,19 +32,17 @@ _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 class GroupShape:
     """Where one group's channels live, as module names.
 
-    ``producers`` write the channels (their weight rows); ``followers`` hold per-channel tensors of
-    them along their first axis (BatchNorm, a depthwise conv); ``tensors`` are single parameters
-    (qualified names) along the channels on their first axis, owned by a module that is no follower
-    (a LayerScale vector); ``readers`` are ``(layer, block)``: a layer reading ``block`` input
-    columns per channel.
+    ``producers`` write the channels (their weight rows); ``params`` are the group's slices of
+    per-channel tensors (``ParamSlice``: ``name == "*"`` for every parameter of a module that
+    follows the channels, such as a BatchNorm or a depthwise conv); ``readers`` are
+    ``(layer, block)``: a layer reading ``block`` input columns per channel.
     """
 
     name: str
     channels: int
     producers: tuple[str, ...]
-    followers: tuple[str, ...]
     readers: tuple[tuple[str, int], ...]
-    tensors: tuple[str, ...] = ()
+    params: tuple[ParamSlice, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,16 @@ def _width(module: nn.Module) -> tuple[int, int, int]:
     return rows, columns, int(weight[0, 0].numel())
 
 
+def _sliced(
+    size: int, per_entry: int, slices: Sequence[tuple[GroupShape, ParamSlice]]
+) -> tuple[list[Term], int]:
+    """An axis of ``size`` entries, ``per_entry`` counts each, cut into the groups' slices: a term
+    per slice and the constant rest."""
+    terms = [Term(per_entry * piece.block, (shape.name,)) for shape, piece in slices]
+    rest = size - sum(piece.block * shape.channels for shape, piece in slices)
+    return terms, rest * per_entry
+
+
 def model_costs(
     model: nn.Module, shapes: Sequence[GroupShape], example_inputs: tuple[torch.Tensor, ...]
 ) -> ModelCosts:
@@ -67,15 +78,15 @@ def model_costs(
     one = tuple(t[:1] for t in example_inputs)
     macs_now = flops_by_layer(model, one)
     rows_of: dict[str, GroupShape] = {}
-    follows: dict[str, GroupShape] = {}
     reads: dict[str, list[tuple[GroupShape, int]]] = {}
-    scaled: dict[str, GroupShape] = {}
+    # Per module: the slices of its per-channel tensors, by parameter name ("*": all of them).
+    slices: dict[str, dict[str, list[tuple[GroupShape, ParamSlice]]]] = {}
     for shape in shapes:
         rows_of.update((p, shape) for p in shape.producers)
-        follows.update((f, shape) for f in shape.followers)
-        scaled.update((t, shape) for t in shape.tensors)
         for layer, block in shape.readers:
             reads.setdefault(layer, []).append((shape, block))
+        for piece in shape.params:
+            slices.setdefault(piece.owner, {}).setdefault(piece.name, []).append((shape, piece))
 
     params: list[Term] = []
     macs: list[Term] = []
@@ -84,21 +95,23 @@ def model_costs(
     for name, module in model.named_modules():
         named = [(n, p) for n, p in module.named_parameters(recurse=False) if id(p) not in seen]
         seen.update(id(p) for _, p in named)
+        mine = slices.get(name, {})
+        own = []
         for leaf, p in named:
-            group = scaled.get(f"{name}.{leaf}" if name else leaf)
-            if group is not None:
-                params.append(Term(p.numel() // group.channels, (group.name,)))
-        own = [p for n, p in named if (f"{name}.{n}" if name else n) not in scaled]
-        if name in follows:
-            group = follows[name]
-            for p in own:
-                if p.dim() > 0 and p.shape[0] == group.channels:
-                    params.append(Term(p.numel() // group.channels, (group.name,)))
-                else:
-                    fixed += p.numel()
+            cut = mine.get(leaf) or (mine.get("*") if p.dim() > 0 else None)
+            if not cut:
+                own.append(p)
+                continue
+            axis = cut[0][1].axis
+            terms, rest = _sliced(int(p.shape[axis]), p.numel() // int(p.shape[axis]), cut)
+            params.extend(terms)
+            fixed += rest
+        if "*" in mine:  # a follower (a depthwise conv): each channel's MACs are its share
             if isinstance(module, _LAYERS) and name in macs_now:
-                # A depthwise conv: each channel's MACs are its kernel times its output positions.
-                macs.append(Term(macs_now[name] // group.channels, (group.name,)))
+                size = int(module.weight.shape[0])
+                terms, rest = _sliced(size, macs_now[name] // size, mine["*"])
+                macs.extend(terms)
+            fixed += sum(p.numel() for p in own)
             continue
         if not isinstance(module, _LAYERS) or not own:
             fixed += sum(p.numel() for p in own)

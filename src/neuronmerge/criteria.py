@@ -16,6 +16,7 @@ not the largest ones.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -58,6 +59,25 @@ def select_kept(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.sort(order[:keep]).values
 
 
+def _covering_steps(cov: torch.Tensor, weights: torch.Tensor, steps: int) -> Iterator[tuple[int, float]]:
+    """The greedy pivots of ``covering_kept``, one per step, each with the weighted residual
+    variance ``sum_i weights_i * residual_var_i`` left after it."""
+    residual = cov.to(torch.float64).clone()
+    w = weights.to(torch.float64)
+    n = residual.shape[0]
+    chosen = torch.zeros(n, dtype=torch.bool)
+    floor = residual.diagonal().max().clamp_min(1e-300) * 1e-12
+    for _ in range(steps):
+        diag = residual.diagonal().clamp_min(floor)
+        gain = (w[:, None] * residual.square()).sum(dim=0) / diag
+        gain[chosen] = -torch.inf
+        j = int(torch.argmax(gain))
+        chosen[j] = True
+        column = residual[:, j] / diag[j].sqrt()
+        residual -= column[:, None] * column[None, :]
+        yield j, float((w * residual.diagonal().clamp_min(0)).sum())
+
+
 def covering_kept(cov: torch.Tensor, weights: torch.Tensor, keep: int) -> torch.Tensor:
     """``keep`` channels chosen greedily to minimise the weighted residual variance of all channels.
 
@@ -68,20 +88,18 @@ def covering_kept(cov: torch.Tensor, weights: torch.Tensor, keep: int) -> torch.
     it (a pivoted Cholesky factorisation). The loop runs over the ``keep`` steps; each step is one
     vectorised pass over the N x N matrix.
     """
-    residual = cov.to(torch.float64).clone()
+    chosen = [j for j, _ in _covering_steps(cov, weights, keep)]
+    return torch.tensor(sorted(chosen), dtype=torch.long)
+
+
+def covering_curve(cov: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted residual variance that ``covering_kept`` leaves, for every kept count ``0..N``
+    (length ``N + 1``): the least-squares merge's own error at the consumers, as ``budget`` needs
+    it. The greedy picks are nested, so one run gives every count."""
     w = weights.to(torch.float64)
-    n = residual.shape[0]
-    chosen = torch.zeros(n, dtype=torch.bool)
-    floor = residual.diagonal().max().clamp_min(1e-300) * 1e-12
-    for _ in range(keep):
-        diag = residual.diagonal().clamp_min(floor)
-        gain = (w[:, None] * residual.square()).sum(dim=0) / diag
-        gain[chosen] = -torch.inf
-        j = int(torch.argmax(gain))
-        chosen[j] = True
-        column = residual[:, j] / diag[j].sqrt()
-        residual -= column[:, None] * column[None, :]
-    return torch.nonzero(chosen).flatten()
+    start = float((w * cov.diagonal().to(torch.float64).clamp_min(0)).sum())
+    left = [r for _, r in _covering_steps(cov, weights, cov.shape[0])]
+    return torch.tensor([start, *left], dtype=torch.float64)
 
 
 def kept_count(channels: int, ratio: float, rounding: str = "round") -> int:

@@ -35,6 +35,7 @@ from neuronmerge.ffn import (
     neuron_cost,
 )
 from neuronmerge.generated import sample_tokens
+from neuronmerge.hf_heads import AttentionSpec, HeadReport, compress_heads, kept_groups
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,8 @@ class BlockKind:
     spec: FFNSpec
     width_field: str
     bias_field: str | None = None
+    #: Where its attention's q/k/v/o live, for configs that can state fewer heads (``hf_heads``).
+    attention: AttentionSpec | None = None
 
 
 #: Every supported block layout (paths relative to the block).
@@ -85,6 +88,9 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
         ),
         "intermediate_size",
         bias_field="mlp_bias",
+        attention=AttentionSpec(
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+        ),
     ),
 )
 
@@ -115,6 +121,8 @@ class PretrainedResult:
     width_field: str
     width_before: int
     width_after: int
+    #: Attention heads before and after, when ``heads=`` was given.
+    heads: HeadReport | None = None
 
 
 def _spellings() -> Spellings:
@@ -184,11 +192,15 @@ def compress_pretrained(
     method: str = "merge",
     target_params: float | None = None,
     round_to: int | None = None,
+    heads: float | None = None,
     **options: Any,
 ) -> PretrainedResult:
     """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio`` (default
     0.5), or to the one MLP width whose parameter count is closest to ``target_params`` (a fraction
     of the model kept, or a count; ``ffn.mlp_width``); ``round_to=N`` keeps the width a multiple of N.
+    ``heads`` removes that fraction of every block's key/value head groups as well (``hf_heads``:
+    exact duplicates merged unless ``method="prune"``, the weakest pruned), for configs that state
+    the head width (LLaMA); the MLPs are fitted first, on the model with all its heads.
 
     ``method`` and ``options`` are those of ``nm.compress`` (e.g. ``approximate=True`` to merge
     through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are what each MLP reads
@@ -197,6 +209,14 @@ def compress_pretrained(
     """
     _require_transformers()
     kind, originals = block_kind(model)
+    if heads is not None and kind.attention is None:
+        raise InvalidArgumentError(
+            f"{'/'.join(kind.classes)}: the config derives each head's width from hidden_size and "
+            "the head count, so a model with fewer heads would not reload; heads= needs a config "
+            "with head_dim (LLaMA-style)"
+        )
+    if heads is not None and kind.attention is not None:
+        kept_groups(model.config, kind.attention, heads)  # a bad value fails before any work
     first = lift(originals[0][1], kind.spec, _spellings())  # the caller's layers, only read
     width = first.up.out_features
     kept = mlp_width(
@@ -231,4 +251,7 @@ def compress_pretrained(
         for _, block in blocks:
             add_zero_biases(block, kind.spec)
         setattr(small.config, kind.bias_field, True)
-    return PretrainedResult(small, reports, kind.width_field, width_before, width_after)
+    head_report = None
+    if heads is not None and kind.attention is not None:
+        head_report = compress_heads(blocks, kind.attention, small.config, heads, method != "prune")
+    return PretrainedResult(small, reports, kind.width_field, width_before, width_after, head_report)

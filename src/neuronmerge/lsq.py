@@ -15,12 +15,14 @@ synthetic probes this is data-free. The batches are synthetic probes made from t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import fx, nn
 
-from neuronmerge import criteria, decompose
+from neuronmerge import attention, criteria, decompose
 from neuronmerge.activations import tensor_moments
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.methods.base import GroupDecomposition
@@ -40,6 +42,12 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
         if piece.tensor != tensor:
             continue
         layer = graph_module.get_submodule(piece.module)
+        if isinstance(layer, nn.MultiheadAttention):  # the query/key/value rows reading the stream
+            rows = torch.cat(
+                [w for w, _ in attention.projections(layer)][: 3 if layer._qkv_same_embed_dim else 1]
+            )
+            energy += rows.to(torch.float64).square().sum(dim=0)
+            continue
         assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
         weight = layer.weight.detach().to(torch.float64)
         if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:  # local columns
@@ -52,40 +60,90 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
     return energy
 
 
-def moment_batches(
+class MomentSource(Protocol):
+    """Where ``merge-ls`` gets activation moments, and how it repairs BatchNorm statistics after."""
+
+    def moments(
+        self, graph_module: fx.GraphModule, groups: list[Group]
+    ) -> dict[tuple[str, str], decompose.Moments]:
+        """Mean and covariance of each group's channels at each tensor its consumers read."""
+        ...
+
+    def repair(
+        self, small: fx.GraphModule, groups: list[Group], decompositions: dict[str, GroupDecomposition]
+    ) -> fx.GraphModule:
+        """``small`` (the merged graph) with BatchNorm statistics that describe its own inputs."""
+        ...
+
+
+@dataclass(frozen=True)
+class MeasuredMoments:
+    """Moments measured on batches (synthetic probes or the caller's samples); the statistics of the
+    result re-measured on the same batches."""
+
+    batches: tuple[tuple[torch.Tensor, ...], ...]
+
+    def moments(
+        self, graph_module: fx.GraphModule, groups: list[Group]
+    ) -> dict[tuple[str, str], decompose.Moments]:
+        return tensor_moments(graph_module, groups, self.batches)
+
+    def repair(
+        self, small: fx.GraphModule, groups: list[Group], decompositions: dict[str, GroupDecomposition]
+    ) -> fx.GraphModule:
+        return remeasure_batchnorm(small, list(self.batches))
+
+
+def covering_inputs(
+    graph_module: fx.GraphModule, group: Group, moments: Mapping[tuple[str, str], decompose.Moments]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The covariance and consumer energy ``criteria.covering_kept`` chooses ``group``'s kept set
+    on: the covariance at the one tensor its consumers read, or the sum of those at several tensors
+    each scaled to unit trace, and the energy of every consumer column."""
+    tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
+    cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
+    energy = torch.zeros(group.channels, dtype=torch.float64)
+    for tensor in tensors:
+        c = moments[(group.name, tensor)].cov
+        cov += c / c.diagonal().sum().clamp_min(1e-300) if len(tensors) > 1 else c
+        energy += consumer_energy(graph_module, group, tensor)
+    return cov, energy
+
+
+def moment_source(
     graph_module: fx.GraphModule,
     example: torch.Tensor,
     calibration: Iterable[ExampleInputs] | None,
     groups: list[Group],
-) -> list[tuple[torch.Tensor, ...]]:
-    """The batches ``merge-ls`` measures moments on: ``calibration`` when given, else the model's
-    synthetic probes (``cached_probes``: made once per model), and none when no group needs them.
+) -> MomentSource:
+    """Where ``merge-ls`` gets its moments: ``calibration`` when given, else the model's synthetic
+    probes (``cached_probes``: made once per model); no batches at all when no group needs them.
+
+    Probe-free moments anchored on the BatchNorm statistics (``lab.propagate``: closed forms, or
+    noise run with batch-normalised BatchNorms) take about a second instead, but lost 4-45
+    validation points to the probes on vgg-fmnist and resnet-fmnist at ratios 0.5-0.8
+    (``experiments/moments_validation.json``), so the probes stay.
     """
     if not groups:
-        return []
-    if calibration is None:
-        return cached_probes(graph_module, example)
-    return [as_input_tuple(batch) for batch in calibration]
+        return MeasuredMoments(())
+    if calibration is not None:
+        return MeasuredMoments(tuple(as_input_tuple(batch) for batch in calibration))
+    return MeasuredMoments(tuple(cached_probes(graph_module, example)))
 
 
 def decompositions(
     graph_module: fx.GraphModule,
     groups: list[Group],
     keep: dict[str, int],
-    batches: list[tuple[torch.Tensor, ...]],
+    source: MomentSource,
     floor: float = FLOOR,
 ) -> dict[str, GroupDecomposition]:
-    """The ``merge-ls`` decomposition of every group, from moments measured on ``batches``."""
-    moments = tensor_moments(graph_module, groups, batches)
+    """The ``merge-ls`` decomposition of every group, from the moments ``source`` gives."""
+    moments = source.moments(graph_module, groups)
     result: dict[str, GroupDecomposition] = {}
     for group in groups:
         tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
-        cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
-        energy = torch.zeros(group.channels, dtype=torch.float64)
-        for tensor in tensors:
-            c = moments[(group.name, tensor)].cov
-            cov += c / c.diagonal().sum().clamp_min(1e-300) if len(tensors) > 1 else c
-            energy += consumer_energy(graph_module, group, tensor)
+        cov, energy = covering_inputs(graph_module, group, moments)
         spans = group.block_spans()  # grouped convs: each block keeps as many, merges inside
         per_block = keep[group.name] // group.blocks
         kept = torch.cat(
@@ -94,13 +152,17 @@ def decompositions(
                 for span in spans
             ]
         )
+        heads = {
+            name: attention.pruned(graph_module.get_submodule(name), int(kept.shape[0]), "l1-norm")
+            for name in group.attention
+        }
         if group.mode == "prune-only":
             prune = decompose.identity_on_kept(group.channels, kept, torch.float32)
-            result[group.name] = GroupDecomposition(kept, {t: prune for t in tensors}, 0)
+            result[group.name] = GroupDecomposition(kept, {t: prune for t in tensors}, 0, heads)
             continue
         at = {t: _blockwise(moments[(group.name, t)], kept, spans, floor) for t in tensors}
         merged = max(int(d.merged().shape[0]) for d in at.values())
-        result[group.name] = GroupDecomposition(kept, at, merged)
+        result[group.name] = GroupDecomposition(kept, at, merged, heads)
     return result
 
 

@@ -32,6 +32,7 @@ from collections.abc import Mapping
 import torch
 from torch import fx, nn
 
+from neuronmerge.attention import HeadPlan, projections
 from neuronmerge.capture import structural_copy
 from neuronmerge.decompose import Decomposition
 from neuronmerge.methods.base import GroupDecomposition
@@ -201,6 +202,68 @@ def _resized_layer(
     return new, constant
 
 
+def _resized_attention(
+    module: nn.MultiheadAttention,
+    rows: torch.Tensor | None,
+    slices: list[tuple[ConsumerSlice, Decomposition]],
+    plan: HeadPlan,
+) -> nn.MultiheadAttention:
+    """A new ``nn.MultiheadAttention``: ``out_proj`` rows ``rows``, query (and key and value, when
+    packed) input columns merged by the Z of the tensor they read, and the inner dims of ``plan``
+    (see ``attention``): query/key rows ``plan.qk``, value rows and ``out_proj`` columns ``plan.v``,
+    removed value columns added in scaled."""
+    new = structural_copy(module)
+    assert isinstance(new, nn.MultiheadAttention)
+    (wq, bq), (wk, bk), (wv, bv) = projections(module)
+    weights = [wq[plan.qk], wk[plan.qk], wv[plan.v]]
+    biases = [bq[plan.qk], bk[plan.qk], bv[plan.v]]
+    packed = module._qkv_same_embed_dim
+    with torch.no_grad():
+        if slices:
+            (piece, dec), *others = slices
+            assert not others, "one tensor feeds the query, key and value"
+            read = 3 if packed else 1
+            stacked = torch.cat(weights[:read])
+            mixed, constant = _mix_columns(stacked, [(piece, dec)])
+            if constant is not None:
+                bias = torch.cat(biases[:read]) + constant
+                biases[:read] = list(bias.split([w.shape[0] for w in weights[:read]]))
+            weights[:read] = list(mixed.split([w.shape[0] for w in weights[:read]]))
+        if packed:
+            _put(new, "in_proj_weight", _parameter(module.in_proj_weight, torch.cat(weights)))
+        else:
+            for name, weight in zip(("q", "k", "v"), weights, strict=True):
+                _put(
+                    new,
+                    f"{name}_proj_weight",
+                    _parameter(getattr(module, f"{name}_proj_weight"), weight),
+                )
+        if module.in_proj_bias is not None:
+            _put(new, "in_proj_bias", _parameter(module.in_proj_bias, torch.cat(biases)))
+        for name, index in (("bias_k", plan.qk), ("bias_v", plan.v)):
+            old = getattr(module, name)
+            if old is not None:
+                _put(new, name, _parameter(old, old.detach()[..., index]))
+        out = module.out_proj
+        weight = out.weight.detach() if rows is None else out.weight.detach()[rows]
+        columns = weight[:, plan.v]
+        if plan.v_source.numel():
+            scaled = weight[:, plan.v_source] * plan.v_scale.to(weight.dtype)
+            columns.index_add_(1, plan.v_target, scaled)
+        projection = structural_copy(out)
+        assert isinstance(projection, nn.Linear)
+        _put(projection, "weight", _parameter(out.weight, columns))
+        if out.bias is not None and rows is not None:
+            _put(projection, "bias", _parameter(out.bias, out.bias.detach()[rows]))
+        projection.out_features, projection.in_features = columns.shape
+    new._modules["out_proj"] = projection
+    width = int(plan.qk.shape[0])
+    new.embed_dim, new.num_heads, new.head_dim = width, plan.num_heads, width // plan.num_heads
+    if packed:
+        new.kdim = new.vdim = width
+    return new
+
+
 def _only_reader_norm(graph_module: fx.GraphModule, name: str) -> str | None:
     """The BatchNorm that alone reads layer ``name``'s output and reads nothing else, if any."""
     node = next(n for n in graph_module.graph.nodes if n.op == "call_module" and n.target == name)
@@ -348,16 +411,30 @@ def apply(
     slices: dict[str, list[tuple[ConsumerSlice, Decomposition]]] = defaultdict(list)
     kept_of: dict[str, torch.Tensor] = {}
     pieces: dict[tuple[str, str], list[tuple[ParamSlice, torch.Tensor, int]]] = defaultdict(list)
+    plans: dict[str, HeadPlan] = {}
     for group in groups:
         dec = decompositions[group.name]
         for piece in group.consumers:
             slices[piece.module].append((piece, dec.at[piece.tensor]))
         for producer in group.producers:
-            kept_of[producer] = dec.kept
+            block = group.rows_per_channel(producer)
+            rows = (
+                dec.kept if block == 1 else (dec.kept[:, None] * block + torch.arange(block)).flatten()
+            )
+            kept_of[producer] = rows
         for param in group.params:
             pieces[(param.owner, param.name)].append((param, dec.kept, group.channels))
+        plans.update(dec.heads)
 
     owned: list[torch.Tensor] = []
+    for name, plan in plans.items():
+        module = graph_module.get_submodule(name)
+        assert isinstance(module, nn.MultiheadAttention)
+        out_rows = kept_of.pop(f"{name}.out_proj") if f"{name}.out_proj" in kept_of else None
+        owned += _install(
+            graph_module, name, _resized_attention(module, out_rows, slices.pop(name, []), plan)
+        )
+        owned += [*graph_module.get_submodule(f"{name}.out_proj").parameters(recurse=False)]
     constants: dict[str, torch.Tensor] = {}
     for name in dict.fromkeys([*kept_of, *slices]):
         layer, constant = _resized_layer(

@@ -31,6 +31,7 @@ StepKind = Literal[
     "add",  # the sum of two tensors of the group (a residual stream)
     "mul",  # the product of two tensors of the group (a gate)
     "mixing",  # LayerNorm / softmax across the channels
+    "attention",  # scaled dot-product attention of the heads (query, key, value): channels are heads
 ]
 
 
@@ -104,7 +105,7 @@ class Group:
     norm: str | None
     #: The first producer's layer type (the paper rounds kept counts differently for each).
     kind: Literal["linear", "conv"]
-    pattern: Literal["chain", "residual", "gated"]
+    pattern: Literal["chain", "residual", "gated", "heads"]
     channels: int
     producers: tuple[str, ...]
     roots: tuple[int, ...]
@@ -121,6 +122,22 @@ class Group:
     #: Grouped convs among the producers or consumers split the channels into this many equal
     #: contiguous blocks: each block keeps as many channels, and merges stay inside a block.
     blocks: int = 1
+    #: ``nn.MultiheadAttention`` modules whose embedding is these channels: ``in_proj`` reads them,
+    #: ``out_proj`` (a producer) writes them, and torch ties the inner query/key/value width to the
+    #: embedding, so surgery rebuilds each with the kept width (inner dims chosen per head).
+    attention: tuple[str, ...] = ()
+    #: The kept count must be a multiple of this (the head count of every attention in ``attention``:
+    #: the kept width is always split evenly into heads).
+    multiple: int = 1
+    #: Rows of each producer's weight per channel (empty: one each). A head group's channels are
+    #: heads: ``head_dim`` rows of each of the query, key and value projections.
+    row_blocks: tuple[int, ...] = ()
+
+    def rows_per_channel(self, producer: str) -> int:
+        """How many weight rows of ``producer`` one channel owns."""
+        if not self.row_blocks:
+            return 1
+        return self.row_blocks[self.producers.index(producer)]
 
     def block_spans(self) -> list[slice]:
         """The channel range of every block."""

@@ -19,7 +19,7 @@ from neuronmerge import budget, criteria, engine
 from neuronmerge.costs import GroupShape, model_costs
 from neuronmerge.decompose import Rows
 from neuronmerge.errors import InvalidArgumentError
-from neuronmerge.lsq import consumer_energy
+from neuronmerge.lsq import MomentSource, consumer_energy, covering_inputs
 from neuronmerge.methods.base import Method
 from neuronmerge.methods.norm_ratio import root_rows
 from neuronmerge.types import Group
@@ -27,29 +27,38 @@ from neuronmerge.types import Group
 #: The fraction removed per group when neither a ratio nor a target is given.
 DEFAULT_RATIO = 0.5
 #: Compare groups by the fraction of their signal lost (``True``) rather than its raw size: chosen
-#: on the validation split (``experiments/budget_sweep.py``, ``experiments/budget_sweep.json``).
+#: on the validation split by the first budget sweep, before the trust band (its ``error-absolute``
+#: rows in ``experiments/budget_sweep.json`` as of commit e6e6d0e); not re-measured since.
 RELATIVE_CURVES = True
+#: Under a target, ``merge-ls`` (given its moments) ranks groups by its own least-squares
+#: residual on the probes' moments rather than by the weights' merge residual: chosen on the
+#: validation split (``experiments/budget_validation.py``, ``experiments/budget_validation.json``).
+LEAST_SQUARES_CURVES = True
+#: Under a target, residual streams keep the uniform allocation's width (``budget.GroupBudget.held``):
+#: chosen on resnet-fmnist's validation split (``experiments/budget_streams.py``, ``.json``).
+HOLD_STREAMS = True
 
 
 def costed(graph_module: fx.GraphModule, group: Group) -> bool:
-    """Whether ``costs`` models the group's width exactly: one channel per block, and every
-    per-channel tensor of it spanning the whole first axis of its owner (a BatchNorm, LayerNorm,
-    depthwise conv, LayerScale vector). Other groups (grouped heads, half of a BatchNorm after a
-    concatenation, a positional embedding along the stream) keep their width under a target rather
-    than be costed wrongly."""
-    if group.blocks != 1:
+    """Whether ``costs`` models the group's width exactly: one channel per block, and every slice
+    of a per-channel tensor it owns (a whole BatchNorm, or its part after a concatenation; a
+    LayerScale vector; a positional embedding along a stream) inside its tensor. Groups whose
+    channels come in blocks (grouped convolutions) keep their width under a target rather than be
+    costed wrongly; so do groups holding attention or heads, whose inner widths follow."""
+    if group.blocks != 1 or group.attention or group.row_blocks:
         return False
     for piece in group.params:
-        if piece.axis != 0 or piece.offset != 0:
-            return False
         owner = graph_module.get_submodule(piece.owner)
         tensors = (
             [p for p in owner.parameters(recurse=False) if p.dim() > 0]
             if piece.name == "*"
             else [getattr(owner, piece.name)]
         )
-        if any(t.shape[0] != group.channels for t in tensors):
-            return False
+        for tensor in tensors:
+            if tensor.dim() <= piece.axis:
+                return False
+            if piece.offset + piece.block * group.channels > tensor.shape[piece.axis]:
+                return False
     return True
 
 
@@ -59,11 +68,8 @@ def shape_of(group: Group) -> GroupShape:
         name=group.name,
         channels=group.channels,
         producers=group.producers,
-        followers=tuple(dict.fromkeys(p.owner for p in group.params if p.name == "*")),
         readers=tuple((c.module, c.block) for c in group.consumers),
-        tensors=tuple(
-            f"{p.owner}.{p.name}" if p.owner else p.name for p in group.params if p.name != "*"
-        ),
+        params=group.params,
     )
 
 
@@ -86,7 +92,23 @@ def error_curve(graph_module: fx.GraphModule, group: Group, criterion: str) -> t
     return tuple(curve.tolist())
 
 
-def _explicit(group: Group, request: budget.Request) -> float | None:
+def least_squares_curves(
+    graph_module: fx.GraphModule, groups: Sequence[Group], source: MomentSource
+) -> dict[str, tuple[float, ...]]:
+    """Every group's ``merge-ls`` error as a function of its kept count: the consumer-weighted
+    variance its least-squares merge leaves unexplained on the moments ``source`` gives
+    (``criteria.covering_curve``, the loss ``merge-ls`` itself minimises), over its whole variance."""
+    moments = source.moments(graph_module, list(groups))
+    curves = {}
+    for group in groups:
+        curve = criteria.covering_curve(*covering_inputs(graph_module, group, moments))
+        if RELATIVE_CURVES and curve[0] > 0:
+            curve = curve / curve[0]
+        curves[group.name] = tuple(curve.tolist())
+    return curves
+
+
+def explicit_ratio(group: Group, request: budget.Request) -> float | None:
     """The ratio of the first ``request.ratios`` glob matching one of the group's producers."""
     return next(
         (r for glob, r in request.ratios if any(fnmatch.fnmatchcase(p, glob) for p in group.producers)),
@@ -103,18 +125,21 @@ def kept_counts(
     method: Method,
     *,
     criterion: str = "l1-norm",
+    moments: MomentSource | None = None,
 ) -> dict[str, int]:
     """How many channels every group keeps.
 
     Without a target: ``ratio`` (or the group's entry of ``request.ratios``) removed from each, as
     ``engine.kept_counts`` rounds it, then snapped to ``request.round_to``. With a target: groups
     with an explicit ratio keep that width, groups ``costs`` cannot model (``costed``) keep all
-    their channels, and the others get the widths ``budget`` allocates. Raises
+    their channels, and the others get the widths ``budget`` allocates, from their merge
+    residual on the weights, or, given ``merge-ls``'s ``moments`` source, from its least-squares
+    residual on them (``least_squares_curves``). Raises
     ``InvalidArgumentError`` when a group would keep no channel or the target is out of reach.
     """
     shares: dict[str, float] = {}
     for group in groups:
-        r = _explicit(group, request)
+        r = explicit_ratio(group, request)
         if r is None and request.metric is None:
             r = DEFAULT_RATIO if ratio is None else ratio
         if r is not None:
@@ -123,7 +148,7 @@ def kept_counts(
     if request.round_to > 1:
         for group in groups:
             if group.name in fixed:
-                step = math.lcm(request.round_to, group.blocks)
+                step = math.lcm(request.round_to, group.blocks, group.multiple)
                 whole = budget.GroupBudget("", group.channels, (), 1, group.channels)
                 fixed[group.name] = budget.snap(whole, fixed[group.name], step)
     if request.metric is None:
@@ -140,18 +165,21 @@ def kept_counts(
     costs = model_costs(graph_module, [shape_of(g) for g in modelled], inputs)
     terms = costs.params if request.metric == "params" else costs.macs
     whole_model = budget.total(terms, {g.name: g.channels for g in modelled})
+    free = [g for g in modelled if g.name not in fixed]
+    curves: dict[str, tuple[float, ...]] = {}
+    if request.allocation == "error" and moments is not None and LEAST_SQUARES_CURVES:
+        curves = least_squares_curves(graph_module, free, moments)
+    elif request.allocation == "error":
+        curves = {g.name: error_curve(graph_module, g, criterion) for g in free}
     budgets = []
     for group in modelled:
         if group.name in fixed:
             keep = fixed[group.name]
             budgets.append(budget.GroupBudget(group.name, group.channels, (), keep, keep))
             continue
-        curve = (
-            error_curve(graph_module, group, criterion)
-            if request.allocation == "error"
-            else (0.0,) * (group.channels + 1)
-        )
-        budgets.append(budget.GroupBudget(group.name, group.channels, curve, 1, group.channels))
+        curve = curves.get(group.name, (0.0,) * (group.channels + 1))
+        held = HOLD_STREAMS and group.pattern == "residual"
+        budgets.append(budget.GroupBudget(group.name, group.channels, curve, 1, group.channels, held))
     what = "parameters" if request.metric == "params" else "MACs per example"
     choose = budget.allocate if request.allocation == "error" else budget.uniform
     kept = choose(budgets, terms, request.absolute(whole_model), round_to=request.round_to, what=what)

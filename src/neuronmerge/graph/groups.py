@@ -19,6 +19,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
@@ -76,6 +77,12 @@ class _Growing:
     #: Grouped convs split the channels into this many equal blocks (each keeps as many).
     blocks: int = 1
     seen: set[tuple[fx.Node, fx.Node, Layout]] = field(default_factory=set)
+    #: Producers named otherwise than their node's target (an attention's ``out_proj``).
+    names: dict[fx.Node, str] = field(default_factory=dict)
+    #: Weight rows per channel of a producer (a head's rows), where not one.
+    row_blocks: dict[fx.Node, int] = field(default_factory=dict)
+    attention: list[str] = field(default_factory=list)
+    multiple: int = 1
 
 
 class GroupFinder:
@@ -104,16 +111,33 @@ class GroupFinder:
         groups: list[Group] = []
         skipped: list[Skipped] = []
         done: set[fx.Node] = set()
-        for node in self.gm.graph.nodes:
-            if node in done or not self._is_producer(node):
+        # Heads first: the projections feeding a scaled dot-product attention are grouped by head.
+        seeds = [n for n in self.gm.graph.nodes if self._is_heads(n)]
+        seeds += [n for n in self.gm.graph.nodes if self._is_producer(n)]
+        # An attention no layer's channels reach still gets its group, or the reason it has none.
+        seeds += [
+            n
+            for n in self.gm.graph.nodes
+            if isinstance(self._module(n), nn.MultiheadAttention) and not self._is_heads(n)
+        ]
+        for node in seeds:
+            if node in done:
                 continue
             state = _Growing(channels=0)
             try:
-                group = self._grow(node, state)
+                if self._is_heads(node):
+                    self._heads(node, state)
+                elif isinstance(self._module(node), nn.MultiheadAttention):
+                    self._add_attention(node, state)
+                else:
+                    self._add_producer(node, state, None)
+                group = self._grow(state)
             except _Refusal as refusal:
-                reached = state.producers or [node]
+                reached = state.producers or ([] if self._is_heads(node) else [node])
+                if isinstance(self._module(node), nn.MultiheadAttention):
+                    state.names.setdefault(node, f"{node.target}.out_proj")
                 done.update(reached)
-                skipped += [Skipped(str(p.target), str(refusal)) for p in reached]
+                skipped += [Skipped(state.names.get(p, str(p.target)), str(refusal)) for p in reached]
                 continue
             done.update(state.producers)
             groups.append(group)
@@ -156,19 +180,24 @@ class GroupFinder:
             and module.groups == module.in_channels == module.out_channels
         )
 
+    def _is_heads(self, node: fx.Node) -> bool:
+        """A scaled dot-product attention call (not a module): its heads are a group's channels."""
+        op = self._op(node)
+        return op is not None and op.effect == "attention" and node.op != "call_module"
+
     def _is_producer(self, node: fx.Node) -> bool:
         op = self._op(node)
         return op is not None and op.effect == "producer" and not self._is_depthwise(self._module(node))
 
-    def _check_resizable(self, name: str) -> None:
+    def _check_resizable(self, name: str, weight: str = "weight") -> None:
         """Refuse when layer ``name``'s tensors are not its own plain parameters and buffers: tied to
         another module, read directly by the graph, or computed (parametrizations, weight_norm hooks).
         """
         module = self.modules[name]
         if self.calls.get(name, 0) > 1:
             raise _Refusal(f"{name} is called {self.calls[name]} times (shared weights)")
-        if parametrize.is_parametrized(module) or "weight" not in module._parameters:
-            raise _Refusal(f"{name}.weight is computed (a parametrization or weight_norm hook)")
+        if parametrize.is_parametrized(module) or weight not in module._parameters:
+            raise _Refusal(f"{name}.{weight} is computed (a parametrization or weight_norm hook)")
         for key, tensor in [
             *module.named_parameters(recurse=False),
             *module.named_buffers(recurse=False),
@@ -181,8 +210,7 @@ class GroupFinder:
 
     # -- growing one group ---------------------------------------------------------------------
 
-    def _grow(self, seed: fx.Node, state: _Growing) -> Group:
-        self._add_producer(seed, state, None)
+    def _grow(self, state: _Growing) -> Group:
         while state.queue:
             tensor, where = state.queue.pop()
             for user in list(tensor.users):
@@ -209,16 +237,25 @@ class GroupFinder:
         shape = _shape(node)
         if isinstance(module, nn.Linear):
             where = Layout(len(shape) - 1)
+            if (
+                expected is not None
+                and expected.block > 1
+                and expected == Layout(where.dim, 0, expected.block)
+            ):
+                # Heads: each channel is a block of rows (the head's dims) of the output.
+                where = expected
+                state.row_blocks[node] = expected.block
         else:
             if len(shape) != spatial_dims(module) + 2:
                 raise _Refusal(f"unbatched input of shape {shape}: the channels are not on axis 1")
             where = Layout(1)
         if expected is not None and expected != where:
             raise _Refusal(f"{name} writes the channels in another layout than the stream it joins")
+        written = shape[where.dim] // where.block
         if not state.channels:
-            state.channels = shape[where.dim]
-        elif shape[where.dim] != state.channels:
-            raise _Refusal(f"{name} writes {shape[where.dim]} channels into a group of {state.channels}")
+            state.channels = written
+        elif written != state.channels:
+            raise _Refusal(f"{name} writes {written} channels into a group of {state.channels}")
         state.layouts[node] = where
         # Fold the BatchNorms that alone read the producer into its rows: what the channel computes.
         root, folded = node, []
@@ -272,15 +309,25 @@ class GroupFinder:
         name = label(node, module)
         if node.op == "placeholder":
             raise _Refusal(f"the channels come from the model input {node.name}, which cannot lose any")
-        if op is None or source is None or op.effect in ("producer", "metadata", "cat"):
+        if op is not None and op.effect == "index" and self._attention_output(node):
+            assert isinstance(source, fx.Node)
+            self._add_attention(source, state)
+            if state.layouts.get(node) != where:
+                raise _Refusal(f"{name} carries the channels in another layout than the stream")
+            return
+        if op is not None and op.effect == "cat":
+            self._cat(node, where, state)
+            return
+        if op is None or source is None or op.effect in ("producer", "metadata"):
             raise _Refusal(f"the channels come from {name}, which cannot lose channels")
         if op.effect in ("add", "sub", "mul"):
             state.layouts[node] = where
             ndim = len(_shape(node))
             for operand in node.args[:2]:
-                # Parameters (LayerScale) and tensors constant across the channels are not walked:
-                # ``_forward_binary`` takes them as per-channel factors or terms.
-                if not isinstance(operand, fx.Node) or operand.op == "get_attr":
+                # Parameters (LayerScale, a positional embedding) and tensors constant across the
+                # channels are not walked: ``_forward_binary`` takes them as per-channel factors or
+                # terms.
+                if not isinstance(operand, fx.Node) or self._parameter_chain(operand):
                     continue
                 extent = _shape(operand)
                 at = where.dim - (ndim - len(extent))
@@ -299,6 +346,10 @@ class GroupFinder:
         elif op.effect == "transpose":  # an involution
             first, second = int(node.args[1]), int(node.args[2])  # type: ignore[arg-type]
             before = lay.transposed(where, first, second, len(_shape(node)))
+        elif op.effect == "index":
+            before = lay.unindexed(where, len(_shape(source)), node.args[1])
+        elif op.effect == "layernorm":  # ``_normalised`` checks it normalises the channels alone
+            before = where
         elif op.effect not in (
             "pass",
             "dropout",
@@ -369,7 +420,187 @@ class GroupFinder:
         if effect in ("layernorm", "groupnorm", "softmax"):
             self._normalised(tensor, user, op, module, where, ndim, state)
             return
+        if effect == "attention" and module is not None:
+            queries = [_arg(user, i, key) for i, key in enumerate(("query", "key", "value"))]
+            assert isinstance(module, nn.MultiheadAttention)
+            read = queries if module._qkv_same_embed_dim else queries[:1]
+            if tensor not in read:
+                raise _Refusal(
+                    f"channels reach {name} other than as its query"
+                    + ("" if module._qkv_same_embed_dim else " (its key/value width is kdim/vdim)")
+                )
+            if where != Layout(ndim - 1):
+                raise _Refusal(f"{name} reads the channels with a different layout")
+            self._add_attention(user, state)
+            return
+        if effect == "attention":
+            if where != Layout(ndim - 3) or tensor not in user.args[:3]:
+                raise _Refusal(f"channels reach {name} other than as the heads of its query/key/value")
+            self._heads(user, state)
+            return
         raise _Refusal(f"channels reach {name}, which merging cannot pass through")
+
+    # -- attention -------------------------------------------------------------------------------
+
+    def _attention_output(self, node: fx.Node) -> bool:
+        """Whether ``node`` is ``attention(...)[0]`` of an ``nn.MultiheadAttention`` call."""
+        source = node.args[0] if node.args else None
+        return (
+            isinstance(source, fx.Node)
+            and isinstance(self._module(source), nn.MultiheadAttention)
+            and node.args[1:2] == (0,)
+        )
+
+    def _add_attention(self, node: fx.Node, state: _Growing) -> None:
+        """An ``nn.MultiheadAttention`` call joins the group: its query (with key and value when
+        they share the packed ``in_proj``) reads the channels, its ``out_proj`` writes them (torch
+        ties the inner width and both to ``embed_dim``), and ``[0]`` of its output carries them."""
+        if node in state.producers:
+            return
+        name = str(node.target)
+        module = self._module(node)
+        assert isinstance(module, nn.MultiheadAttention)
+        out = f"{name}.out_proj"
+        state.producers.append(node)
+        state.names[node] = out
+        if self.calls.get(name, 0) > 1:
+            raise _Refusal(f"{name} is called {self.calls[name]} times (shared weights)")
+        packed = module._qkv_same_embed_dim
+        self._check_resizable(name, "in_proj_weight" if packed else "q_proj_weight")
+        self._check_resizable(out)
+        readers = [_arg(node, i, key) for i, key in enumerate(("query", "key", "value"))]
+        reads = readers if packed else readers[:1]
+        if not all(isinstance(t, fx.Node) for t in reads):
+            raise _Refusal(f"{name} takes a query that is not a tensor of the graph")
+        outputs = [u for u in node.users if u.args[1:2] == (0,)]
+        others = [u for u in node.users if u not in outputs and u.args[1:2] != (1,)]
+        if len(outputs) != 1 or others:
+            raise _Refusal(f"{name}'s output is read other than as attention(...)[0] and [1]")
+        where = Layout(len(_shape(outputs[0])) - 1)
+        if not state.channels:
+            state.channels = module.embed_dim
+        elif module.embed_dim != state.channels:
+            raise _Refusal(f"{name} writes {module.embed_dim} channels into a group of {state.channels}")
+        state.multiple = math.lcm(state.multiple, module.num_heads)
+        state.attention.append(name)
+        state.layouts[outputs[0]] = where
+        state.roots[node] = outputs[0]
+        state.folded[node] = []
+        state.queue.append((outputs[0], where))
+        for tensor in dict.fromkeys(reads):
+            assert isinstance(tensor, fx.Node)
+            self._join(tensor, where, state)
+            state.seen.add((tensor, node, where))
+            state.consumers.append(ConsumerSlice(name, 0, 1, tensor.name))
+
+    def _heads(self, node: fx.Node, state: _Growing) -> None:
+        """``F.scaled_dot_product_attention(q, k, v)`` on ``(..., heads, length, head_dim)``: head h
+        of q, k and v is one channel (its rows of the three projections; ``h`` of the output)."""
+        name = label(node, None)
+        q, k, v = (_arg(node, i, key) for i, key in enumerate(("query", "key", "value")))
+        if not all(isinstance(t, fx.Node) for t in (q, k, v)):
+            raise _Refusal(f"{name} takes a query, key or value that is not a tensor of the graph")
+        assert isinstance(q, fx.Node) and isinstance(k, fx.Node) and isinstance(v, fx.Node)
+        shapes = [_shape(t) for t in (q, k, v)]
+        ndim = len(shapes[0])
+        if ndim < 3 or any(len(shape) != ndim or shape[-3] != shapes[0][-3] for shape in shapes):
+            raise _Refusal(f"{name} reads key/value heads of another count (grouped-query attention)")
+        mask = _arg(node, 3, "attn_mask")
+        if isinstance(mask, fx.Node) and mask in state.layouts:
+            raise _Refusal(f"channels reach {name} as its mask")
+        where = Layout(ndim - 3)
+        if not state.channels:
+            state.channels = shapes[0][-3]
+        elif state.channels != shapes[0][-3]:
+            raise _Refusal(f"{name} has {shapes[0][-3]} heads, not {state.channels}")
+        for tensor in (q, k, v):
+            self._join(tensor, where, state)
+            state.seen.add((tensor, node, where))
+        step = Step(node.name, "attention", (q.name, k.name, v.name), label=name)
+        self._claim(node, where, state, step)
+
+    # -- concatenation along another axis, parameters on the way -----------------------------------
+
+    def _cat(self, node: fx.Node, where: Layout, state: _Growing) -> None:
+        """``torch.cat`` along an axis other than the channels' (a class token before the patch
+        tokens): every operand carries the same channels; group tensors join, parameters (the
+        token itself) lose the same entries."""
+        name = label(node, None)
+        tensors = _arg(node, 0, "tensors")
+        ndim = len(_shape(node))
+        dim = _arg(node, 1, "dim", 0)
+        assert isinstance(tensors, (list, tuple)) and isinstance(dim, int)
+        if dim % ndim == where.dim:
+            raise _Refusal(f"the channels come from {name}, which cannot lose channels")
+        inside = []
+        for item in tensors:
+            assert isinstance(item, fx.Node)
+            if not self._slice_parameter(item, where, ndim, _shape(node)[where.dim], state, name):
+                self._join(item, where, state)
+                state.seen.add((item, node, where))
+                inside.append(item.name)
+        if not inside:
+            raise _Refusal(f"the channels come from {name} of parameters alone")
+        # Exact only if every part moves alike: a learned token does not scale with the others.
+        kind: StepKind = "pass" if len(inside) == len(tensors) else "nonhomogeneous"
+        self._claim(node, where, state, Step(node.name, kind, tuple(inside), label=name))
+
+    def _parameter_chain(self, node: fx.Node) -> list[fx.Node] | None:
+        """``node`` back to the parameter or buffer it reads (``param``, ``param.expand(...)``,
+        ``param[:n]``), or None when it is computed from anything else."""
+        chain = [node]
+        while node.op != "get_attr":
+            op = self._op(node)
+            source = node.args[0] if node.args else None
+            if (
+                op is None
+                or op.effect not in ("expand", "index", "pass")
+                or not isinstance(source, fx.Node)
+            ):
+                return None
+            node = source
+            chain.append(node)
+        return chain if isinstance(self._attribute(str(node.target)), torch.Tensor) else None
+
+    def _attribute(self, target: str) -> object:
+        owner, _, leaf = target.rpartition(".")
+        try:
+            return getattr(self.gm.get_submodule(owner), leaf, None)
+        except AttributeError:
+            return None
+
+    def _slice_parameter(
+        self, node: fx.Node, where: Layout, ndim: int, size: int, state: _Growing, name: str
+    ) -> bool:
+        """If ``node`` reads a parameter or buffer spanning the channel axis (of ``size`` entries,
+        at ``where`` in a tensor of rank ``ndim``), record its entries as the group's and say so."""
+        chain = self._parameter_chain(node)
+        if chain is None:
+            return False
+        axis = where.dim - (ndim - len(_shape(node)))
+        for step, source in zip(chain, chain[1:], strict=False):
+            op = self._op(step)
+            assert op is not None
+            if op.effect == "expand":
+                axis -= len(_shape(step)) - len(_shape(source))
+            elif op.effect == "index":
+                found = lay.unindexed(Layout(axis), len(_shape(source)), step.args[1])
+                axis = -1 if found is None else found.dim
+            if axis < 0:
+                raise _Refusal(f"{name} reads {chain[-1].target} across the channel axis")
+        target = str(chain[-1].target)
+        value = self._attribute(target)
+        assert isinstance(value, torch.Tensor)
+        if value.shape[axis] != size or where.block != 1:
+            raise _Refusal(f"{name} combines the channels with {target}, not one entry per channel")
+        owners = self.owners.get(id(value), [])
+        if len(owners) > 1:
+            raise _Refusal(f"{target} is shared with {owners[1]} (tied weights)")
+        if sum(1 for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target) > 1:
+            raise _Refusal(f"{target} is read more than once by the graph")
+        owner, _, leaf = target.rpartition(".")
+        state.params.append(ParamSlice(owner, leaf, axis, where.offset))
+        return True
 
     def _consumer(
         self,
@@ -532,7 +763,8 @@ class GroupFinder:
                 assert isinstance(item, fx.Node)
                 ahead += _shape(item)[dim % ndim]
             if dim % ndim != where.dim:
-                raise _Refusal(f"{name} joins other tensors along a non-channel axis")
+                self._cat(user, where, state)
+                return
             new = lay.concatenated(where, dim, ndim, ahead)
         if new is None:
             raise _Refusal(f"{name} moves the channel axis in a way merging cannot follow")
@@ -564,7 +796,7 @@ class GroupFinder:
                 self._claim(user, where, state, Step(user.name, same, (inside[0].name,), label=name))
                 return
             assert isinstance(other, fx.Node)
-            if other.op == "get_attr":
+            if self._parameter_chain(other) is not None:
                 self._parameter(user, op, other, inside[0], where, ndim, state)
                 return
             extent = _shape(other)
@@ -597,6 +829,15 @@ class GroupFinder:
         """``x * gamma`` (LayerScale) or ``x + beta`` with a per-channel parameter read by get_attr."""
         name = label(user, None)
         target = str(param.target)
+        axis = lay.param_axis(where, ndim, tuple(_shape(param)))
+        if param.op != "get_attr" or axis is None:
+            # A parameter varying along other axes too (a positional embedding): its channel
+            # entries are sliced, and the step is per channel but not a positive scale.
+            size = _shape(user)[where.dim]
+            self._slice_parameter(param, where, ndim, size, state, name)
+            step = Step(user.name, "nonhomogeneous", (tensor.name,), label=name)
+            self._claim(user, where, state, step)
+            return
         value = self.gm.get_parameter(target) if _is_param(self.gm, target) else None
         if value is None:
             raise _Refusal(f"{name} reads {target}, which is not a parameter")
@@ -698,26 +939,36 @@ class GroupFinder:
             if s.kind == "nonhomogeneous" and not (s.node in feeds_mul and set(s.inputs) <= root_names)
         ]
         if mixing:
-            mode, why = "prune-only", f"channels enter {mixing[0]}, which mixes them: prune only"
+            mode, why = (
+                "prune-only",
+                f"channels enter {mixing[0]}, which normalises across them: prune only "
+                "(its weight and bias keep the kept channels' entries)",
+            )
         elif through:
             mode, why = "least-squares", NON_HOMOGENEOUS.format(through[0])
         else:
             mode, why = "exact", ""
         pattern = (
-            "gated"
+            "heads"
+            if any(s.kind == "attention" for s in steps)
+            else "gated"
             if any(s.kind == "mul" for s in steps)
             else ("residual" if any(s.kind == "add" for s in steps) else "chain")
         )
+        names = [state.names.get(p, str(p.target)) for p in producers]
         first = self.modules[str(producers[0].target)]
-        root_steps = tuple(Step(state.roots[p].name, "root", (), label=str(p.target)) for p in producers)
+        root_steps = tuple(
+            Step(state.roots[p].name, "root", (), label=n) for p, n in zip(producers, names)
+        )
         folds = [state.folded[p] for p in producers]
+        blocks = tuple(state.row_blocks.get(p, 1) for p in producers)
         return Group(
-            producer=str(producers[0].target),
+            producer=names[0],
             norm=folds[0][0] if len(producers) == 1 and len(folds[0]) == 1 else None,
-            kind="linear" if isinstance(first, nn.Linear) else "conv",
+            kind="linear" if isinstance(first, (nn.Linear, nn.MultiheadAttention)) else "conv",
             pattern=pattern,  # type: ignore[arg-type]
             channels=state.channels,
-            producers=tuple(str(p.target) for p in producers),
+            producers=tuple(names),
             roots=roots,
             folded=tuple(tuple(state.folded[p]) for p in producers),
             steps=root_steps + tuple(s for s in steps if s.node not in root_of),
@@ -728,6 +979,9 @@ class GroupFinder:
             why=why,
             blocks=state.blocks,
             approximate_through=tuple(dict.fromkeys(through)),
+            attention=tuple(state.attention),
+            multiple=state.multiple,
+            row_blocks=blocks if any(b != 1 for b in blocks) else (),
         )
 
     def _node(self, name: str) -> fx.Node:

@@ -106,17 +106,22 @@ def param_axis(layout: Layout, ndim: int, shape: Sequence[int]) -> int | None:
     return axis
 
 
-def indexed(layout: Layout, ndim: int, index: object) -> Layout | None:
-    """The layout after ``x[index]`` with ints, slices, ``None`` and ``...``: None unless the
-    channel axis is taken whole (``slice(None)``) and nothing indexes by tensors."""
+def _entries(ndim: int, index: object) -> list[object]:
+    """``index`` as one entry per axis of a tensor of rank ``ndim`` (``...`` and missing trailing
+    axes spelled out as full slices; ``None`` entries kept: they add an axis)."""
     entries = list(index) if isinstance(index, tuple) else [index]
     if any(e is Ellipsis for e in entries):
         at = entries.index(Ellipsis)
         fill = ndim - sum(1 for e in entries if e is not None and e is not Ellipsis)
         entries = entries[:at] + [slice(None)] * fill + entries[at + 1 :]
-    entries += [slice(None)] * (ndim - sum(1 for e in entries if e is not None))
+    return entries + [slice(None)] * (ndim - sum(1 for e in entries if e is not None))
+
+
+def indexed(layout: Layout, ndim: int, index: object) -> Layout | None:
+    """The layout after ``x[index]`` with ints, slices, ``None`` and ``...``: None unless the
+    channel axis is taken whole (``slice(None)``) and nothing indexes by tensors."""
     axis = new_dim = 0
-    for entry in entries:
+    for entry in _entries(ndim, index):
         if entry is None:
             new_dim += 1
             continue
@@ -129,3 +134,33 @@ def indexed(layout: Layout, ndim: int, index: object) -> Layout | None:
         axis += 1
         new_dim += 0 if isinstance(entry, int) else 1
     return None
+
+
+def unindexed(layout: Layout, ndim: int, index: object) -> Layout | None:
+    """The inverse of ``indexed``: where the channels sit in the indexed tensor (of rank ``ndim``)
+    when ``x[index]`` holds them at ``layout``; None unless that axis is a whole slice of one."""
+    axis = new_dim = 0
+    for entry in _entries(ndim, index):
+        if entry is None:
+            if new_dim == layout.dim:
+                return None
+            new_dim += 1
+            continue
+        if not isinstance(entry, (int, slice)):
+            return None
+        if isinstance(entry, slice):
+            if new_dim == layout.dim:
+                return Layout(axis, layout.offset, layout.block) if entry == slice(None) else None
+            new_dim += 1
+        axis += 1
+    return None
+
+
+def broadcast_axis(layout: Layout, ndim: int, shape: Sequence[int], size: int) -> int | None:
+    """The channel axis of a tensor of ``shape`` broadcast against one of rank ``ndim`` whose
+    channel axis (``layout``) has ``size`` entries, when it spans that whole axis (it may vary
+    along other axes too: a positional embedding); None otherwise."""
+    axis = layout.dim - (ndim - len(shape))
+    if axis < 0 or layout.block != 1 or shape[axis] != size:
+        return None
+    return axis

@@ -21,6 +21,8 @@ Effects:
 * ``cat``: concatenation; ``add`` / ``sub`` / ``mul``: binary elementwise; ``pow``: a power.
 * ``layernorm`` / ``groupnorm`` / ``softmax``: normalise across an axis (mixing when it is the
   channels').
+* ``attention``: ``nn.MultiheadAttention`` (reads the stream through ``in_proj``, writes it through
+  ``out_proj``) or ``F.scaled_dot_product_attention`` (per head: heads are its channels).
 * ``metadata``: reads a tensor's shape, never its values.
 """
 
@@ -60,6 +62,7 @@ Effect = Literal[
     "layernorm",
     "groupnorm",
     "softmax",
+    "attention",
     "metadata",
 ]
 
@@ -266,6 +269,14 @@ OPS: tuple[Op, ...] = (
         (F.softmax, F.log_softmax, torch.softmax, torch.log_softmax),
         ("softmax", "log_softmax"),
         (_aten._softmax.default, _aten._log_softmax.default),
+    ),
+    Op(
+        "attention",
+        "attention",
+        (nn.MultiheadAttention,),
+        (F.scaled_dot_product_attention,),
+        (),
+        (_aten.scaled_dot_product_attention.default,),
     ),
     Op("size", "metadata", (), (), ("size", "dim"), (_aten.sym_size.int,)),
 )

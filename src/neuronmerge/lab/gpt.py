@@ -10,6 +10,7 @@ Fashion-MNIST models; perplexity is ``exp`` of the mean next-byte cross-entropy.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -37,9 +38,9 @@ class GPTConfig:
     vocab_size: int = 256
     block_size: int = 64
     n_layer: int = 4
-    n_head: int = 5
-    n_embd: int = 160
-    mlp_width: int = 640
+    n_head: int = 8
+    n_embd: int = 256
+    mlp_width: int = 1024
     activation: Activation = "relu"
 
 
@@ -54,7 +55,7 @@ class TrainRecipe:
     weight_decay: float = 0.1
 
 
-#: The registered configurations: ``gpt-kjv`` is the one swept (ReLU MLP, ~1.3M parameters).
+#: The registered configurations: ``gpt-kjv`` is the one swept (ReLU MLP, 3.3M parameters).
 CONFIGS: dict[str, GPTConfig] = {
     "gpt-kjv": GPTConfig(),
     "gpt-kjv-relu2": GPTConfig(activation="relu2"),
@@ -258,7 +259,8 @@ def trained_gpt(
         raise ValueError(f"unknown GPT config {name!r}; choose one of {', '.join(CONFIGS)}")
     config, recipe = CONFIGS[name], recipe or TrainRecipe()
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    stem = f"{name}-kjv-seed{seed}-s{recipe.steps}-b{recipe.batch_size}-lr{recipe.lr:g}"
+    shape = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()[:8]
+    stem = f"{name}-{shape}-kjv-seed{seed}-s{recipe.steps}-b{recipe.batch_size}-lr{recipe.lr:g}"
     weights, sidecar = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     if weights.is_file() and sidecar.is_file():
         info = json.loads(sidecar.read_text())

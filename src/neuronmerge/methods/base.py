@@ -10,17 +10,19 @@ never touch the graph's layers; ``surgery`` applies what they return.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import fx
 
 from neuronmerge import criteria
+from neuronmerge.attention import HeadPlan
 from neuronmerge.decompose import Decomposition
 from neuronmerge.types import Group
 
 if TYPE_CHECKING:
+    from neuronmerge.lsq import MomentSource
     from neuronmerge.options import Options
 
 
@@ -35,6 +37,8 @@ class GroupDecomposition:
     kept: torch.Tensor
     at: Mapping[str, Decomposition]
     merged: int
+    #: The inner dims every attention of the group keeps (``Group.attention``), by module name.
+    heads: Mapping[str, HeadPlan] = field(default_factory=dict)
 
     @property
     def channels(self) -> int:
@@ -43,11 +47,12 @@ class GroupDecomposition:
 
 @dataclass(frozen=True)
 class Inputs:
-    """What a method may read besides the graph: the example inputs and, for methods that measure
-    activations, calibration batches (synthetic probes or the caller's samples)."""
+    """What a method may read besides the graph: the example inputs and, for methods that fit on
+    activations, where their moments come from (an ``lsq.MomentSource``: measured on synthetic
+    probes or on the caller's samples by default)."""
 
     example: tuple[torch.Tensor, ...]
-    calibration: Sequence[tuple[torch.Tensor, ...]] | None = None
+    moments: MomentSource | None = None
 
 
 class Method(Protocol):
@@ -80,5 +85,9 @@ class Method(Protocol):
 
 def balanced_kept_count(group: Group, ratio: float) -> int:
     """Channels kept by removing ``ratio`` from every block of ``group`` alike: a grouped conv's
-    channels come in ``group.blocks`` equal blocks, and each must keep as many (one block otherwise)."""
-    return criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
+    channels come in ``group.blocks`` equal blocks, and each must keep as many (one block otherwise).
+    A group read by attention keeps the nearest multiple of ``group.multiple`` (its head count)."""
+    kept = criteria.kept_count(group.channels // group.blocks, ratio) * group.blocks
+    if group.multiple > 1 and kept:
+        kept = max(group.multiple, round(kept / group.multiple) * group.multiple)
+    return kept

@@ -30,6 +30,8 @@ class LeastSquares:
     def refusal(self, group: Group, options: Options) -> str | None:
         if group.mode == "prune-only" and not options.approximate:
             return group.why
+        if group.pattern == "heads":
+            return "merge-ls fits channels one by one, not whole heads: use merge or prune"
         return None
 
     def kept_count(self, group: Group, ratio: float) -> int:
@@ -43,6 +45,6 @@ class LeastSquares:
         options: Options,
         inputs: Inputs,
     ) -> dict[str, GroupDecomposition]:
-        if inputs.calibration is None:
-            raise InvalidArgumentError("merge-ls needs calibration batches or synthetic probes")
-        return lsq.decompositions(graph_module, list(groups), dict(keep), list(inputs.calibration))
+        if inputs.moments is None:
+            raise InvalidArgumentError("merge-ls needs activation moments (calibration or probes)")
+        return lsq.decompositions(graph_module, list(groups), dict(keep), inputs.moments)

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx, nn
 
-from neuronmerge import criteria
+from neuronmerge import attention, criteria
+from neuronmerge.attention import HeadPlan
 from neuronmerge.decompose import Decomposition, Rows, identity_on_kept, norm_ratio
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition, Inputs, balanced_kept_count
@@ -51,11 +52,19 @@ def _norm_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return a, bias - a * bn.running_mean
 
 
-def producer_rows(graph_module: fx.GraphModule, producer: str, folded: Sequence[str]) -> Rows:
-    """``[a w | a b + c]`` of one producer, factored (see ``decompose.Rows``)."""
+def producer_rows(
+    graph_module: fx.GraphModule, producer: str, folded: Sequence[str], block: int = 1
+) -> Rows:
+    """``[a w | a b + c]`` of one producer, factored (see ``decompose.Rows``); with ``block`` rows
+    per channel (a head's), each channel's rows side by side."""
     layer = graph_module.get_submodule(producer)
     assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
     weight = layer.weight.detach().flatten(1)
+    if block > 1:
+        assert not folded
+        bias = layer.bias.detach() if layer.bias is not None else torch.zeros(weight.shape[0])
+        rows = torch.cat([weight, bias[:, None].to(weight.dtype)], dim=1)
+        return Rows(rows.reshape(weight.shape[0] // block, -1))
     scale: torch.Tensor | None = None
     shift = layer.bias.detach() if layer.bias is not None else None
     for name in folded:
@@ -70,7 +79,8 @@ def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
     """One ``Rows`` per root: a single producer's factored rows, or several side by side."""
     per_root: list[list[Rows]] = [[] for _ in range(max(group.roots) + 1)]
     for producer, root, folded in zip(group.producers, group.roots, group.folded, strict=True):
-        per_root[root].append(producer_rows(graph_module, producer, folded))
+        block = group.rows_per_channel(producer)
+        per_root[root].append(producer_rows(graph_module, producer, folded, block))
     return [
         rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1)) for rows in per_root
     ]
@@ -190,6 +200,11 @@ def propagate(
             second = inputs[1] if len(inputs) > 1 else first
             sign = step.degree
             flow = _Flow(first.s, first.d + sign * second.d, first.valid & second.valid)
+        elif step.kind == "attention":
+            # softmax(q k^T) v per head: a head is s times another where its queries and keys
+            # equal the other's (scale 1) and its values are s times the other's.
+            query, key, value = inputs
+            flow = _Flow(value.s, torch.zeros_like(value.d), query.valid & key.valid & value.valid)
         else:  # mul: a gate
             second = inputs[1] if len(inputs) > 1 else first
             flow = _Flow(first.s * second.s, torch.zeros_like(first.d), first.valid & second.valid)
@@ -284,13 +299,56 @@ class NormRatio:
                     f"{group.name}: keeping {keep[group.name]} channels splits its "
                     f"{group.blocks} conv groups unevenly"
                 )
-            kept, target, scales = select_and_pair(rows, group, keep[group.name], options, merge)
+            heads_group = group.pattern == "heads"
+            kept, target, scales = select_and_pair(
+                rows, group, keep[group.name], options, merge and not heads_group
+            )
+            if merge and heads_group:
+                q, k, v = _roles(group)
+                target, value_scale = attention.head_pairs(
+                    [rows[q], rows[k], rows[v]], kept, options.threshold
+                )
+                scales = [torch.ones_like(value_scale) for _ in rows]
+                scales[v] = value_scale
+            heads = {
+                name: self._heads(graph_module.get_submodule(name), int(kept.shape[0]), merge, options)
+                for name in group.attention
+            }
             if not merge:
                 prune = identity_on_kept(group.channels, kept, rows[0].weight.dtype)
                 at = {c.tensor: prune for c in group.consumers}
-                result[group.name] = GroupDecomposition(kept, at, 0)
+                result[group.name] = GroupDecomposition(kept, at, 0, heads)
                 continue
             at = propagate(graph_module, group, kept, target, scales)
             merged = int((target >= 0).sum()) - int(kept.shape[0])
-            result[group.name] = GroupDecomposition(kept, at, merged)
+            result[group.name] = GroupDecomposition(kept, at, merged, heads)
         return result
+
+    def _heads(self, module: nn.Module, kept: int, merge: bool, options: Options) -> HeadPlan:
+        """The inner dims of an attention narrowed to ``kept``: whole heads merged like channels
+        (on their query, key and value rows) when ``merge``, else pruned (see ``attention``)."""
+        assert isinstance(module, nn.MultiheadAttention)
+        count, width = attention.head_layout(module.embed_dim, module.num_heads, kept)
+        if not merge or width != module.embed_dim // module.num_heads:
+            return attention.pruned(module, kept, options.criterion)
+        rows = attention.head_rows(module)
+        whole = Rows(torch.cat([r.dense() for r in rows], 1))
+        chosen = criteria.select_kept(criteria.channel_scores(whole, options.criterion), count)
+        target, scale = attention.head_pairs(rows, chosen, options.threshold)
+        return attention.whole_heads(module, chosen, target, scale)
+
+
+def _roles(group: Group) -> tuple[int, int, int]:
+    """The roots of a head group that the attention reads as query, key and value."""
+    origin: dict[str, int] = {}
+    root_steps = [s for s in group.steps if s.kind == "root"]
+    for step, root in zip(root_steps, group.roots, strict=True):
+        origin[step.node] = root
+    for step in group.steps[len(root_steps) :]:
+        if step.kind == "attention":
+            q, k, v = (origin[name] for name in step.inputs)
+            return q, k, v
+        known = [origin[name] for name in step.inputs if name in origin]
+        if known:
+            origin[step.node] = known[0]
+    raise ValueError(f"{group.name} has no attention step")

@@ -1,0 +1,77 @@
+"""The committed budget sweep (experiments/budget_sweep.json) is whole, compares at equal parameter
+counts, and meets issue 14's target: on every model trained here, the best data-free method with
+allocated widths >= the best with uniform widths, and >= Torch-Pruning's global pruning, at every
+parameter count from 10% to 90% (test accuracy). The sweep takes many minutes per model, so this
+reads its committed results; the cells where the target is missed are listed below, and the test
+fails when a listed cell is no longer missed or another one is."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ("lenet-300-100", "alexnet-fmnist", "vgg-fmnist", "resnet-fmnist")
+KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+METHODS = ("merge", "prune", "merge-ls")
+#: (model, fraction kept) where the best allocated row is below the best uniform row, as measured:
+#: by at most 0.24 points where uniform widths are already near the unpruned accuracy, and by 3.34
+#: points on resnet-fmnist at 10% (51.12 against 54.46).
+MISSED_UNIFORM: set[tuple[str, float]] = {
+    ("lenet-300-100", 0.4),
+    ("lenet-300-100", 0.7),
+    ("lenet-300-100", 0.8),
+    ("alexnet-fmnist", 0.5),
+    ("alexnet-fmnist", 0.9),
+    ("vgg-fmnist", 0.5),
+    ("vgg-fmnist", 0.9),
+    ("resnet-fmnist", 0.1),
+}
+#: (model, fraction kept) where the best allocated row is below Torch-Pruning's global pruning.
+MISSED_PEER: set[tuple[str, float]] = set()
+
+
+def _tables() -> Any:
+    spec = importlib.util.spec_from_file_location(
+        "budget_tables", ROOT / "experiments" / "budget_tables.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sweep() -> dict[str, Any]:
+    return json.loads((ROOT / "experiments" / "budget_sweep.json").read_text())["models"]
+
+
+def test_every_model_count_method_and_allocation_is_measured_at_equal_parameters() -> None:
+    sweep = _sweep()
+    for name in MODELS:
+        result = sweep[name]
+        for kept in KEPT:
+            rows = [r for r in result["rows"] if r["kept"] == kept]
+            target = kept * result["params"]
+            for method in METHODS:
+                for allocation in ("uniform", "error"):
+                    (row,) = [r for r in rows if (r["method"], r["allocation"]) == (method, allocation)]
+                    assert abs(row["params"] - target) <= 0.01 * target, (name, kept, method)
+            (peer,) = [r for r in rows if r["method"] == "torch-pruning-global"]
+            assert abs(peer["params"] - target) <= 0.02 * target, (name, kept)
+
+
+def test_allocated_widths_meet_the_targets_except_the_listed_cells() -> None:
+    tables = _tables()
+    sweep = _sweep()
+    below_uniform, below_peer = set(), set()
+    for name in MODELS:
+        for kept, versus_uniform, versus_peer in tables.comparisons(sweep[name]):
+            assert versus_uniform is not None and versus_peer is not None, (name, kept)
+            if versus_uniform < 0:
+                below_uniform.add((name, kept))
+            if versus_peer < 0:
+                below_peer.add((name, kept))
+    assert below_uniform == MISSED_UNIFORM
+    assert below_peer == MISSED_PEER
