@@ -593,6 +593,15 @@ class GroupFinder:
         assert isinstance(value, torch.Tensor)
         if value.shape[axis] != size or where.block != 1:
             raise _Refusal(f"{name} combines the channels with {target}, not one entry per channel")
+        self._cut_with_group(target, value, axis, where, state)
+        return True
+
+    def _cut_with_group(
+        self, target: str, value: torch.Tensor, axis: int, where: Layout, state: _Growing
+    ) -> None:
+        """Record that the tensor ``target`` loses entries along ``axis`` with the group's channels;
+        refused when another module shares it or the graph reads it twice, since cutting it would
+        change what the other reader computes."""
         owners = self.owners.get(id(value), [])
         if len(owners) > 1:
             raise _Refusal(f"{target} is shared with {owners[1]} (tied weights)")
@@ -600,7 +609,6 @@ class GroupFinder:
             raise _Refusal(f"{target} is read more than once by the graph")
         owner, _, leaf = target.rpartition(".")
         state.params.append(ParamSlice(owner, leaf, axis, where.offset))
-        return True
 
     def _consumer(
         self,
@@ -844,13 +852,7 @@ class GroupFinder:
         axis = lay.param_axis(where, ndim, tuple(value.shape))
         if axis is None or value.shape[axis] != _shape(tensor)[where.dim]:
             raise _Refusal(f"{name} combines the channels with {target}, not one value per channel")
-        owners = [o for o in self.owners.get(id(value), [])]
-        if len(owners) > 1:
-            raise _Refusal(f"{target} is shared with {owners[1]} (tied weights)")
-        if sum(1 for n in self.gm.graph.nodes if n.op == "get_attr" and n.target == target) > 1:
-            raise _Refusal(f"{target} is read more than once by the graph")
-        owner, _, leaf = target.rpartition(".")
-        state.params.append(ParamSlice(owner, leaf, axis, where.offset))
+        self._cut_with_group(target, value, axis, where, state)
         kind = "scale" if op.effect == "mul" else "shift"
         params = (kind, target)
         step = Step(user.name, "affine", (tensor.name,), label=name, params=params, offset=where.offset)
