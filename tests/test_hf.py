@@ -13,6 +13,7 @@ from neuronmerge import hf
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.ffn import FFNOptions, compress_ffns, mlp_inputs
 from neuronmerge.hf import block_kind, compress_pretrained
+from tests.hf_models import llama, opt
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -26,38 +27,12 @@ def _gpt2() -> torch.nn.Module:
     return tf.GPT2LMHeadModel(config)
 
 
-def _opt() -> torch.nn.Module:
-    config = tf.OPTConfig(
-        **SMALL,
-        ffn_dim=64,
-        vocab_size=50,
-        max_position_embeddings=32,
-        word_embed_proj_dim=32,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return tf.OPTForCausalLM(config)
-
-
 def _bert() -> torch.nn.Module:
     return tf.BertModel(tf.BertConfig(**SMALL, intermediate_size=64, vocab_size=50))
 
 
 def _vit() -> torch.nn.Module:
     return tf.ViTModel(tf.ViTConfig(**SMALL, intermediate_size=64, image_size=16, patch_size=8))
-
-
-def _llama() -> torch.nn.Module:
-    config = tf.LlamaConfig(
-        **SMALL,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=50,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return tf.LlamaForCausalLM(config)
 
 
 def _out(model: torch.nn.Module) -> torch.Tensor:
@@ -71,10 +46,10 @@ def _out(model: torch.nn.Module) -> torch.Tensor:
     ("build", "field", "before", "options"),
     [
         (_gpt2, "n_inner", 128, {"approximate": True}),  # GELU (tanh), Conv1D layers
-        (_opt, "ffn_dim", 64, {}),  # ReLU: exact merging applies
+        (opt, "ffn_dim", 64, {}),  # ReLU: exact merging applies
         (_bert, "intermediate_size", 64, {"approximate": True}),
         (_vit, "intermediate_size", 64, {"approximate": True}),
-        (_llama, "intermediate_size", 64, {}),  # gated SiLU MLP: gate and up rows as one group
+        (llama, "intermediate_size", 64, {}),  # gated SiLU MLP: gate and up rows as one group
     ],
 )
 @pytest.mark.parametrize("method", ["merge", "merge-ls"])
@@ -103,7 +78,7 @@ def test_same_class_out_and_plain_transformers_reloads_it(
 
 def test_opt_relu_planted_duplicates_merge_exactly() -> None:
     torch.manual_seed(0)
-    model = _opt().eval()
+    model = opt().eval()
     with torch.no_grad():
         for layer in model.model.decoder.layers:
             # neurons 32..63 are positive multiples of neurons 0..31 (weights and biases)
@@ -128,7 +103,7 @@ def test_gelu_without_approximate_is_refused_with_the_reason() -> None:
 def test_llama_gated_planted_duplicates_merge_exactly() -> None:
     # neuron i equals s * neuron j when gate rows are equal and up row i = s * up row j (any act)
     torch.manual_seed(0)
-    model = _llama().eval()
+    model = llama().eval()
     with torch.no_grad():
         for layer in model.model.layers:
             mlp = layer.mlp
@@ -160,7 +135,7 @@ def test_merge_ls_on_a_causal_lm_fits_on_text_the_model_wrote(monkeypatch) -> No
     """merge-ls on a model that can generate fits each MLP on what it reads on self-sampled text:
     the same fit as compress_ffns given those inputs, and not the fit on normalised noise."""
     torch.manual_seed(0)
-    model = _opt().eval()
+    model = opt().eval()
     seen: list[torch.Tensor] = []
     sample = hf.sample_tokens
 
@@ -192,7 +167,7 @@ def test_models_that_cannot_generate_keep_noise_probes(monkeypatch) -> None:
     assert result.keys() == _compressed_blocks(model, None).keys()
 
 
-@pytest.mark.parametrize(("build", "field"), [(_llama, "intermediate_size"), (_gpt2, "n_inner")])
+@pytest.mark.parametrize(("build", "field"), [(llama, "intermediate_size"), (_gpt2, "n_inner")])
 def test_a_parameter_target_lands_within_one_percent_and_round_to_holds(build, field) -> None:
     torch.manual_seed(0)
     model = build().eval()
@@ -209,7 +184,7 @@ def test_a_parameter_target_lands_within_one_percent_and_round_to_holds(build, f
 
 def test_an_unreachable_parameter_target_names_the_range_and_changes_nothing() -> None:
     torch.manual_seed(0)
-    model = _llama().eval()
+    model = llama().eval()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(InvalidArgumentError, match=r"out of reach: .* reaches [\d,]+ \(width 1\)"):
         compress_pretrained(model, target_params=0.01)
@@ -223,7 +198,7 @@ def test_an_unreachable_parameter_target_names_the_range_and_changes_nothing() -
 def _llama_with_duplicate_heads() -> torch.nn.Module:
     """LLaMA with 4 query heads over 2 key/value groups, group 1 planted as 0.5 x group 0."""
     torch.manual_seed(0)
-    model = _llama().eval()
+    model = llama().eval()
     width = 32 // 4
     with torch.no_grad():
         for layer in model.model.layers:
@@ -252,9 +227,9 @@ def test_llama_planted_duplicate_heads_merge_exactly_and_reload(tmp_path: Path) 
 def test_heads_are_refused_where_the_config_cannot_state_them() -> None:
     with pytest.raises(InvalidArgumentError, match="head_dim"):
         compress_pretrained(_gpt2(), 0.5, heads=0.5, approximate=True)
-    llama = _llama()
-    before = copy.deepcopy(llama.state_dict())
+    model = llama()
+    before = copy.deepcopy(model.state_dict())
     with pytest.raises(InvalidArgumentError, match="leaves no key/value head"):
-        compress_pretrained(llama, 0.5, heads=0.75)
-    assert llama.config.num_key_value_heads == 2
-    assert all(torch.equal(before[k], v) for k, v in llama.state_dict().items())
+        compress_pretrained(model, 0.5, heads=0.75)
+    assert model.config.num_key_value_heads == 2
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

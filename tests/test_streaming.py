@@ -20,42 +20,13 @@ from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExis
 from neuronmerge.ffn import FFNOptions, compress_ffns
 from neuronmerge.hf import block_kind, compress_pretrained
 from neuronmerge.streaming import compress_checkpoint
+from tests.hf_models import llama, opt
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
-def _opt(layers: int = 2, hidden: int = 32, ffn: int = 64) -> tf.OPTForCausalLM:
-    config = tf.OPTConfig(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        ffn_dim=ffn,
-        num_attention_heads=4,
-        vocab_size=50,
-        max_position_embeddings=32,
-        word_embed_proj_dim=hidden,
-        pad_token_id=1,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return tf.OPTForCausalLM(config).eval()
-
-
-def _llama() -> tf.LlamaForCausalLM:
-    config = tf.LlamaConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        vocab_size=50,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return tf.LlamaForCausalLM(config).eval()
-
-
 @pytest.mark.parametrize("method", ["merge", "merge-ls"])
-@pytest.mark.parametrize(("build", "field"), [(_opt, "ffn_dim"), (_llama, "intermediate_size")])
+@pytest.mark.parametrize(("build", "field"), [(opt, "ffn_dim"), (llama, "intermediate_size")])
 def test_streamed_result_equals_the_in_memory_one_and_reloads(
     build, field: str, method: str, tmp_path: Path
 ) -> None:
@@ -181,7 +152,7 @@ def test_a_checkpoint_larger_than_the_memory_cap_streams_through_it(tmp_path: Pa
 
 def test_the_command_line_streams_a_checkpoint_folder(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    _opt().save_pretrained(tmp_path / "src", max_shard_size="20KB")
+    opt().save_pretrained(tmp_path / "src", max_shard_size="20KB")
     command = [sys.executable, "-m", "neuronmerge", "compress", str(tmp_path / "src"), "--ratio", "0.25"]
     done = subprocess.run(
         [*command, "--out", str(tmp_path / "out"), "--json"], capture_output=True, text=True, timeout=300
@@ -211,7 +182,7 @@ def test_the_command_line_streams_a_checkpoint_folder(tmp_path: Path) -> None:
 
 def test_a_parameter_target_streams_to_the_width_compress_pretrained_picks(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _llama()
+    model = llama()
     model.save_pretrained(tmp_path / "src", max_shard_size="20KB")
     report = compress_checkpoint(tmp_path / "src", tmp_path / "out", target_params=0.8, round_to=4)
     in_memory = compress_pretrained(model, target_params=0.8, round_to=4)
