@@ -3,7 +3,6 @@ the data-free allocation putting the cuts where the weights say they are free.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from neuronmerge.models import create_model
 from neuronmerge.options import Options
 from neuronmerge.widths import shape_of
 from tests.builders import duplicated_convnet
+from tests.scripts import ROOT, load_script
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -250,12 +250,8 @@ def test_cli_plan_and_compress_take_a_budget(
 
 
 def test_readme_budget_tables_are_generated_from_the_committed_json() -> None:
-    script = Path(__file__).resolve().parents[1] / "experiments" / "budget_tables.py"
-    spec = importlib.util.spec_from_file_location("budget_tables", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    readme = (script.parents[1] / "README.md").read_text()
+    module = load_script("experiments/budget_tables.py")
+    readme = (ROOT / "README.md").read_text()
     assert f"{module.START}\n{module.tables()}\n{module.END}" in readme
 
 

@@ -7,10 +7,11 @@ fails when a listed cell is no longer missed or another one is."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("lenet-300-100", "alexnet-fmnist", "vgg-fmnist", "resnet-fmnist")
@@ -35,13 +36,7 @@ MISSED_PEER: set[tuple[str, float]] = set()
 
 
 def _tables() -> Any:
-    spec = importlib.util.spec_from_file_location(
-        "budget_tables", ROOT / "experiments" / "budget_tables.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/budget_tables.py")
 
 
 def _sweep() -> dict[str, Any]:

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import neuronmerge as nm
 from neuronmerge.cli import build_parser
+from tests.scripts import load_script
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gen_api", DOCS / "gen_api.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("docs/gen_api.py")
 
 
 def test_api_page_is_up_to_date() -> None:

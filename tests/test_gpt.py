@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import math
 from dataclasses import replace
@@ -26,6 +25,7 @@ from neuronmerge.lab.gpt import (
     train_gpt,
 )
 from neuronmerge.lab.text import load_kjv
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, mlp_width=64)
@@ -114,11 +114,7 @@ def test_the_swept_config_has_a_few_million_parameters() -> None:
 
 
 def _sweep_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gpt_sweep", ROOT / "experiments" / "gpt_sweep.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments/gpt_sweep.py")
 
 
 def test_readme_table_is_generated_from_the_committed_sweep() -> None:

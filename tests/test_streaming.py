@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ from neuronmerge.ffn import FFNOptions, compress_ffns
 from neuronmerge.hf import block_kind, compress_pretrained
 from neuronmerge.streaming import compress_checkpoint
 from tests.hf_models import llama, opt
+from tests.scripts import ROOT, load_script
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 
@@ -197,15 +197,9 @@ def test_a_parameter_target_streams_to_the_width_compress_pretrained_picks(tmp_p
 
 
 def test_readme_streaming_table_is_generated_from_the_committed_benchmark() -> None:
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location(
-        "streaming_bench", root / "benchmarks" / "streaming.py"
-    )
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    result = json.loads((root / "benchmarks" / "results" / "streaming.json").read_text())
-    readme = (root / "README.md").read_text()
+    bench = load_script("benchmarks/streaming.py")
+    result = json.loads((ROOT / "benchmarks" / "results" / "streaming.json").read_text())
+    readme = (ROOT / "README.md").read_text()
     assert (
         f"<!-- streaming-bench:start -->\n{bench.table(result)}\n<!-- streaming-bench:end -->" in readme
     )

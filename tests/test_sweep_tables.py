@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "sweep_tables.py"
@@ -13,11 +14,7 @@ ROW = {"ratio", "method", "data_free", "accuracy", "params"}
 
 
 def _tables():  # the script is not a package module: load it from its file
-    spec = importlib.util.spec_from_file_location("sweep_tables", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(str(SCRIPT.relative_to(ROOT)))
 
 
 def test_committed_sweeps_have_the_documented_schema_and_plots() -> None:
@@ -44,10 +41,7 @@ def test_readme_tables_are_generated_from_the_committed_sweeps() -> None:
 
 
 def test_rerunning_some_methods_keeps_the_other_rows_of_the_same_weights(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("run_sweeps", ROOT / "experiments" / "run_sweeps.py")
-    assert spec is not None and spec.loader is not None
-    run_sweeps = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run_sweeps)
+    run_sweeps = load_script("experiments/run_sweeps.py")
     previous = tmp_path / "sweep.json"
     old = json.loads((ROOT / "experiments" / "sweeps" / "lenet-300-100" / "sweep.json").read_text())
     previous.write_text(json.dumps(old))
