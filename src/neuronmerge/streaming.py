@@ -116,13 +116,20 @@ def _read(folder: Path, weight_map: dict[str, str], names: list[str]) -> dict[st
     return {name: tensors[name] for name in names}
 
 
-def _header(folder: Path, shard: str, name: str) -> tuple[list[int], int]:
-    """A tensor's shape and element size, read from its shard's header (no data is read)."""
-    with safe_open(str(folder / shard), framework="pt") as f:
-        piece = f.get_slice(name)
-        shape, dtype = piece.get_shape(), piece.get_dtype()
-    size = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}[dtype]
-    return shape, size
+def _headers(folder: Path, weight_map: dict[str, str]) -> dict[str, tuple[list[int], int]]:
+    """Every tensor's shape and element size, read from the shards' headers (no data is read; each
+    shard is opened once)."""
+    by_shard: dict[str, list[str]] = {}
+    for name, shard in weight_map.items():
+        by_shard.setdefault(shard, []).append(name)
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
+    headers: dict[str, tuple[list[int], int]] = {}
+    for shard, names in by_shard.items():
+        with safe_open(str(folder / shard), framework="pt") as f:
+            for name in names:
+                piece = f.get_slice(name)
+                headers[name] = piece.get_shape(), sizes[piece.get_dtype()]
+    return headers
 
 
 def _count(shape: list[int]) -> int:
@@ -259,7 +266,7 @@ def compress_checkpoint(
     eps = float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-5)))
     weight_map = _weight_map(folder)
     groups = list(_groups(weight_map))
-    headers = {name: _header(folder, shard, name) for name, shard in weight_map.items()}
+    headers = _headers(folder, weight_map)
     sizes = {name: _count(shape) * size for name, (shape, size) in headers.items()}
     shapes = {name: shape for name, (shape, _) in headers.items()}
     width, kept = _kept_width(shapes, groups, layout, ratio, target_params, round_to)
