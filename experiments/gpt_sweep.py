@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from neuronmerge.api import compress
 from neuronmerge.ffn import FFNOptions, FFNSpec, compress_ffns, lift, mlp_inputs, put_back
@@ -99,11 +99,15 @@ METHODS: dict[str, Callable[[GPT, float], GPT]] = {
 PEERS = ("fold-ar", "torch-pruning")
 
 
-def run() -> dict[str, Any]:
+def _trained() -> tuple[GPT, dict[str, Any], Tensor]:
+    """The swept GPT (trained once, cached), its info and the test prefix; one torch thread."""
     torch.set_num_threads(1)
     corpus = load_kjv()
     model, info = trained_gpt("gpt-kjv", corpus=corpus, progress=False)
-    test = corpus.test[:TEST_TOKENS]
+    return model, info, corpus.test[:TEST_TOKENS]
+
+
+def run(model: GPT, info: dict[str, Any], test: Tensor) -> dict[str, Any]:
     dense = perplexity(model, test)
     params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
     results = []
@@ -212,13 +216,9 @@ HEADS_REMOVED = (1, 2, 3, 4, 5, 6)
 HEAD_METHODS = ("prune", "merge")
 
 
-def run_heads() -> list[dict[str, Any]]:
+def run_heads(model: GPT, test: Tensor) -> list[dict[str, Any]]:
     """Every block's attention loses the same number of whole heads (q, k, v rows and proj columns;
     ``include`` selects the head groups, the MLPs are untouched): test perplexity per method."""
-    torch.set_num_threads(1)
-    corpus = load_kjv()
-    model, _ = trained_gpt("gpt-kjv", corpus=corpus, progress=False)
-    test = corpus.test[:TEST_TOKENS]
     example = torch.zeros(2, model.config.block_size, dtype=torch.long)
     rows = []
     for removed in HEADS_REMOVED:
@@ -271,11 +271,13 @@ def main() -> None:
     parser.add_argument("--heads", action="store_true", help="only rerun the head sweep")
     args = parser.parse_args()
     if args.heads:
-        OUT.write_text(
-            json.dumps({**json.loads(OUT.read_text()), "heads": run_heads()}, indent=1) + "\n"
-        )
+        model, _, test = _trained()
+        previous = json.loads(OUT.read_text())
+        OUT.write_text(json.dumps({**previous, "heads": run_heads(model, test)}, indent=1) + "\n")
     elif not args.write:
-        OUT.write_text(json.dumps({**run(), "heads": run_heads()}, indent=1) + "\n")
+        model, info, test = _trained()
+        outcome = {**run(model, info, test), "heads": run_heads(model, test)}
+        OUT.write_text(json.dumps(outcome, indent=1) + "\n")
     outcome = json.loads(OUT.read_text())
     print(table(outcome))
     if START in README.read_text():
