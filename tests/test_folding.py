@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 import neuronmerge as nm
 from neuronmerge.lab import sweep as sweeps
 from neuronmerge.lab.folding import cluster_scale, fold, kmeans
+from neuronmerge.models import create_model
 
 
 def planted_mlp(seed: int) -> nn.Sequential:
@@ -130,3 +132,81 @@ def test_sweep_registers_fold_at_the_same_widths_as_merge() -> None:
         small = sweeps.METHODS[name].compress(model, x, 0.5, context)
         assert nm.evaluate.count_parameters(small) == nm.evaluate.count_parameters(merged)
         assert small(x).shape == (2, 3)
+
+
+class PlantedResidual(nn.Module):
+    """Stem -> basic block (identity shortcut) -> BatchNorm after the sum -> pool -> Linear.
+
+    The stream (stem, conv2 and the BatchNorm after the sum) holds 3 distinct channels twice over,
+    the block's inner width 2 distinct ones twice over: folding to half is exact.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(2, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.conv1, self.bn1 = nn.Conv2d(6, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+        self.conv2, self.bn2 = nn.Conv2d(4, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6)
+        self.post = nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = torch.relu(self.bn0(self.stem(x)))
+        s = torch.relu(self.post(self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(s))))) + s))
+        return self.fc(s.mean(dim=(2, 3)))
+
+    @classmethod
+    def planted(cls, seed: int) -> PlantedResidual:
+        torch.manual_seed(seed)
+        model = cls().double()
+        stream, inner = torch.tensor([0, 1, 2, 2, 0, 1]), torch.tensor([0, 1, 1, 0])
+        with torch.no_grad():
+            for conv, bn, source in [
+                (model.stem, model.bn0, stream),
+                (model.conv1, model.bn1, inner),
+                (model.conv2, model.bn2, stream),
+                (None, model.post, stream),
+            ]:
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2)
+                bn.weight.uniform_(0.5, 2)
+                bn.bias.uniform_(-1, 1)
+                tensors = [bn.weight, bn.bias, bn.running_mean, bn.running_var]
+                for tensor in tensors + ([conv.weight] if conv is not None else []):
+                    tensor.copy_(tensor[source])
+        return model.eval()
+
+
+@pytest.mark.parametrize("repair", ["none", "ar"])
+def test_fold_is_exact_on_a_residual_stream_of_planted_duplicates(repair: str) -> None:
+    # One clustering for the whole stream: the stem, conv2 and the BatchNorm after the sum all lose
+    # the same channels, and every producer's duplicates fold into one.
+    model = PlantedResidual.planted(3)
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    small = fold(model, x[:2], 0.5, repair=repair)  # type: ignore[arg-type]
+    widths = {name: small.get_submodule(name).weight.shape[0] for name in ("stem", "conv1", "conv2")}
+    assert widths == {"stem": 3, "conv1": 2, "conv2": 3}
+    assert small.get_submodule("post").num_features == 3 and small.get_submodule("fc").in_features == 3
+    assert torch.allclose(small(x), model(x), rtol=1e-10, atol=1e-10)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: create_model("resnet-fmnist", stage_widths=(6, 8, 10)),
+        lambda: create_model("vgg-fmnist"),
+        lambda: nn.Sequential(nn.Flatten(), nn.Linear(784, 30), nn.ReLU(), nn.Linear(30, 10)),
+    ],
+    ids=["resnet", "vgg", "mlp"],
+)
+def test_fold_reaches_merges_parameter_count_on_every_group(build: Callable[[], nn.Module]) -> None:
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 1, 28, 28)
+    for ratio in (0.3, 0.7):
+        merged = nm.merge(model, x, ratio)
+        small = fold(model, x, ratio, repair="ar")
+        assert nm.evaluate.count_parameters(small) == nm.evaluate.count_parameters(merged), ratio
+        assert nm.evaluate.count_parameters(small) < nm.evaluate.count_parameters(model)
+        assert small(x).shape == model(x).shape

@@ -1,14 +1,18 @@
 """Model folding (Wang et al., ICLR 2025, "Forget the Data and Fine-Tuning! Just Fold the Network to
 Compress"), the strongest data-free peer, written from the paper's description for the sweeps.
 
-Folding clusters the channels of each layer instead of choosing which to keep: k-means on the producer
-rows (with a BatchNorm after the layer, on the rows it is folded into, ``[a*w | c]``, what each channel
-computes before its activation) into as many clusters as the other methods keep channels. Every
-cluster becomes one channel whose producer row is the cluster mean, and each consumer reads it through
-the *sum* of the cluster's columns (each member is approximated by the mean, so its contribution moves
-there). Where a layer's channels go (which layers read them, through which pooling and flattening)
-is neuronmerge's own group finder, so any group of one producer works: conv and Linear producers,
-and with ``approximate=True`` a transformer MLP through its GELU.
+Folding clusters channels instead of choosing which to keep. It folds exactly the channel groups
+neuronmerge's engine shrinks (``engine.groups``), so both end at the same widths and parameter
+count: a layer's own channels, and a residual stream as one group, whatever writes into it. Per
+group, k-means runs once on what each channel computes at every layer writing it, side by side
+(with BatchNorms after a layer, the rows they are folded into, ``[a*w | c]``: what the channel
+computes before its activation), into as many clusters as the other methods keep channels. The
+residual stream thereby gets one clustering shared by all its producers, as the paper does for
+ResNets. Every cluster becomes one channel: each producer's row is the mean of its members' rows,
+every other per-channel tensor on the way (a BatchNorm after the sum, a depthwise conv) the mean of
+its members' entries, and each consumer reads the channel through the *sum* of the members' columns
+(each member is approximated by the mean, so its contribution moves there). Grouped convs are
+clustered block by block; attention heads are left alone (a head is not one row).
 
 Averaging correlated but unequal channels shrinks the variance of what the merged channel computes
 ("variance collapse"), which the paper repairs without data in one of two ways:
@@ -16,9 +20,11 @@ Averaging correlated but unequal channels shrinks the variance of what the merge
 * **Fold-AR** (approximate repair): if the members have equal variance and mean pairwise correlation
   ``E[c]``, their mean has ``(N + (N^2 - N) E[c]) / N^2`` times their variance, so the merged channel is
   rescaled about its mean by ``N / sqrt(N + (N^2 - N) E[c])``. ``E[c]`` is estimated from the weights
-  alone, as the mean cosine similarity of the members' (folded) rows. With a BatchNorm after the
-  layer the rescaling lives in its running variance, and the mean is the mean of the members' BatchNorm
-  shifts; without one (whose mean is not known) the weight part of the row is rescaled and the bias kept.
+  alone, as the mean cosine similarity of the members' (folded) rows, for each producer on its own
+  (a residual stream's producers each get their own repair). With BatchNorms after the layer the
+  rescaling lives in the last one's running variance, and the mean is the mean of the members'
+  BatchNorm shifts; without one (whose mean is not known) the weight part of the row is rescaled and
+  the bias kept.
 * **Fold-DIR** (DeepInversion repair): every BatchNorm's running statistics are re-measured on one
   batch of synthetic images made from the model alone (``neuronmerge.probes``: DeepInversion-style
   model inversion). A model without BatchNorm gets no repair.
@@ -29,6 +35,7 @@ Averaging correlated but unequal channels shrinks the variance of what the merge
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -36,7 +43,6 @@ from torch import Tensor, fx, nn
 
 from neuronmerge import engine
 from neuronmerge.capture import ExampleInputs, as_input_tuple
-from neuronmerge.criteria import kept_count
 from neuronmerge.decompose import Decomposition
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition
@@ -114,64 +120,160 @@ def cluster_scale(rows: Tensor) -> float:
     return n / variance**0.5
 
 
-def _fold_group(gm: fx.GraphModule, site: Group, keep: int, repair: Repair, seed: int) -> Decomposition:
-    """Cluster ``site``'s channels, write each cluster's folded row into its first member (in
-    ``gm``'s own tensors), and return the Z that sums the members' consumer columns into it."""
-    layer = gm.get_submodule(site.producer)
+@dataclass(frozen=True)
+class _Producer:
+    """One layer writing a group's channels, as folding sees it: ``rows`` ``[a*w]`` and ``shift``
+    ``c`` of what each channel computes after the BatchNorms folded into it (``norms``)."""
+
+    layer: nn.Linear | nn.Conv1d | nn.Conv2d
+    rows: Tensor
+    shift: Tensor
+    norms: tuple[nn.modules.batchnorm._BatchNorm, ...]
+
+    def features(self) -> Tensor:
+        """``[a*w | c]``: what k-means compares."""
+        return torch.cat([self.rows, self.shift[:, None]], dim=1)
+
+
+def _producer(gm: fx.GraphModule, name: str, norms: tuple[str, ...]) -> _Producer:
+    layer = gm.get_submodule(name)
     assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
-    weight = layer.weight.detach().flatten(1).to(torch.float64, copy=True)
-    n = weight.shape[0]
-    bias = (
-        layer.bias.detach().to(torch.float64, copy=True)
-        if layer.bias is not None
-        else torch.zeros(n, dtype=torch.float64)
-    )
-    norm = gm.get_submodule(site.norm) if site.norm is not None else None
-    if norm is not None:
+    rows = layer.weight.detach().flatten(1).to(torch.float64, copy=True)
+    n = rows.shape[0]
+    shift = torch.zeros(n, dtype=torch.float64)
+    if layer.bias is not None:
+        shift = layer.bias.detach().to(torch.float64, copy=True)
+    modules = []
+    for norm_name in norms:
+        norm = gm.get_submodule(norm_name)
         assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
         assert norm.running_mean is not None and norm.running_var is not None
-        mean = norm.running_mean.to(torch.float64, copy=True)
-        var = norm.running_var.to(torch.float64, copy=True)
-        ones, zeros = torch.ones(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-        gamma = ones if norm.weight is None else norm.weight.detach().to(torch.float64, copy=True)
-        beta = zeros if norm.bias is None else norm.bias.detach().to(torch.float64, copy=True)
-        a = gamma / torch.sqrt(var + norm.eps)
-        rows, shift = a[:, None] * weight, beta + a * (bias - mean)
-    else:
-        rows, shift = weight, bias
-    labels = kmeans(torch.cat([rows, shift[:, None]], dim=1), keep, seed)
-    members = [torch.nonzero(labels == k).flatten() for k in range(keep)]
-    members.sort(key=lambda m: int(m[0]))
+        gamma = _entries(norm.weight, n, 1.0)
+        a = gamma / torch.sqrt(norm.running_var.to(torch.float64) + norm.eps)
+        rows = a[:, None] * rows
+        shift = a * (shift - norm.running_mean.to(torch.float64)) + _entries(norm.bias, n, 0.0)
+        modules.append(norm)
+    return _Producer(layer, rows, shift, tuple(modules))
+
+
+def _entries(tensor: Tensor | None, n: int, default: float) -> Tensor:
+    """``tensor`` in float64, or ``n`` times ``default`` where a BatchNorm has no affine part."""
+    if tensor is None:
+        return torch.full((n,), default, dtype=torch.float64)
+    return tensor.detach().to(torch.float64, copy=True)
+
+
+def _clusters(group: Group, features: Tensor, keep: int, seed: int) -> list[Tensor]:
+    """The channels of every cluster, ordered by their first channel (each block of a grouped conv
+    clustered on its own into its share of ``keep``)."""
+    members: list[Tensor] = []
+    for span in group.block_spans():
+        labels = kmeans(features[span], keep // group.blocks, seed)
+        channels = torch.arange(span.start, span.stop)
+        members += [channels[labels == k] for k in range(keep // group.blocks)]
+    return sorted(members, key=lambda m: int(m[0]))
+
+
+@torch.no_grad()
+def _write_producer(producer: _Producer, members: list[Tensor], repair: Repair) -> None:
+    """Put each cluster's folded row (and Fold-AR's repair) into its first member's row."""
+    layer, rows, shift = producer.layer, producer.rows, producer.shift
+    weight = layer.weight.view(rows.shape[0], -1)
+    if not producer.norms:
+        for m in members:
+            scale = cluster_scale(rows[m]) if repair == "ar" else 1.0
+            weight[m[0]] = (scale * rows[m].mean(dim=0)).to(weight.dtype)
+            if layer.bias is not None:
+                layer.bias[m[0]] = shift[m].mean().to(layer.bias.dtype)
+        return
+    *before, last = producer.norms
+    beta = _entries(last.bias, rows.shape[0], 0.0)
+    gamma = _entries(last.weight, rows.shape[0], 1.0)
+    for m in members:
+        first = int(m[0])
+        scale = cluster_scale(rows[m]) if repair == "ar" else 1.0
+        # The layer now computes ``u = mean(a_i w_i) . x``; earlier BatchNorms pass it on unchanged,
+        # and the last maps it to ``scale * (u - mean(beta_i - c_i)) + mean(beta_i)``: the members'
+        # mean output, rescaled about the mean they had (beta_i), with a spread of about mean(|gamma_i|).
+        weight[first] = rows[m].mean(dim=0).to(weight.dtype)
+        if layer.bias is not None:
+            layer.bias[first] = 0
+        for norm in before:
+            _set_norm(norm, first, mean=0.0, var=1 - norm.eps, weight=1.0, bias=0.0)
+        spread = float(gamma[m].abs().mean())
+        var = (spread / scale) ** 2 - last.eps
+        weight_entry = spread if var > 0 else scale * last.eps**0.5  # gamma / sqrt(var + eps) = scale
+        mean = float((beta[m] - shift[m]).mean())
+        _set_norm(
+            last, first, mean=mean, var=max(var, 0.0), weight=weight_entry, bias=float(beta[m].mean())
+        )
+
+
+def _set_norm(
+    norm: nn.modules.batchnorm._BatchNorm,
+    index: int,
+    *,
+    mean: float,
+    var: float,
+    weight: float,
+    bias: float,
+) -> None:
+    assert norm.running_mean is not None and norm.running_var is not None
+    norm.running_mean[index], norm.running_var[index] = mean, var
+    if norm.weight is not None:
+        norm.weight[index] = weight
+    if norm.bias is not None:
+        norm.bias[index] = bias
+
+
+@torch.no_grad()
+def _average_params(gm: fx.GraphModule, group: Group, members: list[Tensor], skip: set[str]) -> None:
+    """Every per-channel tensor of the group not folded into a producer (``skip``): a BatchNorm
+    after a residual sum, a depthwise conv, LayerScale, a PReLU slope. Each cluster's first entry
+    becomes the mean of its members' entries."""
+    for piece in group.params:
+        if piece.owner in skip:
+            continue
+        module = gm.get_submodule(piece.owner)
+        if piece.name == "*":
+            tensors = [
+                t
+                for name, t in [*module._parameters.items(), *module._buffers.items()]
+                if t is not None and t.dim() > 0 and name != "num_batches_tracked"
+            ]
+        else:
+            tensors = [getattr(module, piece.name)]
+        for tensor in tensors:
+            if not tensor.is_floating_point():
+                continue
+            axis = 0 if piece.name == "*" else piece.axis
+            span = tensor.detach().narrow(axis, piece.offset, group.channels * piece.block)
+            per_channel = span.movedim(axis, 0).unflatten(0, (group.channels, piece.block))
+            for m in members:
+                per_channel[m[0]] = per_channel[m].mean(dim=0)
+
+
+def _fold_group(
+    gm: fx.GraphModule, group: Group, keep: int, repair: Repair, seed: int
+) -> GroupDecomposition:
+    """Cluster ``group``'s channels once on all its producers' rows, write each cluster's folded
+    rows and entries into its first member (in ``gm``'s own tensors), and return the Z that sums
+    the members' consumer columns into it."""
+    producers = [
+        _producer(gm, name, folded) for name, folded in zip(group.producers, group.folded, strict=True)
+    ]
+    features = torch.cat([p.features() for p in producers], dim=1)
+    members = _clusters(group, features, keep, seed)
+    for producer in producers:
+        _write_producer(producer, members, repair)
+    _average_params(gm, group, members, {name for folded in group.folded for name in folded})
     kept = torch.stack([m[0] for m in members])
-    target = torch.empty(n, dtype=torch.long)
+    target = torch.empty(group.channels, dtype=torch.long)
     for position, m in enumerate(members):
         target[m] = position
-    running_mean, running_var = (None, None) if norm is None else (norm.running_mean, norm.running_var)
-    with torch.no_grad():
-        out_weight = layer.weight.view(n, -1)
-        for m in members:
-            first = int(m[0])
-            row = rows[m].mean(dim=0)
-            scale = cluster_scale(rows[m]) if repair == "ar" else 1.0
-            if norm is None:
-                out_weight[first] = (scale * row).to(out_weight.dtype)
-                if layer.bias is not None:
-                    layer.bias[first] = shift[m].mean().to(layer.bias.dtype)
-                continue
-            # Row ``u = mean(a_i w_i) . x`` has mean ``mean(beta_i - c_i)``; the BatchNorm maps it to
-            # ``scale * (u - that mean) + mean(beta_i)``, with a spread of about mean(|gamma_i|).
-            spread = float(gamma[m].abs().mean()) if norm.weight is not None else 1.0
-            out_weight[first] = row.to(out_weight.dtype)
-            if layer.bias is not None:
-                layer.bias[first] = 0
-            assert running_mean is not None and running_var is not None
-            running_mean[first] = float((beta[m] - shift[m]).mean())
-            running_var[first] = max((spread / scale) ** 2 - norm.eps, 0.0)
-            if norm.weight is not None:
-                norm.weight[first] = spread
-            if norm.bias is not None:
-                norm.bias[first] = float(beta[m].mean())
-    return Decomposition(kept, target, torch.ones(n, dtype=layer.weight.dtype))
+    folded = Decomposition(kept, target, torch.ones(group.channels, dtype=features.dtype))
+    at = {consumer.tensor: folded for consumer in group.consumers}
+    return GroupDecomposition(kept, at, group.channels - keep)
 
 
 def fold(
@@ -184,11 +286,12 @@ def fold(
     approximate: bool = False,
     seed: int = 0,
 ) -> fx.GraphModule:
-    """``model`` folded: each site's channels clustered into as many as ``ratio`` keeps.
+    """``model`` folded: each group's channels clustered into as many as ``ratio`` keeps.
 
     ``repair`` is ``"none"`` (plain folding), ``"ar"`` (Fold-AR) or ``"dir"`` (Fold-DIR, which needs
     ``probes``: synthetic input batches, of which the first is used). ``approximate`` folds through
-    non-homogeneous activations too. ``model`` is not modified.
+    non-homogeneous activations too. The groups and kept counts are ``merge``'s (the engine's), so
+    the result has the parameter count of ``nm.merge(model, x, ratio)``. ``model`` is not modified.
     """
     if repair not in REPAIRS:
         raise InvalidArgumentError(f"repair must be one of {', '.join(REPAIRS)}, got {repair!r}")
@@ -197,19 +300,14 @@ def fold(
     inputs = as_input_tuple(example_inputs)
     # capture shares tensors with the model it traces: trace a private copy, whose rows we rewrite.
     gm = engine.capture(copy.deepcopy(model), inputs)
-    # The groups merging shrinks, of one producer each: a cluster mean is one layer's row.
-    found, _ = engine.groups(gm, Options.of(method="merge", approximate=approximate))
-    groups = [group for group in found if len(group.producers) == 1]
-    decompositions: dict[str, GroupDecomposition] = {}
-    for group in groups:
-        keep = kept_count(group.channels, ratio)
-        if keep < 1:
-            raise InvalidArgumentError(
-                f"ratio {ratio} keeps 0 of the {group.channels} channels of {group.producer}"
-            )
-        folded = _fold_group(gm, group, keep, repair, seed)
-        at = {consumer.tensor: folded for consumer in group.consumers}
-        decompositions[group.name] = GroupDecomposition(folded.kept, at, group.channels - keep)
+    options = Options.of(method="merge", approximate=approximate)
+    method = options.method_object()
+    found, _ = engine.groups(gm, options, method)
+    # A head is several rows of several projections, and an attention's embedding is rebuilt by
+    # surgery from per-head plans: folding clusters single channels, so both are left to merge.
+    groups = [group for group in found if group.pattern != "heads" and not group.attention]
+    keep = engine.kept_counts(groups, ratio, method)
+    decompositions = {g.name: _fold_group(gm, g, keep[g.name], repair, seed) for g in groups}
     small = engine.surgery(gm, groups, decompositions)
     if repair == "dir" and probes:
         repaired = recalibrate_batchnorm(small, probes[:1])
