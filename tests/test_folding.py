@@ -58,7 +58,8 @@ def test_fold_is_exact_on_planted_duplicate_clusters(repair: str) -> None:
         (planted_conv_bn(1), torch.randn(4, 2, 6, 6, dtype=torch.float64), 4 / 6, ("0", 2)),
     ]:
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        small = fold(model, x[:2], ratio, repair=repair)  # type: ignore[arg-type]
+        # Duplicate rows read through unequal columns: found by clustering the rows alone.
+        small = fold(model, x[:2], ratio, repair=repair, columns=False)  # type: ignore[arg-type]
         name, width = widths
         assert small.get_submodule(name).weight.shape[0] == width
         assert torch.allclose(small(x), model(x), rtol=1e-10, atol=1e-10)
@@ -105,6 +106,13 @@ def test_fold_dir_measures_batchnorm_on_the_first_probe_batch() -> None:
         fold(model, x, 0.5, repair="dir")
     with pytest.raises(nm.InvalidArgumentError, match="repair"):
         fold(model, x, 0.5, repair="fast")  # type: ignore[arg-type]
+    # Without a BatchNorm there is nothing to re-measure: plain folding, and no probes needed.
+    mlp, rows = planted_mlp(4), torch.randn(3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        mlp[0].weight.add_(0.1 * torch.randn_like(mlp[0].weight))  # unequal members: folding is lossy
+    plain = fold(mlp, rows, 0.5, repair="none")(rows)
+    assert torch.equal(fold(mlp, rows, 0.5, repair="dir")(rows), plain)
+    assert not torch.allclose(plain, mlp(rows))
 
 
 def test_kmeans_finds_separated_clusters_and_never_leaves_one_empty() -> None:
@@ -173,17 +181,21 @@ class PlantedResidual(nn.Module):
                 tensors = [bn.weight, bn.bias, bn.running_mean, bn.running_var]
                 for tensor in tensors + ([conv.weight] if conv is not None else []):
                     tensor.copy_(tensor[source])
+            # Duplicates read through equal columns too, so that clustering on them finds them.
+            for reader, source in [(model.conv1, stream), (model.conv2, inner), (model.fc, stream)]:
+                reader.weight.copy_(reader.weight[:, source])
         return model.eval()
 
 
+@pytest.mark.parametrize("columns", [True, False])
 @pytest.mark.parametrize("repair", ["none", "ar"])
-def test_fold_is_exact_on_a_residual_stream_of_planted_duplicates(repair: str) -> None:
+def test_fold_is_exact_on_a_residual_stream_of_planted_duplicates(repair: str, columns: bool) -> None:
     # One clustering for the whole stream: the stem, conv2 and the BatchNorm after the sum all lose
     # the same channels, and every producer's duplicates fold into one.
     model = PlantedResidual.planted(3)
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    small = fold(model, x[:2], 0.5, repair=repair)  # type: ignore[arg-type]
+    small = fold(model, x[:2], 0.5, repair=repair, columns=columns)  # type: ignore[arg-type]
     widths = {name: small.get_submodule(name).weight.shape[0] for name in ("stem", "conv1", "conv2")}
     assert widths == {"stem": 3, "conv1": 2, "conv2": 3}
     assert small.get_submodule("post").num_features == 3 and small.get_submodule("fc").in_features == 3

@@ -6,8 +6,10 @@ neuronmerge's engine shrinks (``engine.groups``), so both end at the same widths
 count: a layer's own channels, and a residual stream as one group, whatever writes into it. Per
 group, k-means runs once on what each channel computes at every layer writing it, side by side
 (with BatchNorms after a layer, the rows they are folded into, ``[a*w | c]``: what the channel
-computes before its activation), into as many clusters as the other methods keep channels. The
-residual stream thereby gets one clustering shared by all its producers, as the paper does for
+computes before its activation), and on the input columns through which every consumer reads it
+(the authors' release clusters on the next layer's input weights too; on validation this beat the
+rows alone, ``experiments/folding_validation.py``), into as many clusters as the other methods keep
+channels. The residual stream thereby gets one clustering shared by all its producers, as the paper does for
 ResNets. Every cluster becomes one channel: each producer's row is the mean of its members' rows,
 every other per-channel tensor on the way (a BatchNorm after the sum, a depthwise conv) the mean of
 its members' entries, and each consumer reads the channel through the *sum* of the members' columns
@@ -102,6 +104,13 @@ def kmeans(rows: Tensor, clusters: int, seed: int = 0) -> Tensor:
         centres = torch.zeros_like(centres).index_add_(0, labels, data)
         centres /= torch.bincount(labels, minlength=clusters)[:, None].to(data.dtype)
     return labels
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a BatchNorm with running statistics: what Fold-DIR repairs."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()
+    )
 
 
 def cluster_scale(rows: Tensor) -> float:
@@ -253,16 +262,33 @@ def _average_params(gm: fx.GraphModule, group: Group, members: list[Tensor], ski
                 per_channel[m[0]] = per_channel[m].mean(dim=0)
 
 
+def _consumer_columns(gm: fx.GraphModule, group: Group) -> list[Tensor]:
+    """Each channel's input columns in every Linear/Conv consumer, one row per channel (a grouped
+    conv consumer, whose columns hold only its own block, is left out)."""
+    columns = []
+    for piece in group.consumers:
+        layer = gm.get_submodule(piece.module)
+        if not isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) or getattr(layer, "groups", 1) != 1:
+            continue
+        read = layer.weight.detach().to(torch.float64).movedim(1, 0)
+        read = read.narrow(0, piece.offset, group.channels * piece.block)
+        columns.append(read.reshape(group.channels, -1))
+    return columns
+
+
 def _fold_group(
-    gm: fx.GraphModule, group: Group, keep: int, repair: Repair, seed: int
+    gm: fx.GraphModule, group: Group, keep: int, repair: Repair, seed: int, columns: bool
 ) -> GroupDecomposition:
-    """Cluster ``group``'s channels once on all its producers' rows, write each cluster's folded
+    """Cluster ``group``'s channels once on all its producers' rows (and with ``columns`` all its
+    consumers' columns) side by side, write each cluster's folded
     rows and entries into its first member (in ``gm``'s own tensors), and return the Z that sums
     the members' consumer columns into it."""
     producers = [
         _producer(gm, name, folded) for name, folded in zip(group.producers, group.folded, strict=True)
     ]
     features = torch.cat([p.features() for p in producers], dim=1)
+    if columns:
+        features = torch.cat([features, *_consumer_columns(gm, group)], dim=1)
     members = _clusters(group, features, keep, seed)
     for producer in producers:
         _write_producer(producer, members, repair)
@@ -285,17 +311,21 @@ def fold(
     probes: list[tuple[Tensor, ...]] | None = None,
     approximate: bool = False,
     seed: int = 0,
+    columns: bool = True,
 ) -> fx.GraphModule:
     """``model`` folded: each group's channels clustered into as many as ``ratio`` keeps.
 
     ``repair`` is ``"none"`` (plain folding), ``"ar"`` (Fold-AR) or ``"dir"`` (Fold-DIR, which needs
-    ``probes``: synthetic input batches, of which the first is used). ``approximate`` folds through
-    non-homogeneous activations too. The groups and kept counts are ``merge``'s (the engine's), so
-    the result has the parameter count of ``nm.merge(model, x, ratio)``. ``model`` is not modified.
+    ``probes``: synthetic input batches, of which the first is used; none where the model has no
+    BatchNorm, which leaves nothing to repair). ``approximate`` folds through non-homogeneous
+    activations too. ``columns`` clusters each channel on the consumers' input columns that read it
+    as well as on its producer rows (``False``: the rows alone; ``experiments/folding_validation.py``
+    chose ``True`` on validation). The groups and kept counts are ``merge``'s (the engine's), so the
+    result has the parameter count of ``nm.merge(model, x, ratio)``. ``model`` is not modified.
     """
     if repair not in REPAIRS:
         raise InvalidArgumentError(f"repair must be one of {', '.join(REPAIRS)}, got {repair!r}")
-    if repair == "dir" and not probes:
+    if repair == "dir" and not probes and has_batchnorm(model):
         raise InvalidArgumentError("Fold-DIR needs a batch of synthetic probes")
     inputs = as_input_tuple(example_inputs)
     # capture shares tensors with the model it traces: trace a private copy, whose rows we rewrite.
@@ -307,9 +337,9 @@ def fold(
     # surgery from per-head plans: folding clusters single channels, so both are left to merge.
     groups = [group for group in found if group.pattern != "heads" and not group.attention]
     keep = engine.kept_counts(groups, ratio, method)
-    decompositions = {g.name: _fold_group(gm, g, keep[g.name], repair, seed) for g in groups}
+    decompositions = {g.name: _fold_group(gm, g, keep[g.name], repair, seed, columns) for g in groups}
     small = engine.surgery(gm, groups, decompositions)
-    if repair == "dir" and probes:
+    if repair == "dir" and probes and has_batchnorm(model):
         repaired = recalibrate_batchnorm(small, probes[:1])
         assert isinstance(repaired, fx.GraphModule)
         small = repaired

@@ -43,7 +43,7 @@ from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExis
 from neuronmerge.evaluate import accuracy, count_parameters
 from neuronmerge.io import atomic_write
 from neuronmerge.lab.data import load_fashion_mnist, train_val_split
-from neuronmerge.lab.folding import Repair, fold
+from neuronmerge.lab.folding import Repair, fold, has_batchnorm
 from neuronmerge.lab.reproduce import PAPER_SETUPS
 from neuronmerge.lab.training import VAL_SEED, VAL_SIZE  # the split ``trained_model`` holds out
 from neuronmerge.models import get_spec
@@ -211,7 +211,9 @@ register_method(
 
 def _fold(repair: Repair) -> Compressor:
     def run(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
-        probes = _probes(model, example, context) if repair == "dir" else None
+        # Fold-DIR re-measures BatchNorms: a model without any needs no probes.
+        needed = repair == "dir" and has_batchnorm(model)
+        probes = _probes(model, example, context) if needed else None
         return fold(model, example, ratio, repair=repair, probes=probes)
 
     return run
