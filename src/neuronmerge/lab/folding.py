@@ -9,12 +9,13 @@ group, k-means runs once on what each channel computes at every layer writing it
 computes before its activation), and on the input columns through which every consumer reads it
 (the authors' release clusters on the next layer's input weights too; on validation this beat the
 rows alone, ``experiments/folding_validation.py``), into as many clusters as the other methods keep
-channels. The residual stream thereby gets one clustering shared by all its producers, as the paper does for
-ResNets. Every cluster becomes one channel: each producer's row is the mean of its members' rows,
-every other per-channel tensor on the way (a BatchNorm after the sum, a depthwise conv) the mean of
-its members' entries, and each consumer reads the channel through the *sum* of the members' columns
-(each member is approximated by the mean, so its contribution moves there). Grouped convs are
-clustered block by block; attention heads are left alone (a head is not one row).
+channels. A residual stream thereby gets one clustering, shared by all its producers (the paper
+keeps one clustering per stream too). Every cluster becomes one channel: each producer's row is
+the mean of its members' rows, every other per-channel tensor on the way (a BatchNorm after the
+sum, a depthwise conv) the mean of its members' entries, and each consumer reads the channel
+through the *sum* of the members' columns (each member is approximated by the mean, so its
+contribution moves there). Grouped convs are clustered block by block; attention heads are left
+alone (a head is not one row).
 
 Averaging correlated but unequal channels shrinks the variance of what the merged channel computes
 ("variance collapse"), which the paper repairs without data in one of two ways:
