@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -222,3 +225,9 @@ def test_fold_reaches_merges_parameter_count_on_every_group(build: Callable[[], 
         assert nm.evaluate.count_parameters(small) == nm.evaluate.count_parameters(merged), ratio
         assert nm.evaluate.count_parameters(small) < nm.evaluate.count_parameters(model)
         assert small(x).shape == model(x).shape
+
+
+def test_what_folding_clusters_on_is_the_validation_winner() -> None:
+    record = Path(__file__).resolve().parents[1] / "experiments" / "folding_validation.json"
+    best = json.loads(record.read_text())["best"]
+    assert inspect.signature(fold).parameters["columns"].default == (best == "rows+columns")
