@@ -146,6 +146,7 @@ class _Producer:
 
 
 def _producer(gm: fx.GraphModule, name: str, norms: tuple[str, ...]) -> _Producer:
+    """Layer ``name`` with the BatchNorms ``norms`` that the engine folds into its rows."""
     layer = gm.get_submodule(name)
     assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
     rows = layer.weight.detach().flatten(1).to(torch.float64, copy=True)
@@ -228,6 +229,7 @@ def _set_norm(
     weight: float,
     bias: float,
 ) -> None:
+    """Channel ``index`` of ``norm`` set to the given statistics and affine entries."""
     assert norm.running_mean is not None and norm.running_var is not None
     norm.running_mean[index], norm.running_var[index] = mean, var
     if norm.weight is not None:
@@ -280,10 +282,9 @@ def _consumer_columns(gm: fx.GraphModule, group: Group) -> list[Tensor]:
 def _fold_group(
     gm: fx.GraphModule, group: Group, keep: int, repair: Repair, seed: int, columns: bool
 ) -> GroupDecomposition:
-    """Cluster ``group``'s channels once on all its producers' rows (and with ``columns`` all its
-    consumers' columns) side by side, write each cluster's folded
-    rows and entries into its first member (in ``gm``'s own tensors), and return the Z that sums
-    the members' consumer columns into it."""
+    """Cluster ``group``'s channels once on all its producers' rows (with ``columns``, and all its
+    consumers' columns) side by side, write each cluster's folded rows and entries into its first
+    member (in ``gm``'s own tensors), and return the Z that sums the members' consumer columns."""
     producers = [
         _producer(gm, name, folded) for name, folded in zip(group.producers, group.folded, strict=True)
     ]
