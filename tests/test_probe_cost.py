@@ -63,6 +63,8 @@ def test_only_the_optimised_probes_cost_optimisation_steps() -> None:
     assert [batch[0].shape for batch in made] == [(64, 6), (36, 6)]
     with pytest.raises(nm.InvalidArgumentError, match="optimised between 1 and count"):
         nm.synthesize_probes(model, torch.randn(2, 6), 8, optimised=9)
+    with pytest.raises(nm.InvalidArgumentError, match="at least two optimised"):
+        nm.synthesize_probes(model, torch.randn(2, 6), 8, optimised=1, steps=1, rate=0.2)
 
 
 def test_a_batch_stops_once_its_loss_stops_falling() -> None:

@@ -141,8 +141,10 @@ def derive(optimised: torch.Tensor, count: int, generator: torch.Generator) -> t
     """
     n = optimised.shape[0]
     extra = count - n
-    if extra <= 0 or n < 2:
+    if extra <= 0:
         return optimised
+    if n < 2:
+        raise InvalidArgumentError("deriving probes needs at least two optimised ones to mix")
     first = torch.randint(0, n, (extra,), generator=generator)
     second = torch.randint(0, n, (extra,), generator=generator)
     shape = (extra,) + (1,) * (optimised.dim() - 1)
@@ -201,6 +203,8 @@ def synthesize_probes(
             "count and batch_size must be positive, optimised between 1 and count, steps and "
             "tolerance non-negative"
         )
+    if optimised < min(2, count):
+        raise InvalidArgumentError("deriving probes needs at least two optimised ones to mix")
     generator = torch.Generator().manual_seed(seed)
     norms = _norm_layers(model)
     observed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
