@@ -206,41 +206,7 @@ def _with_merges(
 
 #: Bytes of removed rows (and their similarities), and of kept rows, handled at once by ``cosines``:
 #: bounds the working memory of merging to a few of these, instead of copies of every row.
-_BLOCK_BYTES = 16 * 2**20
-
-
-def cosines(
-    rows: Rows, part: torch.Tensor, kept: torch.Tensor, inverse: torch.Tensor, out: torch.Tensor
-) -> torch.Tensor:
-    """Add the cosine similarities of the rows ``part`` to the rows ``kept`` into ``out`` (a
-    ``len(part) x len(kept)`` matrix) and return it; ``inverse``: every row's inverse l2 norm, 1 for
-    a zero row.
-
-    ``cos(f_i, f_j) = (u_i u_j) (w_i . w_j) + v_i v_j`` with ``u = scale / |f|`` and ``v = shift / |f|``,
-    so no normalised or folded copy of the rows exists; the kept rows are gathered a block at a time,
-    so the working memory is a few ``_BLOCK_BYTES`` whatever the layer (a whole gather of the kept
-    rows of a LLaMA-7B MLP would be 144 MB).
-    """
-    weight = rows.weight
-    u = inverse if rows.scale is None else rows.scale * inverse
-    v = None if rows.shift is None else rows.shift * inverse
-    left = weight.index_select(0, part)
-    u_part, v_part = u[part], None if v is None else v[part]
-    step = max(1, _BLOCK_BYTES // (weight.shape[1] * weight.element_size()))
-    # Buffers allocated once and reused (``out=``): fresh temporaries per block, with small lasting
-    # results between them, fragment the heap into a peak of their own.
-    gathered = torch.empty(min(step, kept.shape[0]), weight.shape[1], dtype=weight.dtype)
-    product = torch.empty(gathered.shape[0], part.shape[0], dtype=weight.dtype)
-    for start in range(0, kept.shape[0], step):
-        columns = kept[start : start + step]
-        count = columns.shape[0]
-        torch.index_select(weight, 0, columns, out=gathered[:count])
-        block = torch.mm(gathered[:count], left.T, out=product[:count])
-        block.mul_(u[columns, None]).mul_(u_part)
-        if v is not None and v_part is not None:
-            block.addr_(v[columns], v_part)
-        out[:, start : start + count] += block.T
-    return out
+_BLOCK_BYTES = 8 * 2**20
 
 
 def best_partners(
@@ -254,24 +220,52 @@ def best_partners(
     a gated MLP's gate and up rows), and that cosine; a ``dead`` kept row (zero norm) is never
     chosen. ``inverses``: each root's inverse row norms.
 
-    Blocks of removed rows, each block's similarities found and reduced before the next, into
-    results allocated once: the working memory stays a few ``_BLOCK_BYTES`` and interleaves no
-    lasting allocation with the blocks (which fragments the heap into a peak of its own).
+    ``cos(f_i, f_j) = (u_i u_j) (w_i . w_j) + v_i v_j`` with ``u = scale / |f|`` and ``v = shift / |f|``,
+    so no normalised, folded or concatenated copy of the rows exists. Blocks of removed rows against
+    blocks of kept rows, in four buffers of at most ``_BLOCK_BYTES`` allocated once and reused
+    (``out=``): the working memory is a few of those whatever the layer (a LLaMA-7B MLP's kept rows
+    alone are 144 MB), and no fresh temporary per block fragments the heap into a peak of its own.
     """
     dtype = rows[0].weight.dtype
+    size = rows[0].weight.element_size()
     best = torch.empty(removed.shape[0], dtype=dtype)
     choice = torch.empty(removed.shape[0], dtype=torch.long)
-    width = max(r.weight.shape[1] for r in rows) + kept.shape[0]
-    block = max(1, _BLOCK_BYTES // (width * rows[0].weight.element_size()))
+    width = max(r.weight.shape[1] for r in rows)
+    block = min(removed.shape[0], max(1, _BLOCK_BYTES // ((width + kept.shape[0]) * size)))
+    step = min(kept.shape[0], max(1, _BLOCK_BYTES // (width * size)))
+    cosine = torch.empty(block, kept.shape[0], dtype=dtype)
+    left = torch.empty(block * width, dtype=dtype)
+    gathered = torch.empty(step * width, dtype=dtype)
+    product = torch.empty(step * block, dtype=dtype)
+    factors = []
+    for root, inverse in zip(rows, inverses, strict=True):
+        u = inverse if root.scale is None else root.scale * inverse
+        factors.append((u, None if root.shift is None else root.shift * inverse))
     for start in range(0, removed.shape[0], block):
         part = removed[start : start + block]
-        cosine = torch.zeros(part.shape[0], kept.shape[0], dtype=dtype)
-        for root, inverse in zip(rows, inverses, strict=True):
-            cosines(root, part, kept, inverse, cosine)
+        count = part.shape[0]
+        similarity = cosine[:count].zero_()
+        for root, (u, v) in zip(rows, factors, strict=True):
+            weight = root.weight
+            inner = weight.shape[1]
+            these = torch.index_select(weight, 0, part, out=left[: count * inner].view(count, inner))
+            u_part = u[part]
+            for first in range(0, kept.shape[0], step):
+                columns = kept[first : first + step]
+                taken = columns.shape[0]
+                others = gathered[: taken * inner].view(taken, inner)
+                torch.index_select(weight, 0, columns, out=others)
+                dots = torch.mm(others, these.T, out=product[: taken * count].view(taken, count))
+                dots.mul_(u[columns, None]).mul_(u_part)
+                if v is not None:
+                    dots.addr_(v[columns], v[part])
+                similarity[:, first : first + taken] += dots.T
         if len(rows) > 1:
-            cosine /= len(rows)
-        end = start + part.shape[0]
-        torch.max(cosine.masked_fill_(dead, -torch.inf), dim=1, out=(best[start:end], choice[start:end]))
+            similarity /= len(rows)
+        end = start + count
+        torch.max(
+            similarity.masked_fill_(dead, -torch.inf), dim=1, out=(best[start:end], choice[start:end])
+        )
     return best, choice
 
 

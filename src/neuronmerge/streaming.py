@@ -112,7 +112,7 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 #: Bytes moved at once when a tensor is copied between shards or written from memory.
-_COPY_BYTES = 16 * 2**20
+_COPY_BYTES = 8 * 2**20
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,8 @@ def _write(path: Path, tensors: list[tuple[str, _Entry | Tensor]]) -> None:
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    copies = [item.size for _, item in ordered if not isinstance(item, Tensor)]
+    buffer = bytearray(min(_COPY_BYTES, max(copies, default=0)))  # one, reused: no heap churn
     with open(path, "wb") as out:
         out.write(len(raw).to_bytes(8, "little"))
         out.write(raw)
@@ -225,7 +227,6 @@ def _write(path: Path, tensors: list[tuple[str, _Entry | Tensor]]) -> None:
                 for start in range(0, data.shape[0], _COPY_BYTES):
                     out.write(data[start : start + _COPY_BYTES].numpy().data)
                 continue
-            buffer = bytearray(min(_COPY_BYTES, item.size))
             with open(item.shard, "rb") as source:
                 source.seek(item.begin)
                 left = item.size

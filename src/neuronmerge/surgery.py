@@ -163,7 +163,7 @@ def _put(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 #: Bytes of new weight rows built at once when a layer is resized over its own memory.
-_IN_PLACE_BLOCK_BYTES = 16 * 2**20
+_IN_PLACE_BLOCK_BYTES = 8 * 2**20
 
 #: Builds the new weight's rows for some of the old weight's rows, and the constant those output
 #: rows gain (``None``: none).
