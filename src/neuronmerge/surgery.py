@@ -38,11 +38,25 @@ from neuronmerge.decompose import Decomposition
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.types import ConsumerSlice, Group, ParamSlice
 
+#: Per decomposition (by id, within one ``apply``): its merged channels, their targets and scales.
+_Merges = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _merges_of(dec: Decomposition, cache: _Merges) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dec``'s merged channels with their targets and scales, computed once per decomposition (a
+    residual stream's is read by every layer adding into it)."""
+    found = cache.get(id(dec))
+    if found is None:
+        merged = dec.merged()
+        found = cache[id(dec)] = (merged, dec.target[merged], dec.scale[merged])
+    return found
+
 
 def _resized_weight(
     weight: torch.Tensor,
     rows: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
+    cache: _Merges,
 ) -> torch.Tensor:
     """``weight`` with output rows ``rows`` and its input axis (dim 1) merged by each slice's Z.
 
@@ -65,19 +79,26 @@ def _resized_weight(
         start, per = piece.offset // group, piece.block // group
         if start < cursor:
             raise RuntimeError("overlapping channel slices on one consumer")
-        columns.append(torch.arange(cursor, start))
+        if start > cursor:
+            columns.append(torch.arange(cursor, start))
         written += start - cursor
-        within = torch.arange(per)
-        columns.append((start + dec.kept[:, None] * per + within).flatten())
-        merged = dec.merged()
-        if merged.numel():
-            source = (start + merged[:, None] * per + within).flatten()
-            target = (written + dec.target[merged][:, None] * per + within).flatten()
-            merges.append((source, target, dec.scale[merged].repeat_interleave(per)))
+        merged, target, scale = _merges_of(dec, cache)
+        if per == 1:  # one index per channel (the common case): the decomposition's own indices
+            columns.append(dec.kept + start if start else dec.kept)
+            if merged.numel():
+                merges.append((merged + start, target + written, scale))
+        else:
+            within = torch.arange(per)
+            columns.append((start + dec.kept[:, None] * per + within).flatten())
+            if merged.numel():
+                source = (start + merged[:, None] * per + within).flatten()
+                spread = (written + target[:, None] * per + within).flatten()
+                merges.append((source, spread, scale.repeat_interleave(per)))
         written += dec.kept.shape[0] * per
         cursor = start + dec.channels * per
-    columns.append(torch.arange(cursor, width // group))
-    keep = torch.cat(columns)
+    if cursor < width // group:
+        columns.append(torch.arange(cursor, width // group))
+    keep = columns[0] if len(columns) == 1 else torch.cat(columns)
 
     def gather(cols: torch.Tensor) -> torch.Tensor:
         return grouped.index_select(1, cols) if rows is None else grouped[rows[:, None], cols]
@@ -166,6 +187,7 @@ def _resized_layer(
     module: nn.Module,
     kept: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
+    cache: _Merges,
 ) -> tuple[nn.Module, torch.Tensor | None]:
     """A new layer: output rows ``kept`` and input columns mixed per ``slices``.
 
@@ -187,7 +209,7 @@ def _resized_layer(
             weight = module.weight.detach()
             weight, constant = _mix_columns(weight if kept is None else weight[kept], slices)
         else:  # one-positive-entry Z: the single gather of ``_resized_weight``
-            weight = _resized_weight(module.weight.detach(), kept, slices)
+            weight = _resized_weight(module.weight.detach(), kept, slices, cache)
         if module.bias is not None and (kept is not None or constant is not None):
             bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
             if constant is not None:
@@ -300,6 +322,10 @@ def _kept_index(length: int, pieces: list[tuple[ParamSlice, torch.Tensor, int]])
     """Indices along an axis of ``length`` that survive: outside every piece all, inside a piece
     ``offset + kept*block ...`` (pieces of several groups can share a tensor: a BatchNorm after a
     concatenation)."""
+    if len(pieces) == 1:
+        piece, kept, channels = pieces[0]
+        if piece.offset == 0 and piece.block == 1 and channels == length:
+            return kept  # the whole axis is the group's: its kept channels (the common case)
     keep = torch.ones(length, dtype=torch.bool)
     for piece, kept, channels in pieces:
         within = torch.arange(piece.block)
@@ -355,10 +381,13 @@ def _install(graph_module: fx.GraphModule, name: str, module: nn.Module) -> list
     parent, _, leaf = name.rpartition(".")
     owner = graph_module.get_submodule(parent) if parent else graph_module
     old = getattr(owner, leaf)
-    shared = {id(t) for t in [*old.parameters(recurse=False), *old.buffers(recurse=False)]}
-    setattr(owner, leaf, module)
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return [t for t in tensors if id(t) not in shared]
+    shared = {id(t) for t in [*old._parameters.values(), *old._buffers.values()] if t is not None}
+    if leaf in owner._modules:
+        owner._modules[leaf] = module  # what ``setattr`` does for a child module, without its checks
+    else:
+        setattr(owner, leaf, module)
+    tensors = [*module._parameters.values(), *module._buffers.values()]
+    return [t for t in tensors if t is not None and id(t) not in shared]
 
 
 def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
@@ -436,9 +465,10 @@ def apply(
         )
         owned += [*graph_module.get_submodule(f"{name}.out_proj").parameters(recurse=False)]
     constants: dict[str, torch.Tensor] = {}
+    cache: _Merges = {}
     for name in dict.fromkeys([*kept_of, *slices]):
         layer, constant = _resized_layer(
-            graph_module.get_submodule(name), kept_of.get(name), slices.get(name, [])
+            graph_module.get_submodule(name), kept_of.get(name), slices.get(name, []), cache
         )
         owned += _install(graph_module, name, layer)
         if constant is not None:
