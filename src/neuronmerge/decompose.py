@@ -219,9 +219,7 @@ def norm_ratio(
         rows = Rows(rows)
     weight = rows.weight
     n = weight.shape[0]
-    is_kept = torch.zeros(n, dtype=torch.bool)
-    is_kept[kept] = True
-    removed = torch.nonzero(~is_kept).flatten()
+    removed = _removed(n, kept)
     target = torch.empty(n, dtype=torch.long)
     target[kept] = torch.arange(kept.shape[0])
     scale = torch.ones(n, dtype=weight.dtype)
@@ -234,17 +232,18 @@ def norm_ratio(
     u = inverse if rows.scale is None else rows.scale * inverse
     v = None if rows.shift is None else rows.shift * inverse
     kept_rows = weight.index_select(0, kept)
+    kept_norms = norms[kept]
     u_kept = u[kept]
     v_kept = None if v is None else v[kept]
     # A kept row of zero norm has no direction and cannot absorb anything.
-    dead = norms[kept] == 0
+    dead = kept_norms == 0
     per_row = weight.shape[1] + kept.shape[0]
     block = max(1, _BLOCK_BYTES // (per_row * weight.element_size()))
     best_parts, choice_parts = [], []
     for start in range(0, removed.shape[0], block):
-        part = removed[start : start + block]
+        part = removed if block >= removed.shape[0] else removed[start : start + block]
         similarity = weight.index_select(0, part) @ kept_rows.T
-        similarity.mul_(u_kept).mul_(u[part, None])
+        similarity.mul_(u_kept).mul_(u[part].unsqueeze_(1))
         if v is not None:
             assert v_kept is not None
             similarity.addr_(v[part], v_kept)
@@ -255,8 +254,9 @@ def norm_ratio(
     choice = choice_parts[0] if len(choice_parts) == 1 else torch.cat(choice_parts)
     # NaN and -inf (every kept row dead) fail ``>=`` by themselves.
     accept = torch.isfinite(best) if threshold is None else best >= threshold
-    target[removed] = torch.where(accept, choice, -1)
-    scale[removed] = torch.where(accept, norms[removed] / norms[kept][choice], 0)
+    rejected = ~accept
+    scale[removed] = (norms[removed] / kept_norms[choice]).masked_fill_(rejected, 0)
+    target[removed] = choice.masked_fill_(rejected, -1)
     return Decomposition(kept, target, scale)
 
 
