@@ -197,25 +197,22 @@ def _resized_layer(
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     new = structural_copy(module)
     constant = None
-    with torch.no_grad():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices:
-            weight = module.weight.detach()
-            (_, dec), *others = slices
-            assert not others, "a grouped conv reads one group"
-            weight, constant = _grouped_columns(
-                weight if kept is None else weight[kept], module.groups, dec
-            )
-        elif any(dec.mixing is not None or dec.shift is not None for _, dec in slices):
-            weight = module.weight.detach()
-            weight, constant = _mix_columns(weight if kept is None else weight[kept], slices)
-        else:  # one-positive-entry Z: the single gather of ``_resized_weight``
-            weight = _resized_weight(module.weight.detach(), kept, slices, cache)
-        if module.bias is not None and (kept is not None or constant is not None):
-            bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
-            if constant is not None:
-                bias, constant = bias + constant, None
-            _put(new, "bias", _parameter(module.bias, bias))
-        _put(new, "weight", _parameter(module.weight, weight))
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices:
+        weight = module.weight.detach()
+        (_, dec), *others = slices
+        assert not others, "a grouped conv reads one group"
+        weight, constant = _grouped_columns(weight if kept is None else weight[kept], module.groups, dec)
+    elif any(dec.mixing is not None or dec.shift is not None for _, dec in slices):
+        weight = module.weight.detach()
+        weight, constant = _mix_columns(weight if kept is None else weight[kept], slices)
+    else:  # one-positive-entry Z: the single gather of ``_resized_weight``
+        weight = _resized_weight(module.weight.detach(), kept, slices, cache)
+    if module.bias is not None and (kept is not None or constant is not None):
+        bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
+        if constant is not None:
+            bias, constant = bias + constant, None
+        _put(new, "bias", _parameter(module.bias, bias))
+    _put(new, "weight", _parameter(module.weight, weight))
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
@@ -240,44 +237,43 @@ def _resized_attention(
     weights = [wq[plan.qk], wk[plan.qk], wv[plan.v]]
     biases = [bq[plan.qk], bk[plan.qk], bv[plan.v]]
     packed = module._qkv_same_embed_dim
-    with torch.no_grad():
-        if slices:
-            (piece, dec), *others = slices
-            assert not others, "one tensor feeds the query, key and value"
-            read = 3 if packed else 1
-            stacked = torch.cat(weights[:read])
-            mixed, constant = _mix_columns(stacked, [(piece, dec)])
-            if constant is not None:
-                bias = torch.cat(biases[:read]) + constant
-                biases[:read] = list(bias.split([w.shape[0] for w in weights[:read]]))
-            weights[:read] = list(mixed.split([w.shape[0] for w in weights[:read]]))
-        if packed:
-            _put(new, "in_proj_weight", _parameter(module.in_proj_weight, torch.cat(weights)))
-        else:
-            for name, weight in zip(("q", "k", "v"), weights, strict=True):
-                _put(
-                    new,
-                    f"{name}_proj_weight",
-                    _parameter(getattr(module, f"{name}_proj_weight"), weight),
-                )
-        if module.in_proj_bias is not None:
-            _put(new, "in_proj_bias", _parameter(module.in_proj_bias, torch.cat(biases)))
-        for name, index in (("bias_k", plan.qk), ("bias_v", plan.v)):
-            old = getattr(module, name)
-            if old is not None:
-                _put(new, name, _parameter(old, old.detach()[..., index]))
-        out = module.out_proj
-        weight = out.weight.detach() if rows is None else out.weight.detach()[rows]
-        columns = weight[:, plan.v]
-        if plan.v_source.numel():
-            scaled = weight[:, plan.v_source] * plan.v_scale.to(weight.dtype)
-            columns.index_add_(1, plan.v_target, scaled)
-        projection = structural_copy(out)
-        assert isinstance(projection, nn.Linear)
-        _put(projection, "weight", _parameter(out.weight, columns))
-        if out.bias is not None and rows is not None:
-            _put(projection, "bias", _parameter(out.bias, out.bias.detach()[rows]))
-        projection.out_features, projection.in_features = columns.shape
+    if slices:
+        (piece, dec), *others = slices
+        assert not others, "one tensor feeds the query, key and value"
+        read = 3 if packed else 1
+        stacked = torch.cat(weights[:read])
+        mixed, constant = _mix_columns(stacked, [(piece, dec)])
+        if constant is not None:
+            bias = torch.cat(biases[:read]) + constant
+            biases[:read] = list(bias.split([w.shape[0] for w in weights[:read]]))
+        weights[:read] = list(mixed.split([w.shape[0] for w in weights[:read]]))
+    if packed:
+        _put(new, "in_proj_weight", _parameter(module.in_proj_weight, torch.cat(weights)))
+    else:
+        for name, weight in zip(("q", "k", "v"), weights, strict=True):
+            _put(
+                new,
+                f"{name}_proj_weight",
+                _parameter(getattr(module, f"{name}_proj_weight"), weight),
+            )
+    if module.in_proj_bias is not None:
+        _put(new, "in_proj_bias", _parameter(module.in_proj_bias, torch.cat(biases)))
+    for name, index in (("bias_k", plan.qk), ("bias_v", plan.v)):
+        old = getattr(module, name)
+        if old is not None:
+            _put(new, name, _parameter(old, old.detach()[..., index]))
+    out = module.out_proj
+    weight = out.weight.detach() if rows is None else out.weight.detach()[rows]
+    columns = weight[:, plan.v]
+    if plan.v_source.numel():
+        scaled = weight[:, plan.v_source] * plan.v_scale.to(weight.dtype)
+        columns.index_add_(1, plan.v_target, scaled)
+    projection = structural_copy(out)
+    assert isinstance(projection, nn.Linear)
+    _put(projection, "weight", _parameter(out.weight, columns))
+    if out.bias is not None and rows is not None:
+        _put(projection, "bias", _parameter(out.bias, out.bias.detach()[rows]))
+    projection.out_features, projection.in_features = columns.shape
     new._modules["out_proj"] = projection
     width = int(plan.qk.shape[0])
     new.embed_dim, new.num_heads, new.head_dim = width, plan.num_heads, width // plan.num_heads
@@ -355,11 +351,10 @@ def _channel_count(module: nn.Module) -> int:
 def _sliced_module(module: nn.Module, index: torch.Tensor) -> nn.Module:
     """A new per-channel module (BatchNorm, depthwise conv, LayerNorm, PReLU) keeping ``index``."""
     new = structural_copy(module)
-    with torch.no_grad():
-        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is None or tensor.dim() == 0 or name == "num_batches_tracked":
-                continue
-            _put(new, name, _sliced(tensor, 0, index))
+    for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        if tensor is None or tensor.dim() == 0 or name == "num_batches_tracked":
+            continue
+        _put(new, name, _sliced(tensor, 0, index))
     kept = int(index.shape[0])
     if isinstance(new, nn.modules.batchnorm._BatchNorm):
         new.num_features = kept
@@ -437,6 +432,18 @@ def apply(
 
     Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
     """
+    # One no-grad region for all the layers (entering one per layer cost more than small layers'
+    # arithmetic): the new weights are plain tensors, wrapped as parameters afterwards.
+    with torch.no_grad():
+        return _apply(graph_module, groups, decompositions)
+
+
+def _apply(
+    graph_module: fx.GraphModule,
+    groups: list[Group],
+    decompositions: Mapping[str, GroupDecomposition],
+) -> list[torch.Tensor]:
+    """``apply`` inside its no-grad region."""
     slices: dict[str, list[tuple[ConsumerSlice, Decomposition]]] = defaultdict(list)
     kept_of: dict[str, torch.Tensor] = {}
     pieces: dict[tuple[str, str], list[tuple[ParamSlice, torch.Tensor, int]]] = defaultdict(list)
@@ -484,8 +491,7 @@ def apply(
         tensor = getattr(module, name)
         axis = parts[0][0].axis
         index = _kept_index(tensor.shape[axis], parts)
-        with torch.no_grad():
-            value = _sliced(tensor, axis, index)
+        value = _sliced(tensor, axis, index)
         _put(module, name, value)
         owned.append(value)
         if isinstance(module, nn.PReLU):
