@@ -35,18 +35,17 @@ def _check_finite(gm: fx.GraphModule) -> None:
     """Refuse NaN or infinite parameters or buffers (BatchNorm statistics) anywhere: merging would
     spread them through Z into the kept neurons and the readers, and the similarity scores would be
     meaningless."""
-    named = [
-        (name, tensor.detach())
-        for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]
-        if tensor.is_floating_point()
-    ]
+    tensors = [t.detach() for t in [*gm.parameters(), *gm.buffers()] if t.is_floating_point()]
     # One fused norm over every tensor (a few kernel launches, not one per tensor, which on a network
     # of many small layers cost more than the norms) screens them all; only a non-finite total (NaN,
     # inf, or an overflow of finite values) pays for the exact elementwise test of each tensor.
-    if not named or torch.isfinite(nn.utils.get_total_norm([t for _, t in named], foreach=True)):
-        return
-    for name, data in named:
-        if not torch.isfinite(data).all():
+    try:
+        if not tensors or torch.isfinite(nn.utils.get_total_norm(tensors, foreach=True)):
+            return
+    except RuntimeError:  # a layout the fused kernel does not take (sparse, say): test each tensor
+        pass
+    for name, tensor in [*gm.named_parameters(), *gm.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor.detach()).all():
             module, _, leaf = name.rpartition(".")
             raise InvalidArgumentError(f"{module or '<model>'}: {leaf} holds NaN or infinite values")
 
