@@ -1128,7 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(document, indent=1) + "\n")
-    log.print(f"wrote {path} ({document['settings']['wall_s']:.0f} s)")
+    log.print(f"wrote {path} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
