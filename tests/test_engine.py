@@ -363,3 +363,37 @@ def test_in_place_must_be_a_bool() -> None:
     model = duplicated_mlp(12, [6, 5], [2, 2], "l1-norm", seed=2)
     with pytest.raises(nm.InvalidArgumentError, match="in_place"):
         nm.compress(model, torch.zeros(2, 12, dtype=torch.float64), 0.5, in_place="yes")  # type: ignore[arg-type]
+
+
+class _BatchSizes(nn.Module):
+    """A Linear layer that records the batch size of every input, and an output shaped by ``fold``."""
+
+    def __init__(self, fold: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fold = fold
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(int(x.shape[0]))
+        y = self.fc(x)
+        if self.fold == "fixed-batch":  # a hard-coded batch size: (2, 4) -> (2, 4), (1, 4) -> (2, 2)
+            return y.reshape(2, -1)
+        if self.fold == "sum":  # no batch axis left: (2, 4) -> (4,)
+            return y.sum(0)
+        return y
+
+
+def test_verify_runs_one_example_where_the_model_is_batch_wise() -> None:
+    x = torch.randn(2, 4)
+    model = _BatchSizes("plain")
+    assert engine.verify(model, (x,), (2, 4)) is None
+    assert model.seen == [1]  # the first example alone settled it
+    for fold, shape in (("fixed-batch", (2, 4)), ("sum", (4,))):
+        other = _BatchSizes(fold)
+        assert engine.verify(other, (x,), shape) is None  # no false alarm: the full batch decides
+        assert other.seen[-1] == 2
+    wrong = _BatchSizes("plain")
+    with pytest.raises(nm.NeuronMergeError, match="output shape changed"):
+        engine.verify(wrong, (x,), (2, 5))
+    assert wrong.seen == [1, 2]  # a mismatch on one example is confirmed on the full batch

@@ -284,9 +284,7 @@ def norm_ratio(
         rows = Rows(rows)
     weight = rows.weight
     n = weight.shape[0]
-    is_kept = torch.zeros(n, dtype=torch.bool)
-    is_kept[kept] = True
-    removed = torch.nonzero(~is_kept).flatten()
+    removed = _removed(n, kept)
     target = torch.empty(n, dtype=torch.long)
     target[kept] = torch.arange(kept.shape[0])
     scale = torch.ones(n, dtype=weight.dtype)
@@ -296,12 +294,14 @@ def norm_ratio(
         norms = rows.l2_norms()
     inverse = torch.where(norms > 0, norms, 1).reciprocal_()
     # A kept row of zero norm has no direction and cannot absorb anything.
-    dead = norms[kept] == 0
+    kept_norms = norms[kept]
+    dead = kept_norms == 0
     best, choice = best_partners([rows], removed, kept, [inverse], dead)
     # NaN and -inf (every kept row dead) fail ``>=`` by themselves.
     accept = torch.isfinite(best) if threshold is None else best >= threshold
-    target[removed] = torch.where(accept, choice, -1)
-    scale[removed] = torch.where(accept, norms[removed] / norms[kept][choice], 0)
+    rejected = ~accept
+    scale[removed] = (norms[removed] / kept_norms[choice]).masked_fill_(rejected, 0)
+    target[removed] = choice.masked_fill_(rejected, -1)
     return Decomposition(kept, target, scale)
 
 

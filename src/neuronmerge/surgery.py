@@ -38,11 +38,25 @@ from neuronmerge.decompose import Decomposition
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.types import ConsumerSlice, Group, ParamSlice
 
+#: Per decomposition (by id, within one ``apply``): its merged channels, their targets and scales.
+_Merges = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _merges_of(dec: Decomposition, cache: _Merges) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dec``'s merged channels with their targets and scales, computed once per decomposition (a
+    residual stream's is read by every layer adding into it)."""
+    found = cache.get(id(dec))
+    if found is None:
+        merged = dec.merged()
+        found = cache[id(dec)] = (merged, dec.target[merged], dec.scale[merged])
+    return found
+
 
 def _resized_weight(
     weight: torch.Tensor,
     rows: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
+    cache: _Merges,
 ) -> torch.Tensor:
     """``weight`` with output rows ``rows`` and its input axis (dim 1) merged by each slice's Z.
 
@@ -65,19 +79,26 @@ def _resized_weight(
         start, per = piece.offset // group, piece.block // group
         if start < cursor:
             raise RuntimeError("overlapping channel slices on one consumer")
-        columns.append(torch.arange(cursor, start))
+        if start > cursor:
+            columns.append(torch.arange(cursor, start))
         written += start - cursor
-        within = torch.arange(per)
-        columns.append((start + dec.kept[:, None] * per + within).flatten())
-        merged = dec.merged()
-        if merged.numel():
-            source = (start + merged[:, None] * per + within).flatten()
-            target = (written + dec.target[merged][:, None] * per + within).flatten()
-            merges.append((source, target, dec.scale[merged].repeat_interleave(per)))
+        merged, target, scale = _merges_of(dec, cache)
+        if per == 1:  # one index per channel (the common case): the decomposition's own indices
+            columns.append(dec.kept + start if start else dec.kept)
+            if merged.numel():
+                merges.append((merged + start, target + written, scale))
+        else:
+            within = torch.arange(per)
+            columns.append((start + dec.kept[:, None] * per + within).flatten())
+            if merged.numel():
+                source = (start + merged[:, None] * per + within).flatten()
+                spread = (written + target[:, None] * per + within).flatten()
+                merges.append((source, spread, scale.repeat_interleave(per)))
         written += dec.kept.shape[0] * per
         cursor = start + dec.channels * per
-    columns.append(torch.arange(cursor, width // group))
-    keep = torch.cat(columns)
+    if cursor < width // group:
+        columns.append(torch.arange(cursor, width // group))
+    keep = columns[0] if len(columns) == 1 else torch.cat(columns)
 
     def gather(cols: torch.Tensor) -> torch.Tensor:
         return grouped.index_select(1, cols) if rows is None else grouped[rows[:, None], cols]
@@ -209,6 +230,7 @@ def _resized_layer(
     module: nn.Module,
     kept: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
+    cache: _Merges,
     in_place: bool = False,
 ) -> tuple[nn.Module, torch.Tensor | None]:
     """A new layer: output rows ``kept`` and input columns mixed per ``slices``.
@@ -220,35 +242,34 @@ def _resized_layer(
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     new = structural_copy(module)
     constant = None
-    with torch.no_grad():
-        old = module.weight.detach()
-        mixed = any(dec.mixing is not None or dec.shift is not None for _, dec in slices)
-        build: RowBuilder
-        if mixed:
-            build = lambda rows: _mix_columns(old.index_select(0, rows), slices)  # noqa: E731
-        elif slices:
-            build = lambda rows: (_resized_weight(old, rows, slices), None)  # noqa: E731
-        else:
-            build = lambda rows: (old.index_select(0, rows), None)  # noqa: E731
-        grouped = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices
-        done = _over_itself(old, kept, build) if in_place and not grouped else None
-        if done is not None:
-            weight, constant = done
-        elif grouped:
-            assert isinstance(module, (nn.Conv1d, nn.Conv2d))
-            (_, dec), *others = slices
-            assert not others, "a grouped conv reads one group"
-            weight, constant = _grouped_columns(old if kept is None else old[kept], module.groups, dec)
-        elif mixed:
-            weight, constant = _mix_columns(old if kept is None else old[kept], slices)
-        else:  # one-positive-entry Z: the single gather of ``_resized_weight``
-            weight = _resized_weight(old, kept, slices)
-        if module.bias is not None and (kept is not None or constant is not None):
-            bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
-            if constant is not None:
-                bias, constant = bias + constant, None
-            _put(new, "bias", _parameter(module.bias, bias))
-        _put(new, "weight", _parameter(module.weight, weight))
+    old = module.weight.detach()
+    mixed = any(dec.mixing is not None or dec.shift is not None for _, dec in slices)
+    build: RowBuilder
+    if mixed:
+        build = lambda rows: _mix_columns(old.index_select(0, rows), slices)  # noqa: E731
+    elif slices:
+        build = lambda rows: (_resized_weight(old, rows, slices, cache), None)  # noqa: E731
+    else:
+        build = lambda rows: (old.index_select(0, rows), None)  # noqa: E731
+    grouped = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices
+    done = _over_itself(old, kept, build) if in_place and not grouped else None
+    if done is not None:
+        weight, constant = done
+    elif grouped:
+        assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+        (_, dec), *others = slices
+        assert not others, "a grouped conv reads one group"
+        weight, constant = _grouped_columns(old if kept is None else old[kept], module.groups, dec)
+    elif mixed:
+        weight, constant = _mix_columns(old if kept is None else old[kept], slices)
+    else:  # one-positive-entry Z: the single gather of ``_resized_weight``
+        weight = _resized_weight(old, kept, slices, cache)
+    if module.bias is not None and (kept is not None or constant is not None):
+        bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
+        if constant is not None:
+            bias, constant = bias + constant, None
+        _put(new, "bias", _parameter(module.bias, bias))
+    _put(new, "weight", _parameter(module.weight, weight))
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
@@ -273,44 +294,43 @@ def _resized_attention(
     weights = [wq[plan.qk], wk[plan.qk], wv[plan.v]]
     biases = [bq[plan.qk], bk[plan.qk], bv[plan.v]]
     packed = module._qkv_same_embed_dim
-    with torch.no_grad():
-        if slices:
-            (piece, dec), *others = slices
-            assert not others, "one tensor feeds the query, key and value"
-            read = 3 if packed else 1
-            stacked = torch.cat(weights[:read])
-            mixed, constant = _mix_columns(stacked, [(piece, dec)])
-            if constant is not None:
-                bias = torch.cat(biases[:read]) + constant
-                biases[:read] = list(bias.split([w.shape[0] for w in weights[:read]]))
-            weights[:read] = list(mixed.split([w.shape[0] for w in weights[:read]]))
-        if packed:
-            _put(new, "in_proj_weight", _parameter(module.in_proj_weight, torch.cat(weights)))
-        else:
-            for name, weight in zip(("q", "k", "v"), weights, strict=True):
-                _put(
-                    new,
-                    f"{name}_proj_weight",
-                    _parameter(getattr(module, f"{name}_proj_weight"), weight),
-                )
-        if module.in_proj_bias is not None:
-            _put(new, "in_proj_bias", _parameter(module.in_proj_bias, torch.cat(biases)))
-        for name, index in (("bias_k", plan.qk), ("bias_v", plan.v)):
-            old = getattr(module, name)
-            if old is not None:
-                _put(new, name, _parameter(old, old.detach()[..., index]))
-        out = module.out_proj
-        weight = out.weight.detach() if rows is None else out.weight.detach()[rows]
-        columns = weight[:, plan.v]
-        if plan.v_source.numel():
-            scaled = weight[:, plan.v_source] * plan.v_scale.to(weight.dtype)
-            columns.index_add_(1, plan.v_target, scaled)
-        projection = structural_copy(out)
-        assert isinstance(projection, nn.Linear)
-        _put(projection, "weight", _parameter(out.weight, columns))
-        if out.bias is not None and rows is not None:
-            _put(projection, "bias", _parameter(out.bias, out.bias.detach()[rows]))
-        projection.out_features, projection.in_features = columns.shape
+    if slices:
+        (piece, dec), *others = slices
+        assert not others, "one tensor feeds the query, key and value"
+        read = 3 if packed else 1
+        stacked = torch.cat(weights[:read])
+        mixed, constant = _mix_columns(stacked, [(piece, dec)])
+        if constant is not None:
+            bias = torch.cat(biases[:read]) + constant
+            biases[:read] = list(bias.split([w.shape[0] for w in weights[:read]]))
+        weights[:read] = list(mixed.split([w.shape[0] for w in weights[:read]]))
+    if packed:
+        _put(new, "in_proj_weight", _parameter(module.in_proj_weight, torch.cat(weights)))
+    else:
+        for name, weight in zip(("q", "k", "v"), weights, strict=True):
+            _put(
+                new,
+                f"{name}_proj_weight",
+                _parameter(getattr(module, f"{name}_proj_weight"), weight),
+            )
+    if module.in_proj_bias is not None:
+        _put(new, "in_proj_bias", _parameter(module.in_proj_bias, torch.cat(biases)))
+    for name, index in (("bias_k", plan.qk), ("bias_v", plan.v)):
+        old = getattr(module, name)
+        if old is not None:
+            _put(new, name, _parameter(old, old.detach()[..., index]))
+    out = module.out_proj
+    weight = out.weight.detach() if rows is None else out.weight.detach()[rows]
+    columns = weight[:, plan.v]
+    if plan.v_source.numel():
+        scaled = weight[:, plan.v_source] * plan.v_scale.to(weight.dtype)
+        columns.index_add_(1, plan.v_target, scaled)
+    projection = structural_copy(out)
+    assert isinstance(projection, nn.Linear)
+    _put(projection, "weight", _parameter(out.weight, columns))
+    if out.bias is not None and rows is not None:
+        _put(projection, "bias", _parameter(out.bias, out.bias.detach()[rows]))
+    projection.out_features, projection.in_features = columns.shape
     new._modules["out_proj"] = projection
     width = int(plan.qk.shape[0])
     new.embed_dim, new.num_heads, new.head_dim = width, plan.num_heads, width // plan.num_heads
@@ -355,6 +375,10 @@ def _kept_index(length: int, pieces: list[tuple[ParamSlice, torch.Tensor, int]])
     """Indices along an axis of ``length`` that survive: outside every piece all, inside a piece
     ``offset + kept*block ...`` (pieces of several groups can share a tensor: a BatchNorm after a
     concatenation)."""
+    if len(pieces) == 1:
+        piece, kept, channels = pieces[0]
+        if piece.offset == 0 and piece.block == 1 and channels == length:
+            return kept  # the whole axis is the group's: its kept channels (the common case)
     keep = torch.ones(length, dtype=torch.bool)
     for piece, kept, channels in pieces:
         within = torch.arange(piece.block)
@@ -384,11 +408,10 @@ def _channel_count(module: nn.Module) -> int:
 def _sliced_module(module: nn.Module, index: torch.Tensor) -> nn.Module:
     """A new per-channel module (BatchNorm, depthwise conv, LayerNorm, PReLU) keeping ``index``."""
     new = structural_copy(module)
-    with torch.no_grad():
-        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is None or tensor.dim() == 0 or name == "num_batches_tracked":
-                continue
-            _put(new, name, _sliced(tensor, 0, index))
+    for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        if tensor is None or tensor.dim() == 0 or name == "num_batches_tracked":
+            continue
+        _put(new, name, _sliced(tensor, 0, index))
     kept = int(index.shape[0])
     if isinstance(new, nn.modules.batchnorm._BatchNorm):
         new.num_features = kept
@@ -410,10 +433,13 @@ def _install(graph_module: fx.GraphModule, name: str, module: nn.Module) -> list
     parent, _, leaf = name.rpartition(".")
     owner = graph_module.get_submodule(parent) if parent else graph_module
     old = getattr(owner, leaf)
-    shared = {id(t) for t in [*old.parameters(recurse=False), *old.buffers(recurse=False)]}
-    setattr(owner, leaf, module)
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return [t for t in tensors if id(t) not in shared]
+    shared = {id(t) for t in [*old._parameters.values(), *old._buffers.values()] if t is not None}
+    if leaf in owner._modules:
+        owner._modules[leaf] = module  # what ``setattr`` does for a child module, without its checks
+    else:
+        setattr(owner, leaf, module)
+    tensors = [*module._parameters.values(), *module._buffers.values()]
+    return [t for t in tensors if t is not None and id(t) not in shared]
 
 
 def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
@@ -483,6 +509,19 @@ def apply(
 
     Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
     """
+    # One no-grad region for all the layers (entering one per layer cost more than small layers'
+    # arithmetic): the new weights are plain tensors, wrapped as parameters afterwards.
+    with torch.no_grad():
+        return _apply(graph_module, groups, decompositions, in_place)
+
+
+def _apply(
+    graph_module: fx.GraphModule,
+    groups: list[Group],
+    decompositions: Mapping[str, GroupDecomposition],
+    in_place: bool,
+) -> list[torch.Tensor]:
+    """``apply`` inside its no-grad region."""
     slices: dict[str, list[tuple[ConsumerSlice, Decomposition]]] = defaultdict(list)
     kept_of: dict[str, torch.Tensor] = {}
     pieces: dict[tuple[str, str], list[tuple[ParamSlice, torch.Tensor, int]]] = defaultdict(list)
@@ -512,12 +551,13 @@ def apply(
         owned += [*graph_module.get_submodule(f"{name}.out_proj").parameters(recurse=False)]
     constants: dict[str, torch.Tensor] = {}
     shared = _shared_storages(graph_module) if in_place else set()
+    cache: _Merges = {}
     for name in dict.fromkeys([*kept_of, *slices]):
         module = graph_module.get_submodule(name)
         weight = module.weight
         assert isinstance(weight, torch.Tensor)
         own = in_place and weight.untyped_storage().data_ptr() not in shared
-        layer, constant = _resized_layer(module, kept_of.get(name), slices.get(name, []), own)
+        layer, constant = _resized_layer(module, kept_of.get(name), slices.get(name, []), cache, own)
         owned += _install(graph_module, name, layer)
         if constant is not None:
             constants[name] = constant
@@ -532,8 +572,7 @@ def apply(
         tensor = getattr(module, name)
         axis = parts[0][0].axis
         index = _kept_index(tensor.shape[axis], parts)
-        with torch.no_grad():
-            value = _sliced(tensor, axis, index)
+        value = _sliced(tensor, axis, index)
         _put(module, name, value)
         owned.append(value)
         if isinstance(module, nn.PReLU):
