@@ -12,9 +12,11 @@ from torch import nn
 
 import neuronmerge as nm
 from neuronmerge import engine
+from neuronmerge.api import _compress
 from neuronmerge.criteria import kept_count
 from neuronmerge.ffn import FeedForward
 from neuronmerge.methods.base import Inputs
+from neuronmerge.options import Options
 from tests.builders import duplicated_convnet, duplicated_mlp
 
 
@@ -320,6 +322,7 @@ def _convnet(seed: int) -> tuple[nn.Module, torch.Tensor, list[str]]:
     ("build", "method"), [(_convnet, "merge"), (_convnet, "prune"), (_gated, "merge-ls")]
 )
 def test_in_place_gives_the_same_model_in_the_models_own_memory(build, method: str) -> None:
+    """The internal in-place path (streaming owns its layers) computes what the default computes."""
     model, x, weights = build(2)
     # merge-ls: a dense Z and constants into down's new bias (calibrated here: fast and the same
     # batches for both runs).
@@ -327,7 +330,8 @@ def test_in_place_gives_the_same_model_in_the_models_own_memory(build, method: s
     expected = nm.compress(model, x[:2], 0.5, method=method, **extra).model
     owned = copy.deepcopy(model)
     memory = {name: p.untyped_storage().data_ptr() for name, p in owned.named_parameters()}
-    small = nm.compress(owned, x[:2], 0.5, method=method, in_place=True, **extra).model
+    options = Options.of(method=method)
+    small = _compress(owned, x[:2], 0.5, options, extra.get("calibration"), in_place=True).model
     assert torch.allclose(small(x), expected(x), rtol=1e-9, atol=1e-10)
     # Every resized weight (rows, flattened conv columns, a dense mixing) reuses the old memory.
     for name in weights:
@@ -353,16 +357,10 @@ def test_in_place_copies_a_weight_whose_memory_another_layer_reads() -> None:
     model = _SharedMemory().eval()
     x, y = torch.randn(5, 6), torch.randn(5, 8)
     expected = nm.compress(model, (x, y), 0.5).model
-    small = nm.compress(model, (x, y), 0.5, in_place=True).model
+    small = _compress(model, (x, y), 0.5, Options.of(), in_place=True).model
     assert small.down.in_features == 4
     assert torch.allclose(small(x, y), expected(x, y))
     assert torch.equal(model.side.weight, model.down.weight)  # nothing written over
-
-
-def test_in_place_must_be_a_bool() -> None:
-    model = duplicated_mlp(12, [6, 5], [2, 2], "l1-norm", seed=2)
-    with pytest.raises(nm.InvalidArgumentError, match="in_place"):
-        nm.compress(model, torch.zeros(2, 12, dtype=torch.float64), 0.5, in_place="yes")  # type: ignore[arg-type]
 
 
 class _BatchSizes(nn.Module):

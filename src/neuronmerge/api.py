@@ -157,7 +157,6 @@ def compress(
     exclude: Sequence[str] | None = None,
     calibration: Iterable[ExampleInputs] | None = None,
     approximate: bool = False,
-    in_place: bool = False,
 ) -> Result:
     """Remove the fraction ``ratio`` of the channels of every group; return model and report.
 
@@ -195,14 +194,7 @@ def compress(
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
     ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
     ``InvalidArgumentError`` with the reachable range.
-
-    ``in_place=True`` is for a caller that owns ``model`` and will drop it (``streaming`` does, one
-    checkpoint layer at a time): the resized weights are then written over the model's own weight
-    memory instead of beside it, so a layer never exists twice and peak memory stays near the
-    model's size; ``model``'s tensors are garbage afterwards. The default never touches ``model``.
     """
-    if not isinstance(in_place, bool):
-        raise InvalidArgumentError(f"in_place must be True or False, got {in_place!r}")
     options = Options.of(
         method=method,
         criterion=criterion,
@@ -218,7 +210,7 @@ def compress(
         round_to=round_to,
         allocation=allocation,
     )
-    return _compress(model, example_inputs, ratio, options, calibration, in_place)
+    return _compress(model, example_inputs, ratio, options, calibration)
 
 
 def _compress(
@@ -227,12 +219,18 @@ def _compress(
     ratio: float | None,
     options: Options,
     calibration: Iterable[ExampleInputs] | None = None,
-    in_place: bool = False,
     *,
+    in_place: bool = False,
     announce: bool = True,
 ) -> Result:
     """``compress`` with its options validated once, as ``Options``; ``announce=False`` leaves the
-    shortfall warning to a caller that shows every layer and why itself (``plan``)."""
+    shortfall warning to a caller that shows every layer and why itself (``plan``).
+
+    ``in_place=True`` is for internal callers that own ``model`` and drop it (``streaming``, one
+    checkpoint layer at a time): the resized weights are written over the model's own weight memory
+    instead of beside it, so a layer never exists twice; ``model``'s tensors are garbage afterwards.
+    It is not offered by ``compress``, whose callers' models are never touched.
+    """
     targeted = options.budget.metric is not None
     if ratio is not None:
         ratio = check_ratio(ratio)
