@@ -13,6 +13,7 @@ from torch import nn
 import neuronmerge as nm
 from neuronmerge import engine
 from neuronmerge.criteria import kept_count
+from neuronmerge.ffn import FeedForward
 from neuronmerge.methods.base import Inputs
 from tests.builders import duplicated_convnet, duplicated_mlp
 
@@ -102,8 +103,9 @@ def test_input_model_is_never_modified() -> None:
     before = copy.deepcopy(model.state_dict())
     model.train()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    nm.merge(model, x, 0.5)
-    nm.prune(model, x, 0.5)
+    for compress in (nm.merge, nm.prune):  # a training-mode model is announced, and left as it is
+        with pytest.warns(nm.CompressionWarning, match="training mode"):
+            compress(model, x, 0.5)
     nm.plan(model, x)
     with pytest.raises(nm.InvalidArgumentError):
         nm.merge(model, x, 1.0)
@@ -299,3 +301,65 @@ def test_property_random_mlps_merge_exactly(
     expected += sum(a * b + b for a, b in zip(bases, bases[1:]))
     expected += bases[-1] * 3 + 3
     assert params(small) == expected
+
+
+def _gated(seed: int) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    torch.manual_seed(seed)
+    ffn = FeedForward(nn.Linear(12, 32), nn.SiLU(), nn.Linear(32, 12), nn.Linear(12, 32)).double().eval()
+    return ffn, torch.randn(64, 12, dtype=torch.float64), ["up.weight", "gate.weight", "down.weight"]
+
+
+def _convnet(seed: int) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    bases, dups = zip(*(split(width, 0.5) for width in (8, 6, 10)))
+    model = duplicated_convnet(list(bases), list(dups), "l1-norm", seed=seed)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    return model, x, ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+
+
+@pytest.mark.parametrize(
+    ("build", "method"), [(_convnet, "merge"), (_convnet, "prune"), (_gated, "merge-ls")]
+)
+def test_in_place_gives_the_same_model_in_the_models_own_memory(build, method: str) -> None:
+    model, x, weights = build(2)
+    # merge-ls: a dense Z and constants into down's new bias (calibrated here: fast and the same
+    # batches for both runs).
+    extra = {"calibration": [x]} if method == "merge-ls" else {}
+    expected = nm.compress(model, x[:2], 0.5, method=method, **extra).model
+    owned = copy.deepcopy(model)
+    memory = {name: p.untyped_storage().data_ptr() for name, p in owned.named_parameters()}
+    small = nm.compress(owned, x[:2], 0.5, method=method, in_place=True, **extra).model
+    assert torch.allclose(small(x), expected(x), rtol=1e-9, atol=1e-10)
+    # Every resized weight (rows, flattened conv columns, a dense mixing) reuses the old memory.
+    for name in weights:
+        assert small.get_parameter(name).untyped_storage().data_ptr() == memory[name]
+        assert small.get_parameter(name).shape != owned.get_parameter(name).shape
+
+
+class _SharedMemory(nn.Module):
+    """``side`` reads ``down``'s weight memory through a Parameter of its own (not tied by identity,
+    so grouping allows resizing ``down``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.side = nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(8, 6)
+        self.side.weight = nn.Parameter(self.down.weight.detach())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x))) + self.side(y)
+
+
+def test_in_place_copies_a_weight_whose_memory_another_layer_reads() -> None:
+    torch.manual_seed(0)
+    model = _SharedMemory().eval()
+    x, y = torch.randn(5, 6), torch.randn(5, 8)
+    expected = nm.compress(model, (x, y), 0.5).model
+    small = nm.compress(model, (x, y), 0.5, in_place=True).model
+    assert small.down.in_features == 4
+    assert torch.allclose(small(x, y), expected(x, y))
+    assert torch.equal(model.side.weight, model.down.weight)  # nothing written over
+
+
+def test_in_place_must_be_a_bool() -> None:
+    model = duplicated_mlp(12, [6, 5], [2, 2], "l1-norm", seed=2)
+    with pytest.raises(nm.InvalidArgumentError, match="in_place"):
+        nm.compress(model, torch.zeros(2, 12, dtype=torch.float64), 0.5, in_place="yes")  # type: ignore[arg-type]

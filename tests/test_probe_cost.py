@@ -12,6 +12,7 @@ from torch import nn
 import neuronmerge as nm
 from neuronmerge import probes
 from neuronmerge.capture import capture
+from tests.builders import compress_announced
 
 
 def test_schedule_gives_cheap_models_every_probe_and_heavy_ones_fewer() -> None:
@@ -87,7 +88,7 @@ def test_merge_ls_makes_no_probes_when_nothing_is_mergeable(monkeypatch: pytest.
     # The only layer's outputs are the model's: nothing to merge.
     model = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1)).eval()
     x = torch.randn(2, 4)
-    result = nm.compress(model, x, 0.5, method="merge-ls")
+    result = compress_announced(model, x, 0.5, method="merge-ls")
     assert result.report.sites == () and torch.equal(result.model(x), model(x))
 
 

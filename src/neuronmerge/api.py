@@ -157,6 +157,7 @@ def compress(
     exclude: Sequence[str] | None = None,
     calibration: Iterable[ExampleInputs] | None = None,
     approximate: bool = False,
+    in_place: bool = False,
 ) -> Result:
     """Remove the fraction ``ratio`` of the channels of every group; return model and report.
 
@@ -194,7 +195,14 @@ def compress(
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
     ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
     ``InvalidArgumentError`` with the reachable range.
+
+    ``in_place=True`` is for a caller that owns ``model`` and will drop it (``streaming`` does, one
+    checkpoint layer at a time): the resized weights are then written over the model's own weight
+    memory instead of beside it, so a layer never exists twice and peak memory stays near the
+    model's size; ``model``'s tensors are garbage afterwards. The default never touches ``model``.
     """
+    if not isinstance(in_place, bool):
+        raise InvalidArgumentError(f"in_place must be True or False, got {in_place!r}")
     options = Options.of(
         method=method,
         criterion=criterion,
@@ -210,7 +218,7 @@ def compress(
         round_to=round_to,
         allocation=allocation,
     )
-    return _compress(model, example_inputs, ratio, options, calibration)
+    return _compress(model, example_inputs, ratio, options, calibration, in_place)
 
 
 def _compress(
@@ -219,8 +227,12 @@ def _compress(
     ratio: float | None,
     options: Options,
     calibration: Iterable[ExampleInputs] | None = None,
+    in_place: bool = False,
+    *,
+    announce: bool = True,
 ) -> Result:
-    """``compress`` with its options validated once, as ``Options``."""
+    """``compress`` with its options validated once, as ``Options``; ``announce=False`` leaves the
+    shortfall warning to a caller that shows every layer and why itself (``plan``)."""
     targeted = options.budget.metric is not None
     if ratio is not None:
         ratio = check_ratio(ratio)
@@ -245,7 +257,7 @@ def _compress(
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = engine.run(gm, inputs) if options.approximate else None
-    small = engine.surgery(gm, groups, decompositions)
+    small = engine.surgery(gm, groups, decompositions, in_place)
     if source is not None:
         small = source.repair(small, groups, decompositions)
     error = engine.verify(small, inputs, expected, reference)
@@ -288,7 +300,10 @@ def _compress(
     )
     # Under a target every group may take some width: the same outcome check as a nonzero ratio.
     warn_about_outcome(
-        model, 1.0 if report.ratio is None else report.ratio, len(report.sites), report.skipped
+        model,
+        1.0 if report.ratio is None else report.ratio,
+        len(report.sites),
+        report.skipped if announce else (),
     )
     return Result(small, report, tuple(groups))
 
@@ -432,7 +447,7 @@ def _plan(
     if ratio is None and options.budget.metric is None and not options.budget.ratios:
         found, skipped = engine.groups(engine.capture(model, example_inputs), options)
         return Plan(tuple(found), tuple(skipped))
-    result = _compress(model, example_inputs, ratio, options)
+    result = _compress(model, example_inputs, ratio, options, announce=False)
     report = result.report
     rows, totals = layer_rows(
         model,

@@ -106,10 +106,12 @@ def surgery(
     graph_module: fx.GraphModule,
     groups: Sequence[Group],
     decompositions: Mapping[str, GroupDecomposition],
+    in_place: bool = False,
 ) -> fx.GraphModule:
     """The smaller model: ``graph_module`` resized by ``decompositions``, sharing nothing with the
-    caller's model. ``graph_module`` itself is consumed (its layers are replaced)."""
-    owned = _surgery.apply(graph_module, list(groups), decompositions)
+    caller's model. ``graph_module`` itself is consumed (its layers are replaced). ``in_place``: the
+    resized weights reuse the old weights' memory (``surgery.apply``), which the caller gives up."""
+    owned = _surgery.apply(graph_module, list(groups), decompositions, in_place)
     return detach(graph_module, owned)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import fx, nn
@@ -162,32 +162,87 @@ def _put(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
 
 
+#: Bytes of new weight rows built at once when a layer is resized over its own memory.
+_IN_PLACE_BLOCK_BYTES = 8 * 2**20
+
+#: Builds the new weight's rows for some of the old weight's rows, and the constant those output
+#: rows gain (``None``: none).
+RowBuilder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _over_itself(
+    weight: torch.Tensor, kept: torch.Tensor | None, build: RowBuilder
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``build`` applied to all output rows, a block of rows at a time, each block written over
+    ``weight``'s own memory: no second weight-sized tensor ever exists (``apply``'s ``in_place``).
+
+    Safe because the output rows are the old rows ``kept`` (increasing, so old row ``kept[i] >= i``)
+    and no longer than the old ones: block ``i..j`` lands in the memory of old rows up to ``j``, whose
+    unread successors start after it. Returns ``None`` (nothing written) where that does not hold.
+    """
+    if not weight.is_contiguous():
+        return None
+    rows = torch.arange(weight.shape[0]) if kept is None else kept
+    flat = weight.view(-1)
+    old_row = flat.shape[0] // max(1, weight.shape[0])
+    step = max(1, _IN_PLACE_BLOCK_BYTES // max(1, old_row * weight.element_size()))
+    constants: list[torch.Tensor] = []
+    shape: tuple[int, ...] = ()
+    for start in range(0, rows.shape[0], step):
+        piece, constant = build(rows[start : start + step])
+        new_row = piece[0].numel()
+        if new_row > old_row:
+            assert start == 0, "rows of one layer have one size"
+            return None
+        shape = tuple(piece.shape[1:])
+        flat[start * new_row : start * new_row + piece.numel()].copy_(piece.reshape(-1))
+        if constant is not None:
+            constants.append(constant)
+    new_row = 1
+    for size in shape:
+        new_row *= size
+    new = flat[: rows.shape[0] * new_row].view(rows.shape[0], *shape)
+    return new, (torch.cat(constants) if constants else None)
+
+
 def _resized_layer(
     module: nn.Module,
     kept: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
+    in_place: bool = False,
 ) -> tuple[nn.Module, torch.Tensor | None]:
     """A new layer: output rows ``kept`` and input columns mixed per ``slices``.
 
     Also returns the constant its outputs must gain (from the slices' shifts) when the layer has no
-    bias to put it in; ``apply`` finds it a place.
+    bias to put it in; ``apply`` finds it a place. ``in_place``: the new weight is written over the
+    old one's memory where it can be (``_over_itself``), which the old layer cannot use afterwards.
     """
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     new = structural_copy(module)
     constant = None
     with torch.no_grad():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices:
-            weight = module.weight.detach()
+        old = module.weight.detach()
+        mixed = any(dec.mixing is not None or dec.shift is not None for _, dec in slices)
+        build: RowBuilder
+        if mixed:
+            build = lambda rows: _mix_columns(old.index_select(0, rows), slices)  # noqa: E731
+        elif slices:
+            build = lambda rows: (_resized_weight(old, rows, slices), None)  # noqa: E731
+        else:
+            build = lambda rows: (old.index_select(0, rows), None)  # noqa: E731
+        grouped = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices
+        done = _over_itself(old, kept, build) if in_place and not grouped else None
+        if done is not None:
+            weight, constant = done
+        elif grouped:
+            assert isinstance(module, (nn.Conv1d, nn.Conv2d))
             (_, dec), *others = slices
             assert not others, "a grouped conv reads one group"
-            weight, constant = _grouped_columns(
-                weight if kept is None else weight[kept], module.groups, dec
-            )
-        elif any(dec.mixing is not None or dec.shift is not None for _, dec in slices):
-            weight = module.weight.detach()
-            weight, constant = _mix_columns(weight if kept is None else weight[kept], slices)
+            weight, constant = _grouped_columns(old if kept is None else old[kept], module.groups, dec)
+        elif mixed:
+            weight, constant = _mix_columns(old if kept is None else old[kept], slices)
         else:  # one-positive-entry Z: the single gather of ``_resized_weight``
-            weight = _resized_weight(module.weight.detach(), kept, slices)
+            weight = _resized_weight(old, kept, slices)
         if module.bias is not None and (kept is not None or constant is not None):
             bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
             if constant is not None:
@@ -396,15 +451,35 @@ def _patch_literal(node: fx.Node, key: str | int, element: int, delta: int) -> N
     node.args = tuple(args)
 
 
+def _shared_storages(graph_module: fx.GraphModule) -> set[int]:
+    """Storages that more than one parameter or buffer of ``graph_module`` uses (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    named = [
+        *graph_module.named_parameters(remove_duplicate=False),
+        *graph_module.named_buffers(remove_duplicate=False),
+    ]
+    for _, tensor in named:
+        pointer = tensor.untyped_storage().data_ptr()
+        (shared if pointer in seen else seen).add(pointer)
+    return shared
+
+
 def apply(
     graph_module: fx.GraphModule,
     groups: list[Group],
     decompositions: Mapping[str, GroupDecomposition],
+    in_place: bool = False,
 ) -> list[torch.Tensor]:
     """Replace every layer and parameter touched by ``groups`` in ``graph_module`` by a resized one.
 
     The generated code looks layers up by name when it runs, so it is regenerated (milliseconds of
     Python code generation) only when a literal size was rewritten.
+
+    ``in_place``: a resized Linear or conv weight is written over the old weight's memory (block by
+    block), so a layer never exists twice; the old tensors, shared with the traced model, are then
+    garbage. Only for a caller that owns the model and drops it (streaming a checkpoint); a weight
+    that two layers share is still copied.
 
     Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
     """
@@ -436,10 +511,13 @@ def apply(
         )
         owned += [*graph_module.get_submodule(f"{name}.out_proj").parameters(recurse=False)]
     constants: dict[str, torch.Tensor] = {}
+    shared = _shared_storages(graph_module) if in_place else set()
     for name in dict.fromkeys([*kept_of, *slices]):
-        layer, constant = _resized_layer(
-            graph_module.get_submodule(name), kept_of.get(name), slices.get(name, [])
-        )
+        module = graph_module.get_submodule(name)
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        own = in_place and weight.untyped_storage().data_ptr() not in shared
+        layer, constant = _resized_layer(module, kept_of.get(name), slices.get(name, []), own)
         owned += _install(graph_module, name, layer)
         if constant is not None:
             constants[name] = constant

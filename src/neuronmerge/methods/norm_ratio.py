@@ -32,7 +32,13 @@ from torch import fx, nn
 
 from neuronmerge import attention, criteria
 from neuronmerge.attention import HeadPlan
-from neuronmerge.decompose import Decomposition, Rows, identity_on_kept, norm_ratio
+from neuronmerge.decompose import (
+    Decomposition,
+    Rows,
+    best_partners,
+    identity_on_kept,
+    norm_ratio,
+)
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition, Inputs, balanced_kept_count
 from neuronmerge.types import Group, Step
@@ -88,8 +94,16 @@ def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
 
 def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> torch.Tensor:
     """The ``keep`` channels of highest score on all of the group's rows."""
-    whole = rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1))
-    return criteria.select_kept(criteria.channel_scores(whole, criterion), keep)
+    if len(rows) == 1:
+        return criteria.select_kept(criteria.channel_scores(rows[0], criterion), keep)
+    # A norm of rows side by side is the norm of the roots' norms: no concatenated copy.
+    if criterion == "l1-norm":
+        scores = torch.stack([r.l1_norms() for r in rows]).sum(0)
+    elif criterion == "l2-norm":
+        scores = torch.linalg.vector_norm(torch.stack([r.l2_norms() for r in rows]), dim=0)
+    else:
+        scores = criteria.channel_scores(Rows(torch.cat([r.dense() for r in rows], 1)), criterion)
+    return criteria.select_kept(scores, keep)
 
 
 def pair(
@@ -106,21 +120,20 @@ def pair(
     removed = torch.nonzero(~is_kept).flatten()
     target = torch.full((n,), -1, dtype=torch.long)
     target[kept] = torch.arange(kept.shape[0])
-    dense = [r.dense() for r in rows]
-    root_norms = [torch.linalg.vector_norm(d, dim=1) for d in dense]
-    cosine = torch.zeros(removed.shape[0], kept.shape[0], dtype=dense[0].dtype)
+    dtype = rows[0].weight.dtype
+    root_norms = [r.l2_norms() for r in rows]
+    inverses = [torch.where(norm > 0, norm, 1).reciprocal() for norm in root_norms]
     dead = torch.zeros(kept.shape[0], dtype=torch.bool)
-    for d, norm in zip(dense, root_norms, strict=True):
-        unit = d / torch.where(norm > 0, norm, 1)[:, None]
-        cosine += unit[removed] @ unit[kept].T
+    for norm in root_norms:
         dead |= norm[kept] == 0
-    cosine /= len(dense)
-    best, choice = cosine.masked_fill_(dead, -torch.inf).max(dim=1)
+    # The mean cosine over the roots (``decompose.best_partners``: no normalised or concatenated
+    # copy of the rows, whose size is the MLP's for a gated one).
+    best, choice = best_partners(rows, removed, kept, inverses, dead)
     accept = torch.isfinite(best) if threshold is None else best >= threshold
     target[removed] = torch.where(accept, choice, -1)
     scales = []
     for norm in root_norms:
-        scale = torch.ones(n, dtype=dense[0].dtype)
+        scale = torch.ones(n, dtype=dtype)
         ratio = norm[removed] / torch.where(norm[kept] > 0, norm[kept], 1)[choice]
         scale[removed] = torch.where(accept, ratio, 0)
         scales.append(scale)
