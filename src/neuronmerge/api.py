@@ -220,10 +220,17 @@ def _compress(
     options: Options,
     calibration: Iterable[ExampleInputs] | None = None,
     *,
+    in_place: bool = False,
     announce: bool = True,
 ) -> Result:
     """``compress`` with its options validated once, as ``Options``; ``announce=False`` leaves the
-    shortfall warning to a caller that shows every layer and why itself (``plan``)."""
+    shortfall warning to a caller that shows every layer and why itself (``plan``).
+
+    ``in_place=True`` is for internal callers that own ``model`` and drop it (``streaming``, one
+    checkpoint layer at a time): the resized weights are written over the model's own weight memory
+    instead of beside it, so a layer never exists twice; ``model``'s tensors are garbage afterwards.
+    It is not offered by ``compress``, whose callers' models are never touched.
+    """
     targeted = options.budget.metric is not None
     if ratio is not None:
         ratio = check_ratio(ratio)
@@ -248,7 +255,7 @@ def _compress(
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = engine.run(gm, inputs) if options.approximate else None
-    small = engine.surgery(gm, groups, decompositions)
+    small = engine.surgery(gm, groups, decompositions, in_place)
     if source is not None:
         small = source.repair(small, groups, decompositions)
     error = engine.verify(small, inputs, expected, reference)
