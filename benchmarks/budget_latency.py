@@ -1,20 +1,23 @@
 """What a budget buys on this CPU: latency of compressed models beside their parameter and MAC ratios.
 
-    python benchmarks/budget_latency.py [--models vgg-fmnist ...] [--rounds 15]
+    python benchmarks/budget_latency.py [--models vgg-fmnist ...] [--rounds 31]
 
 For each Fashion-MNIST model (the trained weights from the cache when present, else the seeded
 random initialisation: widths differ, the cost of a width does not) and each target (a fraction of
-parameters or MACs kept, ``allocation="error"`` and ``"uniform"``), the compressed model is timed
-against the original in the same run: every round times every variant once, in turn (interleaved,
-so that load from other processes falls on all of them alike), at batch 1 and batch 64, one thread;
-the table reports medians over rounds and the ratio to the original's median. Results go to
-``benchmarks/results/budget_latency.json``.
+parameters or MACs kept, ``allocation="error"`` and ``"uniform"``, method ``merge``; one MAC target
+also with ``round_to=8``), every compressed model is timed against the original in the same run,
+alternating: each round times the original and then the compressed model back to back (the order
+swapped every other round), so that load from other processes falls on both alike, and the round's
+ratio is compressed / original. One thread, batch 1 and batch 64; the table reports the median ratio
+over rounds (and the median times). The machine's load average is recorded before and after.
+Results go to ``benchmarks/results/budget_latency.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,7 +33,14 @@ from neuronmerge.models import create_model, get_spec
 
 OUT = Path(__file__).resolve().parent / "results" / "budget_latency.json"
 MODELS = ("lenet-300-100", "vgg-fmnist", "alexnet-fmnist", "resnet-fmnist")
-TARGETS = (("params", 0.5), ("params", 0.25), ("macs", 0.5), ("macs", 0.25))
+#: (metric, fraction kept, round_to) of every compressed variant.
+TARGETS = (
+    ("params", 0.5, 1),
+    ("params", 0.25, 1),
+    ("macs", 0.5, 1),
+    ("macs", 0.25, 1),
+    ("macs", 0.5, 8),
+)
 BATCHES = (1, 64)
 
 
@@ -60,16 +70,23 @@ def bench(name: str, rounds: int) -> dict[str, Any]:
     variants: dict[str, nn.Module] = {"original": model}
     rows: dict[str, dict[str, Any]] = {"original": {"params": 1.0, "macs": 1.0}}
     params, macs = count_parameters(model), count_flops(model, example[:1])
-    for metric, fraction in TARGETS:
+    for metric, fraction, round_to in TARGETS:
         for allocation in ("error", "uniform"):
-            key = f"{metric} {fraction} {allocation}"
+            key = f"{metric} {fraction} {allocation}" + (f" round_to {round_to}" if round_to > 1 else "")
             target = {f"target_{metric}": fraction}
-            small = nm.compress(model, example, allocation=allocation, **target).model  # type: ignore[arg-type]
+            small = nm.compress(
+                model,
+                example,
+                allocation=allocation,  # type: ignore[arg-type]
+                round_to=round_to,
+                **target,  # type: ignore[arg-type]
+            ).model
             variants[key] = small
             rows[key] = {
                 "metric": metric,
                 "target": fraction,
                 "allocation": allocation,
+                "round_to": round_to,
                 "params": round(count_parameters(small) / params, 4),
                 "macs": round(count_flops(small, example[:1]) / macs, 4),
             }
@@ -78,32 +95,44 @@ def bench(name: str, rounds: int) -> dict[str, Any]:
         repeats = max(1, 64 // batch) * 2
         for module in variants.values():  # warm-up
             seconds(module, x, 2)
-        times: dict[str, list[float]] = {key: [] for key in variants}
-        for _ in range(rounds):
-            for key, module in variants.items():
-                times[key].append(seconds(module, x, repeats))
-        base = statistics.median(times["original"])
-        for key in variants:
-            median = statistics.median(times[key])
-            rows[key][f"ms_batch{batch}"] = round(1000 * median, 4)
-            rows[key][f"latency_batch{batch}"] = round(median / base, 3)
+        original = variants["original"]
+        base: list[float] = []
+        for key, module in variants.items():
+            if key == "original":
+                continue
+            ratios, times = [], []
+            for round_ in range(rounds):
+                pair = [(original, base), (module, times)]
+                for timed, into in pair if round_ % 2 == 0 else reversed(pair):
+                    into.append(seconds(timed, x, repeats))
+                ratios.append(times[-1] / base[-1])
+            rows[key][f"ms_batch{batch}"] = round(1000 * statistics.median(times), 4)
+            rows[key][f"latency_batch{batch}"] = round(statistics.median(ratios), 3)
+        rows["original"][f"ms_batch{batch}"] = round(1000 * statistics.median(base), 4)
+        rows["original"][f"latency_batch{batch}"] = 1.0
     return {"model": name, "weights": weights, "params": params, "macs": macs, "rows": rows}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=31)
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    load_before = os.getloadavg()
     results = [bench(name, args.rounds) for name in args.models]
-    args.out.write_text(json.dumps({"threads": 1, "models": results}, indent=1) + "\n")
+    load = {
+        "before": [round(v, 2) for v in load_before],
+        "after": [round(v, 2) for v in os.getloadavg()],
+    }
+    summary = {"threads": 1, "rounds": args.rounds, "cpus": os.cpu_count(), "load_average": load}
+    args.out.write_text(json.dumps({**summary, "models": results}, indent=1) + "\n")
     for result in results:
         print(result["model"], f"({result['weights']} weights)")
         for key, row in result["rows"].items():
             print(
-                f"  {key:<22} params {row['params']:.2f} MACs {row['macs']:.2f} "
+                f"  {key:<32} params {row['params']:.2f} MACs {row['macs']:.2f} "
                 f"latency b1 {row['latency_batch1']:.2f} b64 {row['latency_batch64']:.2f}"
             )
 

@@ -136,7 +136,19 @@ def _misses(diffs: list[tuple[float, float]]) -> str:
 
 
 def latency_table(latency: dict[str, Any]) -> list[str]:
+    load = latency.get("load_average")
     lines = [
+        "Latency on this CPU (one thread; each compressed model timed against the original "
+        f"back to back in {latency.get('rounds', 15)} alternating rounds, the median ratio; "
+        "`benchmarks/results/budget_latency.json`"
+        + (
+            f"; load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after, on "
+            f"{latency['cpus']} cores shared with other jobs"
+            if load
+            else ""
+        )
+        + "):",
+        "",
         "| model | target | allocation | params | MACs | latency batch 1 | latency batch 64 |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
@@ -144,9 +156,11 @@ def latency_table(latency: dict[str, Any]) -> list[str]:
         for key, row in result["rows"].items():
             if key == "original":
                 continue
+            step = row.get("round_to", 1)
             lines.append(
-                f"| {result['model']} | {row['target']:.0%} of {row['metric']} | {row['allocation']} | "
-                f"{row['params']:.2f} | {row['macs']:.2f} | {row['latency_batch1']:.2f} | "
+                f"| {result['model']} | {row['target']:.0%} of {row['metric']} | {row['allocation']}"
+                + (f", round_to {step}" if step > 1 else "")
+                + f" | {row['params']:.2f} | {row['macs']:.2f} | {row['latency_batch1']:.2f} | "
                 f"{row['latency_batch64']:.2f} |"
             )
     return lines + [""]
@@ -159,12 +173,7 @@ def tables() -> str:
     if VALIDATION.is_file():
         lines += validation_table(json.loads(VALIDATION.read_text()))
     if LATENCY.is_file():
-        lines += [
-            "Latency on this CPU (one thread; medians of interleaved rounds, as ratios to the "
-            "original measured in the same run; `benchmarks/results/budget_latency.json`):",
-            "",
-            *latency_table(json.loads(LATENCY.read_text())),
-        ]
+        lines += latency_table(json.loads(LATENCY.read_text()))
     return "\n".join(lines)
 
 

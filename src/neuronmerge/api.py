@@ -8,18 +8,22 @@ finding the groups.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
-from neuronmerge import engine, lsq, widths
+from neuronmerge import allocation_check, engine, lsq, widths
 from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import count_parameters
-from neuronmerge.methods.base import Inputs
+from neuronmerge.methods.base import GroupDecomposition, Inputs
+from neuronmerge.methods.base import Method as MethodObject
 from neuronmerge.methods.paper import PAPER_LAMBDA
 from neuronmerge.notices import warn_about_outcome
 from neuronmerge.options import DEFAULT_THRESHOLD, METHODS, Fidelity, Options
@@ -238,16 +242,28 @@ def _compress(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
         source = lsq.moment_source(gm, inputs[0], calibration, groups)
-    keep = widths.kept_counts(
-        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion, moments=source
-    )
-    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = engine.run(gm, inputs) if options.approximate else None
-    small = engine.surgery(gm, groups, decompositions)
-    if source is not None:
-        small = source.repair(small, groups, decompositions)
+    allocation: str | None = options.budget.allocation if targeted else None
+    probed = source.batches if isinstance(source, lsq.MeasuredMoments) else ()
+    if allocation == "error" and allocation_check.ENABLED and probed:
+        assert isinstance(source, lsq.MeasuredMoments)
+        small, decompositions, allocation = _checked_allocation(
+            gm, groups, inputs, options, chosen, source
+        )
+    else:
+        keep = widths.kept_counts(
+            gm,
+            groups,
+            inputs,
+            ratio,
+            options.budget,
+            chosen,
+            criterion=options.criterion,
+            moments=source,
+        )
+        small, decompositions = _build(gm, groups, keep, options, inputs, source, chosen)
     error = engine.verify(small, inputs, expected, reference)
 
     reports = []
@@ -283,7 +299,7 @@ def _compress(
         output_error=error,
         target_params=options.budget.amount if options.budget.metric == "params" else None,
         target_macs=options.budget.amount if options.budget.metric == "macs" else None,
-        allocation=options.budget.allocation if targeted else None,
+        allocation=allocation,
         ratios=options.budget.ratios,
     )
     # Under a target every group may take some width: the same outcome check as a nonzero ratio.
@@ -291,6 +307,65 @@ def _compress(
         model, 1.0 if report.ratio is None else report.ratio, len(report.sites), report.skipped
     )
     return Result(small, report, tuple(groups))
+
+
+def _build(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    keep: Mapping[str, int],
+    options: Options,
+    inputs: tuple[torch.Tensor, ...],
+    source: lsq.MomentSource | None,
+    chosen: MethodObject,
+) -> tuple[fx.GraphModule, dict[str, GroupDecomposition]]:
+    """Decompose, cut (``gm`` is changed) and, for ``merge-ls``, repair: the compressed graph."""
+    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
+    small = engine.surgery(gm, groups, decompositions)
+    if source is not None:
+        small = source.repair(small, groups, decompositions)
+    return small, decompositions
+
+
+def _checked_allocation(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    inputs: tuple[torch.Tensor, ...],
+    options: Options,
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
+    """``merge-ls`` under a target: the uniform widths and the allocation at every band of
+    ``allocation_check.BANDS``, each built on a copy of ``gm``, and the one whose outputs on the
+    probes stay closest to the dense model's kept (an allocation only when significantly closer
+    than uniform; see ``allocation_check``). Returns the graph, its decompositions, and
+    ``"error"`` or ``"uniform"`` for the widths kept."""
+    uniform_request = dataclasses.replace(options.budget, allocation="uniform")
+    candidates = {"uniform": widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)}
+    for band in allocation_check.BANDS:
+        keep = widths.kept_counts(
+            gm,
+            groups,
+            inputs,
+            None,
+            options.budget,
+            chosen,
+            criterion=options.criterion,
+            moments=source,
+            band=band,
+        )
+        if keep not in candidates.values():
+            candidates[f"band {band}"] = keep
+    dense = allocation_check.outputs(gm, source.batches)
+    best: tuple[str, torch.Tensor, fx.GraphModule, dict[str, GroupDecomposition]] | None = None
+    uniform_errors = None
+    for label, keep in candidates.items():
+        built, decompositions = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
+        errors = allocation_check.probe_errors(allocation_check.outputs(built, source.batches), dense)
+        uniform_errors = errors if uniform_errors is None else uniform_errors
+        if best is None or allocation_check.replaces(uniform_errors, best[1], errors):
+            best = (label, errors, built, decompositions)
+    assert best is not None
+    return best[2], best[3], "uniform" if best[0] == "uniform" else "error"
 
 
 def merge(
