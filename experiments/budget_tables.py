@@ -4,7 +4,8 @@
     python experiments/budget_tables.py --write    # replace them in README.md between the markers
 
 Reads ``experiments/budget_sweep.json`` (``budget_sweep.py``),
-``experiments/budget_validation.json`` (``budget_validation.py``) and
+``experiments/budget_validation.json`` (``budget_validation.py``),
+``experiments/budget_choice.json`` (``budget_choice.py``) and
 ``benchmarks/results/budget_latency.json`` (``benchmarks/budget_latency.py``).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "budget_sweep.json"
 VALIDATION = ROOT / "experiments" / "budget_validation.json"
+CHOICE = ROOT / "experiments" / "budget_choice.json"
 LATENCY = ROOT / "benchmarks" / "results" / "budget_latency.json"
 README = ROOT / "README.md"
 START, END = "<!-- budget-tables:start -->", "<!-- budget-tables:end -->"
@@ -123,6 +125,33 @@ def validation_table(validation: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def choice_table(choice: dict[str, Any]) -> list[str]:
+    """merge-ls's check against uniform widths on the probes, on the validation split: the chosen
+    rule beside each band alone and the other significance levels on the same candidates."""
+    rules, chosen = choice["summary"]["rules"], choice["summary"]["chosen"]
+    same = rules[chosen]
+    shown = [name for name in rules if "alone" in name] + [
+        name
+        for name, rule in rules.items()
+        if rule.get("measure") == same["measure"] and rule.get("candidates") == same["candidates"]
+    ]
+    lines = [
+        "merge-ls's check of its allocation against the uniform widths on the probes, chosen on the "
+        f"validation split (`experiments/budget_choice.py`, `.json`; {', '.join(choice['models'])}): "
+        "per rule, the validation accuracy of the widths it keeps minus uniform's, over every model "
+        "and parameter count (merge-ls only):",
+        "",
+        "| rule | mean gain | worst cell | cells below uniform |",
+        "|---|---:|---:|---|",
+    ]
+    for name in shown:
+        rule = rules[name]
+        below = ", ".join(rule["cells_below_uniform"]) or "none"
+        mark = " (chosen)" if name == chosen else ""
+        lines.append(f"| {name}{mark} | {rule['mean_gain']:+.3f} | {rule['worst']:+.2f} | {below} |")
+    return lines + [""]
+
+
 def _accuracy(
     at: dict[tuple[float, str, str], dict[str, Any]], kept: float, method: str, allocation: str
 ) -> float | None:
@@ -172,6 +201,8 @@ def tables() -> str:
         lines += sweep_tables(json.loads(SWEEP.read_text()))
     if VALIDATION.is_file():
         lines += validation_table(json.loads(VALIDATION.read_text()))
+    if CHOICE.is_file():
+        lines += choice_table(json.loads(CHOICE.read_text()))
     if LATENCY.is_file():
         lines += latency_table(json.loads(LATENCY.read_text()))
     return "\n".join(lines)

@@ -124,7 +124,8 @@ class Report:
     #: ``||small(x) - model(x)|| / ||model(x)||``. It measures everything the compression changed
     #: (non-duplicate neurons merged or dropped, and activations treated as homogeneous).
     output_error: float | None = None
-    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen.
+    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen
+    #: (``"uniform"`` also when ``merge-ls`` found the allocation no closer on the probes).
     target_params: float | None = None
     target_macs: float | None = None
     allocation: str | None = None
@@ -193,7 +194,10 @@ def compress(
     1% of the target: ``allocation="error"`` (default) removes channels where their merge residual
     (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
-    (see ``budget``); ``"uniform"`` removes one fraction from every group. ``ratios={"glob": r}``
+    (see ``budget``); ``merge-ls`` builds the uniform widths too, and keeps an allocation only when
+    its outputs on the probes are significantly closer to the model's (``allocation_check``; the
+    report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
+    every group. ``ratios={"glob": r}``
     fixes the fraction removed from groups with a matching producer (first match wins); the target
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
     ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
