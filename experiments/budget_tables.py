@@ -76,11 +76,15 @@ def sweep_tables(sweep: dict[str, Any]) -> list[str]:
             "|---:|" + "---:|" * (len(header) + 3),
         ]
         for kept, _, _ in comparisons(result):
-            cells = [_accuracy(at, kept, m, a) for m in methods for a in ("uniform", "error")]
+            cells = [
+                _cell(_accuracy(at, kept, m, a)) + ("*" if a == "error" and _same(at, kept, m) else "")
+                for m in methods
+                for a in ("uniform", "error")
+            ]
             peer = _accuracy(at, kept, "torch-pruning-global", "global")
             lines.append(
                 f"| {kept:.0%} | "
-                + " | ".join(_cell(c) for c in cells)
+                + " | ".join(cells)
                 + f" | {_cell(peer)} | {_cell(_best(at, kept, methods, 'uniform'))} | "
                 f"**{_cell(_best(at, kept, methods, 'error'))}** |"
             )
@@ -92,6 +96,9 @@ def sweep_tables(sweep: dict[str, Any]) -> list[str]:
             f"{_misses(beats)} | {sum(d for _, d in beats) / max(1, len(beats)):+.2f} |"
         )
     return lines + [
+        "`*`: merge-ls kept the uniform widths (its check found the allocation no closer on the "
+        "probes).",
+        "",
         "Targets: best allocated >= best uniform, and >= Torch-Pruning global, at every parameter count "
         "(test accuracy; `yes` or the counts where missed with the difference, and the mean "
         "difference in points):",
@@ -123,6 +130,17 @@ def validation_table(validation: dict[str, Any]) -> list[str]:
             f"{setting['worst']:+.2f} | {below} |"
         )
     return lines + [""]
+
+
+def _same(at: dict[tuple[float, str, str], dict[str, Any]], kept: float, method: str) -> bool:
+    """Whether merge-ls's allocated row has exactly its uniform row's widths (the check kept them)."""
+    error, uniform = at.get((kept, method, "error")), at.get((kept, method, "uniform"))
+    return (
+        method == "merge-ls"
+        and error is not None
+        and uniform is not None
+        and error.get("widths") == uniform.get("widths")
+    )
 
 
 def choice_table(choice: dict[str, Any]) -> list[str]:
@@ -168,7 +186,8 @@ def latency_table(latency: dict[str, Any]) -> list[str]:
     load = latency.get("load_average")
     lines = [
         "Latency on this CPU (one thread; each compressed model timed against the original "
-        f"back to back in {latency.get('rounds', 15)} alternating rounds, the median ratio; "
+        f"back to back in {latency.get('rounds', 15)} alternating rounds, the median ratio of "
+        "wall-clock time and of the thread's CPU time; "
         "`benchmarks/results/budget_latency.json`"
         + (
             f"; load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after, on "
@@ -178,8 +197,9 @@ def latency_table(latency: dict[str, Any]) -> list[str]:
         )
         + "):",
         "",
-        "| model | target | allocation | params | MACs | latency batch 1 | latency batch 64 |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| model | target | allocation | params | MACs | latency batch 1 | latency batch 64 "
+        "| CPU time batch 1 | CPU time batch 64 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for result in latency["models"]:
         for key, row in result["rows"].items():
@@ -190,7 +210,8 @@ def latency_table(latency: dict[str, Any]) -> list[str]:
                 f"| {result['model']} | {row['target']:.0%} of {row['metric']} | {row['allocation']}"
                 + (f", round_to {step}" if step > 1 else "")
                 + f" | {row['params']:.2f} | {row['macs']:.2f} | {row['latency_batch1']:.2f} | "
-                f"{row['latency_batch64']:.2f} |"
+                f"{row['latency_batch64']:.2f} | {_cell(row.get('cpu_batch1'))} | "
+                f"{_cell(row.get('cpu_batch64'))} |"
             )
     return lines + [""]
 
