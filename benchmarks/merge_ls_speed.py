@@ -59,7 +59,7 @@ from neuronmerge.lab.propagate import NoiseMoments, PropagatedMoments, Unsupport
 OUT = Path(__file__).parent / "results" / "merge_ls_speed.json"
 #: Optimisation steps of the old schedule that are timed to extrapolate its probe cost.
 BASELINE_STEPS = 3
-OLD_PROBES, OLD_STEPS, OLD_BATCH = 2048, 100, 512
+OLD_PROBES, OLD_STEPS, OLD_BATCH, OLD_RATE = 2048, 100, 512, 0.05
 #: Models above this many MACs per input time the old steps on batches of ``LARGE_BATCH``.
 LARGE_MACS, LARGE_BATCH = 1e9, 32
 
@@ -114,28 +114,38 @@ def _timed(run: Callable[[], Any]) -> tuple[float, Any]:
     return time.perf_counter() - started, value
 
 
+def _timed_cpu(run: Callable[[], Any]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``run`` (CPU: this process's, which other sessions' load on a shared
+    machine inflates far less than the wall clock)."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
 def old_probe_seconds(
     model: nn.Module, example: torch.Tensor, macs: float, full: bool
-) -> tuple[float, bool]:
-    """Seconds the old fixed schedule spends on probes: measured, or extrapolated from a few steps."""
+) -> tuple[float, float, bool]:
+    """Wall and CPU seconds the old fixed schedule spends on probes: measured, or extrapolated from
+    a few steps."""
     gm = capture(model, example)
     if full:
-        seconds, _ = _timed(
+        wall, cpu = _timed_cpu(
             lambda: probes.synthesize_probes(
-                gm, example, OLD_PROBES, steps=OLD_STEPS, tolerance=0, progress=False
+                gm, example, OLD_PROBES, steps=OLD_STEPS, rate=OLD_RATE, tolerance=0, progress=False
             )
         )
-        return seconds, False
+        return wall, cpu, False
     # One warm-up step, then BASELINE_STEPS timed ones, of one full batch; on a model over
     # ``LARGE_MACS`` (whose per-input cost no longer depends on the batch size), of a smaller one.
     batch = OLD_BATCH if macs < LARGE_MACS else LARGE_BATCH
-    probes.synthesize_probes(gm, example, batch, steps=1, tolerance=0, progress=False)
-    seconds, _ = _timed(
+    probes.synthesize_probes(gm, example, batch, steps=1, rate=OLD_RATE, tolerance=0, progress=False)
+    wall, cpu = _timed_cpu(
         lambda: probes.synthesize_probes(
-            gm, example, batch, steps=BASELINE_STEPS, tolerance=0, progress=False
+            gm, example, batch, steps=BASELINE_STEPS, rate=OLD_RATE, tolerance=0, progress=False
         )
     )
-    return seconds / BASELINE_STEPS * OLD_STEPS * OLD_PROBES / batch, True
+    scale = OLD_STEPS * OLD_PROBES / batch / BASELINE_STEPS
+    return wall * scale, cpu * scale, True
 
 
 def probe_free(model: nn.Module, example: torch.Tensor) -> dict[str, float | None]:
@@ -155,41 +165,47 @@ def measure(name: str, full_baseline: bool, free_only: bool = False) -> dict[str
     model, example = build(name)
     with torch.no_grad():
         macs = count_flops(model, example[:1])
-    if free_only:  # a model whose probes take too long to time here (resnet50)
+    if free_only:  # the probe-free sources alone
         return {"model": name, "macs_per_input": macs, **probe_free(model, example)}
-    plan = probes.schedule(macs)
+    batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    plan = probes.schedule(macs, batchnorm=batchnorm)
     probes._CACHE.clear()
-    new_s, _ = _timed(lambda: nm.compress(model, example, 0.5, method="merge-ls"))
+    new_s, new_cpu = _timed_cpu(lambda: nm.compress(model, example, 0.5, method="merge-ls"))
     next_s, _ = _timed(lambda: nm.compress(model, example, 0.6, method="merge-ls"))
     # The old call: fixed 2048 x 100 probes (extrapolated), then the same pipeline on 2048 probes.
-    old_probe_s, estimated = old_probe_seconds(model, example, macs, full_baseline)
-    rest_s = 0.0
+    old_probe_s, old_probe_cpu, estimated = old_probe_seconds(model, example, macs, full_baseline)
+    rest_s = rest_cpu = 0.0
     if macs < LARGE_MACS:  # on a large model, the old probes alone make the (lower-bound) figure
         gm = capture(model, example)
         stand_in = probes.synthesize_probes(gm, example, OLD_PROBES, steps=0, progress=False)
-        rest_s, _ = _timed(
+        rest_s, rest_cpu = _timed_cpu(
             lambda: nm.compress(model, example, 0.5, method="merge-ls", calibration=stand_in)
         )
-    old_s = old_probe_s + rest_s
-    free = probe_free(model, example)
+    old_s, old_cpu = old_probe_s + rest_s, old_probe_cpu + rest_cpu
+    free = probe_free(model, example) if macs < LARGE_MACS else {}
     return {
         "model": name,
         "macs_per_input": macs,
         "probes": plan.count,
+        "optimised": plan.optimised,
         "steps": plan.steps,
         "new_s": round(new_s, 2),
+        "new_cpu_s": round(new_cpu, 2),
         "next_ratio_s": round(next_s, 2),
         "old_s": round(old_s, 1),
+        "old_cpu_s": round(old_cpu, 1),
         "old_estimated": estimated,
         "speedup": round(old_s / new_s, 1),
+        "speedup_cpu": round(old_cpu / new_cpu, 1),
         **free,
     }
 
 
 def markdown(results: dict[str, Any]) -> str:
     lines = [
-        "| model | probes x steps | merge-ls now (s) | next ratio (s) | before (s) | speed-up "
-        "| propagated (s, speed-up) | noise (s, speed-up) |",
+        "| model | probes (optimised) x steps | merge-ls now: wall s (CPU s) | next ratio (s) "
+        "| before: wall s (CPU s) | speed-up wall (CPU) | propagated (s, speed-up) "
+        "| noise (s, speed-up) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"]:
@@ -199,15 +215,16 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{row.get('noise_s') or '-'} |"
             )
             continue
-        before = f"{row['old_s']}{' (est.)' if row['old_estimated'] else ''}"
+        before = f"{row['old_s']} ({row.get('old_cpu_s', '-')}){' est.' if row['old_estimated'] else ''}"
         free = [
             "-" if row.get(key) is None else f"{row[key]} ({round(row['old_s'] / row[key])}x)"
             for key in ("propagated_s", "noise_s")
         ]
         model = f"{row['model']}{' (superseded: see JSON)' if 'superseded' in row else ''}"
         lines.append(
-            f"| {model} | {row['probes']} x {row['steps']} | {row['new_s']} | "
-            f"{row['next_ratio_s']} | {before} | {row['speedup']}x | {free[0]} | {free[1]} |"
+            f"| {model} | {row['probes']} ({row.get('optimised', row['probes'])}) x {row['steps']} "
+            f"| {row['new_s']} ({row.get('new_cpu_s', '-')}) | {row['next_ratio_s']} | {before} "
+            f"| {row['speedup']}x ({row.get('speedup_cpu', '-')}x) | {free[0]} | {free[1]} |"
         )
     return "\n".join(lines)
 

@@ -4,17 +4,21 @@ Runs merge-ls at ratios 0.5-0.8 with probes made under several settings and prin
 accuracy (the 5,000 training images ``trained_model`` holds out; never the test split) and the time
 spent on probes, one JSON line per setting::
 
-    .venv/bin/python experiments/probe_validation.py vgg-fmnist auto:auto:0.01 256:100:0.01 512:40:0.01
-    .venv/bin/python experiments/probe_validation.py kim 2048:100:0 1024:100:0.01 2048:50:0
+    .venv/bin/python experiments/probe_validation.py alexnet-fmnist auto 128:50:auto 64:50:2048:0.2:0
+    .venv/bin/python experiments/probe_validation.py kim auto 2048:100:2048:0.05
 
-A setting is ``count:steps:tolerance[:learning_rate]``; ``auto`` takes ``probes.schedule``'s choice.
-``kim`` is the authors' LeNet-300-100 checkpoint. ``experiments/probe_validation.json`` holds the
-lines that chose the defaults of ``neuronmerge.probes``.
+A setting is ``optimised:steps:count[:learning_rate[:noise[:seed]]]`` (``probes.synthesize_probes``: the
+probes optimised, their steps, the probes returned, the rest derived by ``probes.derive`` with
+``noise``); ``auto`` alone, or in a field, takes ``probes.schedule``'s choice and the module's
+defaults. ``kim`` is the authors' LeNet-300-100 checkpoint. ``PROBE_TOLERANCE`` in the environment
+overrides the early-stopping tolerance. ``experiments/probe_validation.json`` holds the lines that
+chose the defaults of ``neuronmerge.probes``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,19 +48,23 @@ def run(name: str, settings: list[str]) -> list[dict[str, Any]]:
     x, y = images[val], labels[val]
     example = x[:2]
     gm = capture(model, example)
+    probes.synthesize_probes(gm, example, 2, steps=1, progress=False)  # one-off imports, untimed
     rows = []
+    defaults = {"noise": probes.NOISE}
     for setting in settings:
-        parts = setting.split(":")
-        count, steps, tolerance = parts[:3]
-        probes.LEARNING_RATE = float(parts[3]) if len(parts) > 3 else 0.05
-        options: dict[str, Any] = {"tolerance": float(tolerance), "progress": False}
-        if count != "auto":
-            options["count"] = int(count)
-        if steps != "auto":
-            options["steps"] = int(steps)
-        started = time.perf_counter()
+        parts = (setting.split(":") + ["auto"] * 6)[:6]
+        optimised, steps, count, rate, noise, seed = parts
+        probes.NOISE = defaults["noise"] if noise == "auto" else float(noise)
+        options: dict[str, Any] = {"progress": False, "seed": 0 if seed == "auto" else int(seed)}
+        options["tolerance"] = float(os.environ.get("PROBE_TOLERANCE", probes.TOLERANCE))
+        for key, value in (("optimised", optimised), ("steps", steps), ("count", count)):
+            if value != "auto":
+                options[key] = int(value)
+        if rate != "auto":
+            options["rate"] = float(rate)
+        started, cpu = time.perf_counter(), time.process_time()
         made = probes.synthesize_probes(gm, example, **options)
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         val_accuracy = [
             round(
                 accuracy(
@@ -72,6 +80,7 @@ def run(name: str, settings: list[str]) -> list[dict[str, Any]]:
                 "setting": setting,
                 "probes": sum(batch[0].shape[0] for batch in made),
                 "probe_seconds": round(seconds, 1),
+                "probe_cpu_seconds": round(cpu, 2),
                 "val_accuracy": val_accuracy,
             }
         )

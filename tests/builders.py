@@ -9,12 +9,16 @@ merging must reproduce the network's function exactly.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
+import neuronmerge as nm
 from neuronmerge.criteria import kept_count
+from neuronmerge.notices import EXPECTED_SKIPS
 from neuronmerge.types import Group as Site
 
 
@@ -391,3 +395,22 @@ def duplicated_attention_chain(seed: int) -> AttentionChain:
         w.copy_(full[:, :-1])
         b.copy_(full[:, -1])
     return model
+
+
+def compress_announced(model: nn.Module, x: Any, ratio: float, **options: Any) -> nm.Result:
+    """``nm.compress``, checking what it announces: one ``CompressionWarning`` exactly when layers
+    that could take ``ratio`` were left out, naming the first with its reason and pointing at plan,
+    and one more exactly when the model came in training mode."""
+    training = any(m.training for m in model.modules())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = nm.compress(model, x, ratio, **options)
+    notices = [str(w.message) for w in caught if issubclass(w.category, nm.CompressionWarning)]
+    assert sum("training mode" in n for n in notices) == training, notices
+    shortfalls = [n for n in notices if "training mode" not in n]
+    missed = [s for s in result.report.skipped if s.reason not in EXPECTED_SKIPS]
+    assert len(shortfalls) == (1 if missed and ratio > 0 else 0), notices
+    if shortfalls:
+        assert f"{missed[0].producer}: {missed[0].reason}" in shortfalls[0]
+        assert "nm.plan(model, x)" in shortfalls[0]
+    return result

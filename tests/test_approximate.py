@@ -157,5 +157,5 @@ def test_every_smooth_activation_form_is_approximated() -> None:
         "fc.5": ("relu6 (ReLU6)",),
         "fc.6": (),
     }
-    small = nm.merge(Smooth(), torch.randn(2, 4), 0.5, approximate=True)
+    small = nm.merge(Smooth().eval(), torch.randn(2, 4), 0.5, approximate=True)
     assert [small.get_submodule(f"fc.{i}").out_features for i in range(8)] == [2] * 7 + [4]

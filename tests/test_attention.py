@@ -12,6 +12,7 @@ from neuronmerge.lab.gpt import GPT, GPTConfig
 from tests.builders import (
     AttentionChain,
     TinyViT,
+    compress_announced,
     duplicated_attention_chain,
     tiny_vit_params,
 )
@@ -165,8 +166,8 @@ def test_gpt_heads_are_groups_and_duplicate_heads_merge_exactly() -> None:
     )
     with torch.no_grad():
         reference = model(tokens)
-    merged = nm.compress(model, tokens, 0.5, method="merge", include=["*attn*"])
-    pruned = nm.compress(model, tokens, 0.5, method="prune", include=["*attn*"])
+    merged = compress_announced(model, tokens, 0.5, method="merge", include=["*attn*"])
+    pruned = compress_announced(model, tokens, 0.5, method="prune", include=["*attn*"])
     with torch.no_grad():
         assert _relative(merged.model(tokens), reference) < 1e-5
         assert _relative(pruned.model(tokens), reference) > 1e-2
@@ -179,8 +180,8 @@ def test_gpt_heads_with_different_attention_maps_are_dropped_not_merged() -> Non
     torch.manual_seed(1)
     model = GPT(GPTConfig(block_size=16, n_layer=1, n_head=4, n_embd=32, mlp_width=64)).eval()
     tokens = torch.randint(0, 256, (2, 16))
-    merged = nm.compress(model, tokens, 0.5, method="merge", include=["*attn*"])
-    pruned = nm.compress(model, tokens, 0.5, method="prune", include=["*attn*"])
+    merged = compress_announced(model, tokens, 0.5, method="merge", include=["*attn*"])
+    pruned = compress_announced(model, tokens, 0.5, method="prune", include=["*attn*"])
     assert merged.report.sites[0].merged == 0
     with torch.no_grad():
         assert torch.equal(merged.model(tokens), pruned.model(tokens))

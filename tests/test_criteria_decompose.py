@@ -81,7 +81,7 @@ def test_zero_norm_kept_row_never_absorbs() -> None:
 def test_every_criterion_runs_end_to_end(criterion: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 6), nn.ReLU(), nn.Linear(6, 2))
-    result = nm.compress(model, torch.randn(2, 8), 0.5, criterion=criterion)
+    result = nm.compress(model.eval(), torch.randn(2, 8), 0.5, criterion=criterion)
     assert [(s.producer, s.kept, s.merged + s.dropped) for s in result.report.sites] == [
         ("0", 6, 6),
         ("2", 3, 3),

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import neuronmerge as nm
-from tests.builders import plant_duplicates
+from tests.builders import compress_announced, plant_duplicates
 
 SIZE, IN_CHANNELS, IN_FEATURES, CLASSES = 8, 3, 12, 3
 ACTIVATIONS = ("relu", "leaky", "prelu", "identity")
@@ -279,7 +279,7 @@ def test_fuzz_merge_runs_keeps_shape_never_grows_and_is_deterministic(
     options: dict[str, Any] = dict(
         method=method, criterion=criterion, threshold=threshold, fidelity=fidelity
     )
-    result = nm.compress(model, x, ratio, **options)
+    result = compress_announced(model, x, ratio, **options)
     paper_skips = model.streams if fidelity == "paper" else set()
     other_batch = inputs(spec, 5, seed + 1)
     with torch.no_grad():
@@ -290,7 +290,7 @@ def test_fuzz_merge_runs_keeps_shape_never_grows_and_is_deterministic(
     assert {s.producer for s in result.report.sites} == model.sites - paper_skips
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
-    again = nm.compress(model, x, ratio, **options)
+    again = compress_announced(model, x, ratio, **options)
     assert again.report == result.report
     state, state_again = result.model.state_dict(), again.model.state_dict()
     assert state.keys() == state_again.keys()
@@ -313,7 +313,7 @@ def test_fuzz_merge_is_exact_on_planted_duplicates(
     x = inputs(spec, 4, seed, torch.float64)
     found = nm.plan(model, x)
     counts = plant_duplicates(model, found.sites, ratio, criterion, torch.Generator().manual_seed(seed))
-    result = nm.compress(model, x, ratio, criterion=criterion, threshold=None)
+    result = compress_announced(model, x, ratio, criterion=criterion, threshold=None)
     assert {s.producer: (s.kept, s.merged, s.dropped) for s in result.report.sites} == {
         p: (kept, dups, 0) for p, (kept, dups) in counts.items()
     }

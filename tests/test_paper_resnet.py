@@ -16,6 +16,7 @@ import torch
 
 import neuronmerge as nm
 from neuronmerge.models import get_spec, model_from_state_dict
+from tests.builders import compress_announced
 
 
 def _scaling_matrix_literal(
@@ -86,7 +87,7 @@ def test_resnet56_paper_fidelity_matches_the_authors_procedure(
         "resnet56", _authors_procedure(state, 0.5, 0.1, 0.85, merge=method == "merge")
     )
     x = get_spec("resnet56").example_inputs(batch=8, seed=1)
-    result = nm.compress(
+    result = compress_announced(
         model,
         x[:2],
         0.5,

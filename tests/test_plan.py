@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import neuronmerge as nm
 from neuronmerge.cli import main
 from neuronmerge.evaluate import count_flops
 from neuronmerge.models import create_model
+from tests.builders import compress_announced
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -119,5 +121,19 @@ def test_approximate_plan_carries_the_output_error() -> None:
         ("fc1", "merge", 4),
         ("fc2", "skip", None),
     ]
-    report = nm.compress(model, x, 0.5, approximate=True).report
+    report = compress_announced(model, x, 0.5, approximate=True).report
     assert approx.output_error == report.output_error and 0 < report.output_error < 10
+
+
+def test_plan_shows_skips_in_its_rows_and_does_not_also_warn() -> None:
+    """compress warns about a shortfall and points at plan; plan itself lists every layer and why."""
+    torch.manual_seed(0)
+    model, x = _Gelu().eval(), torch.randn(16, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = nm.plan(model, x, 0.5)
+    assert not [w for w in caught if issubclass(w.category, nm.CompressionWarning)]
+    assert [(r.layer, r.action) for r in found.layers] == [("fc1", "skip"), ("fc2", "skip")]
+    assert "not positively homogeneous" in {s.producer: s.reason for s in found.skipped}["fc1"]
+    with pytest.warns(nm.CompressionWarning, match="no layer could be compressed .* see nm.plan"):
+        nm.compress(model, x, 0.5)

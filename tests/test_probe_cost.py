@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,20 +12,60 @@ from torch import nn
 import neuronmerge as nm
 from neuronmerge import probes
 from neuronmerge.capture import capture
+from tests.builders import compress_announced
 
 
 def test_schedule_gives_cheap_models_every_probe_and_heavy_ones_fewer() -> None:
-    lenet = probes.schedule(266_200)  # LeNet-300-100's MACs per input
-    assert (lenet.count, lenet.steps) == (probes.PROBES, probes.STEPS)
-    conv = probes.schedule(5.6e6)  # a Fashion-MNIST conv net
-    assert probes.MIN_PROBES <= conv.count < probes.PROBES and conv.steps == probes.STEPS
-    plain = probes.schedule(5.6e6, batchnorm=False)  # no statistics to match: every probe
-    assert (plain.count, plain.steps) == (probes.PROBES, probes.STEPS)
+    matched, derived = probes.MATCHED, probes.DERIVED
+    conv = probes.schedule(5.6e6)  # a Fashion-MNIST BatchNorm conv net: every probe optimised
+    assert probes.MIN_PROBES <= conv.optimised == conv.count < probes.PROBES
+    assert (conv.steps, conv.rate) == (matched.steps, matched.rate)
+    # Without BatchNorm: a few probes optimised fast, the rest derived from them.
+    lenet = probes.schedule(266_200, batchnorm=False)  # LeNet-300-100: affords every probe
+    assert (lenet.optimised, lenet.count, lenet.steps) == (probes.PROBES,) * 2 + (matched.steps,)
+    plain = probes.schedule(5.6e6, batchnorm=False)  # a conv net without BatchNorm: a few, derived
+    assert 16 < plain.optimised < 128 and plain.count == probes.PROBES
+    assert (plain.steps, plain.rate) == (derived.steps, derived.rate)
     huge = probes.schedule(4.1e9)  # ResNet-50 at 224 x 224
-    assert huge.count == probes.MIN_PROBES and huge.steps == probes.MIN_STEPS
+    assert (huge.optimised, huge.count, huge.steps) == (probes.MIN_PROBES,) * 2 + (probes.MIN_STEPS,)
+    huge_plain = probes.schedule(4.1e9, batchnorm=False)  # no more forwards than the budget's
+    assert huge_plain.count == huge_plain.optimised == probes.MIN_PROBES
     for macs in (1e5, 1e6, 1e7, 5e7):  # within budget, unless at the floors
-        plan = probes.schedule(macs)
-        assert 3 * macs * plan.count * plan.steps <= probes.BUDGET_MACS
+        for batchnorm in (True, False):
+            plan = probes.schedule(macs, batchnorm=batchnorm)
+            regime = derived if plan.rate == derived.rate else matched
+            assert 3 * macs * plan.optimised * plan.steps <= regime.budget
+
+
+def test_derived_probes_mix_the_optimised_ones_and_fill_every_direction(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    optimised = torch.randn(4, 10)  # fewer probes than input dimensions
+    made = probes.derive(optimised, 64, torch.Generator().manual_seed(0))
+    assert made.shape == (64, 10) and torch.equal(made[:4], optimised)
+    assert torch.linalg.matrix_rank(made[4:]) == 10  # the noise reaches every direction
+    monkeypatch.setattr(probes, "NOISE", 0.0)
+    mixed = probes.derive(optimised, 64, torch.Generator().manual_seed(0))
+    assert torch.linalg.matrix_rank(mixed) == 4  # mixtures alone stay in the optimised span
+    coefficients = torch.linalg.lstsq(optimised.T, mixed[4:].T).solution  # (4, 60)
+    assert torch.allclose(coefficients.sum(dim=0), torch.ones(60), atol=1e-4)  # convex pairs
+    assert bool((coefficients > -1e-4).all())
+
+
+def test_only_the_optimised_probes_cost_optimisation_steps() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    seen: list[int] = []
+    model.register_forward_hook(lambda _m, args, _o: seen.append(args[0].shape[0]))
+    made = nm.synthesize_probes(
+        model, torch.randn(2, 6), 100, optimised=16, steps=12, rate=0.2, tolerance=0, batch_size=64
+    )
+    assert seen == [16] * 12  # 12 steps of the 16 optimised probes, none of the 84 derived
+    assert [batch[0].shape for batch in made] == [(64, 6), (36, 6)]
+    with pytest.raises(nm.InvalidArgumentError, match="optimised between 1 and count"):
+        nm.synthesize_probes(model, torch.randn(2, 6), 8, optimised=9)
+    with pytest.raises(nm.InvalidArgumentError, match="at least two optimised"):
+        nm.synthesize_probes(model, torch.randn(2, 6), 8, optimised=1, steps=1, rate=0.2)
 
 
 def test_a_batch_stops_once_its_loss_stops_falling() -> None:
@@ -32,10 +73,10 @@ def test_a_batch_stops_once_its_loss_stops_falling() -> None:
     model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
     calls: list[int] = []
     model.register_forward_hook(lambda *_: calls.append(1))
-    nm.synthesize_probes(model, torch.randn(2, 6), 32, steps=100, tolerance=1.0)
+    nm.synthesize_probes(model, torch.randn(2, 6), 32, steps=100, rate=0.05, tolerance=1.0)
     assert len(calls) == probes.PATIENCE + 1  # no loss falls by 100% in PATIENCE steps: stop
     calls.clear()
-    nm.synthesize_probes(model, torch.randn(2, 6), 32, steps=12, tolerance=0)
+    nm.synthesize_probes(model, torch.randn(2, 6), 32, steps=12, rate=0.05, tolerance=0)
     assert len(calls) == 12
 
 
@@ -47,15 +88,14 @@ def test_merge_ls_makes_no_probes_when_nothing_is_mergeable(monkeypatch: pytest.
     # The only layer's outputs are the model's: nothing to merge.
     model = nn.Sequential(nn.Linear(4, 6), nn.Softmax(dim=1)).eval()
     x = torch.randn(2, 4)
-    result = nm.compress(model, x, 0.5, method="merge-ls")
+    result = compress_announced(model, x, 0.5, method="merge-ls")
     assert result.report.sites == () and torch.equal(result.model(x), model(x))
 
 
 def test_probes_are_made_once_per_model_and_again_when_it_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(probes, "PROBES", 64)
-    monkeypatch.setattr(probes, "STEPS", 5)
+    monkeypatch.setattr(probes, "MATCHED", replace(probes.MATCHED, optimised=64, steps=5))
     monkeypatch.setattr(probes, "_CACHE", OrderedDict())
     made: list[int] = []
     original = probes.synthesize_probes

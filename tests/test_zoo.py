@@ -39,7 +39,7 @@ from neuronmerge.models import (
     get_spec,
     model_from_state_dict,
 )
-from tests.builders import plant_duplicates
+from tests.builders import compress_announced, plant_duplicates
 
 RTOL, ATOL = 1e-9, 1e-10
 OUTPUT = "channels are part of the model's output"
@@ -91,7 +91,7 @@ def merge_planted(
     that pruning the same neurons is not); return the merge."""
     found = nm.plan(model, x)
     counts = plant_duplicates(model, found.sites, ratio, criterion, torch.Generator().manual_seed(seed))
-    result = nm.compress(model, x, ratio, criterion=criterion, threshold=None, **options)
+    result = compress_announced(model, x, ratio, criterion=criterion, threshold=None, **options)
     expected = outputs(model, x)
     assert_same(outputs(result.model, x), expected)
     merged = {s.producer: (s.kept, s.merged, s.dropped) for s in result.report.sites}
@@ -102,7 +102,9 @@ def merge_planted(
     assert result.report.params_after == params(result.model)
     if any(d for p, (_, d) in counts.items() if p in merged):
         assert params(result.model) < params(model)
-        pruned = nm.prune(model, x, ratio, criterion=criterion, **options)
+        with warnings.catch_warnings():  # the same shortfall compress announced above
+            warnings.simplefilter("ignore", nm.CompressionWarning)
+            pruned = nm.prune(model, x, ratio, criterion=criterion, **options)
         assert params(pruned) == params(result.model)
         assert any(
             not torch.allclose(a, b, rtol=1e-6, atol=1e-8) for a, b in zip(outputs(pruned, x), expected)
@@ -265,7 +267,7 @@ def test_zoo_merges_planted_duplicates_exactly(name: str) -> None:
     x = spec.example_inputs(batch=4).double()
     check_plan(model, nm.plan(model, x))
     result = merge_planted(model, x, 0.5, criterion="l2-norm", seed=2)
-    paper = nm.compress(model, x, 0.5, fidelity="paper")  # runs; floors conv kept counts
+    paper = compress_announced(model, x, 0.5, fidelity="paper")  # runs; floors conv kept counts
     assert [t.shape for t in outputs(paper.model, x)] == [t.shape for t in outputs(model, x)]
     assert paper.report.params_after < paper.report.params_before
     # The paper's method keeps to its own pattern: no residual stream.
@@ -871,7 +873,7 @@ def test_tied_embedding_and_head_are_left_alone() -> None:
         "fc": "head.weight is shared with emb (tied weights)",
         "head": "head.weight is shared with emb (tied weights)",
     }
-    result = nm.compress(model, tokens, 0.5)
+    result = compress_announced(model, tokens, 0.5)
     assert result.report.params_after <= result.report.params_before == params(model)
     small = result.model
     assert small.get_submodule("head").weight is small.get_submodule("emb").weight
@@ -1045,15 +1047,12 @@ def test_property_merge_never_grows_nor_touches_the_input(
     model[0].eval()
     x = torch.randn(4, 3, SIZE, SIZE)
     before = snapshot(model)
-    result = nm.compress(
-        model,
-        x,
-        ratio,
-        criterion=criterion,
-        threshold=threshold,
-        fidelity=fidelity,  # type: ignore[arg-type]
+    result = compress_announced(
+        model, x, ratio, criterion=criterion, threshold=threshold, fidelity=fidelity
     )
-    pruned = nm.prune(model, x, ratio, criterion=criterion, fidelity=fidelity)  # type: ignore[arg-type]
+    with warnings.catch_warnings():  # the same notices compress announced above
+        warnings.simplefilter("ignore", nm.CompressionWarning)
+        pruned = nm.prune(model, x, ratio, criterion=criterion, fidelity=fidelity)  # type: ignore[arg-type]
     nm.plan(model, x)
     assert_untouched(model, before)
     assert result.report.params_before == params(model)
@@ -1072,7 +1071,7 @@ def test_tied_model_is_not_touched_and_does_not_grow() -> None:
     model = Tied()
     before = snapshot(model)
     tokens = torch.randint(0, 50, (2, 5))
-    result = nm.compress(model, tokens, 0.25)
+    result = compress_announced(model, tokens, 0.25)
     assert_untouched(model, before)
     assert params(result.model) <= params(model)
 

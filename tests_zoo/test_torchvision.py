@@ -19,6 +19,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 import neuronmerge as nm
+from tests.builders import compress_announced
 
 #: name -> (input side, constructor keyword arguments): the architectures of benchmarks/reach.py.
 ZOO: dict[str, tuple[int, dict[str, Any]]] = reach().MODELS
@@ -75,7 +76,7 @@ def test_compress_keeps_shape_and_input_and_shrinks(name: str) -> None:
     x = example(name, 1, seed=1)
     head = output_layer(model, x)
     before = state(model)
-    result = nm.compress(model, x, 0.5, approximate=True, exclude=[head])
+    result = compress_announced(model, x, 0.5, approximate=True, exclude=[head])
     assert_untouched(model, before)
 
     fresh = example(name, 2, seed=2)  # another batch size and other values than the example

@@ -227,8 +227,11 @@ def _compress(
     ratio: float | None,
     options: Options,
     calibration: Iterable[ExampleInputs] | None = None,
+    *,
+    announce: bool = True,
 ) -> Result:
-    """``compress`` with its options validated once, as ``Options``."""
+    """``compress`` with its options validated once, as ``Options``; ``announce=False`` leaves the
+    shortfall warning to a caller that shows every layer and why itself (``plan``)."""
     targeted = options.budget.metric is not None
     if ratio is not None:
         ratio = check_ratio(ratio)
@@ -308,7 +311,10 @@ def _compress(
     )
     # Under a target every group may take some width: the same outcome check as a nonzero ratio.
     warn_about_outcome(
-        model, 1.0 if report.ratio is None else report.ratio, len(report.sites), report.skipped
+        model,
+        1.0 if report.ratio is None else report.ratio,
+        len(report.sites),
+        report.skipped if announce else (),
     )
     return Result(small, report, tuple(groups))
 
@@ -511,7 +517,7 @@ def _plan(
     if ratio is None and options.budget.metric is None and not options.budget.ratios:
         found, skipped = engine.groups(engine.capture(model, example_inputs), options)
         return Plan(tuple(found), tuple(skipped))
-    result = _compress(model, example_inputs, ratio, options)
+    result = _compress(model, example_inputs, ratio, options, announce=False)
     report = result.report
     rows, totals = layer_rows(
         model,

@@ -17,6 +17,7 @@ weight) without any data. Either way every block is fitted on inputs of the orig
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from neuronmerge.budget import request as budget_request
 from neuronmerge.criteria import check_ratio, kept_count
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.generated import layer_inputs
+from neuronmerge.notices import CompressionWarning
 
 #: Turns a block's layer into an ``nn.Linear`` (same function) and a compressed Linear back into the
 #: block's kind. ``nn.Linear`` needs nothing; adapters add kinds (GPT-2's transposed ``Conv1D``).
@@ -222,7 +224,11 @@ def compress_block(
         extra["calibration"] = (
             _batches(inputs) if inputs is not None else probes_for(block, spec, hidden, options)
         )
-    result = compress(ffn, example, options.ratio, method=options.method, **extra)  # type: ignore[arg-type]
+    with warnings.catch_warnings():
+        # An MLP either compresses or is refused by the error below, which names the reasons: its
+        # shortfall warning would be the same message said twice.
+        warnings.simplefilter("ignore", CompressionWarning)
+        result = compress(ffn, example, options.ratio, method=options.method, **extra)  # type: ignore[arg-type]
     if _width(result.model) == width and options.ratio > 0:
         reasons = "; ".join(f"{s.producer}: {s.reason}" for s in result.report.skipped)
         raise InvalidArgumentError(f"{name}: the MLP could not be compressed ({reasons})")

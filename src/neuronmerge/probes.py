@@ -9,11 +9,16 @@ DeepInversion), which are a summary of the training data that the model already 
 
 Cost is what limits this: every optimisation step is a forward and a backward pass over every probe.
 The work is therefore sized by the model, not fixed (``schedule``): a budget of multiply-accumulates
-buys up to ``PROBES`` probes of ``STEPS`` steps, and a BatchNorm model too heavy for that gets fewer
-probes, then fewer steps (a model without BatchNorm keeps them all: its probes have no stored
-statistics to match, and few of them measure its moments badly). A batch also stops early once its
-loss stops falling. A conv net needs fewer probes than a fully connected one anyway, since every
-spatial position is one more sample of each channel.
+buys optimised probes, then steps, under one of two regimes. A model with BatchNorm, or one cheap
+enough to get every probe anyway (``MATCHED``), gets up to ``PROBES`` probes of a hundred gentle
+steps, all optimised (against the stored statistics, where there are some): about a hundred for a
+Fashion-MNIST conv net. A heavier model without BatchNorm (``DERIVED``) gets as many probes as a
+smaller budget buys at fifty steps of a larger rate, and the rest of ``PROBES`` derived from them
+for a forward pass each (``derive``: mixtures of two optimised probes plus noise), since moments
+need many samples and it is the optimisation that costs; mixtures broke the BatchNorm nets'
+statistics, so those keep their optimised probes only. A batch
+also stops early once its loss stops falling. A conv net needs fewer probes than a fully connected
+one anyway, since every spatial position is one more sample of each channel.
 Probes are remembered per model (``cached_probes``), so compressing one model at several ratios makes
 them once.
 
@@ -39,17 +44,41 @@ from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import count_flops
 from neuronmerge.progress import Advance, progress_bar
 
-#: The most probes and optimisation steps a model gets, and the batch size. Chosen on the validation
-#: split of the authors' LeNet-300-100 (``experiments/methods_validation.json``): 1024 probes lost 0.4
-#: points, 4096 gained nothing, 100 steps did as well as 200 over two probe seeds.
+#: The most probes returned, and the batch size they are optimised and returned in.
 PROBES = 2048
-STEPS = 100
 BATCH = 512
-#: Forward multiply-accumulates the optimisation may spend (a backward pass counts as two forwards):
-#: a small net (LeNet-300-100: 0.27 M MACs per input) gets all ``PROBES`` x ``STEPS``, a Fashion-MNIST
-#: BatchNorm conv net (about 5.6 M) about a hundred probes. Chosen on the validation split
-#: (``experiments/probe_validation.json``): on vgg-fmnist a hundred probes beat 256 and 512.
-BUDGET_MACS = 170e9
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How probes are made for one kind of model: at most ``optimised`` probes of at most ``steps``
+    Adam steps at ``rate``, for at most ``budget`` forward multiply-accumulates (a backward pass
+    counts as two forwards); with ``derived``, the rest of ``PROBES`` derived from them
+    (``derive``), for a forward pass each."""
+
+    optimised: int
+    steps: int
+    rate: float
+    budget: float
+    derived: bool
+
+
+#: Models with BatchNorm: every probe optimised, its batch statistics matched to the stored ones; a
+#: Fashion-MNIST conv net (about 5.6 M MACs per input) gets about a hundred. Chosen on the
+#: validation split (``experiments/probe_validation.json``): on vgg-fmnist a hundred probes beat
+#: 256 and 512; on resnet-fmnist, 64 probes x 50 steps at rate 0.2 derived up to 2048 lost 10-16
+#: points at ratios 0.5-0.7.
+MATCHED = Regime(optimised=PROBES, steps=100, rate=0.05, budget=170e9, derived=False)
+#: Models without BatchNorm (no statistics to match) that ``MATCHED`` cannot give every probe:
+#: probes optimised fast, as many as the budget buys, the rest derived, since the optimisation is
+#: what costs. On the validation split of alexnet-fmnist, the budget's 69 probes x 50 steps at rate
+#: 0.2 derived up to 2048 matched or beat the former 2048 x 100 at rate 0.05 (-0.8 to +7 points at
+#: ratios 0.5-0.8, two seeds) for a sixtieth of the work; 106 probes x 100 steps alone lost up to
+#: 30 points. LeNet-300-100, which ``MATCHED`` affords in full, keeps that: derived probes lost 2-3
+#: points at ratio 0.8 on its validation split (``experiments/probe_validation.json``).
+DERIVED = Regime(optimised=PROBES, steps=50, rate=0.2, budget=55e9, derived=True)
+#: Forward multiply-accumulates the derived probes may cost the moments that read them.
+FORWARD_MACS = 12e9
 #: Never fewer probes or steps than these, whatever the model costs.
 MIN_PROBES = 32
 MIN_STEPS = 10
@@ -59,36 +88,71 @@ PATIENCE = 10
 #: Weight of the input L2 prior (on the mean squared input), and of the BatchNorm-statistics term.
 L2_PRIOR = 1.0
 BN_WEIGHT = 1.0
-LEARNING_RATE = 0.05
+#: Noise added to each derived probe, relative to the optimised probes' spread at each input
+#: coordinate: mixtures alone stay in the span of the few optimised probes.
+NOISE = 0.5
 #: Work expected to take longer than this (seconds, estimated after the first step) shows a bar.
 PROGRESS_AFTER_S = 2.0
 
 
 @dataclass(frozen=True)
 class Schedule:
-    """How many probes to make and the most optimisation steps each batch may take."""
+    """How many probes to optimise, the most optimisation steps each batch may take and at what
+    learning rate, and how many probes to return in all (the optimised ones, then ones derived from
+    them)."""
 
-    count: int
+    optimised: int
     steps: int
+    rate: float
+    count: int
 
 
-def schedule(macs_per_input: float, budget: float = BUDGET_MACS, *, batchnorm: bool = True) -> Schedule:
-    """The probes a model of ``macs_per_input`` forward MACs gets for ``budget``.
+def schedule(macs_per_input: float, *, batchnorm: bool = True) -> Schedule:
+    """The probes a model of ``macs_per_input`` forward MACs gets: ``MATCHED`` with BatchNorm or
+    when its budget buys every probe (LeNet-300-100), else ``DERIVED``.
 
-    Probes go first (up to ``PROBES`` at ``STEPS`` steps), then steps (down to ``MIN_STEPS`` at
-    ``MIN_PROBES`` probes): moments need samples more than they need polished probes. A model
-    without BatchNorm gets all ``PROBES`` x ``STEPS`` whatever it costs: with no stored statistics
-    to match, a hundred probes lost up to 30 points on alexnet-fmnist's validation split
-    (``experiments/probe_validation.json``), where BatchNorm nets lost nothing.
+    Optimised probes go first (up to the regime's ``optimised`` at its ``steps``), then steps (down
+    to ``MIN_STEPS`` at ``MIN_PROBES`` probes); derived probes fill ``FORWARD_MACS`` of forward
+    passes, up to ``PROBES``, never fewer than those optimised.
     """
-    if not batchnorm:
-        return Schedule(PROBES, STEPS)
-    per_step = 3 * max(macs_per_input, 1.0)  # forward + backward
-    count = int(budget / (per_step * STEPS))
-    if count >= MIN_PROBES:
-        return Schedule(min(PROBES, count), STEPS)
-    steps = int(budget / (per_step * MIN_PROBES))
-    return Schedule(MIN_PROBES, max(MIN_STEPS, steps))
+    macs = max(macs_per_input, 1.0)
+    per_step = 3 * macs  # forward + backward
+    affords_all = per_step * MATCHED.steps * MATCHED.optimised <= MATCHED.budget
+    regime = MATCHED if batchnorm or affords_all else DERIVED
+    optimised = int(regime.budget / (per_step * regime.steps))
+    if optimised >= MIN_PROBES:
+        optimised, steps = min(regime.optimised, optimised), regime.steps
+    else:
+        steps = max(MIN_STEPS, int(regime.budget / (per_step * MIN_PROBES)))
+        optimised = MIN_PROBES
+    count = optimised
+    if regime.derived:
+        count = max(optimised, min(PROBES, int(FORWARD_MACS / macs)))
+    return Schedule(optimised, steps, regime.rate, count)
+
+
+def derive(optimised: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``optimised`` followed by ``count - len(optimised)`` probes derived from it for a forward
+    pass each: random mixtures of two optimised probes (``lam * a + (1 - lam) * b``, ``lam``
+    uniform; Zhang et al. 2018, mixup) plus Gaussian noise of ``NOISE`` times the optimised probes'
+    standard deviation at each input coordinate, so that the moments see every direction.
+
+    Why: moments need many samples, and a sample is what the optimisation makes expensive.
+    """
+    n = optimised.shape[0]
+    extra = count - n
+    if extra <= 0:
+        return optimised
+    if n < 2:
+        raise InvalidArgumentError("deriving probes needs at least two optimised ones to mix")
+    first = torch.randint(0, n, (extra,), generator=generator)
+    second = torch.randint(0, n, (extra,), generator=generator)
+    shape = (extra,) + (1,) * (optimised.dim() - 1)
+    lam = torch.rand(shape, generator=generator, dtype=optimised.dtype)
+    spread = optimised.std(dim=0, keepdim=True)
+    noise = torch.randn((extra, *optimised.shape[1:]), generator=generator, dtype=optimised.dtype)
+    mixed = lam * optimised[first] + (1 - lam) * optimised[second] + NOISE * spread * noise
+    return torch.cat([optimised, mixed])
 
 
 def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -105,6 +169,8 @@ def synthesize_probes(
     count: int | None = None,
     *,
     steps: int | None = None,
+    optimised: int | None = None,
+    rate: float | None = None,
     batch_size: int = BATCH,
     seed: int = 0,
     prior: float = L2_PRIOR,
@@ -114,23 +180,31 @@ def synthesize_probes(
     """``count`` synthetic inputs shaped like ``example[0]``, in batches, made by model inversion.
 
     ``model`` must be in eval mode and return class logits ``(batch, classes)``; it is not modified.
-    ``count`` and ``steps`` default to ``schedule`` of the model's cost. A batch stops before
+    ``optimised`` of them are optimised, the others derived from those (``derive``). ``count``,
+    ``steps`` and ``optimised`` default to ``schedule`` of the model's cost (``optimised``: all
+    ``count`` when ``count`` is given). A batch stops before
     ``steps`` when its loss fell by less than ``tolerance`` (relative) over ``PATIENCE`` steps; 0
     runs every step. ``prior`` weighs the L2 penalty on the inputs (on their mean square).
     ``progress``: draw a bar on stderr (``None``: only on a terminal, and when the work is expected
     to take over ``PROGRESS_AFTER_S``). Returns one-tensor input tuples, ready to be passed as
     ``calibration``.
     """
-    if count is None or steps is None:
+    if count is None or steps is None or rate is None:
         with torch.no_grad():
             macs = count_flops(model, example[:1])
         planned = schedule(macs, batchnorm=bool(_norm_layers(model)))
-        count = planned.count if count is None else count
+        if count is None:
+            count, optimised = planned.count, planned.optimised if optimised is None else optimised
         steps = planned.steps if steps is None else steps
-    if steps < 0 or count < 1 or batch_size < 1 or tolerance < 0:
+        rate = planned.rate if rate is None else rate
+    optimised = count if optimised is None else optimised
+    if steps < 0 or count < 1 or batch_size < 1 or tolerance < 0 or not 1 <= optimised <= count:
         raise InvalidArgumentError(
-            "count and batch_size must be positive, steps and tolerance non-negative"
+            "count and batch_size must be positive, optimised between 1 and count, steps and "
+            "tolerance non-negative"
         )
+    if optimised < min(2, count):
+        raise InvalidArgumentError("deriving probes needs at least two optimised ones to mix")
     generator = torch.Generator().manual_seed(seed)
     norms = _norm_layers(model)
     observed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -161,20 +235,20 @@ def synthesize_probes(
             )
         return loss, targets
 
-    total_steps = math.ceil(count / batch_size) * steps
+    total_steps = math.ceil(optimised / batch_size) * steps
     show = sys.stderr.isatty() if progress is None else progress
     handles = [bn.register_forward_pre_hook(record) for bn in norms]
-    batches: list[tuple[torch.Tensor, ...]] = []
+    batches: list[torch.Tensor] = []
     started = time.perf_counter()
     advance: Advance | None = None
     with contextlib.ExitStack() as stack:
         for handle in handles:
             stack.callback(handle.remove)
-        for start in range(0, count, batch_size):
-            n = min(batch_size, count - start)
+        for start in range(0, optimised, batch_size):
+            n = min(batch_size, optimised - start)
             x = torch.randn((n, *example.shape[1:]), generator=generator, dtype=example.dtype)
             x.requires_grad_(True)
-            optimiser = torch.optim.Adam([x], lr=LEARNING_RATE)
+            optimiser = torch.optim.Adam([x], lr=rate)
             targets: torch.Tensor | None = None
             history: list[float] = []
             for step in range(steps):
@@ -197,8 +271,9 @@ def synthesize_probes(
                         if advance is not None:
                             advance(steps=steps - step - 1)
                         break
-            batches.append((x.detach(),))
-    return batches
+            batches.append(x.detach())
+    probes = derive(torch.cat(batches), count, generator)
+    return [(chunk,) for chunk in probes.split(batch_size)]
 
 
 def _fingerprint(model: nn.Module, example: torch.Tensor, settings: tuple[object, ...]) -> str:
@@ -226,7 +301,8 @@ def cached_probes(
     The key is a digest of the model's weights and buffers and of the input shape, so a model
     changed in place is never served stale probes. The returned tensors are shared: read them only.
     """
-    key = _fingerprint(model, example, (PROBES, STEPS, BUDGET_MACS, TOLERANCE, LEARNING_RATE))
+    settings = (PROBES, MATCHED, DERIVED, FORWARD_MACS, MIN_PROBES, MIN_STEPS, TOLERANCE, NOISE)
+    key = _fingerprint(model, example, settings)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return list(_CACHE[key])
