@@ -4,7 +4,7 @@ Run from the repository root (``--threads 1`` on a machine whose cores other wor
 
     .venv/bin/python benchmarks/merge_ls_speed.py [--models NAME ...] [--json PATH] [--full-baseline]
     .venv/bin/python benchmarks/merge_ls_speed.py --markdown benchmarks/results/merge_ls_speed.json
-    .venv-zoo/bin/python benchmarks/merge_ls_speed.py --models resnet50 --free-only
+    .venv-zoo/bin/python benchmarks/merge_ls_speed.py --models resnet50
 
 For each model, in one run:
 
@@ -12,23 +12,26 @@ For each model, in one run:
   cache: probes sized by the model's cost (``probes.schedule``, early stopping), moments, the
   least-squares merge, the BatchNorm re-measurement and the verifying forward.
   ``next_ratio_s``: the same call at ratio 0.6 right after (the probes are reused).
-* ``old_s``: what the call cost before (``probes.PROBES`` x ``probes.STEPS`` = 2048 probes x 100 steps
-  for every model and every call, no early stopping): the same pipeline with
-  ``calibration=synthesize_probes(model, x, 2048, steps=100, tolerance=0)``. Synthesising those probes
-  takes up to an hour per conv net on two cores, so unless ``--full-baseline`` the probe part is
-  *extrapolated* from ``BASELINE_STEPS`` timed steps of one full 512-probe batch (the loop is the same
-  code, step after step, so time per step is constant; on models over a GMAC per input, of a
-  32-probe batch, scaled to 512) and ``old_estimated`` says so; the rest of the old call (moments on
-  2048 probes, merge, BatchNorm re-measurement) is run and timed, except on those large models, where
-  ``old_s`` is the old probes alone: a lower bound.
-* ``speedup``: ``old_s / new_s``; ``probes`` and ``steps``: what the new schedule chose (at most:
-  early stopping may take fewer steps).
+* ``old_s``: what the call cost before (2048 probes x 100 steps at rate 0.05 for every model and
+  every call, no early stopping): the same pipeline with ``calibration=synthesize_probes(model, x,
+  2048, steps=100, rate=0.05, tolerance=0)``. Synthesising those probes takes up to an hour per conv
+  net on two cores, so unless ``--full-baseline`` the probe part is *extrapolated* from
+  ``BASELINE_STEPS`` timed steps of one full 512-probe batch (the loop is the same code, step after
+  step, so time per step is constant; on models over a GMAC per input, of a 32-probe batch, scaled
+  to 512) and ``old_estimated`` says so; the rest of the old call (moments on 2048 probes, merge,
+  BatchNorm re-measurement) is run and timed, except on those large models, where ``old_s`` is the
+  old probes alone: a lower bound.
+* ``speedup``: ``old_s / new_s``; ``probes``, ``optimised`` and ``steps``: what the new schedule
+  chose (probes returned, probes optimised, the rest derived; steps at most: early stopping may take
+  fewer). ``new_cpu_s`` and ``old_cpu_s``: the same in CPU seconds (this process, one thread), and
+  ``speedup_cpu`` is their ratio: on a shared machine the wall clock measures the other sessions'
+  load as much as this code.
 * ``propagated_s`` and ``noise_s``: the same call at ratio 0.5 with the probe-free moment sources of
   ``neuronmerge.lab.propagate`` (``PropagatedMoments``: closed forms; ``NoiseMoments``: noise run
   with batch-normalised BatchNorms), making the source included; ``null`` where a model has no
-  BatchNorm (neither applies). They are not the default: they lost 10-45 validation points against
-  the probes at ratios 0.6-0.8 (``experiments/moments_validation.json``); the columns say what
-  their speed would buy.
+  BatchNorm (neither applies); not run on models over a GMAC per input. They are not the default:
+  they lost 10-45 validation points against the probes at ratios 0.6-0.8
+  (``experiments/moments_validation.json``); the columns say what their speed would buy.
 
 Models use random weights (seeded) with randomised BatchNorm statistics: the cost does not depend on
 what the weights learned, except through early stopping. ``conv3-bn-32`` is the 3-conv-layer BatchNorm

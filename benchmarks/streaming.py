@@ -15,10 +15,15 @@ MLP ``gate_proj``/``up_proj``/``down_proj`` without biases, RMSNorms, q/k/v/o pr
 torch and neuronmerge, warms the engine up on a tiny MLP, records its resident set size (the fixed
 overhead), resets the kernel's peak mark (``/proc/self/clear_refs``; ``ru_maxrss`` would include the
 parent's peak from before the fork), streams the checkpoint through ``compress_checkpoint`` and
-reports its peak resident set size (``VmHWM``). The claim:
-``peak - overhead`` stays near the largest layer group plus its compressed copy, and does not grow
-with the number of layers, so a checkpoint of any depth streams in the same memory. Scratch files
-are deleted unless ``--keep``.
+reports its peak resident set size (``VmHWM``).
+
+The yardstick, "the largest layer group plus its consumers": the bytes, as stored (float32 here), of
+one layer's MLP, the rows of its neurons' producers (``gate_proj`` and ``up_proj``, or ``fc1``) and
+the columns of their consumer (``down_proj``, or ``fc2``), with their biases: 541 MB at LLaMA-7B's
+shapes (``StreamReport.largest_group_bytes``). The claim: ``peak - overhead`` stays near that
+figure (the ratio in the table, ideally 1), not near a whole layer (attention included) or a layer
+plus its compressed copy, and does not grow with the number of layers, so a checkpoint of any depth
+streams in the same memory. Scratch files are deleted unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -132,8 +137,8 @@ def _size(count: int) -> str:
 def table(result: dict) -> str:
     """The README's table, from a results file."""
     lines = [
-        "| layers | checkpoint | largest layer group | peak RSS above overhead | peak / largest group "
-        "| overhead (torch, engine) | time |",
+        "| layers | checkpoint | largest group + consumers (one MLP) | peak RSS above overhead "
+        "| peak / (group + consumers) | overhead (torch, engine) | time |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result["runs"]:

@@ -12,8 +12,11 @@ from torch import nn
 
 import neuronmerge as nm
 from neuronmerge import engine
+from neuronmerge.api import _compress
 from neuronmerge.criteria import kept_count
+from neuronmerge.ffn import FeedForward
 from neuronmerge.methods.base import Inputs
+from neuronmerge.options import Options
 from tests.builders import duplicated_convnet, duplicated_mlp
 
 
@@ -300,3 +303,95 @@ def test_property_random_mlps_merge_exactly(
     expected += sum(a * b + b for a, b in zip(bases, bases[1:]))
     expected += bases[-1] * 3 + 3
     assert params(small) == expected
+
+
+def _gated(seed: int) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    torch.manual_seed(seed)
+    ffn = FeedForward(nn.Linear(12, 32), nn.SiLU(), nn.Linear(32, 12), nn.Linear(12, 32)).double().eval()
+    return ffn, torch.randn(64, 12, dtype=torch.float64), ["up.weight", "gate.weight", "down.weight"]
+
+
+def _convnet(seed: int) -> tuple[nn.Module, torch.Tensor, list[str]]:
+    bases, dups = zip(*(split(width, 0.5) for width in (8, 6, 10)))
+    model = duplicated_convnet(list(bases), list(dups), "l1-norm", seed=seed)
+    x = torch.randn(16, 3, 8, 8, dtype=torch.float64)
+    return model, x, ["conv1.weight", "conv2.weight", "fc1.weight", "fc2.weight"]
+
+
+@pytest.mark.parametrize(
+    ("build", "method"), [(_convnet, "merge"), (_convnet, "prune"), (_gated, "merge-ls")]
+)
+def test_in_place_gives_the_same_model_in_the_models_own_memory(build, method: str) -> None:
+    """The internal in-place path (streaming owns its layers) computes what the default computes."""
+    model, x, weights = build(2)
+    # merge-ls: a dense Z and constants into down's new bias (calibrated here: fast and the same
+    # batches for both runs).
+    extra = {"calibration": [x]} if method == "merge-ls" else {}
+    expected = nm.compress(model, x[:2], 0.5, method=method, **extra).model
+    owned = copy.deepcopy(model)
+    memory = {name: p.untyped_storage().data_ptr() for name, p in owned.named_parameters()}
+    options = Options.of(method=method)
+    small = _compress(owned, x[:2], 0.5, options, extra.get("calibration"), in_place=True).model
+    assert torch.allclose(small(x), expected(x), rtol=1e-9, atol=1e-10)
+    # Every resized weight (rows, flattened conv columns, a dense mixing) reuses the old memory.
+    for name in weights:
+        assert small.get_parameter(name).untyped_storage().data_ptr() == memory[name]
+        assert small.get_parameter(name).shape != owned.get_parameter(name).shape
+
+
+class _SharedMemory(nn.Module):
+    """``side`` reads ``down``'s weight memory through a Parameter of its own (not tied by identity,
+    so grouping allows resizing ``down``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down, self.side = nn.Linear(6, 8), nn.Linear(8, 6), nn.Linear(8, 6)
+        self.side.weight = nn.Parameter(self.down.weight.detach())
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x))) + self.side(y)
+
+
+def test_in_place_copies_a_weight_whose_memory_another_layer_reads() -> None:
+    torch.manual_seed(0)
+    model = _SharedMemory().eval()
+    x, y = torch.randn(5, 6), torch.randn(5, 8)
+    expected = nm.compress(model, (x, y), 0.5).model
+    small = _compress(model, (x, y), 0.5, Options.of(), in_place=True).model
+    assert small.down.in_features == 4
+    assert torch.allclose(small(x, y), expected(x, y))
+    assert torch.equal(model.side.weight, model.down.weight)  # nothing written over
+
+
+class _BatchSizes(nn.Module):
+    """A Linear layer that records the batch size of every input, and an output shaped by ``fold``."""
+
+    def __init__(self, fold: str) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.fold = fold
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(int(x.shape[0]))
+        y = self.fc(x)
+        if self.fold == "fixed-batch":  # a hard-coded batch size: (2, 4) -> (2, 4), (1, 4) -> (2, 2)
+            return y.reshape(2, -1)
+        if self.fold == "sum":  # no batch axis left: (2, 4) -> (4,)
+            return y.sum(0)
+        return y
+
+
+def test_verify_runs_one_example_where_the_model_is_batch_wise() -> None:
+    x = torch.randn(2, 4)
+    model = _BatchSizes("plain")
+    assert engine.verify(model, (x,), (2, 4)) is None
+    assert model.seen == [1]  # the first example alone settled it
+    for fold, shape in (("fixed-batch", (2, 4)), ("sum", (4,))):
+        other = _BatchSizes(fold)
+        assert engine.verify(other, (x,), shape) is None  # no false alarm: the full batch decides
+        assert other.seen[-1] == 2
+    wrong = _BatchSizes("plain")
+    with pytest.raises(nm.NeuronMergeError, match="output shape changed"):
+        engine.verify(wrong, (x,), (2, 5))
+    assert wrong.seen == [1, 2]  # a mismatch on one example is confirmed on the full batch

@@ -228,10 +228,17 @@ def _compress(
     options: Options,
     calibration: Iterable[ExampleInputs] | None = None,
     *,
+    in_place: bool = False,
     announce: bool = True,
 ) -> Result:
     """``compress`` with its options validated once, as ``Options``; ``announce=False`` leaves the
-    shortfall warning to a caller that shows every layer and why itself (``plan``)."""
+    shortfall warning to a caller that shows every layer and why itself (``plan``).
+
+    ``in_place=True`` is for internal callers that own ``model`` and drop it (``streaming``, one
+    checkpoint layer at a time): the resized weights are written over the model's own weight memory
+    instead of beside it, so a layer never exists twice; ``model``'s tensors are garbage afterwards.
+    It is not offered by ``compress``, whose callers' models are never touched.
+    """
     targeted = options.budget.metric is not None
     if ratio is not None:
         ratio = check_ratio(ratio)
@@ -270,7 +277,9 @@ def _compress(
             criterion=options.criterion,
             moments=source,
         )
-        small, decompositions = _build(gm, groups, keep, options, inputs, source, chosen)
+        small, decompositions = _build(
+            gm, groups, keep, options, inputs, source, chosen, in_place=in_place
+        )
     error = engine.verify(small, inputs, expected, reference)
 
     reports = []
@@ -327,10 +336,13 @@ def _build(
     inputs: tuple[torch.Tensor, ...],
     source: lsq.MomentSource | None,
     chosen: MethodObject,
+    *,
+    in_place: bool = False,
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition]]:
-    """Decompose, cut (``gm`` is changed) and, for ``merge-ls``, repair: the compressed graph."""
+    """Decompose, cut (``gm`` is changed; ``in_place``: see ``_compress``) and, for ``merge-ls``,
+    repair: the compressed graph."""
     decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
-    small = engine.surgery(gm, groups, decompositions)
+    small = engine.surgery(gm, groups, decompositions, in_place)
     if source is not None:
         small = source.repair(small, groups, decompositions)
     return small, decompositions

@@ -113,30 +113,99 @@ def _tensor_metadata(tensor: torch.Tensor) -> TensorMetadata:
     )
 
 
-class _ShapeRecorder(fx.Interpreter):
-    """``ShapeProp`` with a faster reader: runs the graph node by node and records every node's
-    ``tensor_meta`` (a ``TensorMetadata``, or a structure of them) and ``type``; an error of the
-    model is raised as the cause of a ``RuntimeError`` naming the node."""
+def _metadata(value: Any) -> tuple[bool, Any]:
+    """Whether ``value`` holds a tensor, and its ``tensor_meta`` (``TensorMetadata`` for each tensor
+    in the structure)."""
+    if type(value) is torch.Tensor or type(value) is nn.Parameter:
+        return True, _tensor_metadata(value)
+    found = False
 
-    def run_node(self, n: fx.Node) -> object:
+    def read(item: Any) -> Any:
+        nonlocal found
+        if isinstance(item, torch.Tensor):
+            found = True
+            return _tensor_metadata(item)
+        return item
+
+    meta = map_aggregate(value, read)
+    return found, meta
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values no later node reads (freed after it runs, as ``fx.Interpreter``
+    does, so that the pass holds no more activations than a forward)."""
+    done: set[fx.Node] = set()
+    last: dict[fx.Node, list[fx.Node]] = {}
+    for node in reversed(graph.nodes):
+        for used in node._input_nodes:
+            if used not in done:
+                done.add(used)
+                last.setdefault(node, []).append(used)
+    return last
+
+
+def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+    """Run the graph node by node on ``inputs`` and record every node's ``tensor_meta`` (a
+    ``TensorMetadata``, or a structure of them) and ``type``, as ``ShapeProp`` does.
+
+    A lean loop rather than ``fx.Interpreter``, whose per-node bookkeeping (progress bar, node
+    metadata contexts, attribute paths walked per call) cost as much as the layers of a small
+    network. An error of the model is raised as the cause of a ``RuntimeError`` naming the node.
+    """
+    graph = graph_module.graph
+    last = _last_uses(graph)
+    env: dict[fx.Node, Any] = {}
+    arguments = iter(graph.process_inputs(*inputs))
+    modules: dict[str, Any] = {}
+    fetch = env.__getitem__
+    for node in graph.nodes:
+        op = node.op
         try:
-            result = super().run_node(n)
+            if op == "placeholder":
+                if str(node.target).startswith("*"):
+                    result: Any = list(arguments)
+                else:
+                    result = next(arguments, node.args[0] if node.args else _MISSING)
+                    if result is _MISSING:
+                        raise RuntimeError(f"expected an input for {node.target}")
+            elif op == "output":
+                result = fx.node.map_arg(node.args[0], fetch)
+            else:
+                args = fx.node.map_arg(node.args, fetch)
+                kwargs = fx.node.map_arg(node.kwargs, fetch)
+                target = node.target
+                if op == "call_module":
+                    module = modules.get(target)  # type: ignore[call-overload]
+                    if module is None:
+                        module = modules[target] = graph_module.get_submodule(target)  # type: ignore[index,arg-type]
+                    result = module(*args, **kwargs)
+                elif op == "call_function":
+                    result = target(*args, **kwargs)  # type: ignore[operator]
+                elif op == "call_method":
+                    result = getattr(args[0], target)(*args[1:], **kwargs)  # type: ignore[arg-type]
+                else:  # get_attr
+                    result = _attribute(graph_module, str(target))
         except Exception as exc:
-            raise RuntimeError(f"running node {n.format_node()} failed") from exc
-        found = False
-
-        def read(value: Any) -> Any:
-            nonlocal found
-            if isinstance(value, torch.Tensor):
-                found = True
-                return _tensor_metadata(value)
-            return value
-
-        meta = map_aggregate(result, read)
+            raise RuntimeError(f"running node {node.format_node()} failed") from exc
+        found, meta = _metadata(result)
         if found:
-            n.meta["tensor_meta"] = meta
-        n.meta["type"] = type(result)
-        return result
+            node.meta["tensor_meta"] = meta
+        node.meta["type"] = type(result)
+        if op == "output":
+            return
+        env[node] = result
+        for dead in last.get(node, ()):
+            del env[dead]
+
+
+_MISSING = object()
+
+
+def _attribute(root: nn.Module, path: str) -> object:
+    value: object = root
+    for atom in path.split("."):
+        value = getattr(value, atom)
+    return value
 
 
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
@@ -165,7 +234,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
             raise _untraceable(model, fx_error, export_error) from fx_error
     try:
         with torch.no_grad():
-            _ShapeRecorder(graph_module).run(*(t.clone() for t in inputs))
+            _record_shapes(graph_module, tuple(t.clone() for t in inputs))
     except Exception as exc:
         cause = exc.__cause__ or exc  # the recorder wraps the model's own error
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
@@ -191,10 +260,19 @@ def _in_eval_mode(module: nn.Module) -> nn.Module:
 _IMMUTABLE = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 
 
+_ATOMIC = frozenset(_IMMUTABLE)
+#: Entries of a module's ``__dict__`` that ``detach`` handles itself (or that are the result's own).
+_OWN_TABLES = frozenset(("_parameters", "_buffers", "_modules", "_graph"))
+_EMPTY_TABLES = (dict, OrderedDict, set)
+
+
 def _immutable(value: object) -> bool:
-    return isinstance(value, _IMMUTABLE) or (
-        type(value) is tuple and all(_immutable(item) for item in value)
-    )
+    kind = type(value)  # the exact types first: a module has a few dozen attributes, most of them so
+    if kind in _ATOMIC:
+        return True
+    if kind is tuple:
+        return all(_immutable(item) for item in value)  # type: ignore[attr-defined]
+    return isinstance(value, _IMMUTABLE)
 
 
 def _copied(tensor: torch.Tensor, memo: dict[int, object]) -> torch.Tensor:
@@ -236,11 +314,13 @@ def detach(graph_module: fx.GraphModule, owned: Iterable[torch.Tensor]) -> fx.Gr
                     if tensor is not None:
                         table[name] = _copied(tensor, memo)  # type: ignore[assignment]
             attributes = module.__dict__
-            for key, value in list(attributes.items()):
-                if key in ("_parameters", "_buffers", "_modules", "_graph") or _immutable(value):
+            copies: dict[str, object] = {}
+            for key, value in attributes.items():
+                if key in _OWN_TABLES or _immutable(value):
                     continue  # the tables handled above, the children and graph (ours), constants
-                if type(value) in (dict, OrderedDict, set) and not value:
-                    attributes[key] = type(value)()  # an empty hook table: the common case, fast
+                if type(value) in _EMPTY_TABLES and not value:
+                    copies[key] = type(value)()  # an empty hook table: the common case, fast
                 else:
-                    attributes[key] = copy.deepcopy(value, memo)
+                    copies[key] = copy.deepcopy(value, memo)
+            attributes.update(copies)
     return graph_module

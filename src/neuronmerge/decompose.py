@@ -31,6 +31,7 @@ Strategies:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,7 +76,12 @@ def _l1_norms(weight: torch.Tensor) -> torch.Tensor:
     rows = max(1, _L1_BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
     if rows >= weight.shape[0]:
         return weight.abs().sum(dim=1)
-    return torch.cat([block.abs().sum(dim=1) for block in weight.split(rows)])
+    # Into one result allocated first: a small result allocated after each block's temporary would
+    # keep the heap from reusing the freed block (glibc), and the blocks would pile up to a copy.
+    norms = torch.empty(weight.shape[0], dtype=weight.dtype)
+    for start in range(0, weight.shape[0], rows):
+        torch.sum(weight[start : start + rows].abs(), dim=1, out=norms[start : start + rows])
+    return norms
 
 
 @dataclass(frozen=True)
@@ -198,9 +204,69 @@ def _with_merges(
     return Decomposition(base.kept, target, scale)
 
 
-#: Bytes of removed rows (and their similarities) handled at once by ``norm_ratio``: bounds its working
-#: memory to the kept rows plus this, instead of copies of every row.
-_BLOCK_BYTES = 64 * 2**20
+#: Bytes of removed rows (and their similarities), and of kept rows, handled at once by ``cosines``:
+#: bounds the working memory of merging to a few of these, instead of copies of every row.
+_BLOCK_BYTES = 8 * 2**20
+
+
+def best_partners(
+    rows: Sequence[Rows],
+    removed: torch.Tensor,
+    kept: torch.Tensor,
+    inverses: Sequence[torch.Tensor],
+    dead: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each removed row's kept row of highest cosine (the mean over ``rows``, the roots of a group:
+    a gated MLP's gate and up rows), and that cosine; a ``dead`` kept row (zero norm) is never
+    chosen. ``inverses``: each root's inverse row norms.
+
+    ``cos(f_i, f_j) = (u_i u_j) (w_i . w_j) + v_i v_j`` with ``u = scale / |f|`` and ``v = shift / |f|``,
+    so no normalised, folded or concatenated copy of the rows exists. Blocks of removed rows against
+    blocks of kept rows, in four buffers of at most ``_BLOCK_BYTES`` allocated once and reused
+    (``out=``): the working memory is a few of those whatever the layer (a LLaMA-7B MLP's kept rows
+    alone are 144 MB), and no fresh temporary per block fragments the heap into a peak of its own.
+    """
+    dtype = rows[0].weight.dtype
+    size = rows[0].weight.element_size()
+    best = torch.empty(removed.shape[0], dtype=dtype)
+    choice = torch.empty(removed.shape[0], dtype=torch.long)
+    width = max(r.weight.shape[1] for r in rows)
+    block = max(1, min(removed.shape[0], _BLOCK_BYTES // ((width + kept.shape[0]) * size)))
+    step = max(1, min(kept.shape[0], _BLOCK_BYTES // (width * size)))
+    cosine = torch.empty(block, kept.shape[0], dtype=dtype)
+    left = torch.empty(block * width, dtype=dtype)
+    gathered = torch.empty(step * width, dtype=dtype)
+    product = torch.empty(step * block, dtype=dtype)
+    factors = []
+    for root, inverse in zip(rows, inverses, strict=True):
+        u = inverse if root.scale is None else root.scale * inverse
+        factors.append((u, None if root.shift is None else root.shift * inverse))
+    for start in range(0, removed.shape[0], block):
+        part = removed[start : start + block]
+        count = part.shape[0]
+        similarity = cosine[:count].zero_()
+        for root, (u, v) in zip(rows, factors, strict=True):
+            weight = root.weight
+            inner = weight.shape[1]
+            these = torch.index_select(weight, 0, part, out=left[: count * inner].view(count, inner))
+            u_part = u[part]
+            for first in range(0, kept.shape[0], step):
+                columns = kept[first : first + step]
+                taken = columns.shape[0]
+                others = gathered[: taken * inner].view(taken, inner)
+                torch.index_select(weight, 0, columns, out=others)
+                dots = torch.mm(others, these.T, out=product[: taken * count].view(taken, count))
+                dots.mul_(u[columns, None]).mul_(u_part)
+                if v is not None:
+                    dots.addr_(v[columns], v[part])
+                similarity[:, first : first + taken] += dots.T
+        if len(rows) > 1:
+            similarity /= len(rows)
+        end = start + count
+        torch.max(
+            similarity.masked_fill_(dead, -torch.inf), dim=1, out=(best[start:end], choice[start:end])
+        )
+    return best, choice
 
 
 def norm_ratio(
@@ -211,17 +277,14 @@ def norm_ratio(
 ) -> Decomposition:
     """Paper algorithm 2 on ``rows``: nearest kept row by cosine, scale by the norm ratio.
 
-    ``norms`` are the rows' l2 norms when the caller has them already. The cosines are the one matrix
-    product of removed by kept rows, scaled afterwards by the inverse norms (no normalised copies),
-    taken in blocks of removed rows so that only the kept rows are ever gathered whole.
+    ``norms`` are the rows' l2 norms when the caller has them already. The cosines (``cosines``) are
+    taken in blocks of removed rows, each block's best kept partner found before the next.
     """
     if isinstance(rows, torch.Tensor):
         rows = Rows(rows)
     weight = rows.weight
     n = weight.shape[0]
-    is_kept = torch.zeros(n, dtype=torch.bool)
-    is_kept[kept] = True
-    removed = torch.nonzero(~is_kept).flatten()
+    removed = _removed(n, kept)
     target = torch.empty(n, dtype=torch.long)
     target[kept] = torch.arange(kept.shape[0])
     scale = torch.ones(n, dtype=weight.dtype)
@@ -229,34 +292,16 @@ def norm_ratio(
         return Decomposition(kept, target, scale)
     if norms is None:
         norms = rows.l2_norms()
-    # cos(f_i, f_j) = (u_i u_j) (w_i . w_j) + v_i v_j with u = scale / |f| and v = shift / |f|.
     inverse = torch.where(norms > 0, norms, 1).reciprocal_()
-    u = inverse if rows.scale is None else rows.scale * inverse
-    v = None if rows.shift is None else rows.shift * inverse
-    kept_rows = weight.index_select(0, kept)
-    u_kept = u[kept]
-    v_kept = None if v is None else v[kept]
     # A kept row of zero norm has no direction and cannot absorb anything.
-    dead = norms[kept] == 0
-    per_row = weight.shape[1] + kept.shape[0]
-    block = max(1, _BLOCK_BYTES // (per_row * weight.element_size()))
-    best_parts, choice_parts = [], []
-    for start in range(0, removed.shape[0], block):
-        part = removed[start : start + block]
-        similarity = weight.index_select(0, part) @ kept_rows.T
-        similarity.mul_(u_kept).mul_(u[part, None])
-        if v is not None:
-            assert v_kept is not None
-            similarity.addr_(v[part], v_kept)
-        best, choice = similarity.masked_fill_(dead, -torch.inf).max(dim=1)
-        best_parts.append(best)
-        choice_parts.append(choice)
-    best = best_parts[0] if len(best_parts) == 1 else torch.cat(best_parts)
-    choice = choice_parts[0] if len(choice_parts) == 1 else torch.cat(choice_parts)
+    kept_norms = norms[kept]
+    dead = kept_norms == 0
+    best, choice = best_partners([rows], removed, kept, [inverse], dead)
     # NaN and -inf (every kept row dead) fail ``>=`` by themselves.
     accept = torch.isfinite(best) if threshold is None else best >= threshold
-    target[removed] = torch.where(accept, choice, -1)
-    scale[removed] = torch.where(accept, norms[removed] / norms[kept][choice], 0)
+    rejected = ~accept
+    scale[removed] = (norms[removed] / kept_norms[choice]).masked_fill_(rejected, 0)
+    target[removed] = choice.masked_fill_(rejected, -1)
     return Decomposition(kept, target, scale)
 
 

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from neuronmerge.api import Report, compress
+from neuronmerge.api import Report, _compress
 from neuronmerge.budget import request as budget_request
 from neuronmerge.criteria import check_ratio, kept_count
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.generated import layer_inputs
 from neuronmerge.notices import CompressionWarning
+from neuronmerge.options import Options
 
 #: Turns a block's layer into an ``nn.Linear`` (same function) and a compressed Linear back into the
 #: block's kind. ``nn.Linear`` needs nothing; adapters add kinds (GPT-2's transposed ``Conv1D``).
@@ -207,11 +208,15 @@ def compress_block(
     spellings: Spellings | None = None,
     name: str = "block",
     inputs: Tensor | None = None,
+    in_place: bool = False,
 ) -> BlockReport:
     """Compress ``block``'s MLP in place (call it on a copy) and report what was done.
 
     ``inputs``: what the MLP reads, one token per row (``generated.layer_inputs``), used as the
-    probes of least-squares methods instead of normalised noise.
+    probes of least-squares methods instead of normalised noise. ``in_place``: the compressed
+    weights overwrite the block's old ones in memory (``api._compress(in_place=True)``), for a caller
+    whose block shares its tensors with nothing else (``streaming``); peak memory is then the MLP's
+    size, not twice it.
     """
     spellings = spellings or Spellings()
     ffn = lift(block, spec, spellings).eval()  # a fresh module: its mode is ours, not the caller's
@@ -228,7 +233,15 @@ def compress_block(
         # An MLP either compresses or is refused by the error below, which names the reasons: its
         # shortfall warning would be the same message said twice.
         warnings.simplefilter("ignore", CompressionWarning)
-        result = compress(ffn, example, options.ratio, method=options.method, **extra)  # type: ignore[arg-type]
+        calibration = extra.pop("calibration", None)
+        result = _compress(
+            ffn,
+            example,
+            options.ratio,
+            Options.of(method=options.method, **extra),
+            calibration,
+            in_place=in_place,
+        )
     if _width(result.model) == width and options.ratio > 0:
         reasons = "; ".join(f"{s.producer}: {s.reason}" for s in result.report.skipped)
         raise InvalidArgumentError(f"{name}: the MLP could not be compressed ({reasons})")

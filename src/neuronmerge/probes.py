@@ -73,7 +73,7 @@ MATCHED = Regime(optimised=PROBES, steps=100, rate=0.05, budget=170e9, derived=F
 #: probes optimised fast, as many as the budget buys, the rest derived, since the optimisation is
 #: what costs. On the validation split of alexnet-fmnist, the budget's 69 probes x 50 steps at rate
 #: 0.2 derived up to 2048 matched or beat the former 2048 x 100 at rate 0.05 (-0.8 to +7 points at
-#: ratios 0.5-0.8, two seeds) for a sixtieth of the work; 106 probes x 100 steps alone lost up to
+#: ratios 0.5-0.8, two seeds) for a fiftieth of the time; 106 probes x 100 steps alone lost up to
 #: 30 points. LeNet-300-100, which ``MATCHED`` affords in full, keeps that: derived probes lost 2-3
 #: points at ratio 0.8 on its validation split (``experiments/probe_validation.json``).
 DERIVED = Regime(optimised=PROBES, steps=50, rate=0.2, budget=55e9, derived=True)

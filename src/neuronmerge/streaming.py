@@ -1,15 +1,21 @@
 """Compress a sharded safetensors checkpoint layer by layer, never holding the whole model.
 
 A Hugging Face checkpoint folder (``config.json``, ``model.safetensors`` or shards with
-``model.safetensors.index.json``) is read one tensor at a time with ``safe_open``. The tensors of one
-transformer layer (``...layers.<i>.``) form a group: its MLP weights go into a tiny ``FeedForward``
-compressed by the engine (``neuronmerge.ffn``), the rest of the layer is copied, and the group is
-written as its own output shard before the next group is read. Tensors outside the layers
-(embeddings, final norm, output head) are copied into shards no larger than the largest layer group
-(one tensor per shard when it alone is larger). So peak memory is about the largest group, its
-compressed copy and a fixed overhead (the interpreter, torch, the engine's work on one MLP), whatever
-the number of layers. The output folder gets shards, an index and the config with the new MLP width,
-loadable with ``from_pretrained``; it is written to a temporary folder and renamed at the end.
+``model.safetensors.index.json``) is read through the shards' own headers (``_Entry``: where each
+tensor's bytes lie). Each transformer layer (``...layers.<i>.``) becomes one output shard. Only its
+MLP (up, gate and down weights and biases, plus the norm it reads, for probes) is read into memory:
+the tensors, read straight into their own buffers (no memory map, no copy), go into a tiny
+``FeedForward`` compressed by the engine (``neuronmerge.ffn``) with ``in_place=True``, so the
+compressed weights are written over the read ones instead of beside them. Every other tensor
+(attention, norms, embeddings, output head) is copied from the source shard to the output shard a
+block of bytes at a time, never as a tensor. So peak memory is one layer's MLP (the largest channel
+group, gate and up rows, and its consumer, down's columns) plus the engine's working blocks and a
+fixed overhead (the interpreter, torch), whatever the depth or the size of the embeddings.
+
+The shards are written by ``_write`` (the safetensors format: an 8-byte header length, a JSON header
+of dtypes, shapes and byte offsets, the raw bytes), since the safetensors library writes only whole
+dictionaries of tensors. The output folder gets the shards, an index and the config with the new MLP
+width, loadable with ``from_pretrained``; it is built in a temporary folder and renamed at the end.
 """
 
 from __future__ import annotations
@@ -26,8 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
-from safetensors.torch import save_file
+import torch
 from torch import Tensor, nn
 
 from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
@@ -84,10 +89,66 @@ class StreamReport:
     layers: tuple[BlockReport, ...]
     width_before: int
     width_after: int
+    #: Bytes of the largest layer's MLP as stored (up and gate rows, down columns, their biases):
+    #: the channel group and its consumer, what compressing one layer must hold.
     largest_group_bytes: int
     bytes_before: int
     bytes_after: int
     seconds: float
+
+
+#: safetensors' dtype names and the torch dtypes they hold.
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+#: Bytes moved at once when a tensor is copied between shards or written from memory.
+_COPY_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor lies in a checkpoint: its shard, dtype name, shape and byte span in the file."""
+
+    shard: Path
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.begin
+
+
+def _entries(shard: Path) -> dict[str, _Entry]:
+    """Every tensor of one safetensors file, from its header alone (no data is read)."""
+    try:
+        with open(shard, "rb") as f:
+            length = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        return {
+            name: _Entry(
+                shard,
+                info["dtype"],
+                tuple(info["shape"]),
+                8 + length + info["data_offsets"][0],
+                8 + length + info["data_offsets"][1],
+            )
+            for name, info in header.items()
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{shard} is not a readable safetensors file ({exc})") from exc
 
 
 def _weight_map(folder: Path) -> dict[str, str]:
@@ -98,38 +159,83 @@ def _weight_map(folder: Path) -> dict[str, str]:
     single = folder / "model.safetensors"
     if not single.is_file():
         raise CheckpointError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single.name for name in f.keys()}
+    return dict.fromkeys(_entries(single), single.name)
+
+
+def _index(folder: Path, weight_map: dict[str, str]) -> dict[str, _Entry]:
+    """Every tensor's ``_Entry``, each shard's header read once."""
+    entries: dict[str, _Entry] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        found = _entries(folder / shard)
+        entries.update((name, found[name]) for name, where in weight_map.items() if where == shard)
+    missing = [name for name in weight_map if name not in entries]
+    if missing:
+        raise CheckpointError(f"{missing[0]} is in the index but not in {weight_map[missing[0]]}")
+    return entries
+
+
+def _load(entry: _Entry) -> Tensor:
+    """One tensor, read from its file straight into a buffer of its own."""
+    if entry.dtype not in _DTYPES:
+        raise CheckpointError(
+            f"{entry.shard.name}: dtype {entry.dtype} is not one of {', '.join(_DTYPES)}"
+        )
+    data = torch.empty(entry.size, dtype=torch.uint8)
+    with open(entry.shard, "rb") as f:
+        f.seek(entry.begin)
+        if f.readinto(data.numpy().data) != entry.size:
+            raise CheckpointError(f"{entry.shard} ends inside a tensor")
+    return data.view(_DTYPES[entry.dtype]).reshape(entry.shape)
 
 
 def _read(folder: Path, weight_map: dict[str, str], names: list[str]) -> dict[str, Tensor]:
-    """The tensors ``names``, each shard opened once. safetensors may hand out views of the file's
-    memory map, which would keep every shard mapped while a tensor lives: each is cloned instead."""
-    by_shard: dict[str, list[str]] = {}
-    for name in names:
-        by_shard.setdefault(weight_map[name], []).append(name)
-    tensors: dict[str, Tensor] = {}
-    for shard, members in by_shard.items():
-        with safe_open(str(folder / shard), framework="pt") as f:
-            for name in members:
-                tensors[name] = f.get_tensor(name).clone()
-    return {name: tensors[name] for name in names}
+    """The tensors ``names``, read into memory (each in a buffer of its own)."""
+    entries = _index(folder, {name: weight_map[name] for name in names})
+    return {name: _load(entries[name]) for name in names}
 
 
-def _headers(folder: Path, weight_map: dict[str, str]) -> dict[str, tuple[list[int], int]]:
-    """Every tensor's shape and element size, read from the shards' headers (no data is read; each
-    shard is opened once)."""
-    by_shard: dict[str, list[str]] = {}
-    for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "U8": 1, "BOOL": 1}
-    headers: dict[str, tuple[list[int], int]] = {}
-    for shard, names in by_shard.items():
-        with safe_open(str(folder / shard), framework="pt") as f:
-            for name in names:
-                piece = f.get_slice(name)
-                headers[name] = piece.get_shape(), sizes[piece.get_dtype()]
-    return headers
+def _write(path: Path, tensors: list[tuple[str, _Entry | Tensor]]) -> None:
+    """A safetensors file of ``tensors``: an ``_Entry``'s bytes are copied from its shard, a block
+    at a time; a tensor's are written from memory. Larger elements first, so every tensor starts at a
+    multiple of its element size (the header is padded to 8 bytes, as safetensors does)."""
+
+    def described(item: _Entry | Tensor) -> tuple[str, list[int], int]:
+        if isinstance(item, Tensor):
+            return _NAMES[item.dtype], list(item.shape), item.numel() * item.element_size()
+        return item.dtype, list(item.shape), item.size
+
+    def width(pair: tuple[str, _Entry | Tensor]) -> int:
+        return -_DTYPES.get(described(pair[1])[0], torch.uint8).itemsize
+
+    ordered = sorted(tensors, key=lambda pair: (width(pair), pair[0]))
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, item in ordered:
+        dtype, shape, size = described(item)
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    copies = [item.size for _, item in ordered if not isinstance(item, Tensor)]
+    buffer = bytearray(min(_COPY_BYTES, max(copies, default=0)))  # one, reused: no heap churn
+    with open(path, "wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for _, item in ordered:
+            if isinstance(item, Tensor):
+                data = item.detach().contiguous().reshape(-1).view(torch.uint8)
+                for start in range(0, data.shape[0], _COPY_BYTES):
+                    out.write(data[start : start + _COPY_BYTES].numpy().data)
+                continue
+            with open(item.shard, "rb") as source:
+                source.seek(item.begin)
+                left = item.size
+                while left:
+                    got = source.readinto(memoryview(buffer)[: min(left, len(buffer))])
+                    if not got:
+                        raise CheckpointError(f"{item.shard} ends inside a tensor")
+                    out.write(memoryview(buffer)[:got])
+                    left -= got
 
 
 def _count(shape: list[int]) -> int:
@@ -214,6 +320,21 @@ def _mlp_block(tensors: dict[str, Tensor], layout: Layout, act: nn.Module, eps: 
     return block
 
 
+def _mlp_names(prefix: str, layout: Layout, weight_map: dict[str, str]) -> list[str]:
+    """The layer's MLP tensors: its up and gate rows and its down columns (weights and biases)."""
+    spec = layout.spec
+    paths = [spec.up] + ([spec.gate] if spec.gate else []) + [spec.down]
+    names = [f"{prefix}{path}.{leaf}" for path in paths for leaf in ("weight", "bias")]
+    return [name for name in names if name in weight_map]
+
+
+def _norm_names(prefix: str, layout: Layout, weight_map: dict[str, str]) -> list[str]:
+    """The norm the layer's MLP reads (its probes for least squares), if the layout names one."""
+    norm = layout.spec.norm
+    names = [f"{prefix}{norm}.{leaf}" for leaf in ("weight", "bias")] if norm else []
+    return [name for name in names if name in weight_map]
+
+
 def _groups(weight_map: dict[str, str]) -> Iterator[tuple[str, list[str]]]:
     """(layer prefix, names) for every layer in order, then ("", names) of everything else."""
     layers: dict[int, tuple[str, list[str]]] = {}
@@ -266,14 +387,15 @@ def compress_checkpoint(
     eps = float(config.get("rms_norm_eps", config.get("layer_norm_eps", 1e-5)))
     weight_map = _weight_map(folder)
     groups = list(_groups(weight_map))
-    headers = _headers(folder, weight_map)
-    sizes = {name: _count(shape) * size for name, (shape, size) in headers.items()}
-    shapes = {name: shape for name, (shape, _) in headers.items()}
+    entries = _index(folder, weight_map)
+    sizes = {name: entry.size for name, entry in entries.items()}
+    shapes = {name: list(entry.shape) for name, entry in entries.items()}
     width, kept = _kept_width(shapes, groups, layout, ratio, target_params, round_to)
+    largest = max(
+        sum(sizes[n] for n in _mlp_names(prefix, layout, weight_map)) for prefix, _ in groups[:-1]
+    )
     limit = max(sum(sizes[n] for n in names) for prefix, names in groups if prefix)
     rest = list(_batches(groups[-1][1], sizes, limit))
-    # A tensor outside the layers (an embedding) may alone outweigh a layer: then it is the largest.
-    largest = max([limit] + [sum(sizes[n] for n in batch) for batch in rest])
     shard_count = len(groups) - 1 + len(rest)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -282,23 +404,27 @@ def compress_checkpoint(
         reports: list[BlockReport] = []
         shard = 0
 
-        def write(tensors: dict[str, Tensor]) -> None:
+        def write(tensors: list[tuple[str, _Entry | Tensor]]) -> None:
             nonlocal shard
             shard += 1
             name = f"model-{shard:05d}-of-{shard_count:05d}.safetensors"
-            contiguous = {k: v.contiguous() for k, v in tensors.items()}
-            save_file(contiguous, str(staging / name), metadata={"format": "pt"})
-            new_map.update(dict.fromkeys(tensors, name))
+            _write(staging / name, tensors)
+            new_map.update((key, name) for key, _ in tensors)
 
         for prefix, names in groups:
             if not prefix:
                 for batch in rest:
-                    write(_read(folder, weight_map, batch))
+                    write([(name, entries[name]) for name in batch])
                 continue
-            tensors = {n[len(prefix) :]: t for n, t in _read(folder, weight_map, names).items()}
-            block = _mlp_block(tensors, layout, _ACTIVATIONS[act_name], eps)
+            read = _mlp_names(prefix, layout, weight_map) + _norm_names(prefix, layout, weight_map)
+            block = _mlp_block(
+                {n[len(prefix) :]: _load(entries[n]) for n in read}, layout, _ACTIVATIONS[act_name], eps
+            )
             ffn_options = FFNOptions(1 - kept / width, method=method, extra=options)
-            reports.append(compress_block(block, layout.spec, ffn_options, name=prefix[:-1]))
+            # The block's tensors are ours alone: the compressed weights may overwrite them.
+            reports.append(
+                compress_block(block, layout.spec, ffn_options, name=prefix[:-1], in_place=True)
+            )
             biased = layout.bias_field is not None and has_bias(block, layout.spec)
             if biased and not config.get(layout.bias_field):
                 if len(reports) > 1:  # earlier layers were written without MLP biases
@@ -307,11 +433,14 @@ def compress_checkpoint(
             if biased:
                 add_zero_biases(block, layout.spec)
             mlp = {getattr(layout.spec, a) for a in ("up", "down", "gate") if getattr(layout.spec, a)}
-            for key, value in block.state_dict().items():
-                if key in tensors or key.rpartition(".")[0] in mlp:
-                    tensors[key] = value.detach()
-            write({prefix + k: v for k, v in tensors.items()})
-            del tensors, block
+            compressed = {
+                prefix + key: value.detach()
+                for key, value in block.state_dict().items()
+                if key.rpartition(".")[0] in mlp
+            }
+            copied = [(n, entries[n]) for n in names if n not in compressed]
+            write(copied + list(compressed.items()))
+            del block, compressed
             gc.collect()  # traced GraphModules hold reference cycles: free each layer's now
         config[layout.width_field] = reports[0].width_after
         (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")

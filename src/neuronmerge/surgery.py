@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import fx, nn
@@ -38,11 +38,25 @@ from neuronmerge.decompose import Decomposition
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.types import ConsumerSlice, Group, ParamSlice
 
+#: Per decomposition (by id, within one ``apply``): its merged channels, their targets and scales.
+_Merges = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def _merges_of(dec: Decomposition, cache: _Merges) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``dec``'s merged channels with their targets and scales, computed once per decomposition (a
+    residual stream's is read by every layer adding into it)."""
+    found = cache.get(id(dec))
+    if found is None:
+        merged = dec.merged()
+        found = cache[id(dec)] = (merged, dec.target[merged], dec.scale[merged])
+    return found
+
 
 def _resized_weight(
     weight: torch.Tensor,
     rows: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
+    cache: _Merges,
 ) -> torch.Tensor:
     """``weight`` with output rows ``rows`` and its input axis (dim 1) merged by each slice's Z.
 
@@ -65,19 +79,26 @@ def _resized_weight(
         start, per = piece.offset // group, piece.block // group
         if start < cursor:
             raise RuntimeError("overlapping channel slices on one consumer")
-        columns.append(torch.arange(cursor, start))
+        if start > cursor:
+            columns.append(torch.arange(cursor, start))
         written += start - cursor
-        within = torch.arange(per)
-        columns.append((start + dec.kept[:, None] * per + within).flatten())
-        merged = dec.merged()
-        if merged.numel():
-            source = (start + merged[:, None] * per + within).flatten()
-            target = (written + dec.target[merged][:, None] * per + within).flatten()
-            merges.append((source, target, dec.scale[merged].repeat_interleave(per)))
+        merged, target, scale = _merges_of(dec, cache)
+        if per == 1:  # one index per channel (the common case): the decomposition's own indices
+            columns.append(dec.kept + start if start else dec.kept)
+            if merged.numel():
+                merges.append((merged + start, target + written, scale))
+        else:
+            within = torch.arange(per)
+            columns.append((start + dec.kept[:, None] * per + within).flatten())
+            if merged.numel():
+                source = (start + merged[:, None] * per + within).flatten()
+                spread = (written + target[:, None] * per + within).flatten()
+                merges.append((source, spread, scale.repeat_interleave(per)))
         written += dec.kept.shape[0] * per
         cursor = start + dec.channels * per
-    columns.append(torch.arange(cursor, width // group))
-    keep = torch.cat(columns)
+    if cursor < width // group:
+        columns.append(torch.arange(cursor, width // group))
+    keep = columns[0] if len(columns) == 1 else torch.cat(columns)
 
     def gather(cols: torch.Tensor) -> torch.Tensor:
         return grouped.index_select(1, cols) if rows is None else grouped[rows[:, None], cols]
@@ -162,38 +183,93 @@ def _put(module: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[name] = value
 
 
+#: Bytes of new weight rows built at once when a layer is resized over its own memory.
+_IN_PLACE_BLOCK_BYTES = 8 * 2**20
+
+#: Builds the new weight's rows for some of the old weight's rows, and the constant those output
+#: rows gain (``None``: none).
+RowBuilder = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def _over_itself(
+    weight: torch.Tensor, kept: torch.Tensor | None, build: RowBuilder
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``build`` applied to all output rows, a block of rows at a time, each block written over
+    ``weight``'s own memory: no second weight-sized tensor ever exists (``apply``'s ``in_place``).
+
+    Safe because the output rows are the old rows ``kept`` (increasing, so old row ``kept[i] >= i``)
+    and no longer than the old ones: block ``i..j`` lands in the memory of old rows up to ``j``, whose
+    unread successors start after it. Returns ``None`` (nothing written) where that does not hold.
+    """
+    if not weight.is_contiguous():
+        return None
+    rows = torch.arange(weight.shape[0]) if kept is None else kept
+    flat = weight.view(-1)
+    old_row = flat.shape[0] // max(1, weight.shape[0])
+    step = max(1, _IN_PLACE_BLOCK_BYTES // max(1, old_row * weight.element_size()))
+    constants: list[torch.Tensor] = []
+    shape: tuple[int, ...] = ()
+    for start in range(0, rows.shape[0], step):
+        piece, constant = build(rows[start : start + step])
+        new_row = piece[0].numel()
+        if new_row > old_row:
+            assert start == 0, "rows of one layer have one size"
+            return None
+        shape = tuple(piece.shape[1:])
+        flat[start * new_row : start * new_row + piece.numel()].copy_(piece.reshape(-1))
+        if constant is not None:
+            constants.append(constant)
+    new_row = 1
+    for size in shape:
+        new_row *= size
+    new = flat[: rows.shape[0] * new_row].view(rows.shape[0], *shape)
+    return new, (torch.cat(constants) if constants else None)
+
+
 def _resized_layer(
     module: nn.Module,
     kept: torch.Tensor | None,
     slices: list[tuple[ConsumerSlice, Decomposition]],
+    cache: _Merges,
+    in_place: bool = False,
 ) -> tuple[nn.Module, torch.Tensor | None]:
     """A new layer: output rows ``kept`` and input columns mixed per ``slices``.
 
     Also returns the constant its outputs must gain (from the slices' shifts) when the layer has no
-    bias to put it in; ``apply`` finds it a place.
+    bias to put it in; ``apply`` finds it a place. ``in_place``: the new weight is written over the
+    old one's memory where it can be (``_over_itself``), which the old layer cannot use afterwards.
     """
     assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
     new = structural_copy(module)
     constant = None
-    with torch.no_grad():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices:
-            weight = module.weight.detach()
-            (_, dec), *others = slices
-            assert not others, "a grouped conv reads one group"
-            weight, constant = _grouped_columns(
-                weight if kept is None else weight[kept], module.groups, dec
-            )
-        elif any(dec.mixing is not None or dec.shift is not None for _, dec in slices):
-            weight = module.weight.detach()
-            weight, constant = _mix_columns(weight if kept is None else weight[kept], slices)
-        else:  # one-positive-entry Z: the single gather of ``_resized_weight``
-            weight = _resized_weight(module.weight.detach(), kept, slices)
-        if module.bias is not None and (kept is not None or constant is not None):
-            bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
-            if constant is not None:
-                bias, constant = bias + constant, None
-            _put(new, "bias", _parameter(module.bias, bias))
-        _put(new, "weight", _parameter(module.weight, weight))
+    old = module.weight.detach()
+    mixed = any(dec.mixing is not None or dec.shift is not None for _, dec in slices)
+    build: RowBuilder
+    if mixed:
+        build = lambda rows: _mix_columns(old.index_select(0, rows), slices)  # noqa: E731
+    elif slices:
+        build = lambda rows: (_resized_weight(old, rows, slices, cache), None)  # noqa: E731
+    else:
+        build = lambda rows: (old.index_select(0, rows), None)  # noqa: E731
+    grouped = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices
+    done = _over_itself(old, kept, build) if in_place and not grouped else None
+    if done is not None:
+        weight, constant = done
+    elif grouped:
+        assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+        (_, dec), *others = slices
+        assert not others, "a grouped conv reads one group"
+        weight, constant = _grouped_columns(old if kept is None else old[kept], module.groups, dec)
+    elif mixed:
+        weight, constant = _mix_columns(old if kept is None else old[kept], slices)
+    else:  # one-positive-entry Z: the single gather of ``_resized_weight``
+        weight = _resized_weight(old, kept, slices, cache)
+    if module.bias is not None and (kept is not None or constant is not None):
+        bias = module.bias.detach() if kept is None else module.bias.detach()[kept]
+        if constant is not None:
+            bias, constant = bias + constant, None
+        _put(new, "bias", _parameter(module.bias, bias))
+    _put(new, "weight", _parameter(module.weight, weight))
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
@@ -218,44 +294,43 @@ def _resized_attention(
     weights = [wq[plan.qk], wk[plan.qk], wv[plan.v]]
     biases = [bq[plan.qk], bk[plan.qk], bv[plan.v]]
     packed = module._qkv_same_embed_dim
-    with torch.no_grad():
-        if slices:
-            (piece, dec), *others = slices
-            assert not others, "one tensor feeds the query, key and value"
-            read = 3 if packed else 1
-            stacked = torch.cat(weights[:read])
-            mixed, constant = _mix_columns(stacked, [(piece, dec)])
-            if constant is not None:
-                bias = torch.cat(biases[:read]) + constant
-                biases[:read] = list(bias.split([w.shape[0] for w in weights[:read]]))
-            weights[:read] = list(mixed.split([w.shape[0] for w in weights[:read]]))
-        if packed:
-            _put(new, "in_proj_weight", _parameter(module.in_proj_weight, torch.cat(weights)))
-        else:
-            for name, weight in zip(("q", "k", "v"), weights, strict=True):
-                _put(
-                    new,
-                    f"{name}_proj_weight",
-                    _parameter(getattr(module, f"{name}_proj_weight"), weight),
-                )
-        if module.in_proj_bias is not None:
-            _put(new, "in_proj_bias", _parameter(module.in_proj_bias, torch.cat(biases)))
-        for name, index in (("bias_k", plan.qk), ("bias_v", plan.v)):
-            old = getattr(module, name)
-            if old is not None:
-                _put(new, name, _parameter(old, old.detach()[..., index]))
-        out = module.out_proj
-        weight = out.weight.detach() if rows is None else out.weight.detach()[rows]
-        columns = weight[:, plan.v]
-        if plan.v_source.numel():
-            scaled = weight[:, plan.v_source] * plan.v_scale.to(weight.dtype)
-            columns.index_add_(1, plan.v_target, scaled)
-        projection = structural_copy(out)
-        assert isinstance(projection, nn.Linear)
-        _put(projection, "weight", _parameter(out.weight, columns))
-        if out.bias is not None and rows is not None:
-            _put(projection, "bias", _parameter(out.bias, out.bias.detach()[rows]))
-        projection.out_features, projection.in_features = columns.shape
+    if slices:
+        (piece, dec), *others = slices
+        assert not others, "one tensor feeds the query, key and value"
+        read = 3 if packed else 1
+        stacked = torch.cat(weights[:read])
+        mixed, constant = _mix_columns(stacked, [(piece, dec)])
+        if constant is not None:
+            bias = torch.cat(biases[:read]) + constant
+            biases[:read] = list(bias.split([w.shape[0] for w in weights[:read]]))
+        weights[:read] = list(mixed.split([w.shape[0] for w in weights[:read]]))
+    if packed:
+        _put(new, "in_proj_weight", _parameter(module.in_proj_weight, torch.cat(weights)))
+    else:
+        for name, weight in zip(("q", "k", "v"), weights, strict=True):
+            _put(
+                new,
+                f"{name}_proj_weight",
+                _parameter(getattr(module, f"{name}_proj_weight"), weight),
+            )
+    if module.in_proj_bias is not None:
+        _put(new, "in_proj_bias", _parameter(module.in_proj_bias, torch.cat(biases)))
+    for name, index in (("bias_k", plan.qk), ("bias_v", plan.v)):
+        old = getattr(module, name)
+        if old is not None:
+            _put(new, name, _parameter(old, old.detach()[..., index]))
+    out = module.out_proj
+    weight = out.weight.detach() if rows is None else out.weight.detach()[rows]
+    columns = weight[:, plan.v]
+    if plan.v_source.numel():
+        scaled = weight[:, plan.v_source] * plan.v_scale.to(weight.dtype)
+        columns.index_add_(1, plan.v_target, scaled)
+    projection = structural_copy(out)
+    assert isinstance(projection, nn.Linear)
+    _put(projection, "weight", _parameter(out.weight, columns))
+    if out.bias is not None and rows is not None:
+        _put(projection, "bias", _parameter(out.bias, out.bias.detach()[rows]))
+    projection.out_features, projection.in_features = columns.shape
     new._modules["out_proj"] = projection
     width = int(plan.qk.shape[0])
     new.embed_dim, new.num_heads, new.head_dim = width, plan.num_heads, width // plan.num_heads
@@ -300,6 +375,10 @@ def _kept_index(length: int, pieces: list[tuple[ParamSlice, torch.Tensor, int]])
     """Indices along an axis of ``length`` that survive: outside every piece all, inside a piece
     ``offset + kept*block ...`` (pieces of several groups can share a tensor: a BatchNorm after a
     concatenation)."""
+    if len(pieces) == 1:
+        piece, kept, channels = pieces[0]
+        if piece.offset == 0 and piece.block == 1 and channels == length:
+            return kept  # the whole axis is the group's: its kept channels (the common case)
     keep = torch.ones(length, dtype=torch.bool)
     for piece, kept, channels in pieces:
         within = torch.arange(piece.block)
@@ -329,11 +408,10 @@ def _channel_count(module: nn.Module) -> int:
 def _sliced_module(module: nn.Module, index: torch.Tensor) -> nn.Module:
     """A new per-channel module (BatchNorm, depthwise conv, LayerNorm, PReLU) keeping ``index``."""
     new = structural_copy(module)
-    with torch.no_grad():
-        for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
-            if tensor is None or tensor.dim() == 0 or name == "num_batches_tracked":
-                continue
-            _put(new, name, _sliced(tensor, 0, index))
+    for name, tensor in [*module._parameters.items(), *module._buffers.items()]:
+        if tensor is None or tensor.dim() == 0 or name == "num_batches_tracked":
+            continue
+        _put(new, name, _sliced(tensor, 0, index))
     kept = int(index.shape[0])
     if isinstance(new, nn.modules.batchnorm._BatchNorm):
         new.num_features = kept
@@ -355,10 +433,13 @@ def _install(graph_module: fx.GraphModule, name: str, module: nn.Module) -> list
     parent, _, leaf = name.rpartition(".")
     owner = graph_module.get_submodule(parent) if parent else graph_module
     old = getattr(owner, leaf)
-    shared = {id(t) for t in [*old.parameters(recurse=False), *old.buffers(recurse=False)]}
-    setattr(owner, leaf, module)
-    tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-    return [t for t in tensors if id(t) not in shared]
+    shared = {id(t) for t in [*old._parameters.values(), *old._buffers.values()] if t is not None}
+    if leaf in owner._modules:
+        owner._modules[leaf] = module  # what ``setattr`` does for a child module, without its checks
+    else:
+        setattr(owner, leaf, module)
+    tensors = [*module._parameters.values(), *module._buffers.values()]
+    return [t for t in tensors if t is not None and id(t) not in shared]
 
 
 def _patch_reshape(node: fx.Node, dim: int, delta: int) -> None:
@@ -396,18 +477,51 @@ def _patch_literal(node: fx.Node, key: str | int, element: int, delta: int) -> N
     node.args = tuple(args)
 
 
+def _shared_storages(graph_module: fx.GraphModule) -> set[int]:
+    """Storages that more than one parameter or buffer of ``graph_module`` uses (tied weights)."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    named = [
+        *graph_module.named_parameters(remove_duplicate=False),
+        *graph_module.named_buffers(remove_duplicate=False),
+    ]
+    for _, tensor in named:
+        pointer = tensor.untyped_storage().data_ptr()
+        (shared if pointer in seen else seen).add(pointer)
+    return shared
+
+
 def apply(
     graph_module: fx.GraphModule,
     groups: list[Group],
     decompositions: Mapping[str, GroupDecomposition],
+    in_place: bool = False,
 ) -> list[torch.Tensor]:
     """Replace every layer and parameter touched by ``groups`` in ``graph_module`` by a resized one.
 
     The generated code looks layers up by name when it runs, so it is regenerated (milliseconds of
     Python code generation) only when a literal size was rewritten.
 
+    ``in_place``: a resized Linear or conv weight is written over the old weight's memory (block by
+    block), so a layer never exists twice; the old tensors, shared with the traced model, are then
+    garbage. Only for a caller that owns the model and drops it (streaming a checkpoint); a weight
+    that two layers share is still copied.
+
     Returns the tensors of the new layers (``capture.detach`` moves them to the result as they are).
     """
+    # One no-grad region for all the layers (entering one per layer cost more than small layers'
+    # arithmetic): the new weights are plain tensors, wrapped as parameters afterwards.
+    with torch.no_grad():
+        return _apply(graph_module, groups, decompositions, in_place)
+
+
+def _apply(
+    graph_module: fx.GraphModule,
+    groups: list[Group],
+    decompositions: Mapping[str, GroupDecomposition],
+    in_place: bool,
+) -> list[torch.Tensor]:
+    """``apply`` inside its no-grad region."""
     slices: dict[str, list[tuple[ConsumerSlice, Decomposition]]] = defaultdict(list)
     kept_of: dict[str, torch.Tensor] = {}
     pieces: dict[tuple[str, str], list[tuple[ParamSlice, torch.Tensor, int]]] = defaultdict(list)
@@ -436,10 +550,14 @@ def apply(
         )
         owned += [*graph_module.get_submodule(f"{name}.out_proj").parameters(recurse=False)]
     constants: dict[str, torch.Tensor] = {}
+    shared = _shared_storages(graph_module) if in_place else set()
+    cache: _Merges = {}
     for name in dict.fromkeys([*kept_of, *slices]):
-        layer, constant = _resized_layer(
-            graph_module.get_submodule(name), kept_of.get(name), slices.get(name, [])
-        )
+        module = graph_module.get_submodule(name)
+        weight = module.weight
+        assert isinstance(weight, torch.Tensor)
+        own = in_place and weight.untyped_storage().data_ptr() not in shared
+        layer, constant = _resized_layer(module, kept_of.get(name), slices.get(name, []), cache, own)
         owned += _install(graph_module, name, layer)
         if constant is not None:
             constants[name] = constant
@@ -454,8 +572,7 @@ def apply(
         tensor = getattr(module, name)
         axis = parts[0][0].axis
         index = _kept_index(tensor.shape[axis], parts)
-        with torch.no_grad():
-            value = _sliced(tensor, axis, index)
+        value = _sliced(tensor, axis, index)
         _put(module, name, value)
         owned.append(value)
         if isinstance(module, nn.PReLU):

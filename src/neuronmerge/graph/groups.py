@@ -100,8 +100,10 @@ class GroupFinder:
         # resizing a layer that holds one would silently untie it, or change what the other use reads.
         self.owners: dict[int, list[str]] = {}
         for module_name, module in self.modules.items():
-            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
-                self.owners.setdefault(id(tensor), []).append(module_name)
+            for tensor in dict.fromkeys([*module._parameters.values(), *module._buffers.values()]):
+                if tensor is not None:
+                    self.owners.setdefault(id(tensor), []).append(module_name)
+        self.ops: dict[fx.Node, Op | None] = {}
         self.read_directly = {
             str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"
         }
@@ -171,7 +173,10 @@ class GroupFinder:
         return self.modules.get(str(node.target)) if node.op == "call_module" else None
 
     def _op(self, node: fx.Node) -> Op | None:
-        return lookup(node, self._module(node))
+        # Looked up once per node: a walk asks about the same nodes from every group they touch.
+        if node not in self.ops:
+            self.ops[node] = lookup(node, self._module(node))
+        return self.ops[node]
 
     def _is_depthwise(self, module: nn.Module | None) -> bool:
         return (
@@ -198,10 +203,9 @@ class GroupFinder:
             raise _Refusal(f"{name} is called {self.calls[name]} times (shared weights)")
         if parametrize.is_parametrized(module) or weight not in module._parameters:
             raise _Refusal(f"{name}.{weight} is computed (a parametrization or weight_norm hook)")
-        for key, tensor in [
-            *module.named_parameters(recurse=False),
-            *module.named_buffers(recurse=False),
-        ]:
+        for key, tensor in [*module._parameters.items(), *module._buffers.items()]:
+            if tensor is None:
+                continue
             others = [owner for owner in self.owners.get(id(tensor), []) if owner != name]
             if others:
                 raise _Refusal(f"{name}.{key} is shared with {others[0]} (tied weights)")

@@ -32,7 +32,13 @@ from torch import fx, nn
 
 from neuronmerge import attention, criteria
 from neuronmerge.attention import HeadPlan
-from neuronmerge.decompose import Decomposition, Rows, identity_on_kept, norm_ratio
+from neuronmerge.decompose import (
+    Decomposition,
+    Rows,
+    best_partners,
+    identity_on_kept,
+    norm_ratio,
+)
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition, Inputs, balanced_kept_count
 from neuronmerge.types import Group, Step
@@ -88,8 +94,16 @@ def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
 
 def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> torch.Tensor:
     """The ``keep`` channels of highest score on all of the group's rows."""
-    whole = rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1))
-    return criteria.select_kept(criteria.channel_scores(whole, criterion), keep)
+    if len(rows) == 1:
+        return criteria.select_kept(criteria.channel_scores(rows[0], criterion), keep)
+    # A norm of rows side by side is the norm of the roots' norms: no concatenated copy.
+    if criterion == "l1-norm":
+        scores = torch.stack([r.l1_norms() for r in rows]).sum(0)
+    elif criterion == "l2-norm":
+        scores = torch.linalg.vector_norm(torch.stack([r.l2_norms() for r in rows]), dim=0)
+    else:
+        scores = criteria.channel_scores(Rows(torch.cat([r.dense() for r in rows], 1)), criterion)
+    return criteria.select_kept(scores, keep)
 
 
 def pair(
@@ -106,21 +120,20 @@ def pair(
     removed = torch.nonzero(~is_kept).flatten()
     target = torch.full((n,), -1, dtype=torch.long)
     target[kept] = torch.arange(kept.shape[0])
-    dense = [r.dense() for r in rows]
-    root_norms = [torch.linalg.vector_norm(d, dim=1) for d in dense]
-    cosine = torch.zeros(removed.shape[0], kept.shape[0], dtype=dense[0].dtype)
+    dtype = rows[0].weight.dtype
+    root_norms = [r.l2_norms() for r in rows]
+    inverses = [torch.where(norm > 0, norm, 1).reciprocal() for norm in root_norms]
     dead = torch.zeros(kept.shape[0], dtype=torch.bool)
-    for d, norm in zip(dense, root_norms, strict=True):
-        unit = d / torch.where(norm > 0, norm, 1)[:, None]
-        cosine += unit[removed] @ unit[kept].T
+    for norm in root_norms:
         dead |= norm[kept] == 0
-    cosine /= len(dense)
-    best, choice = cosine.masked_fill_(dead, -torch.inf).max(dim=1)
+    # The mean cosine over the roots (``decompose.best_partners``: no normalised or concatenated
+    # copy of the rows, whose size is the MLP's for a gated one).
+    best, choice = best_partners(rows, removed, kept, inverses, dead)
     accept = torch.isfinite(best) if threshold is None else best >= threshold
     target[removed] = torch.where(accept, choice, -1)
     scales = []
     for norm in root_norms:
-        scale = torch.ones(n, dtype=dense[0].dtype)
+        scale = torch.ones(n, dtype=dtype)
         ratio = norm[removed] / torch.where(norm[kept] > 0, norm[kept], 1)[choice]
         scale[removed] = torch.where(accept, ratio, 0)
         scales.append(scale)
@@ -129,10 +142,11 @@ def pair(
 
 @dataclass
 class _Flow:
-    """How each channel relates to its partner at one tensor: ``x_i = s x_j + d``, valid or not."""
+    """How each channel relates to its partner at one tensor: ``x_i = s x_j + d``, valid or not
+    (``d`` is ``None`` where it is zero: most steps reset it, and a consumer then needs no shift)."""
 
     s: torch.Tensor
-    d: torch.Tensor
+    d: torch.Tensor | None
     valid: torch.Tensor
 
 
@@ -157,6 +171,13 @@ def _affine_params(
     return torch.ones(channels, 1, dtype=dtype), value
 
 
+def _sum(first: torch.Tensor | None, second: torch.Tensor | None, sign: float) -> torch.Tensor | None:
+    """``first + sign * second`` where ``None`` is zero."""
+    if second is None:
+        return first
+    return sign * second if first is None else first + sign * second
+
+
 def propagate(
     graph_module: fx.GraphModule,
     group: Group,
@@ -167,13 +188,12 @@ def propagate(
     """The Z of every consumed tensor, from partners and root scales (see the module docstring)."""
     n = group.channels
     dtype = scales[0].dtype
-    partner = torch.arange(n)
     merged = target >= 0
-    partner[merged] = kept[target[merged]]
+    partner: torch.Tensor | None = None  # each channel's kept partner (itself where unmerged)
     flows: dict[str, _Flow] = {}
     root_steps = [s for s in group.steps if s.kind == "root"]
     for step, root in zip(root_steps, group.roots, strict=True):
-        flows[step.node] = _Flow(scales[root].clone(), torch.zeros(n, dtype=dtype), merged.clone())
+        flows[step.node] = _Flow(scales[root], None, merged)
     for step in group.steps[len(root_steps) :]:
         inputs = [flows[name] for name in step.inputs if name in flows]
         first = inputs[0]
@@ -183,48 +203,51 @@ def propagate(
             flow = _Flow(first.s, first.d, first.valid & (first.s > 0))
         elif step.kind == "homogeneous":
             positive = first.s > 0
-            flow = _Flow(
-                first.s.clamp_min(0) ** step.degree, torch.zeros_like(first.d), first.valid & positive
-            )
+            s = first.s.clamp_min(0)
+            flow = _Flow(s if step.degree == 1 else s**step.degree, None, first.valid & positive)
         elif step.kind == "nonhomogeneous":
-            flow = _Flow(first.s, torch.zeros_like(first.d), first.valid)
+            flow = _Flow(first.s, None, first.valid)
         elif step.kind == "affine":
+            if partner is None:
+                partner = torch.arange(n)
+                partner[merged] = kept[target[merged]]
             kernel, bias = _affine_params(graph_module, step, n, dtype)
             own, other = kernel, kernel[partner]
             energy = other.square().sum(1)
             ratio = torch.where(energy > 0, (own * other).sum(1) / torch.where(energy > 0, energy, 1), 0)
             s = first.s * ratio
-            d = first.d * own.sum(1) + bias - s * bias[partner]
-            flow = _Flow(s, d, first.valid)
+            carried = bias if first.d is None else first.d * own.sum(1) + bias
+            flow = _Flow(s, carried - s * bias[partner], first.valid)
         elif step.kind == "add":
             second = inputs[1] if len(inputs) > 1 else first
-            sign = step.degree
-            flow = _Flow(first.s, first.d + sign * second.d, first.valid & second.valid)
+            flow = _Flow(first.s, _sum(first.d, second.d, step.degree), first.valid & second.valid)
         elif step.kind == "attention":
             # softmax(q k^T) v per head: a head is s times another where its queries and keys
             # equal the other's (scale 1) and its values are s times the other's.
             query, key, value = inputs
-            flow = _Flow(value.s, torch.zeros_like(value.d), query.valid & key.valid & value.valid)
+            flow = _Flow(value.s, None, query.valid & key.valid & value.valid)
         else:  # mul: a gate
             second = inputs[1] if len(inputs) > 1 else first
-            flow = _Flow(first.s * second.s, torch.zeros_like(first.d), first.valid & second.valid)
+            flow = _Flow(first.s * second.s, None, first.valid & second.valid)
         flows[step.node] = flow
     result: dict[str, Decomposition] = {}
+    positions = torch.arange(kept.shape[0])
     for consumer in group.consumers:
         if consumer.tensor in result:
             continue
         flow = flows[consumer.tensor]
         ok = flow.valid & merged
         at_target = torch.where(ok, target, -1)
-        at_target[kept] = torch.arange(kept.shape[0])
+        at_target[kept] = positions
         scale = torch.where(ok, flow.s, 0).to(dtype)
         scale[kept] = 1
-        shift = torch.where(ok, flow.d, 0)
-        shift[kept] = 0
-        has_shift = bool((shift != 0).any())
-        result[consumer.tensor] = Decomposition(
-            kept, at_target, scale, None, shift if has_shift else None
-        )
+        shift = None
+        if flow.d is not None:
+            shift = torch.where(ok, flow.d, 0)
+            shift[kept] = 0
+            if not bool((shift != 0).any()):
+                shift = None
+        result[consumer.tensor] = Decomposition(kept, at_target, scale, None, shift)
     return result
 
 
@@ -245,17 +268,22 @@ def select_and_pair(
     kept_parts, target_parts = [], []
     scale_parts: list[list[torch.Tensor]] = [[] for _ in rows]
     for index, span in enumerate(group.block_spans()):
-        sub = [_rows_in(r, span) for r in rows]
+        sub = rows if group.blocks == 1 else [_rows_in(r, span) for r in rows]
         kept = kept_channels(sub, options.criterion, per_block, group)
         if merge:
             target, scales = pair(sub, kept, options.threshold, options.criterion)
         else:
             identity = identity_on_kept(sub[0].weight.shape[0], kept, sub[0].weight.dtype)
             target, scales = identity.target, [identity.scale for _ in rows]
-        kept_parts.append(kept + span.start)
-        target_parts.append(torch.where(target >= 0, target + index * per_block, -1))
+        if index:  # a later block's channels and partners, as positions in the whole group
+            kept = kept + span.start
+            target = torch.where(target >= 0, target + index * per_block, -1)
+        kept_parts.append(kept)
+        target_parts.append(target)
         for part, scale in zip(scale_parts, scales, strict=True):
             part.append(scale)
+    if group.blocks == 1:
+        return kept_parts[0], target_parts[0], [part[0] for part in scale_parts]
     return (
         torch.cat(kept_parts),
         torch.cat(target_parts),
