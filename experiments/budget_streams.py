@@ -20,7 +20,7 @@ import torch
 from probe_files import probe_batches
 
 import neuronmerge as nm
-from neuronmerge import widths
+from neuronmerge import allocation_check, widths
 from neuronmerge.evaluate import accuracy
 from neuronmerge.lab.sweep import fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
@@ -42,8 +42,9 @@ def main() -> None:
             ("streams cut by their curve", "error", False),
             ("streams held", "error", True),
         ):
-            previous = widths.HOLD_STREAMS
+            previous = widths.HOLD_STREAMS, allocation_check.ENABLED
             widths.HOLD_STREAMS = hold
+            allocation_check.ENABLED = False  # the allocation alone
             try:
                 result = nm.compress(
                     model,
@@ -54,7 +55,7 @@ def main() -> None:
                     allocation=allocation,  # type: ignore[arg-type]
                 )
             finally:
-                widths.HOLD_STREAMS = previous
+                widths.HOLD_STREAMS, allocation_check.ENABLED = previous
             row = {
                 "kept": kept,
                 "setting": label,

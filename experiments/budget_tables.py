@@ -4,7 +4,8 @@
     python experiments/budget_tables.py --write    # replace them in README.md between the markers
 
 Reads ``experiments/budget_sweep.json`` (``budget_sweep.py``),
-``experiments/budget_validation.json`` (``budget_validation.py``) and
+``experiments/budget_validation.json`` (``budget_validation.py``),
+``experiments/budget_choice.json`` (``budget_choice.py``) and
 ``benchmarks/results/budget_latency.json`` (``benchmarks/budget_latency.py``).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "budget_sweep.json"
 VALIDATION = ROOT / "experiments" / "budget_validation.json"
+CHOICE = ROOT / "experiments" / "budget_choice.json"
 LATENCY = ROOT / "benchmarks" / "results" / "budget_latency.json"
 README = ROOT / "README.md"
 START, END = "<!-- budget-tables:start -->", "<!-- budget-tables:end -->"
@@ -74,11 +76,15 @@ def sweep_tables(sweep: dict[str, Any]) -> list[str]:
             "|---:|" + "---:|" * (len(header) + 3),
         ]
         for kept, _, _ in comparisons(result):
-            cells = [_accuracy(at, kept, m, a) for m in methods for a in ("uniform", "error")]
+            cells = [
+                _cell(_accuracy(at, kept, m, a)) + ("*" if a == "error" and _same(at, kept, m) else "")
+                for m in methods
+                for a in ("uniform", "error")
+            ]
             peer = _accuracy(at, kept, "torch-pruning-global", "global")
             lines.append(
                 f"| {kept:.0%} | "
-                + " | ".join(_cell(c) for c in cells)
+                + " | ".join(cells)
                 + f" | {_cell(peer)} | {_cell(_best(at, kept, methods, 'uniform'))} | "
                 f"**{_cell(_best(at, kept, methods, 'error'))}** |"
             )
@@ -90,6 +96,9 @@ def sweep_tables(sweep: dict[str, Any]) -> list[str]:
             f"{_misses(beats)} | {sum(d for _, d in beats) / max(1, len(beats)):+.2f} |"
         )
     return lines + [
+        "`*`: merge-ls kept the uniform widths (its check found the allocation no closer on the "
+        "probes).",
+        "",
         "Targets: best allocated >= best uniform, and >= Torch-Pruning global, at every parameter count "
         "(test accuracy; `yes` or the counts where missed with the difference, and the mean "
         "difference in points):",
@@ -123,6 +132,44 @@ def validation_table(validation: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _same(at: dict[tuple[float, str, str], dict[str, Any]], kept: float, method: str) -> bool:
+    """Whether merge-ls's allocated row has exactly its uniform row's widths (the check kept them)."""
+    error, uniform = at.get((kept, method, "error")), at.get((kept, method, "uniform"))
+    return (
+        method == "merge-ls"
+        and error is not None
+        and uniform is not None
+        and error.get("widths") == uniform.get("widths")
+    )
+
+
+def choice_table(choice: dict[str, Any]) -> list[str]:
+    """merge-ls's check against uniform widths on the probes, on the validation split: the chosen
+    rule beside each band alone and the other significance levels on the same candidates."""
+    rules, chosen = choice["summary"]["rules"], choice["summary"]["chosen"]
+    same = rules[chosen]
+    shown = [name for name in rules if "alone" in name] + [
+        name
+        for name, rule in rules.items()
+        if rule.get("measure") == same["measure"] and rule.get("candidates") == same["candidates"]
+    ]
+    lines = [
+        "merge-ls's check of its allocation against the uniform widths on the probes, chosen on the "
+        f"validation split (`experiments/budget_choice.py`, `.json`; {', '.join(choice['models'])}): "
+        "per rule, the validation accuracy of the widths it keeps minus uniform's, over every model "
+        "and parameter count (merge-ls only):",
+        "",
+        "| rule | mean gain | worst cell | cells below uniform |",
+        "|---|---:|---:|---|",
+    ]
+    for name in shown:
+        rule = rules[name]
+        below = ", ".join(rule["cells_below_uniform"]) or "none"
+        mark = " (chosen)" if name == chosen else ""
+        lines.append(f"| {name}{mark} | {rule['mean_gain']:+.3f} | {rule['worst']:+.2f} | {below} |")
+    return lines + [""]
+
+
 def _accuracy(
     at: dict[tuple[float, str, str], dict[str, Any]], kept: float, method: str, allocation: str
 ) -> float | None:
@@ -136,18 +183,35 @@ def _misses(diffs: list[tuple[float, float]]) -> str:
 
 
 def latency_table(latency: dict[str, Any]) -> list[str]:
+    load = latency.get("load_average")
     lines = [
-        "| model | target | allocation | params | MACs | latency batch 1 | latency batch 64 |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "Latency on this CPU (one thread; each compressed model timed against the original "
+        f"back to back in {latency.get('rounds', 15)} alternating rounds, the median ratio of "
+        "wall-clock time and of the thread's CPU time; "
+        "`benchmarks/results/budget_latency.json`"
+        + (
+            f"; load average {load['before'][0]:.1f} before, {load['after'][0]:.1f} after, on "
+            f"{latency['cpus']} cores shared with other jobs"
+            if load
+            else ""
+        )
+        + "):",
+        "",
+        "| model | target | allocation | params | MACs | latency batch 1 | latency batch 64 "
+        "| CPU time batch 1 | CPU time batch 64 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for result in latency["models"]:
         for key, row in result["rows"].items():
             if key == "original":
                 continue
+            step = row.get("round_to", 1)
             lines.append(
-                f"| {result['model']} | {row['target']:.0%} of {row['metric']} | {row['allocation']} | "
-                f"{row['params']:.2f} | {row['macs']:.2f} | {row['latency_batch1']:.2f} | "
-                f"{row['latency_batch64']:.2f} |"
+                f"| {result['model']} | {row['target']:.0%} of {row['metric']} | {row['allocation']}"
+                + (f", round_to {step}" if step > 1 else "")
+                + f" | {row['params']:.2f} | {row['macs']:.2f} | {row['latency_batch1']:.2f} | "
+                f"{row['latency_batch64']:.2f} | {_cell(row.get('cpu_batch1'))} | "
+                f"{_cell(row.get('cpu_batch64'))} |"
             )
     return lines + [""]
 
@@ -158,13 +222,10 @@ def tables() -> str:
         lines += sweep_tables(json.loads(SWEEP.read_text()))
     if VALIDATION.is_file():
         lines += validation_table(json.loads(VALIDATION.read_text()))
+    if CHOICE.is_file():
+        lines += choice_table(json.loads(CHOICE.read_text()))
     if LATENCY.is_file():
-        lines += [
-            "Latency on this CPU (one thread; medians of interleaved rounds, as ratios to the "
-            "original measured in the same run; `benchmarks/results/budget_latency.json`):",
-            "",
-            *latency_table(json.loads(LATENCY.read_text())),
-        ]
+        lines += latency_table(json.loads(LATENCY.read_text()))
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ import torch
 from probe_files import probe_batches
 
 import neuronmerge as nm
-from neuronmerge import budget, widths
+from neuronmerge import allocation_check, budget, widths
 from neuronmerge.evaluate import accuracy
 from neuronmerge.lab.sweep import fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
@@ -92,14 +92,16 @@ def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
 def _compress(
     model: Any, example: Any, options: dict[str, Any], least_squares: bool, band: float | None
 ) -> Any:
-    """``nm.compress`` with the allocation's two settings set for this call only."""
-    previous = budget.BAND, widths.LEAST_SQUARES_CURVES
+    """``nm.compress`` with the allocation's two settings set for this call only (and merge-ls's
+    check against uniform widths off: this measures the allocation alone)."""
+    previous = budget.BAND, widths.LEAST_SQUARES_CURVES, allocation_check.ENABLED
     budget.BAND = 1.0 if band is None else band
     widths.LEAST_SQUARES_CURVES = least_squares
+    allocation_check.ENABLED = False
     try:
         return nm.compress(model, example, **options)
     finally:
-        budget.BAND, widths.LEAST_SQUARES_CURVES = previous
+        budget.BAND, widths.LEAST_SQUARES_CURVES, allocation_check.ENABLED = previous
 
 
 def summary(models: dict[str, Any]) -> dict[str, Any]:

@@ -18,18 +18,16 @@ MODELS = ("lenet-300-100", "alexnet-fmnist", "vgg-fmnist", "resnet-fmnist")
 KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("merge", "prune", "merge-ls")
 #: (model, fraction kept) where the best allocated row is below the best uniform row, as measured:
-#: by at most 0.13 points on lenet-300-100 and alexnet-fmnist, where uniform widths are near the
-#: unpruned accuracy, and on the converged (6-epoch) vgg-fmnist and resnet-fmnist at 10% of the
-#: parameters by 8.37 and 8.18 points, and resnet-fmnist at 20% by 2.22.
+#: by at most 0.13 points, on lenet-300-100 and alexnet-fmnist, where uniform widths are near the
+#: unpruned accuracy and the probes (2,048 of them) find the allocation significantly closer. The
+#: converged BatchNorm nets' misses at 10-20% are gone: merge-ls keeps the uniform widths there
+#: when the probes do not find its allocation closer (``allocation_check``).
 MISSED_UNIFORM: set[tuple[str, float]] = {
     ("lenet-300-100", 0.4),
     ("lenet-300-100", 0.7),
     ("lenet-300-100", 0.8),
     ("alexnet-fmnist", 0.5),
     ("alexnet-fmnist", 0.9),
-    ("vgg-fmnist", 0.1),
-    ("resnet-fmnist", 0.1),
-    ("resnet-fmnist", 0.2),
 }
 #: (model, fraction kept) where the best allocated row is below Torch-Pruning's global pruning.
 MISSED_PEER: set[tuple[str, float]] = set()

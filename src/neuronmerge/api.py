@@ -8,18 +8,22 @@ finding the groups.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import torch
 from torch import fx, nn
 
-from neuronmerge import engine, lsq, widths
+from neuronmerge import allocation_check, engine, lsq, widths
 from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.evaluate import count_parameters
-from neuronmerge.methods.base import Inputs
+from neuronmerge.methods.base import GroupDecomposition, Inputs
+from neuronmerge.methods.base import Method as MethodObject
 from neuronmerge.methods.paper import PAPER_LAMBDA
 from neuronmerge.notices import warn_about_outcome
 from neuronmerge.options import DEFAULT_THRESHOLD, METHODS, Fidelity, Options
@@ -120,7 +124,8 @@ class Report:
     #: ``||small(x) - model(x)|| / ||model(x)||``. It measures everything the compression changed
     #: (non-duplicate neurons merged or dropped, and activations treated as homogeneous).
     output_error: float | None = None
-    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen.
+    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen
+    #: (``"uniform"`` also when ``merge-ls`` found the allocation no closer on the probes).
     target_params: float | None = None
     target_macs: float | None = None
     allocation: str | None = None
@@ -189,7 +194,10 @@ def compress(
     1% of the target: ``allocation="error"`` (default) removes channels where their merge residual
     (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
-    (see ``budget``); ``"uniform"`` removes one fraction from every group. ``ratios={"glob": r}``
+    (see ``budget``); ``merge-ls`` builds the uniform widths too, and keeps an allocation only when
+    its outputs on the probes are significantly closer to the model's (``allocation_check``; the
+    report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
+    every group. ``ratios={"glob": r}``
     fixes the fraction removed from groups with a matching producer (first match wins); the target
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
     ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
@@ -248,16 +256,30 @@ def _compress(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
         source = lsq.moment_source(gm, inputs[0], calibration, groups)
-    keep = widths.kept_counts(
-        gm, groups, inputs, ratio, options.budget, chosen, criterion=options.criterion, moments=source
-    )
-    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
     reference = engine.run(gm, inputs) if options.approximate else None
-    small = engine.surgery(gm, groups, decompositions, in_place)
-    if source is not None:
-        small = source.repair(small, groups, decompositions)
+    allocation: str | None = options.budget.allocation if targeted else None
+    probed = source.batches if isinstance(source, lsq.MeasuredMoments) else ()
+    if allocation == "error" and allocation_check.ENABLED and probed:
+        assert isinstance(source, lsq.MeasuredMoments)
+        small, decompositions, allocation = _checked_allocation(
+            gm, groups, inputs, options, chosen, source
+        )
+    else:
+        keep = widths.kept_counts(
+            gm,
+            groups,
+            inputs,
+            ratio,
+            options.budget,
+            chosen,
+            criterion=options.criterion,
+            moments=source,
+        )
+        small, decompositions = _build(
+            gm, groups, keep, options, inputs, source, chosen, in_place=in_place
+        )
     error = engine.verify(small, inputs, expected, reference)
 
     reports = []
@@ -293,7 +315,7 @@ def _compress(
         output_error=error,
         target_params=options.budget.amount if options.budget.metric == "params" else None,
         target_macs=options.budget.amount if options.budget.metric == "macs" else None,
-        allocation=options.budget.allocation if targeted else None,
+        allocation=allocation,
         ratios=options.budget.ratios,
     )
     # Under a target every group may take some width: the same outcome check as a nonzero ratio.
@@ -304,6 +326,68 @@ def _compress(
         report.skipped if announce else (),
     )
     return Result(small, report, tuple(groups))
+
+
+def _build(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    keep: Mapping[str, int],
+    options: Options,
+    inputs: tuple[torch.Tensor, ...],
+    source: lsq.MomentSource | None,
+    chosen: MethodObject,
+    *,
+    in_place: bool = False,
+) -> tuple[fx.GraphModule, dict[str, GroupDecomposition]]:
+    """Decompose, cut (``gm`` is changed; ``in_place``: see ``_compress``) and, for ``merge-ls``,
+    repair: the compressed graph."""
+    decompositions = engine.decompose(gm, groups, keep, options, Inputs(inputs, source), chosen)
+    small = engine.surgery(gm, groups, decompositions, in_place)
+    if source is not None:
+        small = source.repair(small, groups, decompositions)
+    return small, decompositions
+
+
+def _checked_allocation(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    inputs: tuple[torch.Tensor, ...],
+    options: Options,
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
+    """``merge-ls`` under a target: the uniform widths and the allocation at every band of
+    ``allocation_check.BANDS``, each built on a copy of ``gm``, and the one whose outputs on the
+    probes stay closest to the dense model's kept (an allocation only when significantly closer
+    than uniform; see ``allocation_check``). Returns the graph, its decompositions, and
+    ``"error"`` or ``"uniform"`` for the widths kept."""
+    uniform_request = dataclasses.replace(options.budget, allocation="uniform")
+    candidates = {"uniform": widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)}
+    for band in allocation_check.BANDS:
+        keep = widths.kept_counts(
+            gm,
+            groups,
+            inputs,
+            None,
+            options.budget,
+            chosen,
+            criterion=options.criterion,
+            moments=source,
+            band=band,
+        )
+        if keep not in candidates.values():
+            candidates[f"band {band}"] = keep
+    dense = allocation_check.outputs(gm, source.batches)
+    best: tuple[str, torch.Tensor, fx.GraphModule, dict[str, GroupDecomposition]] | None = None
+    uniform_errors = None
+    for label, keep in candidates.items():
+        built, decompositions = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
+        errors = allocation_check.probe_errors(allocation_check.outputs(built, source.batches), dense)
+        uniform_errors = errors if uniform_errors is None else uniform_errors
+        if best is None or allocation_check.replaces(uniform_errors, best[1], errors):
+            best = (label, errors, built, decompositions)
+    assert best is not None
+    return best[2], best[3], "uniform" if best[0] == "uniform" else "error"
 
 
 def merge(

@@ -126,6 +126,7 @@ def kept_counts(
     *,
     criterion: str = "l1-norm",
     moments: MomentSource | None = None,
+    band: float | None = None,
 ) -> dict[str, int]:
     """How many channels every group keeps.
 
@@ -134,7 +135,8 @@ def kept_counts(
     with an explicit ratio keep that width, groups ``costs`` cannot model (``costed``) keep all
     their channels, and the others get the widths ``budget`` allocates, from their merge
     residual on the weights, or, given ``merge-ls``'s ``moments`` source, from its least-squares
-    residual on them (``least_squares_curves``). Raises
+    residual on them (``least_squares_curves``), each within ``band`` of the uniform widths
+    (default ``budget.BAND``). Raises
     ``InvalidArgumentError`` when a group would keep no channel or the target is out of reach.
     """
     shares: dict[str, float] = {}
@@ -181,6 +183,9 @@ def kept_counts(
         held = HOLD_STREAMS and group.pattern == "residual"
         budgets.append(budget.GroupBudget(group.name, group.channels, curve, 1, group.channels, held))
     what = "parameters" if request.metric == "params" else "MACs per example"
-    choose = budget.allocate if request.allocation == "error" else budget.uniform
-    kept = choose(budgets, terms, request.absolute(whole_model), round_to=request.round_to, what=what)
+    target = request.absolute(whole_model)
+    if request.allocation == "error":
+        kept = budget.allocate(budgets, terms, target, round_to=request.round_to, what=what, band=band)
+    else:
+        kept = budget.uniform(budgets, terms, target, round_to=request.round_to, what=what)
     return {g.name: kept.get(g.name, g.channels) for g in groups}

@@ -1,0 +1,202 @@
+"""Choosing between allocations by the compressed model's fidelity on the probes, on the validation
+split; writes experiments/budget_choice.json (``allocation_check``'s settings).
+
+    python experiments/budget_choice.py [--models vgg-fmnist resnet-fmnist ...]
+
+The error curves rank groups by one layer's error only, so an allocation can lose to the uniform
+widths (on the converged BatchNorm nets at 10-20% of the parameters kept). A data-free check of the
+whole model is available to ``merge-ls``: its synthetic probes. For every model trained here and
+every fraction of parameters kept (0.1 ... 0.9), ``merge-ls`` (on its probes) compresses with
+uniform widths and with the allocation alone at every trust band of ``BANDS``
+(``allocation_check.ENABLED`` off); each result is scored on the 5,000 validation images held out
+of the training split, and by how far its outputs on the probes are from the dense model's, per
+probe (``FIDELITY``: squared logit error over the dense logits' spread, KL divergence of the
+softmax, top-1 disagreement), with the paired t statistic of each against uniform (``t_*``).
+``summary`` scores every rule "among these candidates, the one with the lowest mean error, an
+allocation only when its t against uniform exceeds z": the validation accuracy of its pick minus
+uniform's, in every cell; ``chosen`` is the rule with the largest mean gain. The test split is
+never read here. Torch runs on one thread (a shared machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from probe_files import probe_batches
+from torch import nn
+
+import neuronmerge as nm
+from neuronmerge import allocation_check, budget
+from neuronmerge.evaluate import accuracy
+from neuronmerge.lab.sweep import fashion_mnist_eval_data
+from neuronmerge.lab.training import trained_model
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "budget_choice.json"
+MODELS = ("vgg-fmnist", "resnet-fmnist", "lenet-300-100", "alexnet-fmnist")
+KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+BANDS = (0.1, 0.2, 0.3, 0.5)
+FIDELITY = ("mse", "kl", "disagreement")
+SIGNIFICANCE = (0.0, 0.5, 1.0, 1.5, 2.0)
+#: Candidate sets the rules choose among (``uniform`` and bands).
+CANDIDATES = (
+    ("uniform", "0.2"),
+    ("uniform", "0.1", "0.2"),
+    ("uniform", "0.2", "0.3"),
+    ("uniform", "0.1", "0.2", "0.3"),
+    ("uniform", "0.1", "0.2", "0.3", "0.5"),
+)
+
+
+@torch.no_grad()
+def per_probe(
+    small: nn.Module, dense_logits: torch.Tensor, probes: list[Any]
+) -> dict[str, torch.Tensor]:
+    """Per probe: squared logit error (over the dense logits' variance) and KL divergence."""
+    out = torch.cat([small(*batch) for batch in probes]).double()
+    ref = dense_logits
+    scale = (ref - ref.mean(0)).square().sum(1).mean()
+    kl = (ref.softmax(1) * (ref.log_softmax(1) - out.log_softmax(1))).sum(1)
+    return {
+        "mse": (out - ref).square().sum(1) / scale,
+        "kl": kl,
+        "disagreement": (out.argmax(1) != ref.argmax(1)).double(),
+    }
+
+
+def paired_t(baseline: torch.Tensor, candidate: torch.Tensor) -> float:
+    """How many standard errors ``candidate``'s mean per-probe error is below ``baseline``'s."""
+    d = baseline - candidate
+    se = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else 0.0
+    return 0.0 if se == 0 else float(d.mean()) / se
+
+
+def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
+    model, info = trained_model(name, progress=False)
+    example = data.test[0][:2]
+    rows: list[dict[str, Any]] = []
+    outcome = {"model": name, "epochs": info["epochs"], "rows": rows}
+    probes = probe_batches(name, model, example)
+    with torch.no_grad():
+        dense = torch.cat([model(*batch) for batch in probes]).double()
+    for kept in KEPT:
+        errors: dict[str, dict[str, torch.Tensor]] = {}
+        for label in ("uniform", *map(str, BANDS)):
+            previous = budget.BAND, allocation_check.ENABLED
+            budget.BAND = 1.0 if label == "uniform" else float(label)
+            allocation_check.ENABLED = False  # each candidate alone
+            started = time.perf_counter()
+            try:
+                result = nm.compress(
+                    model,
+                    example,
+                    target_params=kept,
+                    method="merge-ls",
+                    calibration=probes,
+                    allocation="uniform" if label == "uniform" else "error",
+                )
+            finally:
+                budget.BAND, allocation_check.ENABLED = previous
+            errors[label] = per_probe(result.model, dense, probes)
+            row = {
+                "kept": kept,
+                "candidate": label,
+                "val_accuracy": round(accuracy(result.model, *data.val), 2),
+                **{k: round(float(v.mean()), 6) for k, v in errors[label].items()},
+                **{
+                    f"t_{k}": round(paired_t(errors["uniform"][k], v), 3)
+                    for k, v in errors[label].items()
+                },
+                "widths": [s.kept for s in result.report.sites],
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            rows.append(row)
+            save(outcome)
+            print(name, kept, {k: v for k, v in row.items() if k != "widths"}, flush=True)
+    return outcome
+
+
+def choose(cell: dict[str, Any], candidates: tuple[str, ...], measure: str, z: float) -> str:
+    """The candidate with the lowest mean ``measure`` among uniform and those whose per-probe
+    error is below uniform's by more than ``z`` standard errors (paired)."""
+    allowed = [c for c in candidates if c == "uniform" or cell[c][f"t_{measure}"] > z]
+    return min(allowed, key=lambda c: (cell[c][measure], c != "uniform"))
+
+
+def summary(models: dict[str, Any]) -> dict[str, Any]:
+    """Per (fidelity measure, candidate set): validation accuracy of the candidate with the best
+    fidelity, minus uniform's, in every cell."""
+    rules: dict[str, Any] = {}
+    for measure in FIDELITY:
+        for z in SIGNIFICANCE:
+            for candidates in CANDIDATES:
+                gains = []
+                for name, result in models.items():
+                    for kept in KEPT:
+                        cell = {r["candidate"]: r for r in result["rows"] if r["kept"] == kept}
+                        if not all(c in cell for c in candidates):
+                            continue
+                        pick = choose(cell, candidates, measure, z)
+                        gain = cell[pick]["val_accuracy"] - cell["uniform"]["val_accuracy"]
+                        gains.append((name, kept, round(gain, 2)))
+                if not gains:
+                    continue
+                rules[f"{measure} z {z} among {'/'.join(candidates)}"] = {
+                    "measure": measure,
+                    "z": z,
+                    "candidates": list(candidates),
+                    "mean_gain": round(sum(g for *_, g in gains) / len(gains), 3),
+                    "worst": min(g for *_, g in gains),
+                    "cells_below_uniform": [f"{n} {k:.0%}: {g:+.2f}" for n, k, g in gains if g < 0],
+                    "cells": len(gains),
+                }
+    for band in BANDS:  # the allocation alone, for reference
+        gains = []
+        for name, result in models.items():
+            for kept in KEPT:
+                cell = {r["candidate"]: r for r in result["rows"] if r["kept"] == kept}
+                if "uniform" in cell and str(band) in cell:
+                    gains.append(
+                        (
+                            name,
+                            kept,
+                            round(cell[str(band)]["val_accuracy"] - cell["uniform"]["val_accuracy"], 2),
+                        )
+                    )
+        if gains:
+            rules[f"band {band} alone"] = {
+                "mean_gain": round(sum(g for *_, g in gains) / len(gains), 3),
+                "worst": min(g for *_, g in gains),
+                "cells_below_uniform": [f"{n} {k:.0%}: {g:+.2f}" for n, k, g in gains if g < 0],
+                "cells": len(gains),
+            }
+    scored = [name for name, rule in rules.items() if "measure" in rule]
+    chosen = max(scored, key=lambda name: rules[name]["mean_gain"], default=None)
+    return {"rules": rules, "chosen": chosen}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--out", type=Path, default=OUT)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data = fashion_mnist_eval_data()
+    outcome: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {"models": {}}
+
+    def save(result: dict[str, Any]) -> None:
+        outcome["models"][result["model"]] = result
+        outcome["summary"] = summary(outcome["models"])
+        args.out.write_text(json.dumps(outcome, indent=1) + "\n")
+
+    for name in args.models:
+        run_model(name, data, save)
+
+
+if __name__ == "__main__":
+    main()

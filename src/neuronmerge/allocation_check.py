@@ -1,0 +1,76 @@
+"""Whether allocated widths beat the uniform ones, judged on the whole model's outputs on the probes.
+
+The allocation (``budget``) ranks groups by one layer's error at a time; it does not see how errors
+compound through the layers after, so on some models and budgets (converged BatchNorm nets at
+10-20% of the parameters kept) it loses to uniform widths. ``merge-ls`` has a data-free way to look
+at the whole model: its synthetic probes (or the caller's calibration batches). So under a target it
+builds the uniform widths and the allocation at each trust band of ``BANDS``, runs every result on
+the probes, and keeps an allocation only when its outputs are closer to the dense model's than the
+uniform result's by more than ``SIGNIFICANCE`` standard errors of the per-probe difference (a paired
+test: with a hundred probes a small mean difference is noise); among those, the closest one.
+
+The error of one probe is the squared distance between the compressed and the dense model's outputs
+(all floating-point output tensors), over the dense outputs' mean squared spread around their mean:
+a scale-free output error, for any model. ``BANDS``, ``SIGNIFICANCE`` and the error measure were
+chosen on the validation split (``experiments/budget_choice.py``, ``.json``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+#: Whether ``merge-ls`` checks its allocation against the uniform widths on the probes (the
+#: validation experiments turn it off to measure the allocation alone).
+ENABLED = True
+#: The trust bands (``budget.allocate(band=)``) whose allocations compete with the uniform widths.
+BANDS = (0.1, 0.2)
+#: An allocation replaces the uniform widths only when its mean per-probe error is lower by more
+#: than this many standard errors of the paired differences.
+SIGNIFICANCE = 1.0
+
+
+def _per_sample(output: object, batch: int) -> torch.Tensor:
+    """Every floating-point tensor of ``output`` with a leading batch axis, as (batch, features)."""
+    if isinstance(output, torch.Tensor):
+        if output.is_floating_point() and output.dim() > 0 and output.shape[0] == batch:
+            return output.detach().reshape(batch, -1).double()
+        return torch.zeros(batch, 0, dtype=torch.float64)
+    if isinstance(output, dict):
+        output = list(output.values())
+    parts = [_per_sample(item, batch) for item in output] if isinstance(output, (tuple, list)) else []
+    return torch.cat(parts, 1) if parts else torch.zeros(batch, 0, dtype=torch.float64)
+
+
+@torch.no_grad()
+def outputs(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
+    """``model``'s outputs on every probe, one row per probe."""
+    return torch.cat([_per_sample(model(*batch), batch[0].shape[0]) for batch in batches])
+
+
+def probe_errors(produced: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per probe: ``|produced - reference|^2`` over the mean ``|reference - mean reference|^2``."""
+    spread = (reference - reference.mean(0)).square().sum(1).mean()
+    scale = spread if spread > 0 else torch.ones((), dtype=torch.float64)
+    return (produced - reference).square().sum(1) / scale
+
+
+def significance(baseline: torch.Tensor, candidate: torch.Tensor) -> float:
+    """How many standard errors ``candidate``'s mean error is below ``baseline``'s (paired)."""
+    difference = baseline - candidate
+    if difference.numel() < 2:
+        return 0.0
+    spread = float(difference.std()) / difference.numel() ** 0.5
+    if spread == 0:
+        return 0.0
+    return float(difference.mean()) / spread
+
+
+def replaces(uniform: torch.Tensor, incumbent: torch.Tensor, candidate: torch.Tensor) -> bool:
+    """Whether the candidate's per-probe errors beat the incumbent's (the best so far, uniform to
+    begin with): a lower mean, and below uniform's by more than ``SIGNIFICANCE`` standard errors."""
+    return significance(uniform, candidate) > SIGNIFICANCE and float(candidate.mean()) < float(
+        incumbent.mean()
+    )

@@ -1,0 +1,89 @@
+"""merge-ls under a target keeps an allocation only when the probes say it beats the uniform widths."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import neuronmerge as nm
+from neuronmerge import allocation_check, budget
+from neuronmerge.models import create_model
+
+G = torch.Generator().manual_seed(0)
+X = torch.randn(2, 1, 28, 28, generator=G)
+BATCHES = [(torch.randn(64, 1, 28, 28, generator=G),) for _ in range(4)]
+
+
+def test_an_allocation_must_beat_uniform_by_more_than_noise() -> None:
+    uniform = torch.rand(400, generator=G, dtype=torch.float64) + 1
+    clearly = uniform - 0.1  # lower on every probe
+    noise = torch.randn(400, generator=G, dtype=torch.float64)
+    noisy = uniform + 5 * (noise - noise.mean()) - 0.01  # lower on average, by 0.04 standard errors
+    assert float(noisy.mean()) < float(uniform.mean())
+    assert allocation_check.significance(uniform, clearly) > 1e6
+    assert allocation_check.replaces(uniform, uniform, clearly)
+    assert abs(allocation_check.significance(uniform, noisy)) < 1
+    assert not allocation_check.replaces(uniform, uniform, noisy)
+    # Significantly better than uniform, but not better than the best so far.
+    assert not allocation_check.replaces(uniform, uniform - 0.2, clearly)
+
+
+def test_probe_errors_are_scale_free_per_probe() -> None:
+    reference = torch.randn(50, 10, generator=G, dtype=torch.float64)
+    produced = reference + 0.1 * torch.randn(50, 10, generator=G, dtype=torch.float64)
+    errors = allocation_check.probe_errors(produced, reference)
+    assert errors.shape == (50,)
+    assert torch.allclose(allocation_check.probe_errors(3 * produced, 3 * reference), errors)
+    assert float(allocation_check.probe_errors(reference, reference).abs().max()) == 0
+
+
+def _errors(model: torch.nn.Module, small: torch.nn.Module) -> torch.Tensor:
+    dense = allocation_check.outputs(model, BATCHES)
+    return allocation_check.probe_errors(allocation_check.outputs(small, BATCHES), dense)
+
+
+@pytest.fixture(scope="module")
+def lenet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_model("lenet-300-100").eval()
+
+
+def _compress(model: torch.nn.Module, allocation: str) -> nm.Result:
+    return nm.compress(
+        model,
+        X,
+        target_params=0.3,
+        method="merge-ls",
+        calibration=BATCHES,
+        allocation=allocation,  # type: ignore[arg-type]
+    )
+
+
+def test_merge_ls_keeps_the_widths_closest_on_the_probes(
+    lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uniform = _compress(lenet, "uniform")
+    assert uniform.report.allocation == "uniform"
+    uniform_widths = [s.kept for s in uniform.report.sites]
+    # Never trusted: the uniform widths, built exactly as allocation="uniform" builds them.
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", math.inf)
+    fallback = _compress(lenet, "error")
+    assert fallback.report.allocation == "uniform"
+    assert [s.kept for s in fallback.report.sites] == uniform_widths
+    assert torch.allclose(fallback.model(X), uniform.model(X))
+    # Always trusted when closer: the allocation with the lowest error on the probes, here not
+    # the uniform widths, and closer to the dense model than them.
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", -math.inf)
+    trusted = _compress(lenet, "error")
+    assert trusted.report.allocation == "error"
+    assert [s.kept for s in trusted.report.sites] != uniform_widths
+    closer = _errors(lenet, trusted.model)
+    assert float(closer.mean()) < float(_errors(lenet, uniform.model).mean())
+    # Each band alone: the chosen one is the closest of them.
+    monkeypatch.setattr(allocation_check, "ENABLED", False)
+    for band in allocation_check.BANDS:
+        monkeypatch.setattr(budget, "BAND", band)
+        alone = _compress(lenet, "error")
+        assert float(_errors(lenet, alone.model).mean()) >= float(closer.mean()) - 1e-12
