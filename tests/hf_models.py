@@ -36,3 +36,105 @@ def llama() -> tf.LlamaForCausalLM:
         eos_token_id=0,
     )
     return tf.LlamaForCausalLM(config).eval()
+
+
+#: Shared sizes of the architecture-zoo builders below (tests/test_hf_zoo.py).
+_LM = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 50,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+}
+
+
+def qwen2() -> tf.Qwen2ForCausalLM:
+    """Qwen2: LLaMA's gated SiLU MLP, but no config switch for MLP biases."""
+    return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_LM, num_key_value_heads=2)).eval()
+
+
+def gemma2() -> tf.Gemma2ForCausalLM:
+    """Gemma-2: gated tanh-GELU MLP read through ``pre_feedforward_layernorm``."""
+    return tf.Gemma2ForCausalLM(tf.Gemma2Config(**_LM, num_key_value_heads=2, head_dim=8)).eval()
+
+
+def gpt_neox() -> tf.GPTNeoXForCausalLM:
+    """GPT-NeoX (Pythia): ``dense_h_to_4h``/``dense_4h_to_h`` with biases, GELU, parallel residual."""
+    return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**_LM)).eval()
+
+
+def gptj() -> tf.GPTJForCausalLM:
+    """GPT-J: ``fc_in``/``fc_out``, width ``n_inner`` left at its default ``None`` (4 x 32)."""
+    config = tf.GPTJConfig(
+        n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=50, bos_token_id=0, eos_token_id=0
+    )
+    return tf.GPTJForCausalLM(config).eval()
+
+
+def distilbert() -> tf.DistilBertModel:
+    """DistilBERT: ``TransformerBlock`` with ``ffn.lin1``/``ffn.lin2``, width ``hidden_dim``."""
+    config = tf.DistilBertConfig(dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=50)
+    return tf.DistilBertModel(config).eval()
+
+
+def t5_encoder(gated: bool = False) -> tf.T5EncoderModel:
+    """T5's encoder: bias-free ReLU MLP ``wi``/``wo`` (``gated``: ``wi_0``, ``wi_1`` with GELU)."""
+    config = tf.T5Config(
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_heads=4,
+        vocab_size=50,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+    )
+    return tf.T5EncoderModel(config).eval()
+
+
+def t5() -> tf.T5Model:
+    """T5 encoder-decoder: its decoder blocks hold the MLP at ``layer.2`` (after cross-attention)."""
+    config = tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=50)
+    return tf.T5Model(config).eval()
+
+
+def siglip_vision() -> tf.SiglipVisionModel:
+    """SigLIP's vision tower: its pooling head has an MLP of width ``intermediate_size`` too."""
+    config = tf.SiglipVisionConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=8,
+    )
+    return tf.SiglipVisionModel(config).eval()
+
+
+def whisper_encoder() -> tf.WhisperForAudioClassification:
+    """Whisper's encoder (audio classifier): ``fc1``/``fc2``, width ``encoder_ffn_dim``."""
+    config = tf.WhisperConfig(
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        num_mel_bins=8,
+        max_source_positions=8,
+        vocab_size=50,
+    )
+    return tf.WhisperForAudioClassification(config).eval()
+
+
+def falcon() -> tf.FalconForCausalLM:
+    """Falcon: ``FalconLinear`` layers (an ``nn.Linear`` subclass), width ``ffn_hidden_size``."""
+    config = tf.FalconConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=50,
+        bias=True,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return tf.FalconForCausalLM(config).eval()

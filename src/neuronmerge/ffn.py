@@ -148,21 +148,24 @@ def neuron_cost(ffn: FeedForward) -> int:
 
 
 def _linear_of(module: nn.Module, spellings: Spellings) -> nn.Linear:
-    if isinstance(module, nn.Linear):
+    """``module`` as a plain ``nn.Linear``. A subclass of ``nn.Linear`` counts only when its
+    library's ``Spellings`` name it: fx traces into subclasses (their ``forward`` may differ, as a
+    LoRA or quantised layer's does), so an unnamed one is refused, not guessed."""
+    if type(module) is nn.Linear:
         return module
-    for kind, (to_linear, _) in spellings.linears.items():
-        if isinstance(module, kind):
-            return to_linear(module)
-    raise InvalidArgumentError(f"an MLP layer of unsupported kind {type(module).__name__}")
+    kind = spellings.linears.get(type(module))
+    if kind is None:
+        raise InvalidArgumentError(f"an MLP layer of unsupported kind {type(module).__name__}")
+    return kind[0](module)
 
 
 def _back(original: nn.Module, linear: nn.Linear, spellings: Spellings) -> nn.Module:
-    if isinstance(original, nn.Linear):
+    if type(original) is nn.Linear:
         return linear
-    for kind, (_, from_linear) in spellings.linears.items():
-        if isinstance(original, kind):
-            return from_linear(linear)
-    raise InvalidArgumentError(f"an MLP layer of unsupported kind {type(original).__name__}")
+    kind = spellings.linears.get(type(original))
+    if kind is None:
+        raise InvalidArgumentError(f"an MLP layer of unsupported kind {type(original).__name__}")
+    return kind[1](linear)
 
 
 def _set(root: nn.Module, path: str, module: nn.Module) -> None:

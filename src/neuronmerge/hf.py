@@ -3,7 +3,7 @@
 ``compress_pretrained(model, ratio)`` finds every transformer block by its class (one table row per
 block layout, every class name that shares the layout in that row), compresses each block's MLP with
 the engine through ``neuronmerge.ffn`` and writes the new width into the config field the class reads
-(``n_inner``, ``ffn_dim``, ``intermediate_size``). Every block keeps the same width, so
+(``n_inner``, ``ffn_dim``, ``intermediate_size``, ``d_ff``...). Every block keeps the same width, so
 ``save_pretrained`` then plain ``AutoModel.from_pretrained`` (no neuronmerge needed) rebuilds it.
 
 GPT-2's MLP layers are ``Conv1D``: ``x @ W + b`` with ``W`` stored as (in, out), the transpose of
@@ -15,9 +15,11 @@ Needs the optional extra: ``pip install 'neuronmerge[hf]'``.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from neuronmerge.errors import InvalidArgumentError, MissingDependencyError
@@ -25,6 +27,7 @@ from neuronmerge.ffn import (
     BlockReport,
     FFNOptions,
     FFNSpec,
+    LinearKind,
     Spellings,
     add_zero_biases,
     compress_ffns,
@@ -54,16 +57,71 @@ class BlockKind:
     attention: AttentionSpec | None = None
 
 
-#: Every supported block layout (paths relative to the block).
+_GATED = FFNSpec(
+    "mlp.up_proj", "mlp.down_proj", "mlp.act_fn", gate="mlp.gate_proj", norm="post_attention_layernorm"
+)
+_LLAMA_ATTENTION = AttentionSpec(
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+)
+
+#: Every supported block layout (paths relative to the block). A block matches a row when its class
+#: is listed there and every MLP path resolves in it (a class with two MLP layouts, as T5's plain and
+#: gated feed-forwards, has one row per layout). ``norm`` is what the MLP reads: parallel blocks
+#: (GPT-J, Phi, Cohere) feed attention and MLP the same ``input_layernorm``; post-norm blocks (OLMo-2)
+#: feed the MLP the raw residual stream (``None``).
 BLOCK_KINDS: tuple[BlockKind, ...] = (
-    BlockKind(("GPT2Block",), FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act", norm="ln_2"), "n_inner"),
+    BlockKind(
+        ("GPT2Block", "GPTBigCodeBlock"),
+        FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act", norm="ln_2"),
+        "n_inner",
+    ),
+    BlockKind(
+        ("GPTJBlock", "CodeGenBlock"),
+        FFNSpec("mlp.fc_in", "mlp.fc_out", "mlp.act", norm="ln_1"),
+        "n_inner",
+    ),
+    BlockKind(
+        ("Starcoder2DecoderLayer",),
+        FFNSpec("mlp.c_fc", "mlp.c_proj", "mlp.act", norm="post_attention_layernorm"),
+        "intermediate_size",
+    ),
+    BlockKind(
+        ("GPTNeoXLayer", "PersimmonDecoderLayer"),
+        FFNSpec("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp.act", norm="post_attention_layernorm"),
+        "intermediate_size",
+    ),
+    BlockKind(  # Falcon with parallel_attn=False: attention, then the MLP
+        ("FalconDecoderLayer",),
+        FFNSpec("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp.act", norm="post_attention_layernorm"),
+        "ffn_hidden_size",
+    ),
+    BlockKind(  # Falcon-40B style (new_decoder_architecture): the MLP has its own ln_mlp
+        ("FalconDecoderLayer",),
+        FFNSpec("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp.act", norm="ln_mlp"),
+        "ffn_hidden_size",
+    ),
+    BlockKind(  # Falcon-7B style: one input_layernorm feeds attention and MLP in parallel
+        ("FalconDecoderLayer",),
+        FFNSpec("mlp.dense_h_to_4h", "mlp.dense_4h_to_h", "mlp.act", norm="input_layernorm"),
+        "ffn_hidden_size",
+    ),
+    BlockKind(
+        ("PhiDecoderLayer",),
+        FFNSpec("mlp.fc1", "mlp.fc2", "mlp.activation_fn", norm="input_layernorm"),
+        "intermediate_size",
+    ),
     BlockKind(
         ("OPTDecoderLayer",),
         FFNSpec("fc1", "fc2", "activation_fn", norm="final_layer_norm"),
         "ffn_dim",
     ),
     BlockKind(
-        ("BertLayer",),
+        ("WhisperEncoderLayer",),
+        FFNSpec("fc1", "fc2", "activation_fn", norm="final_layer_norm"),
+        "encoder_ffn_dim",
+    ),
+    BlockKind(
+        ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer", "DebertaV2Layer"),
         FFNSpec(
             "intermediate.dense",
             "output.dense",
@@ -73,24 +131,92 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
         "intermediate_size",
     ),
     BlockKind(
-        ("ViTLayer",),
+        ("MPNetLayer",),
+        FFNSpec(
+            "intermediate.dense",
+            "output.dense",
+            "intermediate.intermediate_act_fn",
+            norm="attention.LayerNorm",
+        ),
+        "intermediate_size",
+    ),
+    BlockKind(
+        ("TransformerBlock",),  # DistilBERT
+        FFNSpec("ffn.lin1", "ffn.lin2", "ffn.activation", norm="sa_layer_norm"),
+        "hidden_dim",
+    ),
+    BlockKind(
+        ("ViTLayer", "DeiTLayer", "BeitLayer"),
         FFNSpec("mlp.fc1", "mlp.fc2", "mlp.activation_fn", norm="layernorm_after"),
         "intermediate_size",
     ),
     BlockKind(
-        ("LlamaDecoderLayer",),
+        ("CLIPEncoderLayer", "SiglipEncoderLayer"),
+        FFNSpec("mlp.fc1", "mlp.fc2", "mlp.activation_fn", norm="layer_norm2"),
+        "intermediate_size",
+    ),
+    BlockKind(
+        ("T5Block",),
+        FFNSpec(
+            "layer.1.DenseReluDense.wi",
+            "layer.1.DenseReluDense.wo",
+            "layer.1.DenseReluDense.act",
+            norm="layer.1.layer_norm",
+        ),
+        "d_ff",
+    ),
+    BlockKind(
+        ("T5Block",),
+        FFNSpec(
+            "layer.1.DenseReluDense.wi_1",
+            "layer.1.DenseReluDense.wo",
+            "layer.1.DenseReluDense.act",
+            gate="layer.1.DenseReluDense.wi_0",
+            norm="layer.1.layer_norm",
+        ),
+        "d_ff",
+    ),
+    BlockKind(
+        ("LlamaDecoderLayer", "GraniteDecoderLayer"),
+        _GATED,
+        "intermediate_size",
+        bias_field="mlp_bias",
+        attention=_LLAMA_ATTENTION,
+    ),
+    BlockKind(
+        (
+            "Qwen2DecoderLayer",
+            "Qwen3DecoderLayer",
+            "MistralDecoderLayer",
+            "GemmaDecoderLayer",
+            "StableLmDecoderLayer",
+            "OlmoDecoderLayer",
+        ),
+        _GATED,
+        "intermediate_size",
+    ),
+    BlockKind(
+        ("Gemma2DecoderLayer",),
         FFNSpec(
             "mlp.up_proj",
             "mlp.down_proj",
             "mlp.act_fn",
             gate="mlp.gate_proj",
-            norm="post_attention_layernorm",
+            norm="pre_feedforward_layernorm",
         ),
         "intermediate_size",
-        bias_field="mlp_bias",
-        attention=AttentionSpec(
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+    ),
+    BlockKind(
+        ("CohereDecoderLayer",),
+        FFNSpec(
+            "mlp.up_proj", "mlp.down_proj", "mlp.act_fn", gate="mlp.gate_proj", norm="input_layernorm"
         ),
+        "intermediate_size",
+    ),
+    BlockKind(
+        ("Olmo2DecoderLayer",),
+        FFNSpec("mlp.up_proj", "mlp.down_proj", "mlp.act_fn", gate="mlp.gate_proj"),
+        "intermediate_size",
     ),
 )
 
@@ -151,7 +277,7 @@ def _spellings() -> Spellings:
         return layer
 
     return Spellings(
-        linears={Conv1D: (to_linear, from_linear)},
+        linears={Conv1D: (to_linear, from_linear), **_plain_linears()},
         activations={
             activations.NewGELUActivation: nn.GELU(approximate="tanh"),
             activations.GELUTanh: nn.GELU(approximate="tanh"),
@@ -159,6 +285,29 @@ def _spellings() -> Spellings:
             activations.SiLUActivation: nn.SiLU(),
         },
     )
+
+
+def _plain_linears() -> dict[type, LinearKind]:
+    """transformers' subclasses of ``nn.Linear`` whose function is the plain ``x W^T + b`` (Falcon's
+    adds the bias outside ``F.linear``): the engine gets an ``nn.Linear`` with their parameters and
+    the block gets its own class back."""
+    from transformers.models.falcon.modeling_falcon import FalconLinear
+
+    def to_linear(layer: nn.Module) -> nn.Linear:
+        assert isinstance(layer, nn.Linear)
+        linear = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, "meta")
+        linear.weight, linear.bias = layer.weight, layer.bias
+        return linear
+
+    def back(cls: type[nn.Linear]) -> Callable[[nn.Linear], nn.Module]:
+        def from_linear(linear: nn.Linear) -> nn.Module:
+            layer = cls(linear.in_features, linear.out_features, linear.bias is not None, "meta")
+            layer.weight, layer.bias = linear.weight, linear.bias
+            return layer
+
+        return from_linear
+
+    return {cls: (to_linear, back(cls)) for cls in (FalconLinear,)}
 
 
 def _require_transformers() -> None:
@@ -170,19 +319,73 @@ def _require_transformers() -> None:
         ) from exc
 
 
+def _paths(spec: FFNSpec) -> tuple[str, ...]:
+    optional = tuple(p for p in (spec.gate, spec.norm) if p)
+    return (spec.up, spec.down, spec.act) + optional
+
+
+def _fits(block: nn.Module, kind: BlockKind) -> bool:
+    """Whether every MLP path of ``kind`` names a submodule of ``block``."""
+    names = {name for name, _ in block.named_modules()}
+    return all(path in names for path in _paths(kind.spec))
+
+
+def _kind_of(block: nn.Module) -> BlockKind | None:
+    """The row whose class list names ``block``'s class and whose paths all resolve in it, if any;
+    a known class whose MLP is elsewhere (a variant this table lacks) is refused with the paths."""
+    cls = type(block).__name__
+    rows = [kind for kind in BLOCK_KINDS if cls in kind.classes]
+    for kind in rows:
+        if _fits(block, kind):
+            return kind
+    if rows:
+        expected = " or ".join(f"({', '.join(_paths(k.spec))})" for k in rows)
+        raise InvalidArgumentError(
+            f"{cls}: its MLP is not where this adapter expects it: no submodules {expected}"
+        )
+    return None
+
+
 def block_kind(model: nn.Module) -> tuple[BlockKind, list[tuple[str, nn.Module]]]:
     """The layout of ``model``'s blocks and the blocks in order; one clear error if none is known."""
-    found: dict[str, tuple[BlockKind, list[tuple[str, nn.Module]]]] = {}
+    found: dict[BlockKind, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
-        cls = type(module).__name__
-        for kind in BLOCK_KINDS:
-            if cls in kind.classes:
-                found.setdefault(cls, (kind, []))[1].append((name, module))
+        kind = _kind_of(module)
+        if kind is not None:
+            found.setdefault(kind, []).append((name, module))
     if len(found) != 1:
-        known = ", ".join(c for k in BLOCK_KINDS for c in k.classes)
-        what = "no transformer block" if not found else f"several block classes {sorted(found)}"
+        known = ", ".join(dict.fromkeys(c for k in BLOCK_KINDS for c in k.classes))
+        classes = sorted({type(m).__name__ for blocks in found.values() for _, m in blocks})
+        what = "no transformer block" if not found else f"several block layouts {classes}"
         raise InvalidArgumentError(f"{type(model).__name__} has {what} this adapter knows ({known})")
-    return next(iter(found.values()))
+    return next(iter(found.items()))
+
+
+def _gained_bias(original: nn.Module, block: nn.Module, spec: FFNSpec) -> bool:
+    """Whether a compressed MLP layer of ``block`` has a bias where ``original``'s has none."""
+    paths = (spec.up, spec.down) + ((spec.gate,) if spec.gate else ())
+    bias = lambda b, p: getattr(b.get_submodule(p), "bias", None) is not None  # noqa: E731
+    return any(bias(block, p) and not bias(original, p) for p in paths)
+
+
+def _check_rebuilds(small: nn.Module, kind: BlockKind) -> None:
+    """Refuse a result that ``from_pretrained`` would not load: its class built from its new config
+    (on the meta device: shapes only, no memory) must have exactly its parameters and shapes. This
+    catches a width field also read outside the blocks (SigLIP's pooling head reads
+    ``intermediate_size`` too), which would otherwise reload with mismatched or dropped weights."""
+    with torch.device("meta"):
+        fresh = type(small)(copy.deepcopy(small.config))
+    want = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in small.state_dict().items()}
+    wrong = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if wrong:
+        raise InvalidArgumentError(
+            f"{type(small).__name__}: its config ({kind.width_field}) would rebuild "
+            f"{', '.join(f'{k} as {want.get(k)}' for k in wrong[:3])} where the compressed model "
+            f"has {', '.join(str(have.get(k)) for k in wrong[:3])} (a module outside the "
+            f"{'/'.join(kind.classes)} blocks reads the same field, or a layer changed in a way "
+            "the config cannot state), so from_pretrained would not load it"
+        )
 
 
 def compress_pretrained(
@@ -247,6 +450,13 @@ def compress_pretrained(
     reports = compress_ffns(blocks, kind.spec, ffn_options, _spellings(), inputs)
     width_before, width_after = reports[0].width_before, reports[0].width_after
     setattr(small.config, kind.width_field, width_after)
+    gained = [name for name, block in blocks if _gained_bias(originals[0][1], block, kind.spec)]
+    if gained and kind.bias_field is None:
+        raise InvalidArgumentError(
+            f"{'/'.join(kind.classes)}: method {method!r} gave the MLP of {gained[0]} a bias that "
+            "its config cannot state (no MLP bias switch), so from_pretrained would drop it; use "
+            "method='merge' or 'prune'"
+        )
     if kind.bias_field and any(has_bias(block, kind.spec) for _, block in blocks):
         for _, block in blocks:
             add_zero_biases(block, kind.spec)
@@ -254,4 +464,5 @@ def compress_pretrained(
     head_report = None
     if heads is not None and kind.attention is not None:
         head_report = compress_heads(blocks, kind.attention, small.config, heads, method != "prune")
+    _check_rebuilds(small, kind)
     return PretrainedResult(small, reports, kind.width_field, width_before, width_after, head_report)

@@ -1,0 +1,127 @@
+"""Hugging Face architectures beyond the first five (tiny configs, random weights, nothing downloaded):
+each block layout row of ``hf.BLOCK_KINDS`` gives the same class back, reloadable by plain
+transformers, and a model the adapter cannot express is refused with its reason, untouched."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.hf import compress_pretrained
+from tests import hf_models as zoo
+
+IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
+AUDIO = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
+PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+
+def _out(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(model, tf.WhisperForAudioClassification):
+            return model(AUDIO)[0]
+        if isinstance(model, tf.SiglipVisionModel):
+            return model(pixel_values=PIXELS)[0]
+        return model(IDS)[0]
+
+
+@pytest.mark.parametrize(
+    ("build", "field", "before", "method", "options"),
+    [
+        (zoo.qwen2, "intermediate_size", 64, "merge", {}),  # gated SiLU, like LLaMA
+        (zoo.gemma2, "intermediate_size", 64, "merge", {"approximate": True}),
+        (zoo.gpt_neox, "intermediate_size", 64, "merge-ls", {}),
+        (zoo.gptj, "n_inner", 128, "merge", {"approximate": True}),  # n_inner was None
+        (zoo.distilbert, "hidden_dim", 64, "merge-ls", {}),
+        (zoo.t5_encoder, "d_ff", 64, "merge", {}),  # bias-free ReLU
+        (lambda: zoo.t5_encoder(gated=True), "d_ff", 64, "merge", {"approximate": True}),
+        (zoo.whisper_encoder, "encoder_ffn_dim", 64, "merge-ls", {}),
+        (zoo.falcon, "ffn_hidden_size", 128, "merge-ls", {}),  # FalconLinear back in place
+    ],
+    ids=["qwen2", "gemma2", "gpt-neox", "gpt-j", "distilbert", "t5", "t5-gated", "whisper", "falcon"],
+)
+def test_more_layouts_come_back_as_the_same_class_and_reload(
+    build: Callable[[], torch.nn.Module],
+    field: str,
+    before: int,
+    method: str,
+    options: dict,
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = build()
+    original = copy.deepcopy(model.state_dict())
+    result = compress_pretrained(model, 0.5, method=method, **options)
+    small = result.model
+    assert type(small) is type(model) and len(result.blocks) == 2
+    assert (result.width_before, result.width_after) == (before, before // 2)
+    assert getattr(small.config, field) == before // 2
+    small.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert torch.allclose(_out(reloaded), _out(small), atol=1e-6)
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+    error = (_out(small) - _out(model)).norm() / _out(model).norm()
+    assert error < 0.8  # random weights: compressed, not broken (Gemma-2 renormalises the MLP)
+
+
+def test_t5_relu_planted_duplicates_merge_exactly_without_biases() -> None:
+    torch.manual_seed(0)
+    model = zoo.t5_encoder()
+    with torch.no_grad():
+        for block in model.encoder.block:
+            ffn = block.layer[1].DenseReluDense
+            scale = torch.rand(32, 1) * 0.5 + 0.25
+            ffn.wi.weight[32:] = scale * ffn.wi.weight[:32]
+            ffn.wi.weight[:32] *= 2  # the originals have the larger norms (kept by l1-norm)
+    result = compress_pretrained(model, 0.5, method="merge")
+    assert result.model.config.d_ff == 32
+    assert all(b.report.sites[0].merged == 32 for b in result.blocks)
+    assert torch.allclose(_out(result.model), _out(model), atol=1e-5)
+    pruned = compress_pretrained(model, 0.5, method="prune").model
+    assert not torch.allclose(_out(pruned), _out(model), atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("build", "method", "reason"),
+    [
+        # least squares adds a constant to down's bias; Qwen2's config has no switch to keep it
+        (zoo.qwen2, "merge-ls", "a bias that its config cannot state"),
+        # decoder blocks have their MLP at layer.2, after cross-attention
+        (zoo.t5, "merge", "T5Block: its MLP is not where this adapter expects it"),
+        # the pooling head's MLP reads intermediate_size as well
+        (zoo.siglip_vision, "merge-ls", r"head.mlp.fc1.bias as \(32,\).*would not load"),
+    ],
+    ids=["qwen2-merge-ls", "t5-decoder", "siglip-head"],
+)
+def test_what_the_config_cannot_express_is_refused_untouched(
+    build: Callable[[], torch.nn.Module], method: str, reason: str
+) -> None:
+    torch.manual_seed(0)
+    model = build()
+    original = copy.deepcopy(model.state_dict())
+    with pytest.raises(InvalidArgumentError, match=reason):
+        compress_pretrained(model, 0.5, method=method)
+    assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
+
+
+class _Doubled(torch.nn.Linear):
+    """A Linear subclass computing something else (as LoRA or quantised layers do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+def test_an_unknown_linear_subclass_is_refused_not_traced_through() -> None:
+    model = zoo.gpt_neox()
+    for layer in model.gpt_neox.layers:
+        old = layer.mlp.dense_h_to_4h
+        new = _Doubled(old.in_features, old.out_features)
+        new.load_state_dict(old.state_dict())
+        layer.mlp.dense_h_to_4h = new
+    with pytest.raises(InvalidArgumentError, match="unsupported kind _Doubled"):
+        compress_pretrained(model, 0.5, approximate=True)
