@@ -11,7 +11,7 @@ from torch import nn
 
 import neuronmerge as nm
 from neuronmerge import criteria
-from neuronmerge.decompose import norm_ratio
+from neuronmerge.decompose import Moments, least_squares, norm_ratio
 
 ROWS = torch.tensor(
     [
@@ -92,3 +92,21 @@ def test_every_criterion_runs_end_to_end(criterion: str) -> None:
 def test_default_threshold_is_the_validation_winner() -> None:
     record = Path(__file__).resolve().parents[1] / "experiments" / "threshold_validation.json"
     assert nm.DEFAULT_THRESHOLD == json.loads(record.read_text())["best_threshold"]
+
+
+def test_least_squares_through_the_origin_has_no_constants_and_fits_raw_moments() -> None:
+    # channel 2 = 2 * channel 0 + 1: with a constant the fit is exact (z = 2, m = 1); through the
+    # origin it is the hand-computed z = E[h2 h0] / E[h0^2] with no constant
+    h0 = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    h = torch.stack([h0, torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=torch.float64), 2 * h0 + 1], 1)
+    mean = h.mean(0)
+    moments = Moments(mean, (h - mean).T @ (h - mean) / 4, 4)
+    kept = torch.tensor([0, 1])
+    fitted = least_squares(moments, kept, 0.0)
+    assert fitted.shift is not None and torch.allclose(fitted.shift[2], torch.tensor(1.0).double())
+    assert torch.allclose(fitted.mixing[2], torch.tensor([2.0, 0.0]).double(), atol=1e-9)
+    origin = least_squares(moments, kept, 0.0, intercept=False)
+    assert origin.shift is None
+    raw = h.T @ h / 4
+    expected = raw[2, :2] @ torch.linalg.inv(raw[:2, :2])
+    assert torch.allclose(origin.mixing[2], expected, atol=1e-9)

@@ -34,6 +34,7 @@ def _out(model: torch.nn.Module) -> torch.Tensor:
     ("build", "field", "before", "method", "options"),
     [
         (zoo.qwen2, "intermediate_size", 64, "merge", {}),  # gated SiLU, like LLaMA
+        (zoo.qwen2, "intermediate_size", 64, "merge-ls", {}),  # no bias switch: through the origin
         (zoo.gemma2, "intermediate_size", 64, "merge", {"approximate": True}),
         (zoo.gpt_neox, "intermediate_size", 64, "merge-ls", {}),
         (zoo.gptj, "n_inner", 128, "merge", {"approximate": True}),  # n_inner was None
@@ -43,7 +44,18 @@ def _out(model: torch.nn.Module) -> torch.Tensor:
         (zoo.whisper_encoder, "encoder_ffn_dim", 64, "merge-ls", {}),
         (zoo.falcon, "ffn_hidden_size", 128, "merge-ls", {}),  # FalconLinear back in place
     ],
-    ids=["qwen2", "gemma2", "gpt-neox", "gpt-j", "distilbert", "t5", "t5-gated", "whisper", "falcon"],
+    ids=[
+        "qwen2",
+        "qwen2-ls",
+        "gemma2",
+        "gpt-neox",
+        "gpt-j",
+        "distilbert",
+        "t5",
+        "t5-gated",
+        "whisper",
+        "falcon",
+    ],
 )
 def test_more_layouts_come_back_as_the_same_class_and_reload(
     build: Callable[[], torch.nn.Module],
@@ -86,26 +98,46 @@ def test_t5_relu_planted_duplicates_merge_exactly_without_biases() -> None:
     assert not torch.allclose(_out(pruned), _out(model), atol=1e-3)
 
 
+def test_t5_planted_duplicates_merge_exactly_by_least_squares_through_the_origin(
+    tmp_path: Path,
+) -> None:
+    # T5's wo has no bias and its config no switch for one: merge-ls fits without constants
+    torch.manual_seed(0)
+    model = zoo.t5_encoder()
+    with torch.no_grad():
+        for block in model.encoder.block:
+            ffn = block.layer[1].DenseReluDense
+            ffn.wi.weight[32:] = (torch.rand(32, 1) * 0.5 + 0.25) * ffn.wi.weight[:32]
+    result = compress_pretrained(model, 0.5, method="merge-ls")
+    small = result.model
+    assert small.config.d_ff == 32
+    assert all(b.layer[1].DenseReluDense.wo.bias is None for b in small.encoder.block)
+    assert torch.allclose(_out(small), _out(model), atol=1e-5)
+    small.save_pretrained(tmp_path)
+    assert torch.equal(_out(type(small).from_pretrained(tmp_path).eval()), _out(small))
+
+
 @pytest.mark.parametrize(
-    ("build", "method", "reason"),
+    ("build", "options", "reason"),
     [
-        # least squares adds a constant to down's bias; Qwen2's config has no switch to keep it
-        (zoo.qwen2, "merge-ls", "a bias that its config cannot state"),
+        # asked to fit constants, least squares adds a bias Qwen2's config cannot keep
+        (zoo.qwen2, {"method": "merge-ls", "intercept": True}, "a bias that its config cannot"),
+        (zoo.qwen2, {"intercept": False}, "intercept=False applies to method='merge-ls' only"),
         # decoder blocks have their MLP at layer.2, after cross-attention
-        (zoo.t5, "merge", "T5Block: its MLP is not where this adapter expects it"),
+        (zoo.t5, {}, "T5Block: its MLP is not where this adapter expects it"),
         # the pooling head's MLP reads intermediate_size as well
-        (zoo.siglip_vision, "merge-ls", r"head.mlp.fc1.bias as \(32,\).*would not load"),
+        (zoo.siglip_vision, {"method": "merge-ls"}, r"fc1.bias as \(32,\).*would not load"),
     ],
-    ids=["qwen2-merge-ls", "t5-decoder", "siglip-head"],
+    ids=["qwen2-intercept", "intercept-merge", "t5-decoder", "siglip-head"],
 )
 def test_what_the_config_cannot_express_is_refused_untouched(
-    build: Callable[[], torch.nn.Module], method: str, reason: str
+    build: Callable[[], torch.nn.Module], options: dict, reason: str
 ) -> None:
     torch.manual_seed(0)
     model = build()
     original = copy.deepcopy(model.state_dict())
     with pytest.raises(InvalidArgumentError, match=reason):
-        compress_pretrained(model, 0.5, method=method)
+        compress_pretrained(model, 0.5, **options)
     assert all(torch.equal(original[k], v) for k, v in model.state_dict().items())
 
 

@@ -351,7 +351,17 @@ class Moments:
     count: int
 
 
-def least_squares(moments: Moments, kept: torch.Tensor, floor: float) -> Decomposition:
+def through_origin(moments: Moments) -> Moments:
+    """Moments whose least-squares fit has no constant: zero mean and the raw second moment
+    ``E[h h^T] = C + mu mu^T`` in place of the covariance, so ``least_squares`` minimises
+    ``E[(h_i - sum_j z_ij h_j)^2]``."""
+    raw = moments.cov + torch.outer(moments.mean, moments.mean)
+    return Moments(torch.zeros_like(moments.mean), raw, moments.count)
+
+
+def least_squares(
+    moments: Moments, kept: torch.Tensor, floor: float, intercept: bool = True
+) -> Decomposition:
     """Each removed channel as the least-squares linear combination of the kept ones, plus a constant.
 
     Minimises ``E[(h_i - sum_j z_ij h_j - m_i)^2]`` for every removed ``i`` over the kept ``j``:
@@ -360,7 +370,11 @@ def least_squares(moments: Moments, kept: torch.Tensor, floor: float) -> Decompo
     raises the eigenvalues of ``C[K, K]`` to at least ``floor`` times their mean, which keeps the solve
     stable when kept channels are nearly collinear or never active, and leaves a well-conditioned solve
     untouched, so a removed channel that is a multiple of a kept one is still reproduced exactly.
+    ``intercept=False`` fits through the origin (``through_origin``) and returns no constants at all,
+    so no consumer gains a bias.
     """
+    if not intercept:
+        moments = through_origin(moments)
     n = moments.mean.shape[0]
     base = identity_on_kept(n, kept, torch.float32)
     removed = _removed(n, kept)
@@ -376,4 +390,4 @@ def least_squares(moments: Moments, kept: torch.Tensor, floor: float) -> Decompo
     mixing[removed] = z_removed
     shift = torch.zeros(n, dtype=cov.dtype)
     shift[removed] = moments.mean[removed] - z_removed @ moments.mean[kept]
-    return Decomposition(base.kept, base.target, base.scale, mixing, shift)
+    return Decomposition(base.kept, base.target, base.scale, mixing, shift if intercept else None)

@@ -408,7 +408,9 @@ def compress_pretrained(
     ``method`` and ``options`` are those of ``nm.compress`` (e.g. ``approximate=True`` to merge
     through GELU/SiLU); ``method="merge-ls"`` is data-free here: its probes are what each MLP reads
     when a model that can generate runs on text it sampled itself (``generated``), else each block's
-    own normalisation applied to Gaussian noise. The caller's model is not modified.
+    own normalisation applied to Gaussian noise; where ``down`` has no bias and the config no switch
+    to give it one, the fit goes through the origin (``intercept=False``). The caller's model is not
+    modified.
     """
     _require_transformers()
     kind, originals = block_kind(model)
@@ -433,6 +435,10 @@ def compress_pretrained(
     )
     small = copy.deepcopy(model).eval()
     _, blocks = block_kind(small)
+    down = originals[0][1].get_submodule(kind.spec.down)
+    if method == "merge-ls" and kind.bias_field is None and getattr(down, "bias", None) is None:
+        # the fit's constants would need a bias in down that the config cannot state (Qwen2, T5)
+        options = {"intercept": False, **options}
     ffn_options = FFNOptions(1 - kept / width, method=method, extra=options)
     inputs = None
     if method == "merge-ls" and "calibration" not in options and _can_generate(small):

@@ -137,8 +137,11 @@ def decompositions(
     keep: dict[str, int],
     source: MomentSource,
     floor: float = FLOOR,
+    *,
+    intercept: bool = True,
 ) -> dict[str, GroupDecomposition]:
-    """The ``merge-ls`` decomposition of every group, from the moments ``source`` gives."""
+    """The ``merge-ls`` decomposition of every group, from the moments ``source`` gives
+    (``intercept``: see ``decompose.least_squares``)."""
     moments = source.moments(graph_module, groups)
     result: dict[str, GroupDecomposition] = {}
     for group in groups:
@@ -160,19 +163,23 @@ def decompositions(
             prune = decompose.identity_on_kept(group.channels, kept, torch.float32)
             result[group.name] = GroupDecomposition(kept, {t: prune for t in tensors}, 0, heads)
             continue
-        at = {t: _blockwise(moments[(group.name, t)], kept, spans, floor) for t in tensors}
+        at = {t: _blockwise(moments[(group.name, t)], kept, spans, floor, intercept) for t in tensors}
         merged = max(int(d.merged().shape[0]) for d in at.values())
         result[group.name] = GroupDecomposition(kept, at, merged, heads)
     return result
 
 
 def _blockwise(
-    moments: decompose.Moments, kept: torch.Tensor, spans: list[slice], floor: float
+    moments: decompose.Moments,
+    kept: torch.Tensor,
+    spans: list[slice],
+    floor: float,
+    intercept: bool = True,
 ) -> decompose.Decomposition:
     """``decompose.least_squares`` with every removed channel fitted on the kept ones of its own
     block only (one block: the plain fit)."""
     if len(spans) == 1:
-        return decompose.least_squares(moments, kept, floor)
+        return decompose.least_squares(moments, kept, floor, intercept)
     n, k = moments.mean.shape[0], kept.shape[0]
     mixing = torch.zeros(n, k, dtype=moments.cov.dtype)
     shift = torch.zeros(n, dtype=moments.cov.dtype)
@@ -180,13 +187,15 @@ def _blockwise(
     for index, span in enumerate(spans):
         local = kept[index * per_block : (index + 1) * per_block] - span.start
         sub = decompose.Moments(moments.mean[span], moments.cov[span, span], moments.count)
-        dec = decompose.least_squares(sub, local, floor)
+        dec = decompose.least_squares(sub, local, floor, intercept)
         columns = slice(index * per_block, (index + 1) * per_block)
         mixing[span, columns] = dec.matrix().to(mixing.dtype)
         if dec.shift is not None:
             shift[span] = dec.shift
     base = decompose.identity_on_kept(n, kept, torch.float32)
-    return decompose.Decomposition(base.kept, base.target, base.scale, mixing, shift)
+    return decompose.Decomposition(
+        base.kept, base.target, base.scale, mixing, shift if intercept else None
+    )
 
 
 def remeasure_batchnorm(

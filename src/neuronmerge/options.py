@@ -43,6 +43,9 @@ class Options:
     ``fidelity="paper"`` selects the paper's method (``methods.paper``) for ``merge`` and ``prune``;
     ``lam`` belongs to it. ``include``/``exclude`` are glob patterns on producer layer names.
     ``budget``: a parameter/MAC target, per-layer ratios, rounding and allocation (``budget.request``).
+    ``intercept`` (``merge-ls`` only): fit each removed channel with a constant, which goes into the
+    consumer's bias (a bias-free consumer gains one); ``False`` fits through the origin instead, for
+    models whose format cannot hold a new bias (Hugging Face configs without an MLP bias switch).
     """
 
     method: MethodName = "merge"
@@ -54,6 +57,7 @@ class Options:
     exclude: tuple[str, ...] | None = None
     approximate: bool = False
     budget: Request = Request()
+    intercept: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +66,8 @@ class Options:
             )
         if self.method == "merge-ls" and self.fidelity != "exact":
             raise InvalidArgumentError("method='merge-ls' has no paper fidelity")
+        if not self.intercept and self.method != "merge-ls":
+            raise InvalidArgumentError("intercept=False applies to method='merge-ls' only")
         if self.criterion not in criteria.CRITERIA:
             raise InvalidArgumentError(
                 f"unknown criterion {self.criterion!r}; choose one of {', '.join(criteria.CRITERIA)}"
@@ -95,6 +101,7 @@ class Options:
         ratios: Mapping[str, float] | None = None,
         round_to: int | None = None,
         allocation: str = "error",
+        intercept: bool = True,
     ) -> Options:
         """Options from loosely typed arguments (lists of patterns become tuples, the budget
         arguments a validated ``budget.Request``)."""
@@ -108,6 +115,7 @@ class Options:
             exclude=None if exclude is None else tuple(exclude),
             approximate=approximate,
             budget=budget_request(target_params, target_macs, ratios, round_to, allocation),
+            intercept=intercept,
         )
 
     def method_object(self) -> Method:

@@ -47,4 +47,6 @@ class LeastSquares:
     ) -> dict[str, GroupDecomposition]:
         if inputs.moments is None:
             raise InvalidArgumentError("merge-ls needs activation moments (calibration or probes)")
-        return lsq.decompositions(graph_module, list(groups), dict(keep), inputs.moments)
+        return lsq.decompositions(
+            graph_module, list(groups), dict(keep), inputs.moments, intercept=options.intercept
+        )
