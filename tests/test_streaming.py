@@ -19,14 +19,17 @@ from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExis
 from neuronmerge.ffn import FFNOptions, compress_ffns
 from neuronmerge.hf import block_kind, compress_pretrained
 from neuronmerge.streaming import compress_checkpoint
-from tests.hf_models import llama, opt
+from tests.hf_models import llama, opt, qwen2
 from tests.scripts import ROOT, load_script
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize("method", ["merge", "merge-ls"])
-@pytest.mark.parametrize(("build", "field"), [(opt, "ffn_dim"), (llama, "intermediate_size")])
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [(opt, "ffn_dim"), (llama, "intermediate_size"), (qwen2, "intermediate_size")],
+)
 def test_streamed_result_equals_the_in_memory_one_and_reloads(
     build, field: str, method: str, tmp_path: Path
 ) -> None:
@@ -44,10 +47,20 @@ def test_streamed_result_equals_the_in_memory_one_and_reloads(
     else:  # a streamed model cannot generate probes: both fit on each block's norm of noise
         in_memory = copy.deepcopy(model)
         kind, blocks = block_kind(in_memory)
-        compress_ffns(blocks, kind.spec, FFNOptions(0.5, method="merge-ls"), hf._spellings())
+        # Qwen2 has no MLP bias switch: both fit through the origin
+        extra = {"intercept": False} if build is qwen2 else {}
+        options = FFNOptions(0.5, method="merge-ls", extra=extra)
+        compress_ffns(blocks, kind.spec, options, hf._spellings())
     with torch.no_grad():
         # merge-ls probes pass through torch's RMSNorm here and LLaMA's own in memory: same function
         assert torch.allclose(streamed(IDS).logits, in_memory(IDS).logits, atol=1e-5)
+
+
+def test_a_bias_the_config_cannot_state_is_refused_and_nothing_is_written(tmp_path: Path) -> None:
+    qwen2().save_pretrained(tmp_path / "src")
+    with pytest.raises(InvalidArgumentError, match="'qwen2' configs cannot state"):
+        compress_checkpoint(tmp_path / "src", tmp_path / "out", 0.5, method="merge-ls", intercept=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 def test_bad_folders_are_refused_and_nothing_is_written(tmp_path: Path) -> None:

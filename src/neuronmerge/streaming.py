@@ -58,19 +58,21 @@ class Layout:
     bias_field: str | None = None
 
 
-#: Checkpoint layouts by ``config.json``'s ``model_type`` (the names transformers writes).
+_GATED = FFNSpec(
+    "mlp.up_proj", "mlp.down_proj", "act", gate="mlp.gate_proj", norm="post_attention_layernorm"
+)
+
+#: Checkpoint layouts by ``config.json``'s ``model_type`` (the names transformers writes). Qwen2/3 and
+#: Mistral store LLaMA's MLP and plain RMSNorm but have no MLP bias switch: ``merge-ls`` fits them
+#: through the origin (``intercept=False``). Gemma's RMSNorm scales by ``1 + weight``: not here.
 LAYOUTS: dict[str, Layout] = {
     "opt": Layout(
         FFNSpec("fc1", "fc2", "act", norm="final_layer_norm"), "ffn_dim", "activation_function"
     ),
-    "llama": Layout(
-        FFNSpec(
-            "mlp.up_proj", "mlp.down_proj", "act", gate="mlp.gate_proj", norm="post_attention_layernorm"
-        ),
-        "intermediate_size",
-        "hidden_act",
-        bias_field="mlp_bias",
-    ),
+    "llama": Layout(_GATED, "intermediate_size", "hidden_act", bias_field="mlp_bias"),
+    **{
+        name: Layout(_GATED, "intermediate_size", "hidden_act") for name in ("qwen2", "qwen3", "mistral")
+    },
 }
 _ACTIVATIONS: dict[str, nn.Module] = {
     "relu": nn.ReLU(),
@@ -420,11 +422,21 @@ def compress_checkpoint(
             block = _mlp_block(
                 {n[len(prefix) :]: _load(entries[n]) for n in read}, layout, _ACTIVATIONS[act_name], eps
             )
-            ffn_options = FFNOptions(1 - kept / width, method=method, extra=options)
+            extra = options
+            down_bias = getattr(block.get_submodule(layout.spec.down), "bias", None) is not None
+            if method == "merge-ls" and layout.bias_field is None and not down_bias:
+                extra = {"intercept": False, **options}  # no config switch for a new bias
+            ffn_options = FFNOptions(1 - kept / width, method=method, extra=extra)
             # The block's tensors are ours alone: the compressed weights may overwrite them.
             reports.append(
                 compress_block(block, layout.spec, ffn_options, name=prefix[:-1], in_place=True)
             )
+            gained = getattr(block.get_submodule(layout.spec.down), "bias", None) is not None
+            if layout.bias_field is None and gained and not down_bias:
+                raise InvalidArgumentError(
+                    f"{prefix[:-1]}: {method!r} gave the MLP a bias that "
+                    f"{config.get('model_type')!r} configs cannot state; use method='merge'"
+                )
             biased = layout.bias_field is not None and has_bias(block, layout.spec)
             if biased and not config.get(layout.bias_field):
                 if len(reports) > 1:  # earlier layers were written without MLP biases
