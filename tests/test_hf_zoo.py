@@ -157,3 +157,39 @@ def test_an_unknown_linear_subclass_is_refused_not_traced_through() -> None:
         layer.mlp.dense_h_to_4h = new
     with pytest.raises(InvalidArgumentError, match="unsupported kind _Doubled"):
         compress_pretrained(model, 0.5, approximate=True)
+
+
+_SIZES = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "intermediate_size": 64,
+    "vocab_size": 50,
+}
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (
+            lambda: tf.MixtralForCausalLM(
+                tf.MixtralConfig(**_SIZES, num_local_experts=4, num_experts_per_tok=2)
+            ),
+            "MixtralSparseMoeBlock: a mixture-of-experts MLP",
+        ),
+        (lambda: tf.AlbertModel(tf.AlbertConfig(**_SIZES)), "AlbertLayer: ALBERT shares"),
+        (lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**_SIZES, pad_token_id=0)), "gate_up_proj"),
+        (
+            lambda: tf.BloomForCausalLM(
+                tf.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=50)
+            ),
+            "BLOOM's MLP width is fixed",
+        ),
+    ],
+    ids=["mixtral", "albert", "phi3", "bloom"],
+)
+def test_known_unsupported_blocks_are_refused_with_their_reason(
+    build: Callable[[], torch.nn.Module], reason: str
+) -> None:
+    with pytest.raises(InvalidArgumentError, match=reason):
+        compress_pretrained(build().eval(), 0.5)

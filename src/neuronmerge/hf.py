@@ -221,6 +221,33 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
 )
 
 
+#: Block layouts known and refused, by class, with the reason (a model with one of these and no
+#: supported block gets this reason instead of "no known block"). Mixture-of-experts blocks in
+#: general are recognised by their ``experts`` submodule (``_refusal``).
+UNSUPPORTED: dict[str, str] = {
+    "AlbertLayer": "ALBERT shares one layer's weights across all layers, so the MLP width is not "
+    "a per-layer choice and merging one shared MLP for every depth is not supported",
+    "Phi3DecoderLayer": "Phi-3 fuses gate and up into one gate_up_proj layer, which this adapter "
+    "does not split",
+    "BloomBlock": "BLOOM's MLP width is fixed at 4 x hidden_size by its config (no width field), "
+    "so a narrower MLP would not reload",
+}
+
+
+def _refusal(model: nn.Module) -> str | None:
+    """Why ``model``'s blocks are known to be unsupported, if they are."""
+    for _, module in model.named_modules():
+        cls = type(module).__name__
+        if cls in UNSUPPORTED:
+            return f"{cls}: {UNSUPPORTED[cls]}"
+        if isinstance(getattr(module, "experts", None), nn.Module):
+            return (
+                f"{cls}: a mixture-of-experts MLP (tokens routed to experts) is not supported; "
+                "only dense MLPs are"
+            )
+    return None
+
+
 #: Length of each self-generated probe sequence (``generated.sample_tokens``), in tokens, at most
 #: the model's context.
 PROBE_LENGTH = 64
@@ -353,6 +380,8 @@ def block_kind(model: nn.Module) -> tuple[BlockKind, list[tuple[str, nn.Module]]
         kind = _kind_of(module)
         if kind is not None:
             found.setdefault(kind, []).append((name, module))
+    if not found and (reason := _refusal(model)) is not None:
+        raise InvalidArgumentError(f"{type(model).__name__}: {reason}")
     if len(found) != 1:
         known = ", ".join(dict.fromkeys(c for k in BLOCK_KINDS for c in k.classes))
         classes = sorted({type(m).__name__ for blocks in found.values() for _, m in blocks})
