@@ -4,8 +4,14 @@ Every model is built with ``pretrained=False`` (nothing is downloaded), put in e
 compressed at ratio 0.5 with ``approximate=True`` and its classifier excluded, in a fresh process
 under a per-model timeout. Each row records ``ok`` or what went wrong: a crash (exception type and
 message), a changed output shape, a modified input model, or no parameter saved; with the parameter
-counts before and after. timm is not a dependency of neuronmerge: install it beside the zoo venv,
-e.g. ``pip install --no-deps --target /work/timm-pkgs timm pyyaml huggingface_hub``, then
+counts before and after. timm zero-initialises some weights (classifier heads, the last BatchNorm
+scale of residual blocks), which would make merges look free, so every all-zero weight is redrawn
+first. A second check (``planted``) is the exactness one of the test suite: exact duplicates are
+planted at every exact site of a float64 copy (``tests.builders.plant_duplicates``), and merging
+them (``approximate=False``, no threshold) must leave the output unchanged (``planted_error``, the
+relative L2 change, about 1e-15 when right; ``no-sites`` when none was found). timm is not a
+dependency of neuronmerge: install it beside the zoo venv, e.g.
+``pip install --no-deps --target /work/timm-pkgs timm pyyaml huggingface_hub``, then
 
     PYTHONPATH=src:/work/timm-pkgs nice -n 10 .venv-zoo/bin/python experiments/timm_smoke.py
 
@@ -90,6 +96,56 @@ MODELS: dict[str, int] = {
 OUT = Path(__file__).with_suffix(".json")
 
 
+def build(name: str) -> Any:
+    """The timm model with random weights, every all-zero weight redrawn, in eval mode."""
+    import timm
+    import torch
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval()
+    with torch.no_grad():
+        for key, p in model.named_parameters():
+            if p.dim() == 0 or key.endswith("bias") or bool(p.any()):
+                continue
+            if p.dim() == 1:
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0, p[0].numel() ** -0.5)
+    return model
+
+
+def planted(name: str, side: int, heads: list[str]) -> dict[str, Any]:
+    """Plant exact duplicates at every exact site (float64), merge them; the output must not move."""
+    import torch
+
+    import neuronmerge as nm
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.builders import plant_duplicates
+
+    model = build(name).double()
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exclude = [f"{h}*" for h in heads]
+    try:
+        found = nm.plan(model, x, exclude=exclude)
+        plant_duplicates(model, found.sites, 0.5, "l2-norm", torch.Generator().manual_seed(0))
+    except Exception as error:  # noqa: BLE001 - a pattern the test helper cannot plant into
+        return {"planted": "not-planted", "planted_error": f"{type(error).__name__}: {error}"[:300]}
+    with torch.no_grad():
+        reference = model(x)
+    try:
+        result = nm.compress(model, x, 0.5, criterion="l2-norm", threshold=None, exclude=exclude)
+        with torch.no_grad():
+            error = float((result.model(x) - reference).norm() / reference.norm())
+    except Exception as failure:  # noqa: BLE001
+        return {"planted": "crash", "planted_error": f"{type(failure).__name__}: {failure}"[:300]}
+    return {
+        "planted": "no-sites" if not result.report.sites else "exact" if error < 1e-9 else "WRONG",
+        "planted_error": error,
+        "planted_sites": len(result.report.sites),
+    }
+
+
 def run_one(name: str, side: int) -> dict[str, Any]:
     """Compress one model in this process; return its row."""
     import timm
@@ -98,8 +154,7 @@ def run_one(name: str, side: int) -> dict[str, Any]:
     import neuronmerge as nm
 
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval()
+    model = build(name)
     classifier = timm.models.get_pretrained_cfg_value(name, "classifier") or "head"
     heads = [classifier] if isinstance(classifier, str) else list(classifier)
     x = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(0))
@@ -112,7 +167,7 @@ def run_one(name: str, side: int) -> dict[str, Any]:
         result = nm.compress(model, x, 0.5, approximate=True, exclude=[f"{h}*" for h in heads])
     except Exception as error:  # noqa: BLE001 - the smoke test records every failure
         row.update(status="crash", error=f"{type(error).__name__}: {str(error)[:400]}")
-        return row
+        return {**row, **planted(name, side, heads)}
     after = model.state_dict()
     modified = after.keys() != before.keys() or any(not torch.equal(after[k], before[k]) for k in before)
     with torch.no_grad():
@@ -133,7 +188,7 @@ def run_one(name: str, side: int) -> dict[str, Any]:
         row["status"] = "not-reduced"
     else:
         row["status"] = "ok"
-    return row
+    return {**row, **planted(name, side, heads)}
 
 
 def main() -> None:
