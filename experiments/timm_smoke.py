@@ -15,7 +15,9 @@ dependency of neuronmerge: install it beside the zoo venv, e.g.
 
     PYTHONPATH=src:/work/timm-pkgs nice -n 10 .venv-zoo/bin/python experiments/timm_smoke.py
 
-which writes ``experiments/timm_smoke.json`` (``--out`` elsewhere). ``--only a b`` reruns some
+which writes ``experiments/timm_smoke.json`` (``--out`` elsewhere;
+``experiments/timm_smoke_before.json`` is the same run with ``PYTHONPATH=/work/main/src`` at 99dd457,
+before the fixes it led to). ``--only a b`` reruns some
 models and keeps the other rows.
 """
 
