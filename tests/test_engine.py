@@ -197,6 +197,27 @@ def test_zero_kept_neurons_is_refused_with_the_layer_name() -> None:
         nm.merge(model, torch.randn(1, 4), 0.9)
 
 
+def test_groups_of_one_channel_per_block_are_skipped_not_fatal() -> None:
+    """PiT's pooling conv reads one channel per group (groups = in_channels, twice as many outputs):
+    the layer writing those channels can lose none, and the rest of the model is still compressed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, 3, groups=8),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 3),
+    ).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(nm.CompressionWarning, match=r"first 0: each of its 8 blocks .* one channel"):
+        result = nm.compress(model, x, 0.5)
+    assert {s.producer for s in result.report.sites} == {"2"}
+    assert result.model.get_submodule("0").out_channels == 8
+    assert result.model.get_submodule("2").out_channels == 8
+    assert result.model(x).shape == (2, 3)
+
+
 def test_non_finite_weights_are_refused() -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():

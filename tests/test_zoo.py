@@ -1104,3 +1104,59 @@ def test_lazy_layers_are_refused_and_stay_lazy() -> None:
     with pytest.raises(nm.InvalidArgumentError, match="0.weight is an uninitialised lazy parameter"):
         nm.plan(model, torch.randn(2, 4))
     assert isinstance(model[0], nn.LazyLinear)
+
+
+class NormAct(nn.BatchNorm2d):
+    """timm's ``BatchNormAct2d``: a BatchNorm subclass that calls ``F.batch_norm`` on its own tensors
+    and then its activation child, so fx traces into it and records the functional spelling."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
+        return self.act(x)
+
+
+class FunctionalLinear(nn.Linear):
+    """A Linear subclass that calls ``F.linear`` with keywords and holds its activation child."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__(n_in, n_out)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(F.linear(x, weight=self.weight, bias=self.bias))
+
+
+class FunctionalLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, bias=False)
+        self.bn1 = NormAct(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, bias=False)
+        self.bn2 = NormAct(6)
+        self.fc1 = FunctionalLinear(6, 10)
+        self.fc2 = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.bn2(self.conv2(self.bn1(self.conv1(x))))
+        return self.fc2(self.fc1(x.mean((2, 3))))
+
+
+def test_functional_layer_calls_in_a_trace_merge_exactly() -> None:
+    torch.manual_seed(0)
+    model = FunctionalLayers().double().eval()
+    for bn in (model.bn1, model.bn2):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    result = merge_planted(model, x)
+    assert {s.producer for s in result.report.sites} == {"conv1", "conv2", "fc1"}
+    assert isinstance(result.model.get_submodule("bn1"), nn.BatchNorm2d)
+    assert result.model.get_submodule("bn1").num_features == kept_count(8, 0.5)
+    assert isinstance(result.model.get_submodule("bn1.act"), nn.ReLU)
+    assert result.model.get_submodule("fc1").weight.shape == (kept_count(10, 0.5), kept_count(6, 0.5))

@@ -66,12 +66,23 @@ def groups(
             fnmatch.fnmatchcase(p, pattern) for p in group.producers for pattern in options.exclude
         )
         reason = "left out by include/exclude" if not wanted or unwanted else None
-        reason = reason or method.refusal(group, options)
+        reason = reason or _indivisible(group) or method.refusal(group, options)
         if reason is None:
             chosen.append(group)
         else:
             skipped += [Skipped(p, reason) for p in group.producers]
     return chosen, skipped
+
+
+def _indivisible(group: Group) -> str | None:
+    """Why ``group`` cannot lose a channel under any method: every block keeps as many channels, so
+    blocks of one channel (a single channel, or a grouped layer reading one channel per group, as
+    PiT's pooling conv does) could only lose them all."""
+    if group.channels // group.blocks > 1:
+        return None
+    if group.blocks == 1:
+        return "a single channel, which cannot be removed"
+    return f"each of its {group.blocks} blocks (a grouped layer's groups) holds one channel"
 
 
 def kept_counts(

@@ -9,8 +9,10 @@ pipeline thinks in layers (a site is a producer *module*, its BatchNorm, its con
 tensors all belong to one submodule back into a call of a real ``nn.Linear`` / ``nn.Conv*d`` /
 ``nn.BatchNorm*d`` that holds those same tensors (nothing is copied). Calls it cannot lift (a weight
 computed in the graph, a BatchNorm in training mode) stay as they are; the layers around them are
-then simply not merged. ``sites`` recognises the ATen forms of the other ops (relu, pooling, views,
-cat, add...).
+then simply not merged. A ``torch.fx`` trace has the same calls in their functional spelling where a
+module calls ``F.batch_norm`` (or ``F.linear``, ``F.conv2d``) on its own tensors instead of being a
+``nn.BatchNorm2d`` leaf: timm's ``BatchNormAct2d`` does, and ``lift`` turns those into layers
+too. ``sites`` recognises the ATen forms of the other ops (relu, pooling, views, cat, add...).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 aten = torch.ops.aten
@@ -70,6 +73,38 @@ _BUILDERS: dict[Any, tuple[Builder, tuple[str, ...]]] = {
     aten.batch_norm.default: (_batch_norm, ("weight", "bias", "running_mean", "running_var")),
 }
 
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+
+#: The functional spellings of the same layers, which ``torch.fx`` records when a module calls them on
+#: its own tensors (timm's ``BatchNormAct2d`` calls ``F.batch_norm``): the ATen op each stands for,
+#: its parameter names in the functional signature's order, their defaults, and the order of the
+#: ATen form's arguments. (``F.linear`` and ``F.conv2d`` are builtins without a signature to bind.)
+_FUNCTIONAL: dict[Any, tuple[Any, tuple[str, ...], dict[str, Any], tuple[str, ...]]] = {
+    F.linear: (aten.linear.default, ("input", "weight", "bias"), {"bias": None}, ()),
+    F.conv1d: (aten.conv1d.default, ("input", "weight", *_CONV_DEFAULTS), _CONV_DEFAULTS, ()),
+    F.conv2d: (aten.conv2d.default, ("input", "weight", *_CONV_DEFAULTS), _CONV_DEFAULTS, ()),
+    F.batch_norm: (
+        aten.batch_norm.default,
+        ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+        {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5},
+        ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps"),
+    ),
+}
+
+
+def _aten_form(node: fx.Node) -> tuple[Any, list[Any]] | None:
+    """``node``'s layer op and its arguments in ATen order (defaults filled), or None when it is not
+    a layer call or its arguments do not bind."""
+    if not node.kwargs and node.target in _BUILDERS:
+        return node.target, list(node.args)
+    if node.target not in _FUNCTIONAL:
+        return None
+    target, names, defaults, order = _FUNCTIONAL[node.target]
+    bound = {**defaults, **dict(zip(names, node.args)), **node.kwargs}
+    if len(node.args) > len(names) or set(bound) != set(names):
+        return None  # an argument the function does not take: not the call we know
+    return target, [bound[name] for name in order or names]
+
 
 def _owner(graph_module: fx.GraphModule, args: Sequence[Any], names: Sequence[str]) -> str | None:
     """The one leaf submodule whose tensors ``args`` are, each in the role ``names`` gives it (the
@@ -83,7 +118,8 @@ def _owner(graph_module: fx.GraphModule, args: Sequence[Any], names: Sequence[st
     owner = owners.pop()
     if not owner or any(str(arg.target) != f"{owner}.{name}" for arg, name in nodes):
         return None
-    return None if graph_module.get_submodule(owner)._modules else owner
+    held = graph_module.get_submodule(owner)._parameters
+    return owner if set(held) <= {"weight", "bias"} else None  # _install moves only these
 
 
 def _rank(node: Any) -> int | None:
@@ -105,30 +141,33 @@ def _tensor(graph_module: fx.GraphModule, arg: Any) -> Any:
 
 
 def _install(graph_module: fx.GraphModule, name: str, layer: nn.Module) -> None:
-    """Put ``layer`` at ``name``, moving the old container's tensors (same objects) onto it."""
+    """Put ``layer`` at ``name``, moving the old container's tensors (same objects) onto it, and its
+    children, which the graph may still call (timm's ``BatchNormAct2d`` holds its activation)."""
     old = graph_module.get_submodule(name)
     for key in ("weight", "bias"):
         if key in old._parameters:
             layer._parameters[key] = old._parameters[key]
     for key, buffer in old._buffers.items():
         layer._buffers[key] = buffer
+    layer._modules.update(old._modules)
     parent, _, attr = name.rpartition(".")
     setattr(graph_module.get_submodule(parent), attr, layer.eval())  # the exported graph was eval
 
 
 def lift(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """Turn liftable ATen layer calls of an exported ``graph_module`` into module calls, in place."""
+    """Turn liftable layer calls (ATen or functional) of ``graph_module`` into module calls, in place."""
     graph = graph_module.graph
     lifted: set[str] = set()
     unused = [node for node in graph.nodes if node.op == "get_attr" and not node.users]
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target not in _BUILDERS:
+        form = _aten_form(node) if node.op == "call_function" else None
+        if form is None:
             continue
-        build, names = _BUILDERS[node.target]
-        args = list(node.args)
+        build, names = _BUILDERS[form[0]]
+        args = form[1]
         owner = _owner(graph_module, args[1 : 1 + len(names)], names)
         rank = _rank(args[0])
-        if owner is None or owner in lifted or rank is None or node.kwargs:
+        if owner is None or owner in lifted or rank is None:
             continue
         concrete = [_tensor(graph_module, arg) for arg in args]
         layer = build(concrete, rank)
