@@ -20,20 +20,18 @@ never read here. Torch runs on one thread (a shared machine).
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from budget_validation import cli, gain_summary
 from probe_files import probe_batches
 from torch import nn
 
 import neuronmerge as nm
 from neuronmerge import allocation_check, budget
 from neuronmerge.evaluate import accuracy
-from neuronmerge.lab.sweep import fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
 
 HERE = Path(__file__).resolve().parent
@@ -150,10 +148,7 @@ def summary(models: dict[str, Any]) -> dict[str, Any]:
                     "measure": measure,
                     "z": z,
                     "candidates": list(candidates),
-                    "mean_gain": round(sum(g for *_, g in gains) / len(gains), 3),
-                    "worst": min(g for *_, g in gains),
-                    "cells_below_uniform": [f"{n} {k:.0%}: {g:+.2f}" for n, k, g in gains if g < 0],
-                    "cells": len(gains),
+                    **gain_summary(gains),
                 }
     for band in BANDS:  # the allocation alone, for reference
         gains = []
@@ -170,10 +165,7 @@ def summary(models: dict[str, Any]) -> dict[str, Any]:
                     )
         if gains:
             rules[f"band {band} alone"] = {
-                "mean_gain": round(sum(g for *_, g in gains) / len(gains), 3),
-                "worst": min(g for *_, g in gains),
-                "cells_below_uniform": [f"{n} {k:.0%}: {g:+.2f}" for n, k, g in gains if g < 0],
-                "cells": len(gains),
+                **gain_summary(gains),
             }
     scored = [name for name, rule in rules.items() if "measure" in rule]
     chosen = max(scored, key=lambda name: rules[name]["mean_gain"], default=None)
@@ -181,21 +173,7 @@ def summary(models: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--out", type=Path, default=OUT)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    data = fashion_mnist_eval_data()
-    outcome: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {"models": {}}
-
-    def save(result: dict[str, Any]) -> None:
-        outcome["models"][result["model"]] = result
-        outcome["summary"] = summary(outcome["models"])
-        args.out.write_text(json.dumps(outcome, indent=1) + "\n")
-
-    for name in args.models:
-        run_model(name, data, save)
+    cli(__doc__ or "", OUT, MODELS, run_model, summary)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,19 +129,35 @@ def summary(models: dict[str, Any]) -> dict[str, Any]:
             settings[f"{curve} band {band}"] = {
                 "curve": curve,
                 "band": band,
-                "mean_gain": round(sum(g for *_, g in gains) / len(gains), 3),
-                "worst": min(g for *_, g in gains),
-                "cells_below_uniform": [f"{n} {k:.0%}: {g:+.2f}" for n, k, g in gains if g < 0],
-                "cells": len(gains),
+                **gain_summary(gains),
             }
     chosen = max(settings.values(), key=lambda s: (s["mean_gain"], -s["band"]), default=None)
     return {"settings": settings, "chosen": chosen}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
-    parser.add_argument("--out", type=Path, default=OUT)
+def gain_summary(gains: list[tuple[str, float, float]]) -> dict[str, Any]:
+    """Mean and worst validation gain over uniform of ``(model, kept, gain)`` cells, and the cells
+    below uniform (shared with ``budget_choice``)."""
+    return {
+        "mean_gain": round(sum(g for *_, g in gains) / len(gains), 3),
+        "worst": min(g for *_, g in gains),
+        "cells_below_uniform": [f"{n} {k:.0%}: {g:+.2f}" for n, k, g in gains if g < 0],
+        "cells": len(gains),
+    }
+
+
+def cli(
+    doc: str,
+    out: Path,
+    models: Sequence[str],
+    run_model: Callable[..., None],
+    summary: Callable[[dict[str, Any]], dict[str, Any]],
+) -> None:
+    """Run ``run_model`` on the chosen models, writing each result and the summary to ``out`` as it
+    comes (shared with ``budget_choice``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(models))
+    parser.add_argument("--out", type=Path, default=out)
     args = parser.parse_args()
     torch.set_num_threads(1)
     data = fashion_mnist_eval_data()
@@ -153,6 +170,10 @@ def main() -> None:
 
     for name in args.models:
         run_model(name, data, save)
+
+
+def main() -> None:
+    cli(__doc__ or "", OUT, MODELS, run_model, summary)
 
 
 if __name__ == "__main__":
