@@ -119,3 +119,38 @@ def test_probes_are_made_once_per_model_and_again_when_it_changes(
     assert len(made) == 2
     assert probes.cached_probes(capture(model, x), x)[0][0].shape == (64, 5)
     assert len(made) == 2
+
+
+def test_probe_steps_are_torch_adam_steps_without_importing_its_machinery() -> None:
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(16, 9), torch.randn(16, 9)
+    theirs.copy_(ours).requires_grad_(True)
+    adam, reference = probes._Adam(ours, 0.05), torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(30):
+        grad = torch.randn(16, 9)
+        theirs.grad = grad.clone()
+        reference.step()
+        adam.step(grad)
+    assert torch.equal(ours, theirs.detach())
+
+
+def test_batchnorm_matching_drives_probe_statistics_to_the_stored_ones() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    model.append(nn.Linear(4 * 4 * 4, 3))
+    norm = model[1]
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+        norm.running_var.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))
+    model.eval()
+    seen: list[torch.Tensor] = []
+    norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    # Without the input prior (which pulls the means towards zero) the statistics term is all that
+    # shapes the probes' spread: it must reach the stored statistics.
+    example = torch.randn(2, 2, 6, 6)
+    (made,) = nm.synthesize_probes(model, example, 64, steps=150, rate=0.1, tolerance=0, prior=0)
+    seen.clear()
+    model(made[0])
+    inputs = seen[0].transpose(0, 1).flatten(1)  # (channels, samples)
+    assert (inputs.mean(dim=1) - norm.running_mean).abs().max() < 0.05
+    assert (inputs.var(dim=1, unbiased=False) / norm.running_var - 1).abs().max() < 0.05
