@@ -9,10 +9,11 @@ spent on probes, one JSON line per setting::
 
 A setting is ``optimised:steps:count[:learning_rate[:noise[:seed[:cos]]]]``
 (``probes.synthesize_probes``: the probes optimised, their steps, the probes returned, the rest
-derived by ``probes.derive`` with ``noise``; ``cos``: the rate annealed, ``anneal``); ``auto`` alone, or in a field, takes ``probes.schedule``'s choice and the module's
-defaults. ``kim`` is the authors' LeNet-300-100 checkpoint. ``PROBE_TOLERANCE`` in the environment
-overrides the early-stopping tolerance. ``experiments/probe_validation.json`` holds the lines that
-chose the defaults of ``neuronmerge.probes``.
+derived by ``probes.derive`` with ``noise``; ``cos``: the rate annealed, ``anneal``); ``auto``
+alone, or in a field, takes ``probes.schedule``'s choice and the module's defaults. ``kim`` is the
+authors' LeNet-300-100 checkpoint. ``PROBE_TOLERANCE`` in the environment overrides the
+early-stopping tolerance. ``experiments/probe_validation.json`` holds the lines that chose the
+defaults of ``neuronmerge.probes``.
 """
 
 from __future__ import annotations
