@@ -16,13 +16,15 @@ from tests.builders import compress_announced
 
 
 def test_schedule_gives_cheap_models_every_probe_and_heavy_ones_fewer() -> None:
-    matched, derived = probes.MATCHED, probes.DERIVED
+    matched, full, derived = probes.MATCHED, probes.FULL, probes.DERIVED
     conv = probes.schedule(5.6e6)  # a Fashion-MNIST BatchNorm conv net: every probe optimised
     assert probes.MIN_PROBES <= conv.optimised == conv.count < probes.PROBES
     assert (conv.steps, conv.rate) == (matched.steps, matched.rate)
-    # Without BatchNorm: a few probes optimised fast, the rest derived from them.
+    # Without BatchNorm: every probe where the budget affords it, else a few optimised fast and the
+    # rest derived from them.
     lenet = probes.schedule(266_200, batchnorm=False)  # LeNet-300-100: affords every probe
-    assert (lenet.optimised, lenet.count, lenet.steps) == (probes.PROBES,) * 2 + (matched.steps,)
+    assert (lenet.optimised, lenet.count, lenet.steps) == (probes.PROBES,) * 2 + (full.steps,)
+    assert lenet.rate == full.rate
     plain = probes.schedule(5.6e6, batchnorm=False)  # a conv net without BatchNorm: a few, derived
     assert 16 < plain.optimised < 128 and plain.count == probes.PROBES
     assert (plain.steps, plain.rate) == (derived.steps, derived.rate)
@@ -33,7 +35,7 @@ def test_schedule_gives_cheap_models_every_probe_and_heavy_ones_fewer() -> None:
     for macs in (1e5, 1e6, 1e7, 5e7):  # within budget, unless at the floors
         for batchnorm in (True, False):
             plan = probes.schedule(macs, batchnorm=batchnorm)
-            regime = derived if plan.rate == derived.rate else matched
+            regime = matched if batchnorm else derived if plan.rate == derived.rate else full
             assert 3 * macs * plan.optimised * plan.steps <= regime.budget
 
 
