@@ -27,6 +27,10 @@ from torch import nn
 ENABLED = True
 #: The trust bands (``budget.allocate(band=)``) whose allocations compete with the uniform widths.
 BANDS = (0.1, 0.2)
+#: Score each probe with a model fitted on the other half of the probes only (``folds``), not on
+#: every probe: ``merge-ls`` fits its merge on the same probes the check scores, and an
+#: in-sample error favours the widths whose fit has the most freedom to match them.
+HELD_OUT = False
 #: An allocation replaces the uniform widths only when its mean per-probe error is lower by more
 #: than this many standard errors of the paired differences.
 SIGNIFICANCE = 1.0
@@ -48,6 +52,17 @@ def _per_sample(output: object, batch: int) -> torch.Tensor:
 def outputs(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> torch.Tensor:
     """``model``'s outputs on every probe, one row per probe."""
     return torch.cat([_per_sample(model(*batch), batch[0].shape[0]) for batch in batches])
+
+
+def folds(
+    batches: Sequence[tuple[torch.Tensor, ...]],
+) -> tuple[tuple[tuple[tuple[torch.Tensor, ...], ...], tuple[tuple[torch.Tensor, ...], ...]], ...]:
+    """Two (fit, scored) splits of ``batches`` that together score every probe once: the even rows
+    of every batch against the odd ones, and the reverse. Interleaved, so that both halves take
+    probes from every batch (probes made in order, e.g. optimised then derived, split evenly)."""
+    even = tuple(tuple(t[0::2] for t in batch) for batch in batches if batch[0].shape[0] > 0)
+    odd = tuple(tuple(t[1::2] for t in batch) for batch in batches if batch[0].shape[0] > 1)
+    return ((even, odd), (odd, even))
 
 
 def probe_errors(produced: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:

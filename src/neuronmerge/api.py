@@ -357,10 +357,36 @@ def _checked_allocation(
     source: lsq.MeasuredMoments,
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
     """``merge-ls`` under a target: the uniform widths and the allocation at every band of
-    ``allocation_check.BANDS``, each built on a copy of ``gm``, and the one whose outputs on the
-    probes stay closest to the dense model's kept (an allocation only when significantly closer
-    than uniform; see ``allocation_check``). Returns the graph, its decompositions, and
-    ``"error"`` or ``"uniform"`` for the widths kept."""
+    ``allocation_check.BANDS``, and the one whose outputs on the probes stay closest to the dense
+    model's kept (an allocation only when significantly closer than uniform; see
+    ``allocation_check``). Returns the graph, its decompositions, and ``"error"`` or ``"uniform"``
+    for the widths kept."""
+    candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
+    Built = tuple[fx.GraphModule, dict[str, GroupDecomposition]]
+    best: tuple[str, torch.Tensor, Built | None] | None = None
+    uniform_errors = None
+    for label, keep in candidates.items():
+        errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+        uniform_errors = errors if uniform_errors is None else uniform_errors
+        if best is None or allocation_check.replaces(uniform_errors, best[1], errors):
+            best = (label, errors, built)
+    assert best is not None
+    label, _, built = best
+    if built is None:
+        built = _build(copy.deepcopy(gm), groups, candidates[label], options, inputs, source, chosen)
+    return built[0], built[1], "uniform" if label == "uniform" else "error"
+
+
+def _candidate_widths(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    inputs: tuple[torch.Tensor, ...],
+    options: Options,
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+) -> dict[str, dict[str, int]]:
+    """The widths ``_checked_allocation`` chooses among, by label: ``uniform`` first, then the
+    allocation at each band of ``allocation_check.BANDS`` that differs from those before it."""
     uniform_request = dataclasses.replace(options.budget, allocation="uniform")
     candidates = {"uniform": widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)}
     for band in allocation_check.BANDS:
@@ -377,17 +403,37 @@ def _checked_allocation(
         )
         if keep not in candidates.values():
             candidates[f"band {band}"] = keep
-    dense = allocation_check.outputs(gm, source.batches)
-    best: tuple[str, torch.Tensor, fx.GraphModule, dict[str, GroupDecomposition]] | None = None
-    uniform_errors = None
-    for label, keep in candidates.items():
-        built, decompositions = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
-        errors = allocation_check.probe_errors(allocation_check.outputs(built, source.batches), dense)
-        uniform_errors = errors if uniform_errors is None else uniform_errors
-        if best is None or allocation_check.replaces(uniform_errors, best[1], errors):
-            best = (label, errors, built, decompositions)
-    assert best is not None
-    return best[2], best[3], "uniform" if best[0] == "uniform" else "error"
+    return candidates
+
+
+def _probe_errors(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    keep: Mapping[str, int],
+    options: Options,
+    inputs: tuple[torch.Tensor, ...],
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+    held_out: bool | None = None,
+) -> tuple[torch.Tensor, tuple[fx.GraphModule, dict[str, GroupDecomposition]] | None]:
+    """Per probe, how far the model compressed to ``keep`` is from ``gm`` (``allocation_check``),
+    ``held_out`` (default ``allocation_check.HELD_OUT``): each probe scored by a model fitted on
+    the other fold only (``allocation_check.folds``), else by the model fitted on every probe, which
+    is then returned too (a held-out check builds the chosen widths once more, on every probe)."""
+    held_out = allocation_check.HELD_OUT if held_out is None else held_out
+    if not held_out:
+        built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
+        produced = allocation_check.outputs(built[0], source.batches)
+        dense = allocation_check.outputs(gm, source.batches)
+        return allocation_check.probe_errors(produced, dense), built
+    pieces: list[torch.Tensor] = []
+    references: list[torch.Tensor] = []
+    for fit, scored in allocation_check.folds(source.batches):
+        fitted = lsq.MeasuredMoments(fit)
+        small, _ = _build(copy.deepcopy(gm), groups, keep, options, inputs, fitted, chosen)
+        pieces.append(allocation_check.outputs(small, scored))
+        references.append(allocation_check.outputs(gm, scored))
+    return allocation_check.probe_errors(torch.cat(pieces), torch.cat(references)), None
 
 
 def merge(
