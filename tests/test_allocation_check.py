@@ -109,7 +109,7 @@ def test_held_out_errors_are_fitted_without_the_probes_they_score(lenet: torch.n
     gm = engine.capture(lenet, X)
     groups, _ = engine.groups(gm, options, chosen)
     source = lsq.MeasuredMoments(tuple(BATCHES))
-    keep = api._candidate_widths(gm, groups, (X,), options, chosen, source)["uniform"]
+    _, keep = next(api._candidate_widths(gm, groups, (X,), options, chosen, source))
     in_sample, built = api._probe_errors(gm, groups, keep, options, (X,), chosen, source, False)
     held_out, none = api._probe_errors(gm, groups, keep, options, (X,), chosen, source, True)
     assert built is not None and none is None
@@ -126,3 +126,22 @@ def test_held_out_errors_are_fitted_without_the_probes_they_score(lenet: torch.n
     scale = (dense - dense.mean(0)).square().sum(1).mean()
     half = len(own)
     assert torch.allclose(held_out[:half], (own - dense[:half]).square().sum(1) / scale)
+
+
+def test_uniform_widths_already_close_on_the_probes_are_kept_untried(
+    lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uniform = _compress(lenet, "uniform")
+    error = float(_errors(lenet, uniform.model).mean())
+    assert error > 0
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", -math.inf)  # any closer allocation wins
+    # Just above the uniform widths' own error: they are kept, built as allocation="uniform" does.
+    monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 1.01 * error)
+    kept = _compress(lenet, "error")
+    assert kept.report.allocation == "uniform"
+    assert torch.allclose(kept.model(X), uniform.model(X))
+    # Just below it: the allocation is tried, and wins.
+    monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 0.99 * error)
+    tried = _compress(lenet, "error")
+    assert tried.report.allocation == "error"
+    assert float(_errors(lenet, tried.model).mean()) < error

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -195,8 +195,9 @@ def compress(
     (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
     (see ``budget``); ``merge-ls`` builds the uniform widths too, and keeps an allocation only when
-    its outputs on the probes are significantly closer to the model's (``allocation_check``; the
-    report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
+    its outputs on the probes are significantly closer to the model's, and only tries one when the
+    uniform widths' are not already as close as the probes can vouch for (``allocation_check``;
+    the report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
     every group. ``ratios={"glob": r}``
     fixes the fraction removed from groups with a matching producer (first match wins); the target
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
@@ -358,22 +359,21 @@ def _checked_allocation(
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
     """``merge-ls`` under a target: the uniform widths and the allocation at every band of
     ``allocation_check.BANDS``, and the one whose outputs on the probes stay closest to the dense
-    model's kept (an allocation only when significantly closer than uniform; see
-    ``allocation_check``). Returns the graph, its decompositions, and ``"error"`` or ``"uniform"``
-    for the widths kept."""
+    model's kept (an allocation only when significantly closer than uniform, and not at all when
+    uniform's error is already negligible; see ``allocation_check``). Returns the graph, its
+    decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
     candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
-    Built = tuple[fx.GraphModule, dict[str, GroupDecomposition]]
-    best: tuple[str, torch.Tensor, Built | None] | None = None
-    uniform_errors = None
-    for label, keep in candidates.items():
-        errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
-        uniform_errors = errors if uniform_errors is None else uniform_errors
-        if best is None or allocation_check.replaces(uniform_errors, best[1], errors):
-            best = (label, errors, built)
-    assert best is not None
-    label, _, built = best
+    label, keep = next(candidates)  # uniform
+    uniform_errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+    best = (label, keep, uniform_errors, built)
+    if not allocation_check.negligible(uniform_errors):
+        for label, keep in candidates:
+            errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+            if allocation_check.replaces(uniform_errors, best[2], errors):
+                best = (label, keep, errors, built)
+    label, keep, _, built = best
     if built is None:
-        built = _build(copy.deepcopy(gm), groups, candidates[label], options, inputs, source, chosen)
+        built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
     return built[0], built[1], "uniform" if label == "uniform" else "error"
 
 
@@ -384,11 +384,13 @@ def _candidate_widths(
     options: Options,
     chosen: MethodObject,
     source: lsq.MeasuredMoments,
-) -> dict[str, dict[str, int]]:
-    """The widths ``_checked_allocation`` chooses among, by label: ``uniform`` first, then the
-    allocation at each band of ``allocation_check.BANDS`` that differs from those before it."""
+) -> Iterator[tuple[str, dict[str, int]]]:
+    """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
+    ``uniform`` first, then the allocation at each band of ``allocation_check.BANDS`` that differs
+    from those before it."""
     uniform_request = dataclasses.replace(options.budget, allocation="uniform")
-    candidates = {"uniform": widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)}
+    seen = [widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)]
+    yield "uniform", seen[0]
     for band in allocation_check.BANDS:
         keep = widths.kept_counts(
             gm,
@@ -401,9 +403,9 @@ def _candidate_widths(
             moments=source,
             band=band,
         )
-        if keep not in candidates.values():
-            candidates[f"band {band}"] = keep
-    return candidates
+        if keep not in seen:
+            seen.append(keep)
+            yield f"band {band}", keep
 
 
 def _probe_errors(

@@ -23,6 +23,7 @@ SETTINGS: dict[str, tuple[ModuleType, str]] = {
     "check_bands": (allocation_check, "BANDS"),
     "significance": (allocation_check, "SIGNIFICANCE"),
     "held_out": (allocation_check, "HELD_OUT"),
+    "negligible": (allocation_check, "NEGLIGIBLE"),
     "least_squares_curves": (widths, "LEAST_SQUARES_CURVES"),
     "hold_streams": (widths, "HOLD_STREAMS"),
 }
