@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from neuronmerge import allocation_check, engine, lsq, widths
+from neuronmerge import allocation_check, engine, lsq, norm_repair, widths
 from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
@@ -433,7 +433,10 @@ def _probe_errors(
     pieces: list[torch.Tensor] = []
     references: list[torch.Tensor] = []
     for fit, scored in allocation_check.folds(source.batches):
-        fitted = lsq.MeasuredMoments(fit)
+        # The same repair as ``source``'s, on the fold: stored statistics moved by the change
+        # measured on it, or re-measured on it.
+        reference = None if source.reference is None else norm_repair.normalised_moments(gm, fit)
+        fitted = lsq.MeasuredMoments(fit, reference or None)
         small, _ = _build(copy.deepcopy(gm), groups, keep, options, inputs, fitted, chosen)
         pieces.append(allocation_check.outputs(small, scored))
         references.append(allocation_check.outputs(gm, scored))
