@@ -922,6 +922,10 @@ class GroupFinder:
                 i = parent[i]
             return i
 
+        # Producers share a root (one scale per pair, rows side by side) where their outputs meet
+        # at an add *unchanged*: a step that changes a pair's scale on the way (a BatchNorm on one
+        # branch, a square) would make one shared scale wrong for one of them. Such producers keep
+        # their own roots, and merging checks at the add that the branches agree on each pair.
         sets: dict[str, set[int]] = {name: {i} for name, i in root_of.items()}
         for step in steps:
             if step.node in root_of:
@@ -931,7 +935,7 @@ class GroupFinder:
                 joined = [m for m in members if m]
                 for other in joined[1:]:
                     parent[find(min(other))] = find(min(joined[0]))
-            sets[step.node] = set().union(*members)
+            sets[step.node] = set() if _rescales(step) else set().union(*members)
         root_ids = {find(i) for i in range(len(producers))}
         renumber = {r: k for k, r in enumerate(sorted(root_ids))}
         roots = tuple(renumber[find(i)] for i in range(len(producers)))
@@ -994,6 +998,16 @@ class GroupFinder:
         if not hasattr(self, "_by_name"):
             self._by_name = {n.name: n for n in self.gm.graph.nodes}
         return self._by_name[name]
+
+
+def _rescales(step: Step) -> bool:
+    """Whether ``step`` can change the ratio of two channels' scales (``x_i = s x_j`` in, another
+    ``s`` out): per-channel factors, powers other than one, products, attention."""
+    if step.kind == "affine":
+        return step.params is None or step.params[0] != "shift"
+    if step.kind == "homogeneous":
+        return step.degree != 1
+    return step.kind in ("mul", "attention")
 
 
 def _permutation(node: fx.Node) -> list[int]:
