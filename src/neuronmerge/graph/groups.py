@@ -16,6 +16,7 @@ The result is frozen ``types.Group`` values with a mode decided by the math (see
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,19 @@ class GroupFinder:
         self.read_directly = {
             str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"
         }
+        # Every view/reshape whose target shape is computed: per size element, the tensor axes
+        # it is computed from (``reshape(B, N, 3, h, C // h)`` with ``B, N, C = x.shape``).
+        self.sized: list[tuple[fx.Node, list[tuple[int, set[tuple[fx.Node, int | None]]]]]] = []
+        for node in graph_module.graph.nodes:
+            if not _is_view(node, self._op(node)):
+                continue
+            elements = [
+                (index, _shape_reads(element))
+                for index, element in enumerate(_target_sizes(node))
+                if isinstance(element, fx.Node)
+            ]
+            if any(reads for _, reads in elements):
+                self.sized.append((node, elements))
 
     def find(self) -> tuple[list[Group], list[Skipped]]:
         """Every producer in graph order, in exactly one Group or one Skipped."""
@@ -226,7 +240,37 @@ class GroupFinder:
             raise _Refusal("no layer consumes these channels")
         if state.channels % state.blocks:
             raise _Refusal(f"grouped convolutions split {state.channels} channels unevenly")
+        self._check_computed_sizes(state)
         return self._freeze(state)
+
+    def _check_computed_sizes(self, state: _Growing) -> None:
+        """Refuse when a view/reshape would not follow the group's width: a tensor outside the
+        group shaped with the group's channel count (CaiT's ``qkv(x).reshape(B, N, 3, h, C // h)``
+        with ``C`` from ``x.shape``), or the group's channel axis shaped from another tensor's
+        size. Surgery cannot rewrite a size computed at run time; resizing one side alone breaks
+        the reshape."""
+        for node, elements in self.sized:
+            source = node.args[0]
+            inside = source in state.layouts
+            out = state.layouts.get(node)
+            for index, reads in elements:
+                ours = [
+                    tensor
+                    for tensor, axis in reads
+                    if (where := state.layouts.get(tensor)) is not None
+                    and (axis is None or axis == where.dim)
+                ]
+                if ours and not inside:
+                    raise _Refusal(
+                        f"{label(node, None)} shapes {getattr(source, 'name', source)} with the "
+                        f"channel count of {ours[0].name}, which would not follow the merge"
+                    )
+                if inside and out is not None and index == out.dim and reads and not ours:
+                    tensor = next(iter(reads))[0]
+                    raise _Refusal(
+                        f"{label(node, None)} shapes the channels of {node.name} with a size of "
+                        f"{tensor.name}, which would not follow the merge"
+                    )
 
     def _add_producer(self, node: fx.Node, state: _Growing, expected: Layout | None) -> None:
         name = str(node.target)
@@ -1008,6 +1052,75 @@ def _rescales(step: Step) -> bool:
     if step.kind == "homogeneous":
         return step.degree != 1
     return step.kind in ("mul", "attention")
+
+
+def _is_view(node: fx.Node, op: Op | None) -> bool:
+    """Whether ``node`` is a view/reshape taking a target shape (not a flatten or squeeze)."""
+    if op is None or op.effect != "layout" or node.op == "call_module":
+        return False
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0] in ("view", "reshape")
+
+
+def _target_sizes(node: fx.Node) -> list[Any]:
+    """The target shape of a view/reshape, element by element (one node: a whole computed shape)."""
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            value = node.kwargs[key]
+            return list(value) if isinstance(value, (tuple, list)) else [value]
+    rest = list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0])
+    return rest
+
+
+def _shape_reads(node: fx.Node) -> set[tuple[fx.Node, int | None]]:
+    """The tensor axes a size computed at run time is read from, as ``(tensor, axis)`` (axis
+    ``None``: the whole shape). Follows the arithmetic back to ``x.shape``, ``x.size(d)``,
+    ``x.shape[d]``, never into a tensor's values."""
+    reads: set[tuple[fx.Node, int | None]] = set()
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        meta = current.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            continue  # a tensor: its values, not a size
+        op = lookup(current, None) if current.op != "call_module" else None
+        if op is not None and op.effect == "metadata":
+            tensor = current.args[0]
+            if not isinstance(tensor, fx.Node):
+                continue
+            if current.target is getattr or current.target == "dim":
+                if current.args[1:2] == ("shape",):
+                    reads.add((tensor, None))
+                continue  # a dtype, a device, a rank: no size
+            dim = _arg(current, 1, "dim")
+            reads.add((tensor, None if dim is None else _axis(tensor, int(dim))))
+            continue
+        if (
+            current.op == "call_function"
+            and current.target is operator.getitem
+            and isinstance(current.args[0], fx.Node)
+            and current.args[0].target is getattr
+            and current.args[0].args[1] == "shape"
+            and isinstance(current.args[1], int)
+            and isinstance(current.args[0].args[0], fx.Node)
+        ):
+            tensor = current.args[0].args[0]
+            reads.add((tensor, _axis(tensor, current.args[1])))
+            continue
+        stack.extend(current.all_input_nodes)
+    return reads
+
+
+def _axis(tensor: fx.Node, dim: int) -> int | None:
+    """``dim`` counted from the front (None where the tensor's rank is unknown)."""
+    meta = tensor.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None if dim < 0 else dim
+    return dim % len(meta.shape)
 
 
 def _permutation(node: fx.Node) -> list[int]:
