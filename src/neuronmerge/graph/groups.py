@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from neuronmerge.exported import computed_weights
 from neuronmerge.graph import layout as lay
 from neuronmerge.graph.layout import Layout
 from neuronmerge.graph.ops import Op, label, lookup, spatial_dims
@@ -179,6 +180,13 @@ class GroupFinder:
             else:
                 continue
             result.append(Skipped(name, why))
+        for name, source in computed_weights(self.gm).items():
+            if name not in named:
+                why = (
+                    f"its weight is computed in the forward from {source} (standardised or "
+                    "reparametrised, as by timm's ScaledStdConv2d): no parameter to resize"
+                )
+                result.append(Skipped(name, why))
         return result
 
     # -- what a node is ------------------------------------------------------------------------
