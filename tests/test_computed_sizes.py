@@ -84,6 +84,22 @@ class OwnShape(nn.Module):
         return self.fc(y.reshape(B, C, H * W).mean(2))
 
 
+class LeadingAxes(nn.Module):
+    """``h.shape[:-1]`` sizes a view of another tensor: the leading axes only, not the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(10, 8)
+        self.side = nn.Linear(10, 6)
+        self.fc = nn.Linear(8, 4)
+        self.out = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.embed(x))
+        s = self.side(x).flatten(0, 1).reshape(h.shape[:-1] + (-1,))
+        return self.fc(h) + self.out(torch.relu(s))
+
+
 def test_a_reshape_sized_by_the_stream_holds_the_stream_and_the_rest_compresses() -> None:
     model = TalkingHeads().eval()
     x = torch.randn(2, 5, 10)
@@ -112,6 +128,18 @@ def test_both_sides_of_a_borrowed_size_are_held() -> None:
     result = compress_announced(model, x, 0.5)
     with torch.no_grad():
         assert result.model(torch.randn(5, 10)).shape == (5, 3)
+
+
+def test_sizes_read_from_other_axes_hold_nothing() -> None:
+    model = LeadingAxes().double().eval()
+    x = torch.randn(2, 5, 10, dtype=torch.float64)
+    found = nm.plan(model, x)
+    assert [s.producer for s in found.sites] == ["embed", "side"]
+    plant_duplicates(model, found.sites, 0.5, "l2-norm", torch.Generator().manual_seed(0))
+    result = compress_announced(model, x, 0.5, criterion="l2-norm", threshold=None)
+    check = torch.randn(3, 4, 10, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(result.model(check), model(check), rtol=1e-9, atol=1e-10)
 
 
 def test_a_reshape_sized_by_its_own_channels_still_merges_exactly() -> None:

@@ -1084,7 +1084,7 @@ def _target_sizes(node: fx.Node) -> list[Any]:
 def _shape_reads(node: fx.Node) -> set[tuple[fx.Node, int | None]]:
     """The tensor axes a size computed at run time is read from, as ``(tensor, axis)`` (axis
     ``None``: the whole shape). Follows the arithmetic back to ``x.shape``, ``x.size(d)``,
-    ``x.shape[d]``, never into a tensor's values."""
+    ``x.shape[d]``, ``x.shape[:-1]``, never into a tensor's values."""
     reads: set[tuple[fx.Node, int | None]] = set()
     stack, seen = [node], set()
     while stack:
@@ -1095,40 +1095,47 @@ def _shape_reads(node: fx.Node) -> set[tuple[fx.Node, int | None]]:
         meta = current.meta.get("tensor_meta")
         if meta is not None and hasattr(meta, "shape"):
             continue  # a tensor: its values, not a size
+        whole = _whole_shape(current)
+        if whole is not None:
+            reads.add((whole, None))
+            continue
+        source = current.args[0] if current.args else None
+        if current.target is operator.getitem and isinstance(source, fx.Node):
+            tensor = _whole_shape(source)
+            if tensor is not None:
+                reads.update((tensor, axis) for axis in _axes(tensor, current.args[1]))
+                continue
         op = lookup(current, None) if current.op != "call_module" else None
         if op is not None and op.effect == "metadata":
-            tensor = current.args[0]
-            if not isinstance(tensor, fx.Node):
-                continue
-            if current.target is getattr or current.target == "dim":
-                if current.args[1:2] == ("shape",):
-                    reads.add((tensor, None))
-                continue  # a dtype, a device, a rank: no size
             dim = _arg(current, 1, "dim")
-            reads.add((tensor, None if dim is None else _axis(tensor, int(dim))))
-            continue
-        if (
-            current.op == "call_function"
-            and current.target is operator.getitem
-            and isinstance(current.args[0], fx.Node)
-            and current.args[0].target is getattr
-            and current.args[0].args[1] == "shape"
-            and isinstance(current.args[1], int)
-            and isinstance(current.args[0].args[0], fx.Node)
-        ):
-            tensor = current.args[0].args[0]
-            reads.add((tensor, _axis(tensor, current.args[1])))
-            continue
+            if isinstance(source, fx.Node) and current.target in ("size", torch.ops.aten.sym_size.int):
+                reads.update((source, axis) for axis in _axes(source, dim))
+            continue  # a dtype, a device, a rank: no size
         stack.extend(current.all_input_nodes)
     return reads
 
 
-def _axis(tensor: fx.Node, dim: int) -> int | None:
-    """``dim`` counted from the front (None where the tensor's rank is unknown)."""
+def _whole_shape(node: fx.Node) -> fx.Node | None:
+    """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), or None."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return source
+    if node.op == "call_method" and node.target == "size" and _arg(node, 1, "dim") is None:
+        return source
+    return None
+
+
+def _axes(tensor: fx.Node, index: Any) -> list[int | None]:
+    """The axes of ``tensor`` that ``shape[index]`` reads (``[None]``: unknown, all of them)."""
     meta = tensor.meta.get("tensor_meta")
-    if meta is None or not hasattr(meta, "shape"):
-        return None if dim < 0 else dim
-    return dim % len(meta.shape)
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    if isinstance(index, int):
+        return [index % rank if rank else (index if index >= 0 else None)]
+    if isinstance(index, slice) and rank is not None:
+        return list(range(rank)[index])
+    return [None]
 
 
 def _permutation(node: fx.Node) -> list[int]:
