@@ -274,7 +274,7 @@ class GroupFinder:
                         f"channel count of {ours[0].name}, which would not follow the merge"
                     )
                 if inside and out is not None and index == out.dim and reads and not ours:
-                    tensor = next(iter(reads))[0]
+                    tensor = min((t for t, _ in reads), key=lambda t: t.name)
                     raise _Refusal(
                         f"{label(node, None)} shapes the channels of {node.name} with a size of "
                         f"{tensor.name}, which would not follow the merge"
