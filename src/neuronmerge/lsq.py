@@ -220,8 +220,7 @@ def _heads(
     dims = (kept[:, None] * width + torch.arange(width)).flatten()
     base = decompose.identity_on_kept(group.channels, kept, torch.float32)
     if group.mode == "prune-only":
-        dec = decompose.Decomposition(base.kept, base.target, base.scale)
-        return GroupDecomposition(kept, {c.tensor: dec for c in group.consumers}, 0)
+        return GroupDecomposition(kept, {c.tensor: base for c in group.consumers}, 0)
     at = {}
     for tensor in dict.fromkeys(c.tensor for c in group.consumers):
         fit = decompose.least_squares(moments[(group.name, tensor)], dims, floor, intercept)
