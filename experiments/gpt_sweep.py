@@ -216,21 +216,31 @@ def write_readme(outcome: dict[str, Any]) -> None:
 
 #: Heads removed per block (of the model's ``n_head``), and the methods that act on whole heads.
 HEADS_REMOVED = (1, 2, 3, 4, 5, 6)
-HEAD_METHODS = ("prune", "merge")
+HEAD_METHODS = ("prune", "merge", "merge-ls")
 
 
 def run_heads(model: GPT, test: Tensor) -> list[dict[str, Any]]:
     """Every block's attention loses the same number of whole heads (q, k, v rows and proj columns;
-    ``include`` selects the head groups, the MLPs are untouched): test perplexity per method."""
+    ``include`` selects the head groups, the MLPs are untouched): test perplexity per method.
+    ``merge-ls`` fits on text the model samples itself (``PROBE_TOKENS``, as for the MLPs: data-free),
+    passed as its calibration batch."""
     example = torch.zeros(2, model.config.block_size, dtype=torch.long)
+    length = model.config.block_size
+    sampled = sample_tokens(model, model.config.vocab_size, count=PROBE_TOKENS // length, length=length)
     rows = []
     for removed in HEADS_REMOVED:
         for method in HEAD_METHODS:
             started = time.perf_counter()
+            extra = {"calibration": [sampled]} if method == "merge-ls" else {}
             with warnings.catch_warnings():  # the MLPs and the stream are left alone on purpose
                 warnings.simplefilter("ignore", CompressionWarning)
                 result = compress(
-                    model, example, removed / model.config.n_head, method=method, include=["*attn*"]
+                    model,
+                    example,
+                    removed / model.config.n_head,
+                    method=method,
+                    include=["*attn*"],
+                    **extra,
                 )
             small = result.model
             rows.append(

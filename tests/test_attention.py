@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -185,6 +187,81 @@ def test_gpt_heads_with_different_attention_maps_are_dropped_not_merged() -> Non
     assert merged.report.sites[0].merged == 0
     with torch.no_grad():
         assert torch.equal(merged.model(tokens), pruned.model(tokens))
+
+
+def _gpt_with_a_linearly_dependent_head(dtype: torch.dtype) -> GPT:
+    """4 heads of 8 per block; head 0 has head 1's queries and keys (the same attention map) and
+    values ``A v_1`` for a random 8 x 8 ``A`` (bias too): its output is ``A`` times head 1's, a
+    linear function that no single scale reproduces."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=32, mlp_width=64))
+    model = model.eval().to(dtype)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(std=0.3)
+        for block in model.blocks:
+            attn = block.attn
+            for layer in (attn.q, attn.k):
+                layer.weight[:8] = layer.weight[8:16]
+                layer.bias[:8] = layer.bias[8:16]
+            mix = torch.randn(8, 8, dtype=dtype)
+            attn.v.weight[:8] = mix @ attn.v.weight[8:16]
+            attn.v.bias[:8] = mix @ attn.v.bias[8:16]
+    return model
+
+
+def test_merge_ls_heads_fit_a_removed_head_on_the_kept_heads_exactly() -> None:
+    model = _gpt_with_a_linearly_dependent_head(torch.float64)
+    before = _state(model)
+    tokens = torch.randint(0, 256, (2, 16))
+    calibration = [torch.randint(0, 256, (4, 16)) for _ in range(3)]
+    with torch.no_grad():
+        reference = model(tokens)
+    fitted = compress_announced(
+        model, tokens, 0.25, method="merge-ls", include=["*attn*"], calibration=calibration
+    )
+    merged = compress_announced(model, tokens, 0.25, method="merge", include=["*attn*"])
+    assert _same(model, before)
+    with torch.no_grad():
+        assert torch.allclose(fitted.model(tokens), reference, rtol=1e-9, atol=1e-9)
+        assert _relative(merged.model(tokens), reference) > 1e-2  # one scale per head cannot
+    assert [s.merged for s in fitted.report.sites] == [1, 1]
+    # Three heads of 8 left in each block: q, k, v lose 8 rows each and proj 8 columns.
+    assert fitted.report.params_before - fitted.report.params_after == 2 * (3 * 8 * 33 + 8 * 32)
+    assert fitted.report.params_after == merged.report.params_after
+    attn = fitted.model.get_submodule("blocks.0.attn")
+    assert attn.q.weight.shape == (24, 32) and attn.proj.weight.shape == (32, 24)
+
+
+def _output_error(small: nn.Module, model: nn.Module, batches: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        pairs = [(small(b), model(b)) for b in batches]
+    return math.sqrt(sum(float((a - b).square().sum()) for a, b in pairs)) / math.sqrt(
+        sum(float(b.square().sum()) for _, b in pairs)
+    )
+
+
+def test_merge_ls_heads_beat_pruning_them_on_a_random_gpt() -> None:
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(block_size=16, n_layer=2, n_head=4, n_embd=32, mlp_width=64)).eval()
+    calibration = [torch.randint(0, 256, (4, 16)) for _ in range(4)]
+    tokens = calibration[0]
+    fitted = compress_announced(
+        model, tokens, 0.5, method="merge-ls", include=["*attn*"], calibration=calibration
+    )
+    pruned = compress_announced(model, tokens, 0.5, method="prune", include=["*attn*"])
+    assert fitted.report.params_after == pruned.report.params_after
+    assert _output_error(fitted.model, model, calibration) < 0.75 * _output_error(
+        pruned.model, model, calibration
+    )
+
+
+def test_merge_ls_asks_token_models_for_calibration() -> None:
+    model = _gpt_with_a_linearly_dependent_head(torch.float32)
+    before = _state(model)
+    with pytest.raises(nm.InvalidArgumentError, match="real-valued inputs only.*pass calibration="):
+        nm.compress(model, torch.randint(0, 256, (2, 16)), 0.25, method="merge-ls")
+    assert _same(model, before)
 
 
 def test_an_attention_no_layer_reaches_still_gets_a_reason() -> None:

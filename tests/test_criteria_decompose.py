@@ -110,3 +110,19 @@ def test_least_squares_through_the_origin_has_no_constants_and_fits_raw_moments(
     raw = h.T @ h / 4
     expected = raw[2, :2] @ torch.linalg.inv(raw[:2, :2])
     assert torch.allclose(origin.mixing[2], expected, atol=1e-9)
+
+
+def test_covering_blocks_keeps_whole_heads_and_is_covering_kept_for_single_channels() -> None:
+    torch.manual_seed(0)
+    basis = torch.randn(200, 6, dtype=torch.float64)
+    weights = torch.rand(6, dtype=torch.float64) + 0.5
+    cov = basis.T @ basis / 200
+    assert torch.equal(
+        criteria.covering_blocks(cov, weights, 3, 1), criteria.covering_kept(cov, weights, 3)
+    )
+    # Heads of 2 dims: head 2 is a linear map of head 0, so it explains nothing once head 0 is kept.
+    heads = basis.clone()
+    heads[:, 4:] = heads[:, :2] @ torch.randn(2, 2, dtype=torch.float64)
+    cov = heads.T @ heads / 200
+    kept = criteria.covering_blocks(cov, torch.ones(6, dtype=torch.float64), 2, 2)
+    assert kept.tolist() in ([0, 1], [1, 2])

@@ -258,6 +258,11 @@ def _compress(
             raise InvalidArgumentError(
                 "merge-ls makes synthetic probes for single-input models only; pass calibration="
             )
+        if calibration is None and not inputs[0].is_floating_point():
+            raise InvalidArgumentError(
+                "merge-ls makes synthetic probes for real-valued inputs only (these are "
+                f"{inputs[0].dtype}: token ids, say); pass calibration="
+            )
         source = lsq.moment_source(gm, inputs[0], calibration, groups)
     expected = engine.output_shapes(gm, inputs)
     # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.

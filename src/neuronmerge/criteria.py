@@ -92,6 +92,39 @@ def covering_kept(cov: torch.Tensor, weights: torch.Tensor, keep: int) -> torch.
     return torch.tensor(sorted(chosen), dtype=torch.long)
 
 
+def covering_blocks(cov: torch.Tensor, weights: torch.Tensor, keep: int, width: int) -> torch.Tensor:
+    """``keep`` blocks of ``width`` consecutive channels (the dims of an attention head), chosen
+    greedily as ``covering_kept`` chooses channels, a whole block at a time.
+
+    A head is kept or removed whole, and its dims are kept together, so the step that keeps it
+    fits every channel on all of them at once: keeping block ``B`` removes
+    ``sum_i weights_i * R[i, B] R[B, B]^+ R[B, i]`` of the weighted residual variance (``R`` the
+    residual covariance; a pseudo-inverse, since a head's dims may be collinear, or already
+    explained by kept heads), and ``R`` is then deflated by it. With ``width`` 1 this is
+    ``covering_kept``'s step. Returns the kept block indices, increasing.
+    """
+    residual = cov.to(torch.float64).clone()
+    w = weights.to(torch.float64)
+    blocks = residual.shape[0] // width
+    chosen = torch.zeros(blocks, dtype=torch.bool)
+    floor = residual.diagonal().max().clamp_min(1e-300) * 1e-12
+    for _ in range(keep):
+        columns = residual.reshape(-1, blocks, width).transpose(0, 1)  # (blocks, N, width)
+        diagonal = columns.reshape(blocks, blocks, width, width)[
+            torch.arange(blocks), torch.arange(blocks)
+        ]
+        values, vectors = torch.linalg.eigh(diagonal)
+        inverse = torch.where(values > floor, 1 / values.clamp_min(floor), 0)
+        pinv = (vectors * inverse[:, None, :]) @ vectors.transpose(1, 2)
+        explained = ((columns @ pinv) * columns).sum(dim=2)  # (blocks, N): each channel's share
+        gain = explained @ w
+        gain[chosen] = -torch.inf
+        j = int(torch.argmax(gain))
+        chosen[j] = True
+        residual -= columns[j] @ pinv[j] @ columns[j].T
+    return torch.nonzero(chosen).flatten()
+
+
 def covering_curve(cov: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The weighted residual variance that ``covering_kept`` leaves, for every kept count ``0..N``
     (length ``N + 1``): the least-squares merge's own error at the consumers, as ``budget`` needs

@@ -158,6 +158,11 @@ class Decomposition:
     #: (N,) constant activation credited to each removed channel (0 on kept ones): the consumers add
     #: ``W[:, i] * shift_i`` to their bias. ``None`` means no constants.
     shift: torch.Tensor | None = None
+    #: Columns of each channel that ``mixing`` and ``shift`` address one by one (an attention head's
+    #: dims, whose consumer columns read different things): ``mixing`` is then (N * width) x
+    #: (K * width) and ``shift`` N * width long, over the channels' columns in order. 1: one entry
+    #: per channel, shared by all its columns.
+    width: int = 1
 
     @property
     def channels(self) -> int:
@@ -167,11 +172,14 @@ class Decomposition:
         """Indices of removed channels that were folded into a kept one."""
         is_kept = torch.zeros(self.channels, dtype=torch.bool)
         is_kept[self.kept] = True
-        folded = self.target >= 0 if self.mixing is None else (self.mixing != 0).any(dim=1)
+        if self.mixing is None:
+            folded = self.target >= 0
+        else:
+            folded = (self.mixing != 0).reshape(self.channels, -1).any(dim=1)
         return torch.nonzero(folded & ~is_kept).flatten()
 
     def matrix(self) -> torch.Tensor:
-        """The dense N x K scaling matrix Z (for inspection and tests)."""
+        """The dense N x K scaling matrix Z (for inspection and tests; per column when ``width``)."""
         if self.mixing is not None:
             return self.mixing
         z = torch.zeros(self.channels, self.kept.shape[0], dtype=self.scale.dtype)

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 
 from neuronmerge import attention, criteria, decompose, norm_repair, surgery
-from neuronmerge.activations import tensor_moments
+from neuronmerge.activations import fit_width, tensor_moments
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.probes import cached_probes
@@ -47,8 +47,10 @@ BATCHNORM_REPAIR: Literal["remeasure", "relative"] = "relative"
 
 
 def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> torch.Tensor:
-    """Per channel, the summed squared weights of every consumer column that reads ``tensor``."""
-    energy = torch.zeros(group.channels, dtype=torch.float64)
+    """Per channel (per column of it for a head group: ``fit_width``), the summed squared weights
+    of every consumer column that reads ``tensor``."""
+    width = fit_width(group)
+    energy = torch.zeros(group.channels * width, dtype=torch.float64)
     for piece in group.consumers:
         if piece.tensor != tensor:
             continue
@@ -66,7 +68,7 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
             energy += blocks.square().sum(dim=(1, 3)).reshape(-1)
             continue
         columns = weight[:, piece.offset : piece.offset + group.channels * piece.block]
-        columns = columns.reshape(weight.shape[0], group.channels, piece.block, -1)
+        columns = columns.reshape(weight.shape[0], group.channels * width, piece.block // width, -1)
         energy += columns.square().sum(dim=(0, 2, 3))
     return energy
 
@@ -118,10 +120,12 @@ def covering_inputs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The covariance and consumer energy ``criteria.covering_kept`` chooses ``group``'s kept set
     on: the covariance at the one tensor its consumers read, or the sum of those at several tensors
-    each scaled to unit trace, and the energy of every consumer column."""
+    each scaled to unit trace, and the energy of every consumer column (over every dim of every
+    head for a head group)."""
     tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
-    cov = torch.zeros(group.channels, group.channels, dtype=torch.float64)
-    energy = torch.zeros(group.channels, dtype=torch.float64)
+    size = group.channels * fit_width(group)
+    cov = torch.zeros(size, size, dtype=torch.float64)
+    energy = torch.zeros(size, dtype=torch.float64)
     for tensor in tensors:
         c = moments[(group.name, tensor)].cov
         cov += c / c.diagonal().sum().clamp_min(1e-300) if len(tensors) > 1 else c
@@ -172,6 +176,9 @@ def decompositions(
     for group in groups:
         tensors = list(dict.fromkeys(c.tensor for c in group.consumers))
         cov, energy = covering_inputs(graph_module, group, moments)
+        if group.pattern == "heads":
+            result[group.name] = _heads(group, cov, energy, keep[group.name], moments, floor, intercept)
+            continue
         spans = group.block_spans()  # grouped convs: each block keeps as many, merges inside
         per_block = keep[group.name] // group.blocks
         kept = torch.cat(
@@ -192,6 +199,36 @@ def decompositions(
         merged = max(int(d.merged().shape[0]) for d in at.values())
         result[group.name] = GroupDecomposition(kept, at, merged, heads)
     return result
+
+
+def _heads(
+    group: Group,
+    cov: torch.Tensor,
+    energy: torch.Tensor,
+    keep: int,
+    moments: Mapping[tuple[str, str], decompose.Moments],
+    floor: float,
+    intercept: bool,
+) -> GroupDecomposition:
+    """A head group's decomposition: whole heads kept (``criteria.covering_blocks`` on the
+    covariance of every dim of every head), and at each tensor read every dim of the removed heads
+    fitted on all dims of the kept ones (``decompose.least_squares``): a Z per column
+    (``Decomposition.width``), exact where a removed head's output is a linear function of the
+    kept heads' outputs (same attention map, value rows combinations of kept ones)."""
+    width = fit_width(group)
+    kept = criteria.covering_blocks(cov, energy, keep, width)
+    dims = (kept[:, None] * width + torch.arange(width)).flatten()
+    base = decompose.identity_on_kept(group.channels, kept, torch.float32)
+    if group.mode == "prune-only":
+        return GroupDecomposition(kept, {c.tensor: base for c in group.consumers}, 0)
+    at = {}
+    for tensor in dict.fromkeys(c.tensor for c in group.consumers):
+        fit = decompose.least_squares(moments[(group.name, tensor)], dims, floor, intercept)
+        at[tensor] = decompose.Decomposition(
+            base.kept, base.target, base.scale, fit.matrix(), fit.shift, width
+        )
+    merged = max(int(d.merged().shape[0]) for d in at.values())
+    return GroupDecomposition(kept, at, merged)
 
 
 def _blockwise(

@@ -127,7 +127,9 @@ def _mix_columns(
             pieces.append(weight[:, cursor : piece.offset])
         end = piece.offset + dec.channels * piece.block
         segment = weight[:, piece.offset : end]
-        segment = segment.reshape(weight.shape[0], dec.channels, piece.block, *weight.shape[2:])
+        # Z's rows: channels, or each channel's columns one by one (``dec.width``: a head's dims)
+        fitted = dec.channels * dec.width
+        segment = segment.reshape(weight.shape[0], fitted, piece.block // dec.width, *weight.shape[2:])
         if dec.shift is not None:
             per_channel = dec.shift.to(weight.dtype).view(1, -1, *([1] * (segment.dim() - 2)))
             constant = (segment * per_channel).flatten(1).sum(dim=1)

@@ -2,7 +2,8 @@
 
 Works on every group whose ops are per channel, homogeneous or not (the fit measures what the
 consumers actually read, so no op needs to commute with a scale); groups whose channels meet an op
-that mixes them (LayerNorm, softmax across channels) are pruned, as the other methods do.
+that mixes them (LayerNorm, softmax across channels) are pruned, as the other methods do. Attention
+heads go whole, each dim of a removed head fitted on every dim of the kept ones (``lsq``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ class LeastSquares:
     def refusal(self, group: Group, options: Options) -> str | None:
         if group.mode == "prune-only" and not options.approximate:
             return group.why
-        if group.pattern == "heads":
-            return "merge-ls fits channels one by one, not whole heads: use merge or prune"
+        if group.pattern == "heads" and len({c.block for c in group.consumers}) > 1:
+            return "merge-ls fits a head's dims one by one: its consumers must read heads alike"
         return None
 
     def kept_count(self, group: Group, ratio: float) -> int:
