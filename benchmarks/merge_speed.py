@@ -12,7 +12,8 @@ For each model and pruning ratio it measures, in one run (medians of repeated ti
 
 * ``merge_s``: ``neuronmerge.compress(model, x, ratio)`` end to end (exact fidelity, l1-norm, default
   threshold): capture, sites, decomposition, surgery, detach and the verification forward of the
-  merged model.
+  merged model. ``merge_cpu_s``: the process CPU time of the same calls (median), which waiting
+  for a core that other work shares does not inflate.
 * ``core_s``: decomposition + surgery alone (``engine.decompose`` over the groups, then
   ``surgery.apply``), each repeat on a freshly captured copy whose capture is not timed.
   ``stages`` splits the pipeline further (capture, find_sites, decompose, surgery, detach, one forward).
@@ -230,15 +231,18 @@ def repeat(
     setup: Callable[[], Any] | None = None,
     at_least: int = 1,
     on_result: Callable[[Any], None] | None = None,
+    cpu: list[float] | None = None,
 ) -> list[float]:
-    """Times of repeated ``run(setup())`` (``setup`` untimed); a cheap first run is a warm-up."""
+    """Times of repeated ``run(setup())`` (``setup`` untimed); a cheap first run is a warm-up.
+    ``cpu``, when given, receives the process CPU time of each kept run (waiting for a shared core
+    does not inflate it)."""
     times: list[float] = []
     warmed = False
     while True:
         state = setup() if setup is not None else None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = run(state) if setup is not None else run()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
         if on_result is not None:
             on_result(result)
         del result, state
@@ -246,6 +250,8 @@ def repeat(
             warmed = True  # discard: imports, allocator and thread-pool warm-up
             continue
         times.append(elapsed)
+        if cpu is not None:
+            cpu.append(cpu_elapsed)
         typical = statistics.median(times)
         cheap = typical < repeats.cheap_s
         wanted = max(at_least, repeats.minimum if cheap else repeats.expensive_minimum)
@@ -713,10 +719,14 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
         else:
             identical[0] &= bit_identical(reference["state"], state)
 
-    merge_times = repeat(lambda: nm.compress(model, x, ratio), repeats, at_least=2, on_result=check)
+    merge_cpu: list[float] = []
+    merge_times = repeat(
+        lambda: nm.compress(model, x, ratio), repeats, at_least=2, on_result=check, cpu=merge_cpu
+    )
     merged = reference.pop("result")
     del reference["state"]
     row["merge_s"] = median(merge_times)
+    row["merge_cpu_s"] = median(merge_cpu)
 
     # 2. core_s: decomposition + surgery on a fresh capture each repeat (capture untimed).
     split: dict[str, list[float]] = {
@@ -1010,12 +1020,13 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
 def markdown(document: dict[str, Any]) -> str:
     """The README's tables (rows, then targets) from a results file."""
     lines = [
-        "| model | ratio | merge_s | core_s | authors_s | authors/merge | authors/merge CPU "
-        "| literal_s | floor_s "
+        "| model | ratio | merge_s | merge CPU s | core_s | authors_s | authors/merge "
+        "| authors/merge CPU | literal_s | floor_s "
         "| literal/core | literal/merge "
         "| literal/floor | core/floor | peak extra/model | latency | FLOPs | latency/FLOPs "
         "| native latency | literal Z = ours |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+        "|---:|",
     ]
     for row in document["rows"]:
         d = derived(row)
@@ -1023,7 +1034,8 @@ def markdown(document: dict[str, Any]) -> str:
         if row["literal_s"] is None:
             literal = f"> {LITERAL_LIMIT_S:g} (est. {row['literal_estimate_s']:.0f})"
         cells = [
-            row["model"], f"{row['ratio']:g}", fmt(row["merge_s"]), fmt(row["core_s"]),
+            row["model"], f"{row['ratio']:g}", fmt(row["merge_s"]), fmt(row.get("merge_cpu_s")),
+            fmt(row["core_s"]),
             fmt(row.get("authors_s")), fmt(d["authors_over_merge"]),
             fmt(d.get("authors_over_merge_cpu")), literal,
             fmt(row["floor_s"]), fmt(d["speedup"]), fmt(d["speedup_end_to_end"]),
