@@ -102,10 +102,21 @@ class Rows:
     scale: torch.Tensor | None = None  # (N,) row multipliers; None means 1
     shift: torch.Tensor | None = None  # (N,) one extra column; None means no column
 
+    def columns(self) -> list[torch.Tensor]:
+        """The dense matrix's column blocks: the (scaled) weight, and the shift as one column."""
+        rows = self.weight if self.scale is None else self.scale[:, None] * self.weight
+        return [rows] if self.shift is None else [rows, self.shift[:, None]]
+
     def dense(self) -> torch.Tensor:
         """The (N, D[+1]) matrix itself (a copy unless there is nothing to fold)."""
-        rows = self.weight if self.scale is None else self.scale[:, None] * self.weight
-        return rows if self.shift is None else torch.cat([rows, self.shift[:, None]], dim=1)
+        parts = self.columns()
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @staticmethod
+    def side_by_side(rows: Sequence[Rows]) -> Rows:
+        """Several row sets of the same channels as one, each channel's rows concatenated: written
+        once from every set's column blocks (no dense copy of each set first)."""
+        return Rows(torch.cat([part for r in rows for part in r.columns()], dim=1))
 
     def l1_norms(self) -> torch.Tensor:
         norms = _l1_norms(self.weight)

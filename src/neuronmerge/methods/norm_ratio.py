@@ -89,9 +89,7 @@ def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
     for producer, root, folded in zip(group.producers, group.roots, group.folded, strict=True):
         block = group.rows_per_channel(producer)
         per_root[root].append(producer_rows(graph_module, producer, folded, block))
-    return [
-        rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1)) for rows in per_root
-    ]
+    return [rows[0] if len(rows) == 1 else Rows.side_by_side(rows) for rows in per_root]
 
 
 def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> torch.Tensor:
@@ -104,7 +102,7 @@ def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> 
     elif criterion == "l2-norm":
         scores = torch.linalg.vector_norm(torch.stack([r.l2_norms() for r in rows]), dim=0)
     else:
-        scores = criteria.channel_scores(Rows(torch.cat([r.dense() for r in rows], 1)), criterion)
+        scores = criteria.channel_scores(Rows.side_by_side(rows), criterion)
     return criteria.select_kept(scores, keep)
 
 
@@ -424,7 +422,7 @@ class NormRatio:
         if not merge or width != module.embed_dim // module.num_heads:
             return attention.pruned(module, kept, options.criterion)
         rows = attention.head_rows(module)
-        whole = Rows(torch.cat([r.dense() for r in rows], 1))
+        whole = Rows.side_by_side(rows)
         chosen = criteria.select_kept(criteria.channel_scores(whole, options.criterion), count)
         target, scale = attention.head_pairs(rows, chosen, options.threshold)
         return attention.whole_heads(module, chosen, target, scale)
