@@ -604,6 +604,125 @@ def floor_once(pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[tor
 
 
 # ---------------------------------------------------------------------------------------------
+# 3b. Where compress spends its time: every step of one call, in process CPU time
+# ---------------------------------------------------------------------------------------------
+
+#: The steps of ``api._compress`` (exact merge at one ratio) in the order it runs them.
+PIPELINE_STEPS = (
+    "copy",  # capture.structural_copy + eval mode
+    "trace",  # torch.fx.Tracer().trace: the graph
+    "codegen",  # fx.GraphModule(root, graph): its Python code generated and compiled
+    "shapes",  # capture's shape-recording forward of the model on the example inputs
+    "finite",  # lift, and engine's NaN/inf screen of every parameter and buffer
+    "groups",  # engine.groups (find_groups, include/exclude, refusals)
+    "decompose",  # kept counts and engine.decompose
+    "surgery",  # surgery.apply
+    "detach",  # capture.detach
+    "verify",  # engine.output_shapes and engine.verify: the checking forward of the result
+)
+
+
+def pipeline_once(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, float]:
+    """One ``compress`` taken apart: the process CPU time of each of ``PIPELINE_STEPS``, run as
+    ``api._compress`` runs them (the report and the counts it builds around them are not here)."""
+    method = OPTIONS.method_object()
+    inputs = (x,)
+    times: dict[str, float] = {}
+    clock = [time.process_time()]
+
+    def mark(step: str) -> None:
+        now = time.process_time()
+        times[step] = now - clock[0]
+        clock[0] = now
+
+    copied = capture_module._in_eval_mode(capture_module.structural_copy(model))
+    mark("copy")
+    tracer = torch.fx.Tracer()
+    graph = tracer.trace(copied)
+    mark("trace")
+    gm = torch.fx.GraphModule(tracer.root, graph, type(copied).__name__)
+    mark("codegen")
+    with torch.no_grad():
+        capture_module._record_shapes(gm, tuple(t.clone() for t in inputs))
+    mark("shapes")
+    gm = capture_module.lift(gm)
+    engine._check_finite(gm)
+    mark("finite")
+    groups, _ = engine.groups(gm, OPTIONS, method)
+    mark("groups")
+    keep = engine.kept_counts(groups, ratio, method)
+    decompositions = engine.decompose(gm, groups, keep, OPTIONS, Inputs(()), method)
+    mark("decompose")
+    expected = engine.output_shapes(gm, inputs)
+    owned = surgery.apply(gm, groups, decompositions)
+    mark("surgery")
+    small = capture_module.detach(gm, owned)
+    mark("detach")
+    engine.verify(small, inputs, expected)
+    mark("verify")
+    return times
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are empty tensors on the meta
+    device (shapes and dtypes only)."""
+    copied = capture_module.structural_copy(model)
+    for module in copied.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is not None:
+                    table[key] = torch.empty_like(tensor, device="meta")  # type: ignore[assignment]
+    return copied.eval()
+
+
+def pipeline_floor(model: nn.Module, x: torch.Tensor, ratio: float, pairs: int) -> dict[str, Any]:
+    """Medians over ``pairs`` alternations of a ``compress`` call (``compress_cpu_s``) and the same
+    call taken apart (``steps_cpu_s``, per step), all in process CPU time; beside them, the plain
+    forward of the model on the example inputs (``model_forward_cpu_s``: what the shape-recording
+    forward cannot go below) and the same shape-recording pass on the meta device
+    (``meta_shapes_cpu_s``, shapes only, no arithmetic: the alternative measured and not taken),
+    whose shapes must equal the real ones (``meta_shapes_agree``)."""
+    steps: dict[str, list[float]] = {step: [] for step in PIPELINE_STEPS}
+    compress_cpu, forward_cpu, meta_cpu = [], [], []
+    real = capture_module.capture(model, x)
+    meta = torch.fx.symbolic_trace(meta_copy(model))
+    x_meta = x.to("meta")
+    for index in range(pairs + 1):  # the first round warms up
+        start = time.process_time()
+        nm.compress(model, x, ratio)
+        middle = time.process_time()
+        taken = pipeline_once(model, x, ratio)
+        with torch.no_grad():
+            before = time.process_time()
+            model(x)
+            after = time.process_time()
+            capture_module._record_shapes(meta, (x_meta,))
+            end = time.process_time()
+        if index:
+            compress_cpu.append(middle - start)
+            forward_cpu.append(after - before)
+            meta_cpu.append(end - after)
+            for step, value in taken.items():
+                steps[step].append(value)
+    shapes = {n.name: n.meta.get("tensor_meta") for n in real.graph.nodes}
+    agree = all(
+        getattr(shapes.get(n.name), "shape", None) == getattr(n.meta.get("tensor_meta"), "shape", None)
+        for n in meta.graph.nodes
+    )
+    return {
+        "compress_cpu_s": median(compress_cpu),
+        "steps_cpu_s": {step: median(values) for step, values in steps.items()},
+        "model_forward_cpu_s": median(forward_cpu),
+        "meta_shapes_cpu_s": median(meta_cpu),
+        "meta_shapes_agree": agree,
+        "pairs": pairs,
+    }
+
+
+FLOOR_PAIRS = 15
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory (in a fresh subprocess) and latency
 # ---------------------------------------------------------------------------------------------
 
@@ -801,6 +920,10 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
             median([p[k] for p in pairs]) for k in range(4)
         )
         row["authors_pairs"] = len(pairs)
+
+    # 4c. the same call taken apart, step by step (CPU time), where the authors' target is measured
+    if ctx.case.name in AUTHORS_MODELS:
+        row["pipeline"] = pipeline_floor(model, x, ratio, 3 if ctx.quick else FLOOR_PAIRS)
 
     # 5. memory (fresh subprocess), latency, FLOPs
     memory = measure_memory(ctx.case.name, ratio)
