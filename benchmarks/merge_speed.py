@@ -1175,7 +1175,31 @@ def markdown(document: dict[str, Any]) -> str:
             for m, r, v in goal["values"]
         )
         lines.append(f"| {goal['target']} | {'met' if goal['met'] else '**missed**'} | {values} |")
+    lines += pipeline_markdown(document["rows"])
     return "\n".join(lines)
+
+
+def pipeline_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The table of ``pipeline`` rows (one compress taken apart, CPU milliseconds), if any."""
+    taken = [row for row in rows if row.get("pipeline")]
+    if not taken:
+        return []
+    lines = [
+        "",
+        "| model | ratio | authors CPU ms | compress CPU ms | sum of steps | "
+        + " | ".join(PIPELINE_STEPS)
+        + " | plain forward | meta shapes |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (len(PIPELINE_STEPS) + 2),
+    ]
+    for row in taken:
+        pipe = row["pipeline"]
+        steps = pipe["steps_cpu_s"]
+        ms = [pipe["compress_cpu_s"], sum(steps.values()), *(steps[s] for s in PIPELINE_STEPS)]
+        ms += [pipe["model_forward_cpu_s"], pipe["meta_shapes_cpu_s"]]
+        cells = [row["model"], f"{row['ratio']:g}", fmt(1000 * row["authors_cpu_s"])]
+        cells += [f"{1000 * value:.1f}" for value in ms]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
