@@ -1203,10 +1203,12 @@ def pipeline_markdown(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` with the rows of ``new``'s models replaced by ``new``'s (in the order of ``CASES``),
-    its targets recomputed, and ``settings.updates`` saying which rows were measured when."""
-    fresh = {row["model"] for row in new["rows"]}
-    rows = [row for row in old["rows"] if row["model"] not in fresh] + new["rows"]
+    """``old`` with the rows of ``new``'s models and ratios replaced by ``new``'s (in the order of
+    ``CASES``), its targets recomputed, and ``settings.updates`` saying which rows were measured
+    when."""
+    measured = {(row["model"], row["ratio"]) for row in new["rows"]}
+    fresh = {model for model, _ in measured}
+    rows = [row for row in old["rows"] if (row["model"], row["ratio"]) not in measured] + new["rows"]
     order = list(CASES)
     rows.sort(key=lambda row: (order.index(row["model"]), row["ratio"]))
     settings = dict(old["settings"])
@@ -1214,6 +1216,7 @@ def updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         *settings.get("updates", []),
         {
             "models": sorted(fresh),
+            "ratios": sorted({ratio for _, ratio in measured}),
             "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "wall_s": new["settings"]["wall_s"],
             "threads": new["machine"]["threads"],
@@ -1233,7 +1236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update",
         type=Path,
-        help="re-measure --models and replace their rows in this results file (the others are kept)",
+        help="re-measure --models (at --ratios) and replace those rows in this results file (the "
+        "others are kept)",
     )
     parser.add_argument("--child-memory", nargs=2, metavar=("MODEL", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
