@@ -10,7 +10,7 @@ For each model, in one run:
 
 * ``new_s``: ``neuronmerge.compress(model, x, 0.5, method="merge-ls")`` end to end with an empty probe
   cache: probes sized by the model's cost (``probes.schedule``, early stopping), moments, the
-  least-squares merge, the BatchNorm re-measurement and the verifying forward.
+  least-squares merge, the BatchNorm repair (``norm_repair``) and the verifying forward.
   ``next_ratio_s``: the same call at ratio 0.6 right after (the probes are reused).
 * ``old_s``: what the call cost before (2048 probes x 100 steps at rate 0.05 for every model and
   every call, no early stopping): the same pipeline with ``calibration=synthesize_probes(model, x,

@@ -23,7 +23,14 @@ def _digest(model: nn.Module, example: torch.Tensor) -> str:
     for name, tensor in model.state_dict().items():
         h.update(name.encode())
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    settings = (probes.PROBES, probes.MATCHED, probes.DERIVED, probes.FORWARD_MACS, probes.NOISE)
+    settings = (
+        probes.PROBES,
+        probes.MATCHED,
+        probes.FULL,
+        probes.DERIVED,
+        probes.FORWARD_MACS,
+        probes.NOISE,
+    )
     h.update(repr((settings, tuple(example.shape[1:]))).encode())
     return h.hexdigest()[:16]
 

@@ -7,12 +7,13 @@ spent on probes, one JSON line per setting::
     .venv/bin/python experiments/probe_validation.py alexnet-fmnist auto 128:50:auto 64:50:2048:0.2:0
     .venv/bin/python experiments/probe_validation.py kim auto 2048:100:2048:0.05
 
-A setting is ``optimised:steps:count[:learning_rate[:noise[:seed]]]`` (``probes.synthesize_probes``: the
-probes optimised, their steps, the probes returned, the rest derived by ``probes.derive`` with
-``noise``); ``auto`` alone, or in a field, takes ``probes.schedule``'s choice and the module's
-defaults. ``kim`` is the authors' LeNet-300-100 checkpoint. ``PROBE_TOLERANCE`` in the environment
-overrides the early-stopping tolerance. ``experiments/probe_validation.json`` holds the lines that
-chose the defaults of ``neuronmerge.probes``.
+A setting is ``optimised:steps:count[:learning_rate[:noise[:seed[:cos]]]]``
+(``probes.synthesize_probes``: the probes optimised, their steps, the probes returned, the rest
+derived by ``probes.derive`` with ``noise``; ``cos``: the rate annealed, ``anneal``); ``auto``
+alone, or in a field, takes ``probes.schedule``'s choice and the module's defaults. ``kim`` is the
+authors' LeNet-300-100 checkpoint. ``PROBE_TOLERANCE`` in the environment overrides the
+early-stopping tolerance. ``experiments/probe_validation.json`` holds the lines that chose the
+defaults of ``neuronmerge.probes``.
 """
 
 from __future__ import annotations
@@ -52,10 +53,12 @@ def run(name: str, settings: list[str]) -> list[dict[str, Any]]:
     rows = []
     defaults = {"noise": probes.NOISE}
     for setting in settings:
-        parts = (setting.split(":") + ["auto"] * 6)[:6]
-        optimised, steps, count, rate, noise, seed = parts
+        parts = (setting.split(":") + ["auto"] * 7)[:7]
+        optimised, steps, count, rate, noise, seed, anneal = parts
         probes.NOISE = defaults["noise"] if noise == "auto" else float(noise)
         options: dict[str, Any] = {"progress": False, "seed": 0 if seed == "auto" else int(seed)}
+        if anneal != "auto":
+            options["anneal"] = anneal == "cos"
         options["tolerance"] = float(os.environ.get("PROBE_TOLERANCE", probes.TOLERANCE))
         for key, value in (("optimised", optimised), ("steps", steps), ("count", count)):
             if value != "auto":

@@ -16,13 +16,15 @@ from tests.builders import compress_announced
 
 
 def test_schedule_gives_cheap_models_every_probe_and_heavy_ones_fewer() -> None:
-    matched, derived = probes.MATCHED, probes.DERIVED
+    matched, full, derived = probes.MATCHED, probes.FULL, probes.DERIVED
     conv = probes.schedule(5.6e6)  # a Fashion-MNIST BatchNorm conv net: every probe optimised
     assert probes.MIN_PROBES <= conv.optimised == conv.count < probes.PROBES
     assert (conv.steps, conv.rate) == (matched.steps, matched.rate)
-    # Without BatchNorm: a few probes optimised fast, the rest derived from them.
+    # Without BatchNorm: every probe where the budget affords it, else a few optimised fast and the
+    # rest derived from them.
     lenet = probes.schedule(266_200, batchnorm=False)  # LeNet-300-100: affords every probe
-    assert (lenet.optimised, lenet.count, lenet.steps) == (probes.PROBES,) * 2 + (matched.steps,)
+    assert (lenet.optimised, lenet.count, lenet.steps) == (probes.PROBES,) * 2 + (full.steps,)
+    assert lenet.rate == full.rate
     plain = probes.schedule(5.6e6, batchnorm=False)  # a conv net without BatchNorm: a few, derived
     assert 16 < plain.optimised < 128 and plain.count == probes.PROBES
     assert (plain.steps, plain.rate) == (derived.steps, derived.rate)
@@ -33,7 +35,7 @@ def test_schedule_gives_cheap_models_every_probe_and_heavy_ones_fewer() -> None:
     for macs in (1e5, 1e6, 1e7, 5e7):  # within budget, unless at the floors
         for batchnorm in (True, False):
             plan = probes.schedule(macs, batchnorm=batchnorm)
-            regime = derived if plan.rate == derived.rate else matched
+            regime = matched if batchnorm else derived if plan.rate == derived.rate else full
             assert 3 * macs * plan.optimised * plan.steps <= regime.budget
 
 
@@ -119,3 +121,38 @@ def test_probes_are_made_once_per_model_and_again_when_it_changes(
     assert len(made) == 2
     assert probes.cached_probes(capture(model, x), x)[0][0].shape == (64, 5)
     assert len(made) == 2
+
+
+def test_probe_steps_are_torch_adam_steps_without_importing_its_machinery() -> None:
+    torch.manual_seed(0)
+    ours, theirs = torch.randn(16, 9), torch.randn(16, 9)
+    theirs.copy_(ours).requires_grad_(True)
+    adam, reference = probes._Adam(ours, 0.05), torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(30):
+        grad = torch.randn(16, 9)
+        theirs.grad = grad.clone()
+        reference.step()
+        adam.step(grad)
+    assert torch.equal(ours, theirs.detach())
+
+
+def test_batchnorm_matching_drives_probe_statistics_to_the_stored_ones() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten())
+    model.append(nn.Linear(4 * 4 * 4, 3))
+    norm = model[1]
+    with torch.no_grad():
+        norm.running_mean.copy_(torch.tensor([1.0, -1.0, 0.5, 0.0]))
+        norm.running_var.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))
+    model.eval()
+    seen: list[torch.Tensor] = []
+    norm.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach()))
+    # Without the input prior (which pulls the means towards zero) the statistics term is all that
+    # shapes the probes' spread: it must reach the stored statistics.
+    example = torch.randn(2, 2, 6, 6)
+    (made,) = nm.synthesize_probes(model, example, 64, steps=150, rate=0.1, tolerance=0, prior=0)
+    seen.clear()
+    model(made[0])
+    inputs = seen[0].transpose(0, 1).flatten(1)  # (channels, samples)
+    assert (inputs.mean(dim=1) - norm.running_mean).abs().max() < 0.05
+    assert (inputs.var(dim=1, unbiased=False) / norm.running_var - 1).abs().max() < 0.05

@@ -96,7 +96,7 @@ def test_peer_targets_count_losses_only_against_neuronmerge_methods() -> None:
 
 
 #: Models trained here whose committed sweeps hold every peer's rows (issue 12, part 4).
-PEER_SWEPT = ("alexnet-fmnist", "resnet-fmnist")
+PEER_SWEPT = ("vgg-fmnist", "alexnet-fmnist", "resnet-fmnist")
 
 
 def test_issue_twelve_targets_hold_in_the_committed_sweeps() -> None:

@@ -175,8 +175,10 @@ def compress(
     ``calibration`` batches (model inputs, no labels): by default synthetic probes made from the model
     itself (``probes.cached_probes``: data-free, made once per model and reused at other ratios), or
     real samples if you pass them (then it is data-aware); none at all when no site is found;
-    it ignores ``criterion`` and ``threshold``, and then re-measures the BatchNorm statistics of the
-    result on the same batches. ``fidelity="paper"``
+    it ignores ``criterion`` and ``threshold``, and then repairs the BatchNorm statistics of the
+    result on the same batches: on its own probes it moves the stored statistics by the change the
+    merge made there (``norm_repair``; ``lsq.BATCHNORM_REPAIR``), on calibration batches it
+    re-measures them. ``fidelity="paper"``
     reproduces the authors' code, including where it deviates from exactness (conv + BatchNorm, with
     ``lam`` weighing cosine against BN-bias distance, and a threshold of 0 meaning "none").
     ``include``/``exclude`` are glob patterns on producer layer names (a group is chosen when one of

@@ -9,15 +9,15 @@ DeepInversion), which are a summary of the training data that the model already 
 
 Cost is what limits this: every optimisation step is a forward and a backward pass over every probe.
 The work is therefore sized by the model, not fixed (``schedule``): a budget of multiply-accumulates
-buys optimised probes, then steps, under one of two regimes. A model with BatchNorm, or one cheap
-enough to get every probe anyway (``MATCHED``), gets up to ``PROBES`` probes of a hundred gentle
-steps, all optimised (against the stored statistics, where there are some): about a hundred for a
-Fashion-MNIST conv net. A heavier model without BatchNorm (``DERIVED``) gets as many probes as a
-smaller budget buys at fifty steps of a larger rate, and the rest of ``PROBES`` derived from them
-for a forward pass each (``derive``: mixtures of two optimised probes plus noise), since moments
-need many samples and it is the optimisation that costs; mixtures broke the BatchNorm nets'
-statistics, so those keep their optimised probes only. A batch
-also stops early once its loss stops falling. A conv net needs fewer probes than a fully connected
+buys optimised probes, then steps, under one of three regimes. A model with BatchNorm (``MATCHED``)
+gets up to ``PROBES`` probes of sixty steps, all optimised against the stored statistics: about a
+hundred for a Fashion-MNIST conv net. A model without BatchNorm cheap enough to get every probe
+anyway (``FULL``) gets all ``PROBES`` at a hundred gentle steps. A heavier one (``DERIVED``) gets
+as many probes as a smaller budget buys at fifty steps of a larger rate, and the rest of ``PROBES``
+derived from them for a forward pass each (``derive``: mixtures of two optimised probes plus
+noise), since moments need many samples and it is the optimisation that costs; mixtures broke the
+BatchNorm nets' statistics, so those keep their optimised probes only. A batch also stops early
+once its loss stops falling. A conv net needs fewer probes than a fully connected
 one anyway, since every spatial position is one more sample of each channel.
 Probes are remembered per model (``cached_probes``), so compressing one model at several ratios makes
 them once.
@@ -67,15 +67,19 @@ class Regime:
 #: Fashion-MNIST conv net (about 5.6 M MACs per input) gets about a hundred. Chosen on the
 #: validation split (``experiments/probe_validation.json``): on vgg-fmnist a hundred probes beat
 #: 256 and 512; on resnet-fmnist, 64 probes x 50 steps at rate 0.2 derived up to 2048 lost 10-16
-#: points at ratios 0.5-0.7.
-MATCHED = Regime(optimised=PROBES, steps=100, rate=0.05, budget=170e9, derived=False)
-#: Models without BatchNorm (no statistics to match) that ``MATCHED`` cannot give every probe:
+#: points at ratios 0.5-0.7. Sixty steps at rate 0.08 (the same hundred probes, 0.6 of the work of
+#: the former hundred steps at 0.05) did as well on average over seeds (``rows_probespeed``).
+MATCHED = Regime(optimised=PROBES, steps=60, rate=0.08, budget=102e9, derived=False)
+#: Models without BatchNorm that can afford every probe at a hundred gentle steps (LeNet-300-100):
+#: fewer steps, a larger rate, or derived probes lost 1.7-3 points at ratio 0.8 on its validation
+#: split.
+FULL = Regime(optimised=PROBES, steps=100, rate=0.05, budget=170e9, derived=False)
+#: Models without BatchNorm (no statistics to match) that ``FULL`` cannot give every probe:
 #: probes optimised fast, as many as the budget buys, the rest derived, since the optimisation is
 #: what costs. On the validation split of alexnet-fmnist, the budget's 69 probes x 50 steps at rate
 #: 0.2 derived up to 2048 matched or beat the former 2048 x 100 at rate 0.05 (-0.8 to +7 points at
 #: ratios 0.5-0.8, two seeds) for a fiftieth of the time; 106 probes x 100 steps alone lost up to
-#: 30 points. LeNet-300-100, which ``MATCHED`` affords in full, keeps that: derived probes lost 2-3
-#: points at ratio 0.8 on its validation split (``experiments/probe_validation.json``).
+#: 30 points.
 DERIVED = Regime(optimised=PROBES, steps=50, rate=0.2, budget=55e9, derived=True)
 #: Forward multiply-accumulates the derived probes may cost the moments that read them.
 FORWARD_MACS = 12e9
@@ -108,8 +112,8 @@ class Schedule:
 
 
 def schedule(macs_per_input: float, *, batchnorm: bool = True) -> Schedule:
-    """The probes a model of ``macs_per_input`` forward MACs gets: ``MATCHED`` with BatchNorm or
-    when its budget buys every probe (LeNet-300-100), else ``DERIVED``.
+    """The probes a model of ``macs_per_input`` forward MACs gets: ``MATCHED`` with BatchNorm,
+    ``FULL`` without when its budget buys every probe (LeNet-300-100), else ``DERIVED``.
 
     Optimised probes go first (up to the regime's ``optimised`` at its ``steps``), then steps (down
     to ``MIN_STEPS`` at ``MIN_PROBES`` probes); derived probes fill ``FORWARD_MACS`` of forward
@@ -117,8 +121,12 @@ def schedule(macs_per_input: float, *, batchnorm: bool = True) -> Schedule:
     """
     macs = max(macs_per_input, 1.0)
     per_step = 3 * macs  # forward + backward
-    affords_all = per_step * MATCHED.steps * MATCHED.optimised <= MATCHED.budget
-    regime = MATCHED if batchnorm or affords_all else DERIVED
+    if batchnorm:
+        regime = MATCHED
+    elif per_step * FULL.steps * FULL.optimised <= FULL.budget:
+        regime = FULL
+    else:
+        regime = DERIVED
     optimised = int(regime.budget / (per_step * regime.steps))
     if optimised >= MIN_PROBES:
         optimised, steps = min(regime.optimised, optimised), regime.steps
@@ -155,6 +163,33 @@ def derive(optimised: torch.Tensor, count: int, generator: torch.Generator) -> t
     return torch.cat([optimised, mixed])
 
 
+class _Adam:
+    """Adam (Kingma & Ba 2015, PyTorch's defaults and arithmetic) on one tensor, in place.
+
+    Why not ``torch.optim.Adam``: constructing the first ``torch.optim`` optimiser of a process
+    imports ``torch._dynamo``, 1.3-2.7 CPU seconds on two cores, which was a third of LeNet-300-100's
+    whole ``merge-ls`` call; one tensor needs none of its machinery.
+    """
+
+    BETAS = (0.9, 0.999)
+    EPS = 1e-8
+
+    def __init__(self, x: torch.Tensor, rate: float) -> None:
+        self.x, self.rate, self.t = x, rate, 0
+        self.mean = torch.zeros_like(x, requires_grad=False)
+        self.square = torch.zeros_like(x, requires_grad=False)
+
+    @torch.no_grad()
+    def step(self, grad: torch.Tensor, scale: float = 1.0) -> None:
+        beta1, beta2 = self.BETAS
+        self.t += 1
+        self.mean.lerp_(grad, 1 - beta1)
+        self.square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        correction1, correction2 = 1 - beta1**self.t, 1 - beta2**self.t
+        denom = (self.square.sqrt() / correction2**0.5).add_(self.EPS)
+        self.x.addcdiv_(self.mean, denom, value=-self.rate * scale / correction1)
+
+
 def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [
         m
@@ -175,6 +210,7 @@ def synthesize_probes(
     seed: int = 0,
     prior: float = L2_PRIOR,
     tolerance: float = TOLERANCE,
+    anneal: bool = False,
     progress: bool | None = None,
 ) -> list[tuple[torch.Tensor, ...]]:
     """``count`` synthetic inputs shaped like ``example[0]``, in batches, made by model inversion.
@@ -184,7 +220,9 @@ def synthesize_probes(
     ``steps`` and ``optimised`` default to ``schedule`` of the model's cost (``optimised``: all
     ``count`` when ``count`` is given). A batch stops before
     ``steps`` when its loss fell by less than ``tolerance`` (relative) over ``PATIENCE`` steps; 0
-    runs every step. ``prior`` weighs the L2 penalty on the inputs (on their mean square).
+    runs every step. ``anneal``: the learning rate falls from ``rate`` to zero along a half cosine
+    over ``steps`` (Loshchilov & Hutter 2017) instead of staying constant. ``prior`` weighs the L2
+    penalty on the inputs (on their mean square).
     ``progress``: draw a bar on stderr (``None``: only on a terminal, and when the work is expected
     to take over ``PROGRESS_AFTER_S``). Returns one-tensor input tuples, ready to be passed as
     ``calibration``.
@@ -210,8 +248,13 @@ def synthesize_probes(
     observed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def record(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        x = args[0].transpose(0, 1).flatten(1)  # (channels, samples)
-        observed[id(module)] = (x.mean(dim=1), x.var(dim=1, unbiased=False))
+        # Per channel over the batch and every position, as E[x^2] - E[x]^2 from sums over the
+        # positions first: a third to a fifth of the time of ``var_mean`` over dims (0, 2, 3) or of
+        # a transposed copy, forward and backward; this was a third of a BatchNorm net's step.
+        x = args[0].flatten(2) if args[0].dim() > 2 else args[0].unsqueeze(2)
+        samples = x.shape[0] * x.shape[2]
+        mean = x.sum(dim=2).sum(dim=0) / samples
+        observed[id(module)] = (mean, x.square().sum(dim=2).sum(dim=0) / samples - mean.square())
 
     def loss_of(x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         observed.clear()
@@ -248,14 +291,13 @@ def synthesize_probes(
             n = min(batch_size, optimised - start)
             x = torch.randn((n, *example.shape[1:]), generator=generator, dtype=example.dtype)
             x.requires_grad_(True)
-            optimiser = torch.optim.Adam([x], lr=rate)
+            adam = _Adam(x, rate)
             targets: torch.Tensor | None = None
             history: list[float] = []
             for step in range(steps):
                 loss, targets = loss_of(x, targets)
                 (grad,) = torch.autograd.grad(loss, [x])
-                x.grad = grad
-                optimiser.step()
+                adam.step(grad, 0.5 * (1 + math.cos(math.pi * step / steps)) if anneal else 1.0)
                 history.append(float(loss.detach()))
                 if advance is None and show:
                     # Decided once, after the first step: does the whole run earn a bar?
@@ -301,7 +343,7 @@ def cached_probes(
     The key is a digest of the model's weights and buffers and of the input shape, so a model
     changed in place is never served stale probes. The returned tensors are shared: read them only.
     """
-    settings = (PROBES, MATCHED, DERIVED, FORWARD_MACS, MIN_PROBES, MIN_STEPS, TOLERANCE, NOISE)
+    settings = (PROBES, MATCHED, FULL, DERIVED, FORWARD_MACS, MIN_PROBES, MIN_STEPS, TOLERANCE, NOISE)
     key = _fingerprint(model, example, settings)
     if key in _CACHE:
         _CACHE.move_to_end(key)

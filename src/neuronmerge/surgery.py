@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import fx, nn
@@ -397,6 +397,21 @@ def _kept_index(length: int, pieces: list[tuple[ParamSlice, torch.Tensor, int]])
         keep[span] = False
         keep[(piece.offset + kept[:, None] * piece.block + within).flatten()] = True
     return torch.nonzero(keep).flatten()
+
+
+def kept_channels(
+    groups: Sequence[Group],
+    decompositions: Mapping[str, GroupDecomposition],
+    lengths: Mapping[str, int],
+) -> dict[str, torch.Tensor]:
+    """Per whole per-channel module that ``apply`` slices (a BatchNorm, say) and whose original
+    channel count ``lengths`` gives: the original indices of the channels it keeps."""
+    pieces: dict[str, list[tuple[ParamSlice, torch.Tensor, int]]] = defaultdict(list)
+    for group in groups:
+        for param in group.params:
+            if param.name == "*" and param.owner in lengths:
+                pieces[param.owner].append((param, decompositions[group.name].kept, group.channels))
+    return {owner: _kept_index(lengths[owner], parts) for owner, parts in pieces.items()}
 
 
 def _sliced(tensor: torch.Tensor, axis: int, index: torch.Tensor) -> torch.Tensor:

@@ -169,8 +169,10 @@ def _probes(model: nn.Module, example: Tensor, context: SweepContext) -> list[tu
 
 
 def _merge_ls(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
-    probes = _probes(model, example, context)
-    return compress(model, example, ratio, method="merge-ls", calibration=probes).model
+    # The library's data-free path (its BatchNorm repair differs from calibration's), on the probes
+    # ``_probes`` made once: ``compress`` finds them in ``cached_probes``.
+    _probes(model, example, context)
+    return compress(model, example, ratio, method="merge-ls").model
 
 
 def _merge_ls_data(model: nn.Module, example: Tensor, ratio: float, context: SweepContext) -> nn.Module:
