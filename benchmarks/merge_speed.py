@@ -12,7 +12,8 @@ For each model and pruning ratio it measures, in one run (medians of repeated ti
 
 * ``merge_s``: ``neuronmerge.compress(model, x, ratio)`` end to end (exact fidelity, l1-norm, default
   threshold): capture, sites, decomposition, surgery, detach and the verification forward of the
-  merged model.
+  merged model. ``merge_cpu_s``: the process CPU time of the same calls (median), which waiting
+  for a core that other work shares does not inflate.
 * ``core_s``: decomposition + surgery alone (``engine.decompose`` over the groups, then
   ``surgery.apply``), each repeat on a freshly captured copy whose capture is not timed.
   ``stages`` splits the pipeline further (capture, find_sites, decompose, surgery, detach, one forward).
@@ -230,15 +231,18 @@ def repeat(
     setup: Callable[[], Any] | None = None,
     at_least: int = 1,
     on_result: Callable[[Any], None] | None = None,
+    cpu: list[float] | None = None,
 ) -> list[float]:
-    """Times of repeated ``run(setup())`` (``setup`` untimed); a cheap first run is a warm-up."""
+    """Times of repeated ``run(setup())`` (``setup`` untimed); a cheap first run is a warm-up.
+    ``cpu``, when given, receives the process CPU time of each kept run (waiting for a shared core
+    does not inflate it)."""
     times: list[float] = []
     warmed = False
     while True:
         state = setup() if setup is not None else None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         result = run(state) if setup is not None else run()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu_elapsed = time.perf_counter() - start, time.process_time() - cpu_start
         if on_result is not None:
             on_result(result)
         del result, state
@@ -246,6 +250,8 @@ def repeat(
             warmed = True  # discard: imports, allocator and thread-pool warm-up
             continue
         times.append(elapsed)
+        if cpu is not None:
+            cpu.append(cpu_elapsed)
         typical = statistics.median(times)
         cheap = typical < repeats.cheap_s
         wanted = max(at_least, repeats.minimum if cheap else repeats.expensive_minimum)
@@ -598,6 +604,125 @@ def floor_once(pairs: list[tuple[torch.Tensor, torch.Tensor]], weights: list[tor
 
 
 # ---------------------------------------------------------------------------------------------
+# 3b. Where compress spends its time: every step of one call, in process CPU time
+# ---------------------------------------------------------------------------------------------
+
+#: The steps of ``api._compress`` (exact merge at one ratio) in the order it runs them.
+PIPELINE_STEPS = (
+    "copy",  # capture.structural_copy + eval mode
+    "trace",  # torch.fx.Tracer().trace: the graph
+    "codegen",  # fx.GraphModule(root, graph): its Python code generated and compiled
+    "shapes",  # capture's shape-recording forward of the model on the example inputs
+    "finite",  # lift, and engine's NaN/inf screen of every parameter and buffer
+    "groups",  # engine.groups (find_groups, include/exclude, refusals)
+    "decompose",  # kept counts and engine.decompose
+    "surgery",  # surgery.apply
+    "detach",  # capture.detach
+    "verify",  # engine.output_shapes and engine.verify: the checking forward of the result
+)
+
+
+def pipeline_once(model: nn.Module, x: torch.Tensor, ratio: float) -> dict[str, float]:
+    """One ``compress`` taken apart: the process CPU time of each of ``PIPELINE_STEPS``, run as
+    ``api._compress`` runs them (the report and the counts it builds around them are not here)."""
+    method = OPTIONS.method_object()
+    inputs = (x,)
+    times: dict[str, float] = {}
+    clock = [time.process_time()]
+
+    def mark(step: str) -> None:
+        now = time.process_time()
+        times[step] = now - clock[0]
+        clock[0] = now
+
+    copied = capture_module._in_eval_mode(capture_module.structural_copy(model))
+    mark("copy")
+    tracer = torch.fx.Tracer()
+    graph = tracer.trace(copied)
+    mark("trace")
+    gm = torch.fx.GraphModule(tracer.root, graph, type(copied).__name__)
+    mark("codegen")
+    with torch.no_grad():
+        capture_module._record_shapes(gm, tuple(t.clone() for t in inputs))
+    mark("shapes")
+    gm = capture_module.lift(gm)
+    engine._check_finite(gm)
+    mark("finite")
+    groups, _ = engine.groups(gm, OPTIONS, method)
+    mark("groups")
+    keep = engine.kept_counts(groups, ratio, method)
+    decompositions = engine.decompose(gm, groups, keep, OPTIONS, Inputs(()), method)
+    mark("decompose")
+    expected = engine.output_shapes(gm, inputs)
+    owned = surgery.apply(gm, groups, decompositions)
+    mark("surgery")
+    small = capture_module.detach(gm, owned)
+    mark("detach")
+    engine.verify(small, inputs, expected)
+    mark("verify")
+    return times
+
+
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are empty tensors on the meta
+    device (shapes and dtypes only)."""
+    copied = capture_module.structural_copy(model)
+    for module in copied.modules():
+        for table in (module._parameters, module._buffers):
+            for key, tensor in table.items():
+                if tensor is not None:
+                    table[key] = torch.empty_like(tensor, device="meta")  # type: ignore[assignment]
+    return copied.eval()
+
+
+def pipeline_floor(model: nn.Module, x: torch.Tensor, ratio: float, pairs: int) -> dict[str, Any]:
+    """Medians over ``pairs`` alternations of a ``compress`` call (``compress_cpu_s``) and the same
+    call taken apart (``steps_cpu_s``, per step), all in process CPU time; beside them, the plain
+    forward of the model on the example inputs (``model_forward_cpu_s``: what the shape-recording
+    forward cannot go below) and the same shape-recording pass on the meta device
+    (``meta_shapes_cpu_s``, shapes only, no arithmetic: the alternative measured and not taken),
+    whose shapes must equal the real ones (``meta_shapes_agree``)."""
+    steps: dict[str, list[float]] = {step: [] for step in PIPELINE_STEPS}
+    compress_cpu, forward_cpu, meta_cpu = [], [], []
+    real = capture_module.capture(model, x)
+    meta = torch.fx.symbolic_trace(meta_copy(model))
+    x_meta = x.to("meta")
+    for index in range(pairs + 1):  # the first round warms up
+        start = time.process_time()
+        nm.compress(model, x, ratio)
+        middle = time.process_time()
+        taken = pipeline_once(model, x, ratio)
+        with torch.no_grad():
+            before = time.process_time()
+            model(x)
+            after = time.process_time()
+            capture_module._record_shapes(meta, (x_meta,))
+            end = time.process_time()
+        if index:
+            compress_cpu.append(middle - start)
+            forward_cpu.append(after - before)
+            meta_cpu.append(end - after)
+            for step, value in taken.items():
+                steps[step].append(value)
+    shapes = {n.name: n.meta.get("tensor_meta") for n in real.graph.nodes}
+    agree = all(
+        getattr(shapes.get(n.name), "shape", None) == getattr(n.meta.get("tensor_meta"), "shape", None)
+        for n in meta.graph.nodes
+    )
+    return {
+        "compress_cpu_s": median(compress_cpu),
+        "steps_cpu_s": {step: median(values) for step, values in steps.items()},
+        "model_forward_cpu_s": median(forward_cpu),
+        "meta_shapes_cpu_s": median(meta_cpu),
+        "meta_shapes_agree": agree,
+        "pairs": pairs,
+    }
+
+
+FLOOR_PAIRS = 15
+
+
+# ---------------------------------------------------------------------------------------------
 # Memory (in a fresh subprocess) and latency
 # ---------------------------------------------------------------------------------------------
 
@@ -713,10 +838,14 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
         else:
             identical[0] &= bit_identical(reference["state"], state)
 
-    merge_times = repeat(lambda: nm.compress(model, x, ratio), repeats, at_least=2, on_result=check)
+    merge_cpu: list[float] = []
+    merge_times = repeat(
+        lambda: nm.compress(model, x, ratio), repeats, at_least=2, on_result=check, cpu=merge_cpu
+    )
     merged = reference.pop("result")
     del reference["state"]
     row["merge_s"] = median(merge_times)
+    row["merge_cpu_s"] = median(merge_cpu)
 
     # 2. core_s: decomposition + surgery on a fresh capture each repeat (capture untimed).
     split: dict[str, list[float]] = {
@@ -791,6 +920,10 @@ def bench_ratio(ctx: Context, ratio: float) -> dict[str, Any]:
             median([p[k] for p in pairs]) for k in range(4)
         )
         row["authors_pairs"] = len(pairs)
+
+    # 4c. the same call taken apart, step by step (CPU time), where the authors' target is measured
+    if ctx.case.name in AUTHORS_MODELS:
+        row["pipeline"] = pipeline_floor(model, x, ratio, 3 if ctx.quick else FLOOR_PAIRS)
 
     # 5. memory (fresh subprocess), latency, FLOPs
     memory = measure_memory(ctx.case.name, ratio)
@@ -1010,12 +1143,13 @@ def print_tables(console: Console, rows: list[dict[str, Any]], goals: list[dict[
 def markdown(document: dict[str, Any]) -> str:
     """The README's tables (rows, then targets) from a results file."""
     lines = [
-        "| model | ratio | merge_s | core_s | authors_s | authors/merge | authors/merge CPU "
-        "| literal_s | floor_s "
+        "| model | ratio | merge_s | merge CPU s | core_s | authors_s | authors/merge "
+        "| authors/merge CPU | literal_s | floor_s "
         "| literal/core | literal/merge "
         "| literal/floor | core/floor | peak extra/model | latency | FLOPs | latency/FLOPs "
         "| native latency | literal Z = ours |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:"
+        "|---:|",
     ]
     for row in document["rows"]:
         d = derived(row)
@@ -1023,7 +1157,8 @@ def markdown(document: dict[str, Any]) -> str:
         if row["literal_s"] is None:
             literal = f"> {LITERAL_LIMIT_S:g} (est. {row['literal_estimate_s']:.0f})"
         cells = [
-            row["model"], f"{row['ratio']:g}", fmt(row["merge_s"]), fmt(row["core_s"]),
+            row["model"], f"{row['ratio']:g}", fmt(row["merge_s"]), fmt(row.get("merge_cpu_s")),
+            fmt(row["core_s"]),
             fmt(row.get("authors_s")), fmt(d["authors_over_merge"]),
             fmt(d.get("authors_over_merge_cpu")), literal,
             fmt(row["floor_s"]), fmt(d["speedup"]), fmt(d["speedup_end_to_end"]),
@@ -1040,14 +1175,40 @@ def markdown(document: dict[str, Any]) -> str:
             for m, r, v in goal["values"]
         )
         lines.append(f"| {goal['target']} | {'met' if goal['met'] else '**missed**'} | {values} |")
+    lines += pipeline_markdown(document["rows"])
     return "\n".join(lines)
 
 
+def pipeline_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    """The table of ``pipeline`` rows (one compress taken apart, CPU milliseconds), if any."""
+    taken = [row for row in rows if row.get("pipeline")]
+    if not taken:
+        return []
+    lines = [
+        "",
+        "| model | ratio | authors CPU ms | compress CPU ms | sum of steps | "
+        + " | ".join(PIPELINE_STEPS)
+        + " | plain forward | meta shapes |",
+        "|---|---:|---:|---:|---:|" + "---:|" * (len(PIPELINE_STEPS) + 2),
+    ]
+    for row in taken:
+        pipe = row["pipeline"]
+        steps = pipe["steps_cpu_s"]
+        ms = [pipe["compress_cpu_s"], sum(steps.values()), *(steps[s] for s in PIPELINE_STEPS)]
+        ms += [pipe["model_forward_cpu_s"], pipe["meta_shapes_cpu_s"]]
+        cells = [row["model"], f"{row['ratio']:g}", fmt(1000 * row["authors_cpu_s"])]
+        cells += [f"{1000 * value:.1f}" for value in ms]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 def updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """``old`` with the rows of ``new``'s models replaced by ``new``'s (in the order of ``CASES``),
-    its targets recomputed, and ``settings.updates`` saying which rows were measured when."""
-    fresh = {row["model"] for row in new["rows"]}
-    rows = [row for row in old["rows"] if row["model"] not in fresh] + new["rows"]
+    """``old`` with the rows of ``new``'s models and ratios replaced by ``new``'s (in the order of
+    ``CASES``), its targets recomputed, and ``settings.updates`` saying which rows were measured
+    when."""
+    measured = {(row["model"], row["ratio"]) for row in new["rows"]}
+    fresh = {model for model, _ in measured}
+    rows = [row for row in old["rows"] if (row["model"], row["ratio"]) not in measured] + new["rows"]
     order = list(CASES)
     rows.sort(key=lambda row: (order.index(row["model"]), row["ratio"]))
     settings = dict(old["settings"])
@@ -1055,6 +1216,7 @@ def updated(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
         *settings.get("updates", []),
         {
             "models": sorted(fresh),
+            "ratios": sorted({ratio for _, ratio in measured}),
             "utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
             "wall_s": new["settings"]["wall_s"],
             "threads": new["machine"]["threads"],
@@ -1074,7 +1236,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--update",
         type=Path,
-        help="re-measure --models and replace their rows in this results file (the others are kept)",
+        help="re-measure --models (at --ratios) and replace those rows in this results file (the "
+        "others are kept)",
     )
     parser.add_argument("--child-memory", nargs=2, metavar=("MODEL", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -11,7 +11,7 @@ from torch import nn
 
 import neuronmerge as nm
 from neuronmerge import criteria
-from neuronmerge.decompose import Moments, least_squares, norm_ratio
+from neuronmerge.decompose import Moments, Rows, least_squares, norm_ratio, norm_ratio_stacked
 
 ROWS = torch.tensor(
     [
@@ -75,6 +75,68 @@ def test_zero_norm_kept_row_never_absorbs() -> None:
     dec = norm_ratio(rows, torch.tensor([0, 2]), threshold=None)
     assert dec.target.tolist() == [0, 1, 1]
     assert torch.isfinite(dec.scale).all()
+
+
+@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("threshold", [None, 0.1])
+def test_stacked_sites_pair_as_each_site_alone(folded: bool, threshold: float | None) -> None:
+    """``norm_ratio_stacked`` gives every site of a stack the kept set, partners and scales that
+    ``select_kept`` and ``norm_ratio`` give it alone: duplicates (exact merges), a dead kept row and
+    a dead removed row included."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(4, 10, 6, generator=generator)
+    weight[0, 7] = 2.5 * weight[0, 1]  # a positive multiple: merged exactly
+    weight[1, 3] = 0.0  # a dead row
+    weight[2, 9] = -weight[2, 4]  # opposite: never similar
+    scale = torch.rand(4, 10, generator=generator) + 0.5 if folded else None
+    shift = torch.randn(4, 10, generator=generator) if folded else None
+    stack = Rows(weight, scale, shift)
+    for criterion in ("l1-norm", "l2-norm"):
+        kept = criteria.select_kept(criteria.channel_scores(stack, criterion), 5)
+        target, z = norm_ratio_stacked(stack, kept, threshold)
+        for site in range(4):
+            alone = Rows(
+                weight[site],
+                None if scale is None else scale[site],
+                None if shift is None else shift[site],
+            )
+            own = criteria.select_kept(criteria.channel_scores(alone, criterion), 5)
+            assert torch.equal(kept[site], own)
+            dec = norm_ratio(alone, own, threshold)
+            assert torch.equal(target[site], dec.target)
+            assert torch.allclose(z[site], dec.scale, rtol=1e-6, atol=0)
+    # Nothing removed: every channel is its own partner.
+    target, z = norm_ratio_stacked(stack, torch.arange(10).expand(4, 10), threshold)
+    assert torch.equal(target, torch.arange(10).expand(4, 10)) and bool((z == 1).all())
+
+
+def test_stacked_groups_compress_as_one_at_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ResNet's same-shape blocks, decomposed as stacks, give the model that deciding each group
+    alone gives (``stacked_pairs`` switched off)."""
+    from neuronmerge.methods import norm_ratio as method
+
+    torch.manual_seed(0)
+    model = nm.create_model("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    found: list[str] = []
+    original = method.stacked_pairs
+
+    def spy(*args: object) -> object:
+        pairs = original(*args)  # type: ignore[arg-type]
+        found.extend(pairs)
+        return pairs
+
+    monkeypatch.setattr(method, "stacked_pairs", spy)
+    stacked = nm.compress(model, x, 0.5, threshold=None)
+    # Stage 1's three blocks, and the two later blocks of stages 2 and 3 (their first differs).
+    assert len(found) == 7
+    monkeypatch.setattr(method, "stacked_pairs", lambda *args: {})
+    alone = nm.compress(model, x, 0.5, threshold=None)
+    assert [s.merged for s in stacked.report.sites] == [s.merged for s in alone.report.sites]
+    one, two = stacked.model.state_dict(), alone.model.state_dict()
+    assert one.keys() == two.keys()
+    for key in one:
+        assert torch.allclose(one[key], two[key], rtol=1e-5, atol=1e-6), key
 
 
 @pytest.mark.parametrize("criterion", criteria.CRITERIA)

@@ -416,3 +416,47 @@ def test_verify_runs_one_example_where_the_model_is_batch_wise() -> None:
     with pytest.raises(nm.NeuronMergeError, match="output shape changed"):
         engine.verify(wrong, (x,), (2, 5))
     assert wrong.seen == [1, 2]  # a mismatch on one example is confirmed on the full batch
+
+
+class TwoOutputs(nn.Module):
+    """Logits and a dict of the hidden activations: a structured output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, 8)
+        self.fc2 = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        hidden = torch.relu(self.fc1(x))
+        return self.fc2(hidden), {"hidden": hidden}
+
+
+def test_capture_returns_the_outputs_of_its_shape_forward() -> None:
+    """The outputs capture's shape-recording forward computed are the model's own (the reference
+    of ``approximate=True`` is taken from them instead of a second forward)."""
+    torch.manual_seed(0)
+    model = TwoOutputs().eval()
+    x = torch.randn(4, 5)
+    gm, recorded = engine.capture_with_outputs(model, x)
+    logits, extra = model(x)
+    assert isinstance(recorded, tuple) and torch.equal(recorded[0], logits)
+    assert torch.equal(recorded[1]["hidden"], extra["hidden"])
+    assert engine.reference_outputs(gm, (x,), recorded) is recorded
+    # The error compress reports is measured against those outputs: the model's own, exactly.
+    result = nm.compress(model, x, 0.5, approximate=True)
+    small_logits, small_extra = result.model(x)
+    want = engine.relative_error((small_logits, small_extra), (logits, extra))
+    assert result.report.output_error == pytest.approx(want, rel=1e-12, abs=0)
+
+
+def test_reference_of_an_exported_module_is_what_calling_it_returns() -> None:
+    """torch.export's modules regroup the graph's flat output values in generated code: their
+    reference is the module's own return value, not the recorded flat tuple."""
+    from tests.test_exported import shape_branch
+
+    model, _ = shape_branch(0.5)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    gm, recorded = engine.capture_with_outputs(model, x)
+    assert isinstance(recorded, tuple)  # the flat values of the exported graph
+    reference = engine.reference_outputs(gm, (x,), recorded)
+    assert isinstance(reference, torch.Tensor) and torch.equal(reference, model(x))

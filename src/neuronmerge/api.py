@@ -249,7 +249,10 @@ def _compress(
             raise InvalidArgumentError("give a ratio or a target (target_params/target_macs), not both")
     chosen = options.method_object()
     inputs = as_input_tuple(example_inputs)
-    gm = engine.capture(model, inputs)
+    gm, recorded = engine.capture_with_outputs(model, inputs)
+    # The approximate error needs the original outputs: capture's forward computed them already.
+    reference = engine.reference_outputs(gm, inputs, recorded) if options.approximate else None
+    del recorded
     groups, skipped = engine.groups(gm, options, chosen)
     params_before = count_parameters(gm)
     source = None
@@ -265,8 +268,6 @@ def _compress(
             )
         source = lsq.moment_source(gm, inputs[0], calibration, groups)
     expected = engine.output_shapes(gm, inputs)
-    # The approximate error needs the original outputs; surgery changes ``gm``, so run it first.
-    reference = engine.run(gm, inputs) if options.approximate else None
     allocation: str | None = options.budget.allocation if targeted else None
     probed = source.batches if isinstance(source, lsq.MeasuredMoments) else ()
     if allocation == "error" and allocation_check.ENABLED and probed:

@@ -154,7 +154,7 @@ def narrower_heads(module: nn.MultiheadAttention, heads: int, width: int) -> Hea
     dims chosen per head (see the module docstring)."""
     old = module.embed_dim // module.num_heads
     (wq, bq), (wk, bk), (wv, bv) = projections(module)
-    whole = Rows(torch.cat([r.dense() for r in head_rows(module)], dim=1))
+    whole = Rows.side_by_side(head_rows(module))
     chosen = criteria.select_kept(criteria.channel_scores(whole, "l1-norm"), heads)
 
     def norms(w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -178,7 +178,7 @@ def pruned(module: nn.Module, kept: int, criterion: str) -> HeadPlan:
     assert isinstance(module, nn.MultiheadAttention)
     heads, width = head_layout(module.embed_dim, module.num_heads, kept)
     if width == module.embed_dim // module.num_heads:
-        whole = Rows(torch.cat([r.dense() for r in head_rows(module)], dim=1))
+        whole = Rows.side_by_side(head_rows(module))
         return whole_heads(
             module, criteria.select_kept(criteria.channel_scores(whole, criterion), heads)
         )

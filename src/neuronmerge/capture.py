@@ -144,9 +144,10 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return last
 
 
-def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> object:
     """Run the graph node by node on ``inputs`` and record every node's ``tensor_meta`` (a
-    ``TensorMetadata``, or a structure of them) and ``type``, as ``ShapeProp`` does.
+    ``TensorMetadata``, or a structure of them) and ``type``, as ``ShapeProp`` does; return the
+    graph's output values.
 
     A lean loop rather than ``fx.Interpreter``, whose per-node bookkeeping (progress bar, node
     metadata contexts, attribute paths walked per call) cost as much as the layers of a small
@@ -192,10 +193,11 @@ def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...
             node.meta["tensor_meta"] = meta
         node.meta["type"] = type(result)
         if op == "output":
-            return
+            return result
         env[node] = result
         for dead in last.get(node, ()):
             del env[dead]
+    raise RuntimeError("the graph has no output node")
 
 
 _MISSING = object()
@@ -216,6 +218,16 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     model instead (see ``exported``). Where neither can (data-dependent control flow), raises
     ``CaptureError`` naming the user's line that failed and how to wrap it with ``torch.fx.wrap``.
     """
+    return capture_with_outputs(model, example_inputs)[0]
+
+
+def capture_with_outputs(
+    model: nn.Module, example_inputs: ExampleInputs
+) -> tuple[fx.GraphModule, object]:
+    """``capture``, and the values of the graph's output on the example inputs, which the
+    shape-recording forward computed anyway (a caller that needs the model's outputs runs no second
+    forward). A torch.export module regroups those values in its generated code (``exported``):
+    there they are the flat values, not what calling the module returns."""
     if not isinstance(model, nn.Module):
         raise InvalidArgumentError(f"expected an nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)
@@ -234,7 +246,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
             raise _untraceable(model, fx_error, export_error) from fx_error
     try:
         with torch.no_grad():
-            _record_shapes(graph_module, tuple(t.clone() for t in inputs))
+            outputs = _record_shapes(graph_module, tuple(t.clone() for t in inputs))
     except Exception as exc:
         cause = exc.__cause__ or exc  # the recorder wraps the model's own error
         shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
@@ -243,7 +255,7 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
             f"{str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__}"
         ) from exc
     # Layers given as ATen calls (a model loaded from a torch.export archive) become modules too.
-    return lift(graph_module)
+    return lift(graph_module), outputs
 
 
 def _in_eval_mode(module: nn.Module) -> nn.Module:

@@ -54,9 +54,10 @@ def channel_scores(rows: torch.Tensor | Rows, criterion: str) -> torch.Tensor:
 
 
 def select_kept(scores: torch.Tensor, keep: int) -> torch.Tensor:
-    """Indices of the ``keep`` highest scores, in increasing index order."""
-    order = torch.argsort(scores, descending=True, stable=True)
-    return torch.sort(order[:keep]).values
+    """Indices of the ``keep`` highest scores, in increasing index order (along the last axis: a
+    stack of sites' scores gives each site's kept channels)."""
+    order = torch.argsort(scores, dim=-1, descending=True, stable=True)
+    return torch.sort(order[..., :keep], dim=-1).values
 
 
 def _covering_steps(cov: torch.Tensor, weights: torch.Tensor, steps: int) -> Iterator[tuple[int, float]]:

@@ -73,9 +73,9 @@ def _l1_norms(weight: torch.Tensor) -> torch.Tensor:
     ``torch.linalg.vector_norm(ord=1)`` reads the weight once but runs a generic kernel two to three
     times slower (torch 2.13, CPU); ``abs().sum()`` over the whole weight writes a full copy first.
     """
-    rows = max(1, _L1_BLOCK_BYTES // max(1, weight.shape[1] * weight.element_size()))
-    if rows >= weight.shape[0]:
-        return weight.abs().sum(dim=1)
+    rows = max(1, _L1_BLOCK_BYTES // max(1, weight.shape[-1] * weight.element_size()))
+    if weight.dim() > 2 or rows >= weight.shape[0]:  # a stack of small sites' rows: at once
+        return weight.abs().sum(dim=-1)
     # Into one result allocated first: a small result allocated after each block's temporary would
     # keep the heap from reusing the freed block (glibc), and the blocks would pile up to a copy.
     norms = torch.empty(weight.shape[0], dtype=weight.dtype)
@@ -92,16 +92,31 @@ class Rows:
     read it once or twice; every quantity the strategies need has a factored form: norms
     ``|f_i|^2 = scale_i^2 |w_i|^2 + shift_i^2`` and dot products
     ``f_i . f_j = scale_i scale_j (w_i . w_j) + shift_i shift_j``.
+
+    ``weight`` may carry a leading stack axis (G, N, D), with ``scale`` and ``shift`` (G, N): the
+    rows of several small sites of one shape, whose norms are then taken at once
+    (``norm_ratio_stacked``).
     """
 
     weight: torch.Tensor  # (N, D)
     scale: torch.Tensor | None = None  # (N,) row multipliers; None means 1
     shift: torch.Tensor | None = None  # (N,) one extra column; None means no column
 
+    def columns(self) -> list[torch.Tensor]:
+        """The dense matrix's column blocks: the (scaled) weight, and the shift as one column."""
+        rows = self.weight if self.scale is None else self.scale[:, None] * self.weight
+        return [rows] if self.shift is None else [rows, self.shift[:, None]]
+
     def dense(self) -> torch.Tensor:
         """The (N, D[+1]) matrix itself (a copy unless there is nothing to fold)."""
-        rows = self.weight if self.scale is None else self.scale[:, None] * self.weight
-        return rows if self.shift is None else torch.cat([rows, self.shift[:, None]], dim=1)
+        parts = self.columns()
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @staticmethod
+    def side_by_side(rows: Sequence[Rows]) -> Rows:
+        """Several row sets of the same channels as one, each channel's rows concatenated: written
+        once from every set's column blocks (no dense copy of each set first)."""
+        return Rows(torch.cat([part for r in rows for part in r.columns()], dim=1))
 
     def l1_norms(self) -> torch.Tensor:
         norms = _l1_norms(self.weight)
@@ -110,7 +125,7 @@ class Rows:
         return norms if self.shift is None else norms + self.shift.abs()
 
     def l2_norms(self) -> torch.Tensor:
-        norms = torch.linalg.vector_norm(self.weight, dim=1)
+        norms = torch.linalg.vector_norm(self.weight, dim=-1)
         if self.scale is not None:
             norms = norms * self.scale.abs()
         return norms if self.shift is None else torch.hypot(norms, self.shift)
@@ -311,6 +326,52 @@ def norm_ratio(
     scale[removed] = (norms[removed] / kept_norms[choice]).masked_fill_(rejected, 0)
     target[removed] = choice.masked_fill_(rejected, -1)
     return Decomposition(kept, target, scale)
+
+
+def norm_ratio_stacked(
+    rows: Rows, kept: torch.Tensor, threshold: float | None, norms: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``norm_ratio`` on G sites of one shape at once: ``rows`` stacked (G, N, D) and each site's
+    ``kept`` channels (G, K); returns every site's ``target`` and ``scale`` (G, N).
+
+    For networks of many small layers (a ResNet's blocks: 16-64 channels), where the per-site
+    tensor operations of ``norm_ratio`` cost several times their arithmetic: here they run once per
+    stack, the similarities as one batched product of kept against removed rows. The stack is the
+    rows of small layers only (the caller bounds its bytes), so no blocking is needed.
+    """
+    weight = rows.weight
+    sites, n, width = weight.shape
+    k = kept.shape[1]
+    positions = torch.arange(k).expand(sites, k)
+    target = torch.empty(sites, n, dtype=torch.long).scatter_(1, kept, positions)
+    scale = torch.ones(sites, n, dtype=weight.dtype)
+    if k == n:
+        return target, scale
+    is_removed = torch.ones(sites, n, dtype=torch.bool).scatter_(1, kept, False)
+    removed = torch.nonzero(is_removed)[:, 1].view(sites, n - k)  # increasing, per site
+    if norms is None:
+        norms = rows.l2_norms()
+    inverse = torch.where(norms > 0, norms, 1).reciprocal_()
+    u = inverse if rows.scale is None else rows.scale * inverse
+    kept_norms = norms.gather(1, kept)
+    # cos(f_i, f_j) = (u_i u_j)(w_i . w_j) + v_i v_j, as ``best_partners`` computes it.
+    flat = weight.reshape(sites * n, width)  # whole rows by index: a copy per row, not per value
+    first = torch.arange(0, sites * n, n)[:, None]
+    others = flat.index_select(0, (kept + first).flatten()).view(sites, k, width)
+    these = flat.index_select(0, (removed + first).flatten()).view(sites, n - k, width)
+    dots = torch.bmm(others, these.transpose(1, 2))  # (G, K, R)
+    dots.mul_(u.gather(1, kept)[..., None]).mul_(u.gather(1, removed)[:, None, :])
+    if rows.shift is not None:
+        v = rows.shift * inverse
+        dots.add_(v.gather(1, kept)[..., None] * v.gather(1, removed)[:, None, :])
+    similarity = dots.transpose(1, 2).masked_fill_((kept_norms == 0)[:, None, :], -torch.inf)
+    best, choice = similarity.max(dim=2)
+    # NaN and -inf (every kept row dead) fail ``>=`` by themselves.
+    rejected = ~(torch.isfinite(best) if threshold is None else best >= threshold)
+    ratio = norms.gather(1, removed) / kept_norms.gather(1, choice)
+    scale.scatter_(1, removed, ratio.masked_fill_(rejected, 0))
+    target.scatter_(1, removed, choice.masked_fill_(rejected, -1))
+    return target, scale
 
 
 def paper_conv_bn(

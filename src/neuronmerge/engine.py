@@ -16,7 +16,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from neuronmerge import surgery as _surgery
 from neuronmerge.capture import ExampleInputs, as_input_tuple, detach
-from neuronmerge.capture import capture as _capture
+from neuronmerge.capture import capture_with_outputs as _capture_with_outputs
 from neuronmerge.errors import InvalidArgumentError, NeuronMergeError
 from neuronmerge.graph.groups import find_groups
 from neuronmerge.methods.base import GroupDecomposition, Inputs, Method
@@ -26,9 +26,26 @@ from neuronmerge.types import Group, Skipped
 
 def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
     """Trace ``model`` (a structural copy in eval mode) with shapes; refuse NaN or infinite tensors."""
-    gm = _capture(model, as_input_tuple(example_inputs))
+    return capture_with_outputs(model, example_inputs)[0]
+
+
+def capture_with_outputs(
+    model: nn.Module, example_inputs: ExampleInputs
+) -> tuple[fx.GraphModule, object]:
+    """``capture``, and the model's outputs on the example inputs as the shape-recording forward
+    computed them (``reference_outputs`` turns them into what the module returns)."""
+    gm, outputs = _capture_with_outputs(model, as_input_tuple(example_inputs))
     _check_finite(gm)
-    return gm
+    return gm, outputs
+
+
+def reference_outputs(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], recorded: object) -> object:
+    """What ``gm(*inputs)`` returns, from the output values capture ``recorded``: those values
+    themselves, except for a torch.export module, whose generated code regroups them (a pytree
+    codegen), which is run instead."""
+    if isinstance(gm.graph._codegen, fx.graph._PyTreeCodeGen):
+        return run(gm, inputs)
+    return recorded
 
 
 def _check_finite(gm: fx.GraphModule) -> None:

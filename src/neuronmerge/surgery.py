@@ -38,6 +38,10 @@ from neuronmerge.decompose import Decomposition
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.types import ConsumerSlice, Group, ParamSlice
 
+#: Bytes of a layer's kept rows up to which ``_resized_weight`` copies them out first (then takes
+#: the columns from the copy) rather than taking rows and columns in one indexing operation.
+_TWO_STEP_GATHER_BYTES = 2**20
+
 #: Per decomposition (by id, within one ``apply``): its merged channels, their targets and scales.
 _Merges = dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -99,9 +103,16 @@ def _resized_weight(
     if cursor < width // group:
         columns.append(torch.arange(cursor, width // group))
     keep = columns[0] if len(columns) == 1 else torch.cat(columns)
+    # Rows, then columns, by two row copies (``index_select``) where the kept rows are small: the
+    # general index kernel that takes both at once costs several times more per call, which on a
+    # network of many small layers is most of the surgery. A large layer is still written once.
+    narrow = rows is not None and rows.shape[0] * grouped[0].nbytes <= _TWO_STEP_GATHER_BYTES
+    picked = grouped.index_select(0, rows) if narrow and rows is not None else grouped
 
     def gather(cols: torch.Tensor) -> torch.Tensor:
-        return grouped.index_select(1, cols) if rows is None else grouped[rows[:, None], cols]
+        if rows is None or narrow:
+            return picked.index_select(1, cols)
+        return grouped[rows[:, None], cols]
 
     new = gather(keep)
     for source, target, scale in merges:

@@ -77,7 +77,7 @@ def group_rows(graph_module: fx.GraphModule, group: Group) -> Rows:
     """The rows ``[a*w | c]`` each channel of ``group`` computes (norms folded in), all producers
     side by side."""
     rows = root_rows(graph_module, group)
-    return rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1))
+    return rows[0] if len(rows) == 1 else Rows.side_by_side(rows)
 
 
 def error_curve(graph_module: fx.GraphModule, group: Group, criterion: str) -> tuple[float, ...]:

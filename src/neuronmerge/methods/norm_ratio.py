@@ -27,6 +27,7 @@ Exact on duplicates, whatever the group's shape; elsewhere the same approximatio
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -42,6 +43,7 @@ from neuronmerge.decompose import (
     best_partners,
     identity_on_kept,
     norm_ratio,
+    norm_ratio_stacked,
 )
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.methods.base import GroupDecomposition, Inputs, balanced_kept_count
@@ -91,9 +93,7 @@ def root_rows(graph_module: fx.GraphModule, group: Group) -> list[Rows]:
     for producer, root, folded in zip(group.producers, group.roots, group.folded, strict=True):
         block = group.rows_per_channel(producer)
         per_root[root].append(producer_rows(graph_module, producer, folded, block))
-    return [
-        rows[0] if len(rows) == 1 else Rows(torch.cat([r.dense() for r in rows], 1)) for rows in per_root
-    ]
+    return [rows[0] if len(rows) == 1 else Rows.side_by_side(rows) for rows in per_root]
 
 
 def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> torch.Tensor:
@@ -106,7 +106,7 @@ def kept_channels(rows: list[Rows], criterion: str, keep: int, group: Group) -> 
     elif criterion == "l2-norm":
         scores = torch.linalg.vector_norm(torch.stack([r.l2_norms() for r in rows]), dim=0)
     else:
-        scores = criteria.channel_scores(Rows(torch.cat([r.dense() for r in rows], 1)), criterion)
+        scores = criteria.channel_scores(Rows.side_by_side(rows), criterion)
     return criteria.select_kept(scores, keep)
 
 
@@ -300,6 +300,63 @@ def select_and_pair(
     )
 
 
+#: Bytes of weight rows stacked at once by ``stacked_pairs``: sites up to a few hundred kilobytes
+#: each (where per-site operations, not arithmetic, are the cost), never a copy of a large layer.
+_STACK_BYTES = 4 * 2**20
+_STACK_SITE_BYTES = 2**18
+
+
+def stacked_pairs(
+    groups: Sequence[Group],
+    rows_of: Mapping[str, list[Rows]],
+    keep: Mapping[str, int],
+    options: Options,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]:
+    """``select_and_pair`` (merging) of the small single-row-set groups that share a shape, a
+    stack at a time (``decompose.norm_ratio_stacked``); the kept channels, partners and scales by
+    group name. Groups alone of their shape, large, grouped, read as heads or left to pruning are
+    not here (``select_and_pair`` takes them one by one)."""
+    if options.criterion not in ("l1-norm", "l2-norm"):
+        return {}
+    alike: dict[tuple[object, ...], list[tuple[str, Rows]]] = defaultdict(list)
+    for group in groups:
+        rows = rows_of[group.name]
+        weight = rows[0].weight
+        if (
+            len(rows) > 1
+            or group.blocks > 1
+            or group.pattern == "heads"
+            or group.mode == "prune-only"
+            or weight.numel() * weight.element_size() > _STACK_SITE_BYTES
+        ):
+            continue
+        shape = (weight.shape, weight.dtype, rows[0].scale is None, rows[0].shift is None)
+        alike[(*shape, keep[group.name])].append((group.name, rows[0]))
+    result = {}
+    for members in alike.values():
+        if len(members) < 2:
+            continue  # alone of its shape: nothing to share
+        count = keep[members[0][0]]
+        size = members[0][1].weight.numel() * members[0][1].weight.element_size()
+        per_stack = max(2, _STACK_BYTES // size)
+        for start in range(0, len(members), per_stack):
+            chunk = members[start : start + per_stack]
+            names, parts = zip(*chunk, strict=True)
+            scales = [r.scale for r in parts]
+            shifts = [r.shift for r in parts]
+            stack = Rows(
+                torch.stack([r.weight for r in parts]),
+                None if scales[0] is None else torch.stack(scales),  # type: ignore[arg-type]
+                None if shifts[0] is None else torch.stack(shifts),  # type: ignore[arg-type]
+            )
+            kept = criteria.select_kept(criteria.channel_scores(stack, options.criterion), count)
+            norms = stack.l2_norms() if options.criterion == "l2-norm" else None
+            target, scale = norm_ratio_stacked(stack, kept, options.threshold, norms)
+            for index, name in enumerate(names):
+                result[name] = (kept[index], target[index], [scale[index]])
+    return result
+
+
 class NormRatio:
     """``merge`` (``merge=True``) and ``prune``: see the module docstring."""
 
@@ -328,8 +385,10 @@ class NormRatio:
         inputs: Inputs,
     ) -> dict[str, GroupDecomposition]:
         result = {}
+        rows_of = {group.name: root_rows(graph_module, group) for group in groups}
+        stacked = stacked_pairs(groups, rows_of, keep, options) if self.merge else {}
         for group in groups:
-            rows = root_rows(graph_module, group)
+            rows = rows_of[group.name]
             merge = self.merge and group.mode != "prune-only"
             if keep[group.name] % group.blocks:
                 raise InvalidArgumentError(
@@ -337,9 +396,12 @@ class NormRatio:
                     f"{group.blocks} conv groups unevenly"
                 )
             heads_group = group.pattern == "heads"
-            kept, target, scales = select_and_pair(
-                rows, group, keep[group.name], options, merge and not heads_group
-            )
+            if group.name in stacked:
+                kept, target, scales = stacked[group.name]
+            else:
+                kept, target, scales = select_and_pair(
+                    rows, group, keep[group.name], options, merge and not heads_group
+                )
             if merge and heads_group:
                 q, k, v = _roles(group)
                 target, value_scale = attention.head_pairs(
@@ -374,7 +436,7 @@ class NormRatio:
         if not merge or width != module.embed_dim // module.num_heads:
             return attention.pruned(module, kept, options.criterion)
         rows = attention.head_rows(module)
-        whole = Rows(torch.cat([r.dense() for r in rows], 1))
+        whole = Rows.side_by_side(rows)
         chosen = criteria.select_kept(criteria.channel_scores(whole, options.criterion), count)
         target, scale = attention.head_pairs(rows, chosen, options.threshold)
         return attention.whole_heads(module, chosen, target, scale)
