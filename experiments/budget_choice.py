@@ -30,8 +30,8 @@ from probe_files import probe_batches
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge import allocation_check, budget
 from neuronmerge.evaluate import accuracy
+from neuronmerge.lab.budget_settings import overridden
 from neuronmerge.lab.training import trained_model
 
 HERE = Path(__file__).resolve().parent
@@ -85,11 +85,9 @@ def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
     for kept in KEPT:
         errors: dict[str, dict[str, torch.Tensor]] = {}
         for label in ("uniform", *map(str, BANDS)):
-            previous = budget.BAND, allocation_check.ENABLED
-            budget.BAND = 1.0 if label == "uniform" else float(label)
-            allocation_check.ENABLED = False  # each candidate alone
             started = time.perf_counter()
-            try:
+            # Each candidate alone (the check off).
+            with overridden(band=1.0 if label == "uniform" else float(label), check=False):
                 result = nm.compress(
                     model,
                     example,
@@ -98,8 +96,6 @@ def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
                     calibration=probes,
                     allocation="uniform" if label == "uniform" else "error",
                 )
-            finally:
-                budget.BAND, allocation_check.ENABLED = previous
             errors[label] = per_probe(result.model, dense, probes)
             row = {
                 "kept": kept,

@@ -20,8 +20,8 @@ import torch
 from probe_files import probe_batches
 
 import neuronmerge as nm
-from neuronmerge import allocation_check, widths
 from neuronmerge.evaluate import accuracy
+from neuronmerge.lab.budget_settings import overridden
 from neuronmerge.lab.sweep import fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
 
@@ -42,10 +42,7 @@ def main() -> None:
             ("streams cut by their curve", "error", False),
             ("streams held", "error", True),
         ):
-            previous = widths.HOLD_STREAMS, allocation_check.ENABLED
-            widths.HOLD_STREAMS = hold
-            allocation_check.ENABLED = False  # the allocation alone
-            try:
+            with overridden(hold_streams=hold, check=False):  # the allocation alone
                 result = nm.compress(
                     model,
                     example,
@@ -54,8 +51,6 @@ def main() -> None:
                     calibration=probes,
                     allocation=allocation,  # type: ignore[arg-type]
                 )
-            finally:
-                widths.HOLD_STREAMS, allocation_check.ENABLED = previous
             row = {
                 "kept": kept,
                 "setting": label,

@@ -5,7 +5,8 @@
 
 Reads ``experiments/budget_sweep.json`` (``budget_sweep.py``),
 ``experiments/budget_validation.json`` (``budget_validation.py``),
-``experiments/budget_choice.json`` (``budget_choice.py``) and
+``experiments/budget_choice.json`` (``budget_choice.py``),
+``experiments/budget_holdout.json`` (``budget_holdout.py``) and
 ``benchmarks/results/budget_latency.json`` (``benchmarks/budget_latency.py``).
 """
 
@@ -21,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "experiments" / "budget_sweep.json"
 VALIDATION = ROOT / "experiments" / "budget_validation.json"
 CHOICE = ROOT / "experiments" / "budget_choice.json"
+HOLDOUT = ROOT / "experiments" / "budget_holdout.json"
 LATENCY = ROOT / "benchmarks" / "results" / "budget_latency.json"
 README = ROOT / "README.md"
 START, END = "<!-- budget-tables:start -->", "<!-- budget-tables:end -->"
@@ -97,7 +99,7 @@ def sweep_tables(sweep: dict[str, Any]) -> list[str]:
         )
     return lines + [
         "`*`: merge-ls kept the uniform widths (its check found the allocation no closer on the "
-        "probes).",
+        "probes, or the uniform widths already within `allocation_check.NEGLIGIBLE` of them).",
         "",
         "Targets: best allocated >= best uniform, and >= Torch-Pruning global, at every parameter count "
         "(test accuracy; `yes` or the counts where missed with the difference, and the mean "
@@ -170,6 +172,40 @@ def choice_table(choice: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def holdout_table(holdout: dict[str, Any]) -> list[str]:
+    """merge-ls's check on the validation split: uniform widths kept untried below each threshold
+    of their probe error (the chosen one marked), and the check's error scored in-sample or
+    cross-fitted (at the library's z and candidates)."""
+    summary = holdout["summary"]
+    lines = [
+        "When the uniform widths are already close on the probes (`allocation_check.NEGLIGIBLE`), "
+        "and whether the check should score each probe with a model fitted without it "
+        f"(`experiments/budget_holdout.py`, `.json`; {', '.join(holdout['models'])}; validation "
+        "split): merge-ls's pick minus its uniform widths, and the best allocated method minus the "
+        "best uniform one, over every model and parameter count:",
+        "",
+        "| rule | merge-ls mean gain | merge-ls cells below uniform | best mean gain | "
+        "best cells below uniform |",
+        "|---|---:|---|---:|---|",
+    ]
+
+    def row(label: str, rule: dict[str, Any]) -> str:
+        own, best = rule["merge_ls"], rule["best_data_free"]
+        return (
+            f"| {label} | {own['mean_gain']:+.3f} | {', '.join(own['cells_below_uniform']) or 'none'}"
+            f" | {best['mean_gain']:+.3f} | {', '.join(best['cells_below_uniform']) or 'none'} |"
+        )
+
+    for rule in summary["negligible"].values():
+        mark = " (chosen)" if rule["negligible"] == summary["chosen_negligible"] else ""
+        when = f"below {rule['negligible']}" if rule["negligible"] else "never (as before)"
+        lines.append(row(f"in-sample error, uniform kept untried {when}{mark}", rule))
+    name = "held_out z 1.0 among uniform/band 0.1/band 0.2"
+    if name in summary["rules"]:
+        lines.append(row("cross-fitted error, uniform kept untried never", summary["rules"][name]))
+    return lines + [""]
+
+
 def _accuracy(
     at: dict[tuple[float, str, str], dict[str, Any]], kept: float, method: str, allocation: str
 ) -> float | None:
@@ -224,6 +260,8 @@ def tables() -> str:
         lines += validation_table(json.loads(VALIDATION.read_text()))
     if CHOICE.is_file():
         lines += choice_table(json.loads(CHOICE.read_text()))
+    if HOLDOUT.is_file():
+        lines += holdout_table(json.loads(HOLDOUT.read_text()))
     if LATENCY.is_file():
         lines += latency_table(json.loads(LATENCY.read_text()))
     return "\n".join(lines)

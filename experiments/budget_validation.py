@@ -30,8 +30,8 @@ import torch
 from probe_files import probe_batches
 
 import neuronmerge as nm
-from neuronmerge import allocation_check, budget, widths
 from neuronmerge.evaluate import accuracy
+from neuronmerge.lab.budget_settings import overridden
 from neuronmerge.lab.sweep import fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
 
@@ -95,14 +95,8 @@ def _compress(
 ) -> Any:
     """``nm.compress`` with the allocation's two settings set for this call only (and merge-ls's
     check against uniform widths off: this measures the allocation alone)."""
-    previous = budget.BAND, widths.LEAST_SQUARES_CURVES, allocation_check.ENABLED
-    budget.BAND = 1.0 if band is None else band
-    widths.LEAST_SQUARES_CURVES = least_squares
-    allocation_check.ENABLED = False
-    try:
+    with overridden(band=1.0 if band is None else band, least_squares_curves=least_squares, check=False):
         return nm.compress(model, example, **options)
-    finally:
-        budget.BAND, widths.LEAST_SQUARES_CURVES, allocation_check.ENABLED = previous
 
 
 def summary(models: dict[str, Any]) -> dict[str, Any]:

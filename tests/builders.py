@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -180,6 +181,70 @@ def _set_norm_slice(bn: nn.Module, span: slice, a: torch.Tensor, c: torch.Tensor
         bn.bias[span] = c + a * mean
 
 
+@dataclass
+class _Planting:
+    """A group's flows while planting: per tensor, each channel's factor against its partner, or
+    the index of the root it comes from unchanged while that root's factor is still open."""
+
+    keep: int
+    perm: torch.Tensor
+    scale: torch.Tensor
+    factors: dict[int, torch.Tensor]
+    flows: dict[str, torch.Tensor | int]
+
+    def resolved(self, node: str) -> torch.Tensor:
+        """The flow at ``node``, fixing a root still open to the drawn ``scale``."""
+        value = self.flows[node]
+        if isinstance(value, int):
+            factor = self.factors.setdefault(value, self.scale)
+            value = torch.cat([torch.ones(self.keep, dtype=torch.float64), factor])[self.perm]
+        return value
+
+
+def _joined_at_add(group: Site, node: str) -> list[str]:
+    """The other inputs of the add that ``node`` reaches through steps keeping the scale."""
+    keeping = ("pass", "maxpool", "nonhomogeneous")
+    while True:
+        readers = [s for s in group.steps if node in s.inputs]
+        if len(readers) != 1:
+            return []
+        step = readers[0]
+        if step.kind == "add":
+            return [i for i in step.inputs if i != node]
+        if step.kind not in keeping and not (step.kind == "homogeneous" and step.degree == 1):
+            return []
+        node = step.node
+
+
+def _draw_pairs(
+    group: Site, keep: int, dups: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Where the duplicates go: the shuffle ``perm`` of [kept rows | duplicates], each channel's
+    ``partner`` (itself where kept), ``is_dup``, each duplicate's ``scale`` and ``source`` row. A
+    grouped conv's blocks each hold their own duplicates (merges stay in a block)."""
+    n, blocks = group.channels, group.blocks
+    kb, db = keep // blocks, dups // blocks
+    source = torch.cat(
+        [torch.randint(b * kb, (b + 1) * kb, (db,), generator=generator) for b in range(blocks)]
+    )
+    scale = 0.05 + 0.25 * torch.rand(dups, generator=generator, dtype=torch.float64)
+    if blocks == 1:
+        perm = torch.randperm(n, generator=generator)
+    else:
+        perm = torch.cat(
+            [
+                torch.cat(
+                    [torch.arange(b * kb, (b + 1) * kb), keep + torch.arange(b * db, (b + 1) * db)]
+                )[torch.randperm(kb + db, generator=generator)]
+                for b in range(blocks)
+            ]
+        )
+    where = torch.empty(n, dtype=torch.long)
+    where[perm] = torch.arange(n)
+    partner = where[torch.cat([torch.arange(keep), source])[perm]]
+    return perm, partner, partner != torch.arange(n), scale, source
+
+
 def plant_duplicates(
     model: nn.Module,
     sites: Sequence[Site],
@@ -200,60 +265,49 @@ def plant_duplicates(
         keep = kept_count(n // group.blocks, ratio) * group.blocks
         dups = n - keep
         gates = _gate_roots(group)
-        flows: dict[str, torch.Tensor] = {}
         roots = [s for s in group.steps if s.kind == "root"]
-        for index, (producer, root, folded, step) in enumerate(
-            zip(group.producers, group.roots, group.folded, roots, strict=True)
-        ):
+        root_of = {step.node: root for step, root in zip(roots, group.roots, strict=True)}
+        drawn: list[torch.Tensor] = []  # every producer's kept rows (drawn before the pairs)
+        for index, (producer, folded) in enumerate(zip(group.producers, group.folded, strict=True)):
             layer = model.get_submodule(producer)
             assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
             width = layer.weight[0].numel() + int(layer.bias is not None or bool(folded))
             rows = torch.randn(keep, width, generator=generator, dtype=torch.float64)
             target = 1 + 0.2 * torch.rand(keep, 1, generator=generator, dtype=torch.float64)
-            rows = rows / _norm(rows, criterion)[:, None] * target
-            if index == 0:  # the draws of ``duplicate_rows``, then the shuffle
-                # Grouped convs: every block holds its own duplicates (merges stay in a block).
-                blocks = group.blocks
-                kb, db = keep // blocks, dups // blocks
-                source = torch.cat(
-                    [
-                        torch.randint(b * kb, (b + 1) * kb, (db,), generator=generator)
-                        for b in range(blocks)
-                    ]
-                )
-                scale = 0.05 + 0.25 * torch.rand(dups, generator=generator, dtype=torch.float64)
-                if blocks == 1:
-                    perm = torch.randperm(n, generator=generator)
-                else:
-                    perm = torch.cat(
-                        [
-                            torch.cat(
-                                [
-                                    torch.arange(b * kb, (b + 1) * kb),
-                                    keep + torch.arange(b * db, (b + 1) * db),
-                                ]
-                            )[torch.randperm(kb + db, generator=generator)]
-                            for b in range(blocks)
-                        ]
-                    )
-                where = torch.empty(n, dtype=torch.long)
-                where[perm] = torch.arange(n)
-                partner = where[torch.cat([torch.arange(keep), source])[perm]]
-                is_dup = partner != torch.arange(n)
-            factor = torch.ones_like(scale) if root in gates else scale
-            full = torch.cat([rows, factor[:, None] * rows[source]])[perm]
-            assert len(folded) <= 1, "planting folds one BatchNorm per producer"
-            if folded:
-                set_conv_bn(layer, model.get_submodule(folded[0]), full, generator)  # type: ignore[arg-type]
-            else:
-                set_rows(layer, full)
-            flows[step.node] = torch.cat([torch.ones(keep, dtype=torch.float64), factor])[perm]
+            drawn.append(rows / _norm(rows, criterion)[:, None] * target)
+            if index == 0:
+                perm, partner, is_dup, scale, source = _draw_pairs(group, keep, dups, generator)
+        # A root's duplicates carry the factor of the stream they add into: the other branch's
+        # flow at the add where the root first meets one (a BatchNorm on that branch changes it),
+        # the drawn ``scale`` otherwise; the roots of a gate carry 1.
+        planting = _Planting(
+            keep,
+            perm,
+            scale,
+            {r: torch.ones_like(scale) for r in gates},
+            {s.node: root_of[s.node] for s in roots},
+        )
+        flows, factors, resolved = planting.flows, planting.factors, planting.resolved
         for step in group.steps[len(roots) :]:
-            f = flows[step.inputs[0]]
+            pending = {r for i in step.inputs if isinstance(r := flows.get(i), int)}
+            known = [i for i in step.inputs if isinstance(flows.get(i), torch.Tensor)]
+            keeps_scale = step.kind in ("pass", "maxpool", "nonhomogeneous", "add") or (
+                step.kind == "homogeneous" and step.degree == 1
+            )
+            if step.kind == "add" and known:
+                for root in pending:
+                    factors.setdefault(root, resolved(known[0])[torch.argsort(perm)[keep:]])
+            elif keeps_scale and len(pending) == 1:
+                flows[step.node] = pending.pop()
+                continue
+            f = resolved(step.inputs[0])
             if step.kind == "homogeneous":
                 f = f**step.degree
             elif step.kind == "mul":
-                f = f * flows[step.inputs[1]]
+                f = f * resolved(step.inputs[1])
+            elif step.kind == "add":
+                for other in step.inputs[1:]:
+                    resolved(other)
             elif step.kind == "affine":
                 assert step.params is not None
                 kind, target_name = step.params
@@ -261,6 +315,14 @@ def plant_duplicates(
                 if kind == "batchnorm":
                     a = 0.5 + torch.rand(n, generator=generator, dtype=torch.float64)
                     c = torch.randn(n, generator=generator, dtype=torch.float64)
+                    # A fresh duplicate scale after the step (their product over many steps
+                    # would let the duplicates outscore their sources), or the one of the other
+                    # branch of the add the step leads to (ConvMixer: ``bn(dw(y)) + y``).
+                    fresh = 0.05 + 0.25 * torch.rand(n, generator=generator, dtype=torch.float64)
+                    for other in _joined_at_add(group, step.node):
+                        if isinstance(flows.get(other), torch.Tensor):
+                            fresh = resolved(other)
+                    a[is_dup] = fresh[is_dup] / f[is_dup] * a[partner[is_dup]]
                     f = f * a / a[partner]
                     c[is_dup] = f[is_dup] * c[partner[is_dup]]
                     _set_norm_slice(model.get_submodule(target_name), span, a, c)
@@ -288,6 +350,17 @@ def plant_duplicates(
                     with torch.no_grad():
                         value.view(-1)[span] = v
             flows[step.node] = f
+        for producer, step, folded, rows in zip(
+            group.producers, roots, group.folded, drawn, strict=True
+        ):
+            layer = model.get_submodule(producer)
+            factor = factors.setdefault(root_of[step.node], scale)
+            full = torch.cat([rows, factor[:, None] * rows[source]])[perm]
+            assert len(folded) <= 1, "planting folds one BatchNorm per producer"
+            if folded:
+                set_conv_bn(layer, model.get_submodule(folded[0]), full, generator)  # type: ignore[arg-type]
+            else:
+                set_rows(layer, full)
         for param in group.params:
             module = model.get_submodule(param.owner)
             if isinstance(module, nn.PReLU) and param.name == "weight":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -87,3 +88,60 @@ def test_merge_ls_keeps_the_widths_closest_on_the_probes(
         monkeypatch.setattr(budget, "BAND", band)
         alone = _compress(lenet, "error")
         assert float(_errors(lenet, alone.model).mean()) >= float(closer.mean()) - 1e-12
+
+
+def test_folds_score_every_probe_once_with_a_model_fitted_on_the_others() -> None:
+    batches = [(torch.arange(6.0)[:, None],), (torch.arange(6.0, 11.0)[:, None],)]
+    splits = allocation_check.folds(batches)
+    scored = sorted(float(v) for _, part in splits for batch in part for v in batch[0].flatten())
+    assert scored == [float(v) for v in range(11)]
+    for fit, part in splits:
+        fitted = {float(v) for batch in fit for v in batch[0].flatten()}
+        assert fitted.isdisjoint(float(v) for batch in part for v in batch[0].flatten())
+
+
+def test_held_out_errors_are_fitted_without_the_probes_they_score(lenet: torch.nn.Module) -> None:
+    from neuronmerge import api, engine, lsq
+    from neuronmerge.options import Options
+
+    options = Options.of(method="merge-ls", target_params=0.3)
+    chosen = options.method_object()
+    gm = engine.capture(lenet, X)
+    groups, _ = engine.groups(gm, options, chosen)
+    source = lsq.MeasuredMoments(tuple(BATCHES))
+    _, keep = next(api._candidate_widths(gm, groups, (X,), options, chosen, source))
+    in_sample, built = api._probe_errors(gm, groups, keep, options, (X,), chosen, source, False)
+    held_out, none = api._probe_errors(gm, groups, keep, options, (X,), chosen, source, True)
+    assert built is not None and none is None
+    assert in_sample.shape == held_out.shape == (sum(b[0].shape[0] for b in BATCHES),)
+    # 128 probes of 784 pixels: a fit on them matches them better than probes it never saw.
+    assert float(held_out.mean()) > 1.5 * float(in_sample.mean())
+    # The odd probes of every batch are scored by the model fitted on the even ones alone.
+    (fit, scored), _ = allocation_check.folds(BATCHES)
+    small, _ = api._build(
+        copy.deepcopy(gm), groups, keep, options, (X,), lsq.MeasuredMoments(fit), chosen
+    )
+    dense = torch.cat([allocation_check.outputs(gm, scored), allocation_check.outputs(gm, fit)])
+    own = allocation_check.outputs(small, scored)
+    scale = (dense - dense.mean(0)).square().sum(1).mean()
+    half = len(own)
+    assert torch.allclose(held_out[:half], (own - dense[:half]).square().sum(1) / scale)
+
+
+def test_uniform_widths_already_close_on_the_probes_are_kept_untried(
+    lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uniform = _compress(lenet, "uniform")
+    error = float(_errors(lenet, uniform.model).mean())
+    assert error > 0
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", -math.inf)  # any closer allocation wins
+    # Just above the uniform widths' own error: they are kept, built as allocation="uniform" does.
+    monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 1.01 * error)
+    kept = _compress(lenet, "error")
+    assert kept.report.allocation == "uniform"
+    assert torch.allclose(kept.model(X), uniform.model(X))
+    # Just below it: the allocation is tried, and wins.
+    monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 0.99 * error)
+    tried = _compress(lenet, "error")
+    assert tried.report.allocation == "error"
+    assert float(_errors(lenet, tried.model).mean()) < error

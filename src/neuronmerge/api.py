@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from neuronmerge import allocation_check, engine, lsq, widths
+from neuronmerge import allocation_check, engine, lsq, norm_repair, widths
 from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
@@ -197,8 +197,9 @@ def compress(
     (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
     (see ``budget``); ``merge-ls`` builds the uniform widths too, and keeps an allocation only when
-    its outputs on the probes are significantly closer to the model's (``allocation_check``; the
-    report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
+    its outputs on the probes are significantly closer to the model's, and only tries one when the
+    uniform widths' are not already as close as the probes can vouch for (``allocation_check``;
+    the report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
     every group. ``ratios={"glob": r}``
     fixes the fraction removed from groups with a matching producer (first match wins); the target
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
@@ -359,12 +360,39 @@ def _checked_allocation(
     source: lsq.MeasuredMoments,
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
     """``merge-ls`` under a target: the uniform widths and the allocation at every band of
-    ``allocation_check.BANDS``, each built on a copy of ``gm``, and the one whose outputs on the
-    probes stay closest to the dense model's kept (an allocation only when significantly closer
-    than uniform; see ``allocation_check``). Returns the graph, its decompositions, and
-    ``"error"`` or ``"uniform"`` for the widths kept."""
+    ``allocation_check.BANDS``, and the one whose outputs on the probes stay closest to the dense
+    model's kept (an allocation only when significantly closer than uniform, and not at all when
+    uniform's error is already negligible; see ``allocation_check``). Returns the graph, its
+    decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
+    candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
+    label, keep = next(candidates)  # uniform
+    uniform_errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+    best = (label, keep, uniform_errors, built)
+    if not allocation_check.negligible(uniform_errors):
+        for label, keep in candidates:
+            errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+            if allocation_check.replaces(uniform_errors, best[2], errors):
+                best = (label, keep, errors, built)
+    label, keep, _, built = best
+    if built is None:
+        built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
+    return built[0], built[1], "uniform" if label == "uniform" else "error"
+
+
+def _candidate_widths(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    inputs: tuple[torch.Tensor, ...],
+    options: Options,
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+) -> Iterator[tuple[str, dict[str, int]]]:
+    """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
+    ``uniform`` first, then the allocation at each band of ``allocation_check.BANDS`` that differs
+    from those before it."""
     uniform_request = dataclasses.replace(options.budget, allocation="uniform")
-    candidates = {"uniform": widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)}
+    seen = [widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)]
+    yield "uniform", seen[0]
     for band in allocation_check.BANDS:
         keep = widths.kept_counts(
             gm,
@@ -377,19 +405,42 @@ def _checked_allocation(
             moments=source,
             band=band,
         )
-        if keep not in candidates.values():
-            candidates[f"band {band}"] = keep
-    dense = allocation_check.outputs(gm, source.batches)
-    best: tuple[str, torch.Tensor, fx.GraphModule, dict[str, GroupDecomposition]] | None = None
-    uniform_errors = None
-    for label, keep in candidates.items():
-        built, decompositions = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
-        errors = allocation_check.probe_errors(allocation_check.outputs(built, source.batches), dense)
-        uniform_errors = errors if uniform_errors is None else uniform_errors
-        if best is None or allocation_check.replaces(uniform_errors, best[1], errors):
-            best = (label, errors, built, decompositions)
-    assert best is not None
-    return best[2], best[3], "uniform" if best[0] == "uniform" else "error"
+        if keep not in seen:
+            seen.append(keep)
+            yield f"band {band}", keep
+
+
+def _probe_errors(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    keep: Mapping[str, int],
+    options: Options,
+    inputs: tuple[torch.Tensor, ...],
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+    held_out: bool | None = None,
+) -> tuple[torch.Tensor, tuple[fx.GraphModule, dict[str, GroupDecomposition]] | None]:
+    """Per probe, how far the model compressed to ``keep`` is from ``gm`` (``allocation_check``),
+    ``held_out`` (default ``allocation_check.HELD_OUT``): each probe scored by a model fitted on
+    the other fold only (``allocation_check.folds``), else by the model fitted on every probe, which
+    is then returned too (a held-out check builds the chosen widths once more, on every probe)."""
+    held_out = allocation_check.HELD_OUT if held_out is None else held_out
+    if not held_out:
+        built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
+        produced = allocation_check.outputs(built[0], source.batches)
+        dense = allocation_check.outputs(gm, source.batches)
+        return allocation_check.probe_errors(produced, dense), built
+    pieces: list[torch.Tensor] = []
+    references: list[torch.Tensor] = []
+    for fit, scored in allocation_check.folds(source.batches):
+        # The same repair as ``source``'s, on the fold: stored statistics moved by the change
+        # measured on it, or re-measured on it.
+        reference = None if source.reference is None else norm_repair.normalised_moments(gm, fit)
+        fitted = lsq.MeasuredMoments(fit, reference or None)
+        small, _ = _build(copy.deepcopy(gm), groups, keep, options, inputs, fitted, chosen)
+        pieces.append(allocation_check.outputs(small, scored))
+        references.append(allocation_check.outputs(gm, scored))
+    return allocation_check.probe_errors(torch.cat(pieces), torch.cat(references)), None
 
 
 def merge(

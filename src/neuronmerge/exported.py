@@ -122,6 +122,32 @@ def _owner(graph_module: fx.GraphModule, args: Sequence[Any], names: Sequence[st
     return owner if set(held) <= {"weight", "bias"} else None  # _install moves only these
 
 
+def computed_weights(graph_module: fx.GraphModule) -> dict[str, str]:
+    """Layers whose calls compute their weight in the forward instead of reading it, by module name,
+    with the parameter it is computed from. timm's ``ScaledStdConv2d`` and ``StdConv2d`` standardise
+    each output row of their weight with ``F.batch_norm`` on every call: merging resizes parameters
+    and reads them as the layer's rows, which such a layer's effective weight is not."""
+    found: dict[str, str] = {}
+    for node in graph_module.graph.nodes:
+        form = _aten_form(node) if node.op == "call_function" else None
+        if form is None or form[0] is aten.batch_norm.default or len(form[1]) < 2:
+            continue
+        weight = form[1][1]
+        if not isinstance(weight, fx.Node) or weight.op == "get_attr":
+            continue
+        stack, seen = [weight], set()
+        while stack:
+            current = stack.pop()
+            if current in seen or current.op == "placeholder":
+                continue
+            seen.add(current)
+            owner, _, leaf = str(current.target).rpartition(".")
+            if current.op == "get_attr" and leaf == "weight":
+                found.setdefault(owner, str(current.target))
+            stack.extend(current.all_input_nodes)
+    return found
+
+
 def _rank(node: Any) -> int | None:
     """The number of dimensions of ``node``'s value, from export's or ShapeProp's metadata."""
     if not isinstance(node, fx.Node):

@@ -94,9 +94,11 @@ class Group:
     """Channels that lose the same indices everywhere, and everything a change must update.
 
     ``producers`` write the channels; ``roots`` gives, per producer, the index of the product factor
-    it belongs to (producers adding into one stream share a root; the gate and the up projection of
-    a gated pair do not) and ``folded`` the per-channel maps folded into its rows (a BatchNorm right
-    after it). ``steps`` are in graph order; ``consumers`` read the tensors named in their slices.
+    it belongs to (producers adding into one stream share a root where their outputs meet unchanged;
+    the gate and the up projection of a gated pair do not, nor a producer whose output passes a
+    per-channel scale such as RepVGG's identity BatchNorm before the add) and ``folded`` the
+    per-channel maps folded into its rows (a BatchNorm right after it). ``steps`` are in graph
+    order; ``consumers`` read the tensors named in their slices.
     """
 
     #: The group's name: its first producer in graph order.

@@ -16,6 +16,7 @@ The result is frozen ``types.Group`` values with a mode decided by the math (see
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from neuronmerge.exported import computed_weights
 from neuronmerge.graph import layout as lay
 from neuronmerge.graph.layout import Layout
 from neuronmerge.graph.ops import Op, label, lookup, spatial_dims
@@ -107,6 +109,19 @@ class GroupFinder:
         self.read_directly = {
             str(node.target) for node in graph_module.graph.nodes if node.op == "get_attr"
         }
+        # Every view/reshape whose target shape is computed: per size element, the tensor axes
+        # it is computed from (``reshape(B, N, 3, h, C // h)`` with ``B, N, C = x.shape``).
+        self.sized: list[tuple[fx.Node, list[tuple[int, set[tuple[fx.Node, int | None]]]]]] = []
+        for node in graph_module.graph.nodes:
+            if not _is_view(node, self._op(node)):
+                continue
+            elements = [
+                (index, _shape_reads(element))
+                for index, element in enumerate(_target_sizes(node))
+                if isinstance(element, fx.Node)
+            ]
+            if any(reads for _, reads in elements):
+                self.sized.append((node, elements))
 
     def find(self) -> tuple[list[Group], list[Skipped]]:
         """Every producer in graph order, in exactly one Group or one Skipped."""
@@ -165,6 +180,13 @@ class GroupFinder:
             else:
                 continue
             result.append(Skipped(name, why))
+        for name, source in computed_weights(self.gm).items():
+            if name not in named:
+                why = (
+                    f"its weight is computed in the forward from {source} (standardised or "
+                    "reparametrised, as by timm's ScaledStdConv2d): no parameter to resize"
+                )
+                result.append(Skipped(name, why))
         return result
 
     # -- what a node is ------------------------------------------------------------------------
@@ -226,7 +248,37 @@ class GroupFinder:
             raise _Refusal("no layer consumes these channels")
         if state.channels % state.blocks:
             raise _Refusal(f"grouped convolutions split {state.channels} channels unevenly")
+        self._check_computed_sizes(state)
         return self._freeze(state)
+
+    def _check_computed_sizes(self, state: _Growing) -> None:
+        """Refuse when a view/reshape would not follow the group's width: a tensor outside the
+        group shaped with the group's channel count (CaiT's ``qkv(x).reshape(B, N, 3, h, C // h)``
+        with ``C`` from ``x.shape``), or the group's channel axis shaped from another tensor's
+        size. Surgery cannot rewrite a size computed at run time; resizing one side alone breaks
+        the reshape."""
+        for node, elements in self.sized:
+            source = node.args[0]
+            inside = source in state.layouts
+            out = state.layouts.get(node)
+            for index, reads in elements:
+                ours = [
+                    tensor
+                    for tensor, axis in reads
+                    if (where := state.layouts.get(tensor)) is not None
+                    and (axis is None or axis == where.dim)
+                ]
+                if ours and not inside:
+                    raise _Refusal(
+                        f"{label(node, None)} shapes {getattr(source, 'name', source)} with the "
+                        f"channel count of {ours[0].name}, which would not follow the merge"
+                    )
+                if inside and out is not None and index == out.dim and reads and not ours:
+                    tensor = min((t for t, _ in reads), key=lambda t: t.name)
+                    raise _Refusal(
+                        f"{label(node, None)} shapes the channels of {node.name} with a size of "
+                        f"{tensor.name}, which would not follow the merge"
+                    )
 
     def _add_producer(self, node: fx.Node, state: _Growing, expected: Layout | None) -> None:
         name = str(node.target)
@@ -922,6 +974,10 @@ class GroupFinder:
                 i = parent[i]
             return i
 
+        # Producers share a root (one scale per pair, rows side by side) where their outputs meet
+        # at an add *unchanged*: a step that changes a pair's scale on the way (a BatchNorm on one
+        # branch, a square) would make one shared scale wrong for one of them. Such producers keep
+        # their own roots, and merging checks at the add that the branches agree on each pair.
         sets: dict[str, set[int]] = {name: {i} for name, i in root_of.items()}
         for step in steps:
             if step.node in root_of:
@@ -931,7 +987,7 @@ class GroupFinder:
                 joined = [m for m in members if m]
                 for other in joined[1:]:
                     parent[find(min(other))] = find(min(joined[0]))
-            sets[step.node] = set().union(*members)
+            sets[step.node] = set() if _rescales(step) else set().union(*members)
         root_ids = {find(i) for i in range(len(producers))}
         renumber = {r: k for k, r in enumerate(sorted(root_ids))}
         roots = tuple(renumber[find(i)] for i in range(len(producers)))
@@ -994,6 +1050,92 @@ class GroupFinder:
         if not hasattr(self, "_by_name"):
             self._by_name = {n.name: n for n in self.gm.graph.nodes}
         return self._by_name[name]
+
+
+def _rescales(step: Step) -> bool:
+    """Whether ``step`` can change the ratio of two channels' scales (``x_i = s x_j`` in, another
+    ``s`` out): per-channel factors, powers other than one, products, attention."""
+    if step.kind == "affine":
+        return step.params is None or step.params[0] != "shift"
+    if step.kind == "homogeneous":
+        return step.degree != 1
+    return step.kind in ("mul", "attention")
+
+
+def _is_view(node: fx.Node, op: Op | None) -> bool:
+    """Whether ``node`` is a view/reshape taking a target shape (not a flatten or squeeze)."""
+    if op is None or op.effect != "layout" or node.op == "call_module":
+        return False
+    return str(getattr(node.target, "__name__", node.target)).split(".")[0] in ("view", "reshape")
+
+
+def _target_sizes(node: fx.Node) -> list[Any]:
+    """The target shape of a view/reshape, element by element (one node: a whole computed shape)."""
+    for key in ("shape", "size"):
+        if key in node.kwargs:
+            value = node.kwargs[key]
+            return list(value) if isinstance(value, (tuple, list)) else [value]
+    rest = list(node.args[1:])
+    if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+        return list(rest[0])
+    return rest
+
+
+def _shape_reads(node: fx.Node) -> set[tuple[fx.Node, int | None]]:
+    """The tensor axes a size computed at run time is read from, as ``(tensor, axis)`` (axis
+    ``None``: the whole shape). Follows the arithmetic back to ``x.shape``, ``x.size(d)``,
+    ``x.shape[d]``, ``x.shape[:-1]``, never into a tensor's values."""
+    reads: set[tuple[fx.Node, int | None]] = set()
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        meta = current.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            continue  # a tensor: its values, not a size
+        whole = _whole_shape(current)
+        if whole is not None:
+            reads.add((whole, None))
+            continue
+        source = current.args[0] if current.args else None
+        if current.target is operator.getitem and isinstance(source, fx.Node):
+            tensor = _whole_shape(source)
+            if tensor is not None:
+                reads.update((tensor, axis) for axis in _axes(tensor, current.args[1]))
+                continue
+        op = lookup(current, None) if current.op != "call_module" else None
+        if op is not None and op.effect == "metadata":
+            dim = _arg(current, 1, "dim")
+            if isinstance(source, fx.Node) and current.target in ("size", torch.ops.aten.sym_size.int):
+                reads.update((source, axis) for axis in _axes(source, dim))
+            continue  # a dtype, a device, a rank: no size
+        stack.extend(current.all_input_nodes)
+    return reads
+
+
+def _whole_shape(node: fx.Node) -> fx.Node | None:
+    """The tensor whose whole shape ``node`` is (``x.shape``, ``x.size()``), or None."""
+    source = node.args[0] if node.args else None
+    if not isinstance(source, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return source
+    if node.op == "call_method" and node.target == "size" and _arg(node, 1, "dim") is None:
+        return source
+    return None
+
+
+def _axes(tensor: fx.Node, index: Any) -> list[int | None]:
+    """The axes of ``tensor`` that ``shape[index]`` reads (``[None]``: unknown, all of them)."""
+    meta = tensor.meta.get("tensor_meta")
+    rank = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+    if isinstance(index, int):
+        return [index % rank if rank else (index if index >= 0 else None)]
+    if isinstance(index, slice) and rank is not None:
+        return list(range(rank)[index])
+    return [None]
 
 
 def _permutation(node: fx.Node) -> list[int]:

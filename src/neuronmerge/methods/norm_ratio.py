@@ -16,6 +16,10 @@ the roots; ``propagate`` follows that through the group's steps to every tensor 
   conv) turns ``x_i = s x_j + d`` into ``y_i = s' y_j + d'`` with ``s' = s <K_i, K_j> / |K_j|^2``
   and ``d' = d sum(K_i) + b_i - s' b_j``; the constant ``d'`` goes into the consumers' biases;
 * a product of two roots multiplies their scales (a gate with equal rows has ``s = 1``);
+* an add needs the same ``s`` from each branch: producers whose outputs meet there unchanged share
+  a root, while a branch that changed the pair's scale on the way (RepVGG's identity BatchNorm)
+  comes from another root with its own ratio; a pair the branches disagree on (beyond the square
+  root of the dtype's epsilon) is no multiple of its partner from there on, and is dropped there;
 * pooling, padding, views and sums pass ``s`` and ``d`` on.
 
 Exact on duplicates, whatever the group's shape; elsewhere the same approximation as the paper.
@@ -188,6 +192,7 @@ def propagate(
     """The Z of every consumed tensor, from partners and root scales (see the module docstring)."""
     n = group.channels
     dtype = scales[0].dtype
+    tolerance = torch.finfo(dtype).eps ** 0.5
     merged = target >= 0
     partner: torch.Tensor | None = None  # each channel's kept partner (itself where unmerged)
     flows: dict[str, _Flow] = {}
@@ -219,8 +224,12 @@ def propagate(
             carried = bias if first.d is None else first.d * own.sum(1) + bias
             flow = _Flow(s, carried - s * bias[partner], first.valid)
         elif step.kind == "add":
+            # Both branches must carry the pair at the same scale (a BatchNorm on one branch
+            # changes it): where they disagree the channel is no multiple of its partner here.
             second = inputs[1] if len(inputs) > 1 else first
-            flow = _Flow(first.s, _sum(first.d, second.d, step.degree), first.valid & second.valid)
+            agree = torch.isclose(first.s, second.s, rtol=tolerance, atol=0)
+            valid = first.valid & second.valid & agree
+            flow = _Flow(first.s, _sum(first.d, second.d, step.degree), valid)
         elif step.kind == "attention":
             # softmax(q k^T) v per head: a head is s times another where its queries and keys
             # equal the other's (scale 1) and its values are s times the other's.
@@ -348,7 +357,12 @@ class NormRatio:
                 result[group.name] = GroupDecomposition(kept, at, 0, heads)
                 continue
             at = propagate(graph_module, group, kept, target, scales)
-            merged = int((target >= 0).sum()) - int(kept.shape[0])
+            # Merged: folded into a kept channel at some consumer (a pair the branches of an add
+            # disagree on is dropped there).
+            folded = torch.zeros(group.channels, dtype=torch.bool)
+            for dec in at.values():
+                folded |= dec.target >= 0
+            merged = int(folded.sum()) - int(kept.shape[0])
             result[group.name] = GroupDecomposition(kept, at, merged, heads)
         return result
 
