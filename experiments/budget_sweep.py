@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from probe_files import probe_batches
 from torch import nn
 
 import neuronmerge as nm
+from neuronmerge.capture import capture
 from neuronmerge.evaluate import accuracy, count_flops, count_parameters
 from neuronmerge.lab import require
 from neuronmerge.lab.sweep import EvalData, fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
+from neuronmerge.probes import cached_probes
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "budget_sweep.json"
@@ -128,9 +129,12 @@ def run_model(
     methods: dict[str, dict[str, Any]] = {m: {"method": m} for m in plain if m != "merge-ls"}
     if "merge-ls" in plain:
         started = time.perf_counter()
-        probes = probe_batches(name, model, example)
+        # The library's data-free path, whose BatchNorm repair (``norm_repair``) differs from what
+        # ``calibration`` batches get (re-measuring): made once here, ``compress`` finds them in
+        # ``cached_probes``.
+        cached_probes(capture(model, example), example)
         log(f"{name}: probes in {time.perf_counter() - started:.0f} s")
-        methods["merge-ls"] = {"method": "merge-ls", "calibration": probes}
+        methods["merge-ls"] = {"method": "merge-ls"}
     producers = {p for group in nm.plan(model, example).sites for p in group.producers}
     for kept in fractions:
         target = round(kept * params)

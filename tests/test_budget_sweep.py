@@ -18,12 +18,16 @@ MODELS = ("lenet-300-100", "alexnet-fmnist", "vgg-fmnist", "resnet-fmnist")
 KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = ("merge", "prune", "merge-ls")
 #: (model, fraction kept) where the best allocated row is below the best uniform row, as measured:
-#: both where merge and prune allocate from the weights alone (no probes, no check) and the uniform
+#: two where merge and prune allocate from the weights alone (no probes, no check) and the uniform
 #: widths are near the unpruned accuracy, by 0.04 and 0.13 points (about one paired standard error
-#: of the test images each). merge-ls's misses are gone: it keeps the uniform widths where the
-#: probes do not find its allocation closer, or find uniform's error negligible
-#: (``allocation_check``).
+#: of the test images each). merge-ls keeps the uniform widths where the probes do not find its
+#: allocation closer, or find uniform's error negligible (``allocation_check``); with the relative
+#: BatchNorm repair and 60-step probes it still misses on the BatchNorm nets: vgg-fmnist at 10%
+#: (-2.35, the check kept the allocation) and resnet-fmnist at 20-30% (-0.23, -0.19).
 MISSED_UNIFORM: set[tuple[str, float]] = {
+    ("vgg-fmnist", 0.1),
+    ("resnet-fmnist", 0.2),
+    ("resnet-fmnist", 0.3),
     ("lenet-300-100", 0.8),
     ("alexnet-fmnist", 0.9),
 }
