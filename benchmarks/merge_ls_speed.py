@@ -266,6 +266,8 @@ def main() -> int:
         previous = json.loads(args.json.read_text())
         rerun = {row["model"] for row in rows}
         results["rows"] = [r for r in previous.get("rows", []) if r["model"] not in rerun] + rows
+        # Records written beside the rows (validation of the schedule, notes) stay.
+        results = {**previous, **results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results))
