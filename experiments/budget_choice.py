@@ -26,13 +26,15 @@ from typing import Any
 
 import torch
 from budget_validation import cli, gain_summary
-from probe_files import probe_batches
 from torch import nn
 
 import neuronmerge as nm
+from neuronmerge import allocation_check
+from neuronmerge.capture import capture
 from neuronmerge.evaluate import accuracy
 from neuronmerge.lab.budget_settings import overridden
 from neuronmerge.lab.training import trained_model
+from neuronmerge.probes import cached_probes
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "budget_choice.json"
@@ -41,6 +43,8 @@ KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 BANDS = (0.1, 0.2, 0.3, 0.5)
 FIDELITY = ("mse", "kl", "disagreement")
 SIGNIFICANCE = (0.0, 0.5, 1.0, 1.5, 2.0)
+#: The row of the library's own choice (``allocation_check`` on, its settings).
+CHECKED = "checked"
 #: Candidate sets the rules choose among (``uniform`` and bands).
 CANDIDATES = (
     ("uniform", "0.2"),
@@ -79,23 +83,27 @@ def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
     example = data.test[0][:2]
     rows: list[dict[str, Any]] = []
     outcome = {"model": name, "epochs": info["epochs"], "rows": rows}
-    probes = probe_batches(name, model, example)
+    # merge-ls's own data-free path (its probes, its BatchNorm repair, ``lsq.BATCHNORM_REPAIR``),
+    # not ``calibration=`` (which re-measures BatchNorm statistics): made once here, ``compress``
+    # finds them in ``cached_probes``.
+    probes = cached_probes(capture(model, example), example)
     with torch.no_grad():
         dense = torch.cat([model(*batch) for batch in probes]).double()
     for kept in KEPT:
         errors: dict[str, dict[str, torch.Tensor]] = {}
-        for label in ("uniform", *map(str, BANDS)):
+        for label in ("uniform", *map(str, BANDS), CHECKED):
             started = time.perf_counter()
-            # Each candidate alone (the check off).
-            with overridden(band=1.0 if label == "uniform" else float(label), check=False):
-                result = nm.compress(
-                    model,
-                    example,
-                    target_params=kept,
-                    method="merge-ls",
-                    calibration=probes,
-                    allocation="uniform" if label == "uniform" else "error",
-                )
+            if label == CHECKED:  # the library's default: allocation_check on
+                result = nm.compress(model, example, target_params=kept, method="merge-ls")
+            else:  # each candidate alone (the check off)
+                with overridden(band=1.0 if label == "uniform" else float(label), check=False):
+                    result = nm.compress(
+                        model,
+                        example,
+                        target_params=kept,
+                        method="merge-ls",
+                        allocation="uniform" if label == "uniform" else "error",
+                    )
             errors[label] = per_probe(result.model, dense, probes)
             row = {
                 "kept": kept,
@@ -107,6 +115,7 @@ def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
                     for k, v in errors[label].items()
                 },
                 "widths": [s.kept for s in result.report.sites],
+                "allocation": result.report.allocation,
                 "seconds": round(time.perf_counter() - started, 2),
             }
             rows.append(row)
@@ -117,14 +126,25 @@ def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
 
 def choose(cell: dict[str, Any], candidates: tuple[str, ...], measure: str, z: float) -> str:
     """The candidate with the lowest mean ``measure`` among uniform and those whose per-probe
-    error is below uniform's by more than ``z`` standard errors (paired)."""
+    error is below uniform's by more than ``z`` standard errors (paired); uniform where its squared
+    logit error is below ``allocation_check.NEGLIGIBLE`` (the library tries no allocation there)."""
+    if cell["uniform"]["mse"] < allocation_check.NEGLIGIBLE:
+        return "uniform"
     allowed = [c for c in candidates if c == "uniform" or cell[c][f"t_{measure}"] > z]
     return min(allowed, key=lambda c: (cell[c][measure], c != "uniform"))
 
 
+def library_rule() -> str:
+    """The name ``summary`` gives the rule ``allocation_check`` applies now."""
+    bands = "/".join(map(str, allocation_check.BANDS))
+    return f"mse z {allocation_check.SIGNIFICANCE} among uniform/{bands}"
+
+
 def summary(models: dict[str, Any]) -> dict[str, Any]:
     """Per (fidelity measure, candidate set): validation accuracy of the candidate with the best
-    fidelity, minus uniform's, in every cell."""
+    fidelity, minus uniform's, in every cell, and its mean per model. ``chosen``: one rule for
+    every model, the largest mean gain among the rules no model loses by against the library's
+    (``library_rule``); ``best_mean``: the largest mean gain, whichever models pay for it."""
     rules: dict[str, Any] = {}
     for measure in FIDELITY:
         for z in SIGNIFICANCE:
@@ -140,13 +160,18 @@ def summary(models: dict[str, Any]) -> dict[str, Any]:
                         gains.append((name, kept, round(gain, 2)))
                 if not gains:
                     continue
+                per_model = {
+                    name: round(sum(g for n, _, g in gains if n == name) / len(KEPT), 3)
+                    for name in dict.fromkeys(n for n, _, _ in gains)
+                }
                 rules[f"{measure} z {z} among {'/'.join(candidates)}"] = {
                     "measure": measure,
                     "z": z,
                     "candidates": list(candidates),
                     **gain_summary(gains),
+                    "per_model": per_model,
                 }
-    for band in BANDS:  # the allocation alone, for reference
+    for band in (*BANDS, CHECKED):  # the allocation alone, and the library's check, for reference
         gains = []
         for name, result in models.items():
             for kept in KEPT:
@@ -160,12 +185,19 @@ def summary(models: dict[str, Any]) -> dict[str, Any]:
                         )
                     )
         if gains:
-            rules[f"band {band} alone"] = {
+            rules[f"band {band} alone" if band != CHECKED else CHECKED] = {
                 **gain_summary(gains),
             }
     scored = [name for name, rule in rules.items() if "measure" in rule]
-    chosen = max(scored, key=lambda name: rules[name]["mean_gain"], default=None)
-    return {"rules": rules, "chosen": chosen}
+    best_mean = max(scored, key=lambda name: rules[name]["mean_gain"], default=None)
+    library = rules.get(library_rule(), {}).get("per_model", {})
+    no_loser = [
+        name
+        for name in scored
+        if all(rules[name]["per_model"].get(n, gain) >= gain for n, gain in library.items())
+    ]
+    chosen = max(no_loser, key=lambda name: rules[name]["mean_gain"], default=None)
+    return {"rules": rules, "library": library_rule(), "chosen": chosen, "best_mean": best_mean}
 
 
 def main() -> None:
