@@ -6,16 +6,20 @@ split; writes experiments/budget_choice.json (``allocation_check``'s settings).
 The error curves rank groups by one layer's error only, so an allocation can lose to the uniform
 widths (on the converged BatchNorm nets at 10-20% of the parameters kept). A data-free check of the
 whole model is available to ``merge-ls``: its synthetic probes. For every model trained here and
-every fraction of parameters kept (0.1 ... 0.9), ``merge-ls`` (on its probes) compresses with
-uniform widths and with the allocation alone at every trust band of ``BANDS``
-(``allocation_check.ENABLED`` off); each result is scored on the 5,000 validation images held out
-of the training split, and by how far its outputs on the probes are from the dense model's, per
-probe (``FIDELITY``: squared logit error over the dense logits' spread, KL divergence of the
-softmax, top-1 disagreement), with the paired t statistic of each against uniform (``t_*``).
+every fraction of parameters kept (0.1 ... 0.9), ``merge-ls`` on its own data-free path (its
+probes, its BatchNorm repair: ``lsq.BATCHNORM_REPAIR``) compresses with uniform widths and with the
+allocation alone at every trust band of ``BANDS`` (``allocation_check.ENABLED`` off), and with the
+library's own choice (``CHECKED``: the check on, as settled when run); each result is scored on
+the 5,000 validation images held out of the training split, and by how far its outputs on the
+probes are from the dense model's, per probe (``FIDELITY``: squared logit error over the dense
+logits' spread, KL divergence of the softmax, top-1 disagreement), with the paired t statistic
+of each against uniform (``t_*``).
 ``summary`` scores every rule "among these candidates, the one with the lowest mean error, an
-allocation only when its t against uniform exceeds z": the validation accuracy of its pick minus
-uniform's, in every cell; ``chosen`` is the rule with the largest mean gain. The test split is
-never read here. Torch runs on one thread (a shared machine).
+allocation only when its t against uniform exceeds z" (uniform where uniform's error is below
+``allocation_check.NEGLIGIBLE``): the validation accuracy of its pick minus uniform's, in every cell
+and on average per model; ``chosen`` is one rule for every model, the largest mean gain among the
+rules no model loses by against the library's current one. The test split is never read here.
+Torch runs on one thread (a shared machine).
 """
 
 from __future__ import annotations
