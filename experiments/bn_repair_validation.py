@@ -26,10 +26,11 @@ from typing import Any, Literal
 import torch
 
 import neuronmerge as nm
-from neuronmerge import lsq, norm_repair
+from neuronmerge import norm_repair
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import accuracy
 from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.settings import overridden
 from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, trained_model
 from neuronmerge.probes import cached_probes
 
@@ -63,11 +64,11 @@ def evaluate(name: str) -> dict[str, Any]:
     }
     rows: dict[str, Any] = {}
     for rule, (repair, exponent) in RULES.items():
-        lsq.BATCHNORM_REPAIR, norm_repair.TRUST_EXPONENT = repair, exponent
         accs, seconds = [], []
         for r in RATIOS:
             started = time.perf_counter()
-            small = nm.compress(model, example, r, method="merge-ls").model
+            with overridden(batchnorm_repair=repair, trust_exponent=exponent):
+                small = nm.compress(model, example, r, method="merge-ls").model
             seconds.append(time.perf_counter() - started)
             accs.append(round(accuracy(small, x, y), 2))
             print(f"{name} {rule} {r}: {accs[-1]:.2f} ({seconds[-1]:.1f} s)", flush=True)
@@ -102,14 +103,10 @@ def chosen(results: dict[str, Any]) -> dict[str, Any]:
 def main(names: list[str]) -> None:
     torch.set_num_threads(1)
     results = json.loads(OUT.read_text()) if OUT.exists() else {"ratios": list(RATIOS), "models": {}}
-    default = lsq.BATCHNORM_REPAIR, norm_repair.TRUST_EXPONENT
-    try:
-        for name in names:
-            results["models"][name] = evaluate(name)
-            results.update(chosen(results))
-            OUT.write_text(json.dumps(results, indent=2) + "\n")
-    finally:
-        lsq.BATCHNORM_REPAIR, norm_repair.TRUST_EXPONENT = default
+    for name in names:
+        results["models"][name] = evaluate(name)
+        results.update(chosen(results))
+        OUT.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(chosen(results)))
 
 

@@ -36,7 +36,7 @@ import neuronmerge as nm
 from neuronmerge import allocation_check
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import accuracy
-from neuronmerge.lab.budget_settings import overridden
+from neuronmerge.lab.settings import overridden
 from neuronmerge.lab.training import trained_model
 from neuronmerge.probes import cached_probes
 

@@ -31,7 +31,7 @@ from probe_files import probe_batches
 
 import neuronmerge as nm
 from neuronmerge.evaluate import accuracy
-from neuronmerge.lab.budget_settings import overridden
+from neuronmerge.lab.settings import overridden
 from neuronmerge.lab.sweep import fashion_mnist_eval_data
 from neuronmerge.lab.training import trained_model
 

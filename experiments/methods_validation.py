@@ -20,6 +20,7 @@ where MODEL is ``lenet-kim2020`` (the authors' checkpoint) or a registered archi
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -42,7 +43,14 @@ from neuronmerge.methods.norm_ratio import producer_rows
 from neuronmerge.types import Group as Site
 
 RATIOS = (0.5, 0.6, 0.7, 0.8)
-KIM2020 = Path("/work/shared/checkpoints/kim2020/LeNet_300_100.original.300_100.bias.pth.tar")
+KIM2020 = (
+    Path(
+        os.environ.get(
+            "NEURONMERGE_KIM2020_DIR", Path(__file__).resolve().parents[2] / "shared/checkpoints/kim2020"
+        )
+    )
+    / "LeNet_300_100.original.300_100.bias.pth.tar"
+)
 OUT = Path(__file__).with_suffix(".json")
 
 Decide = Callable[[fx.GraphModule, list[Site], float], dict[str, Any]]

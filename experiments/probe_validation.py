@@ -34,13 +34,21 @@ from typing import Any, Literal
 import torch
 
 import neuronmerge as nm
-from neuronmerge import lsq, norm_repair, probes
+from neuronmerge import probes
 from neuronmerge.capture import capture
 from neuronmerge.evaluate import accuracy
 from neuronmerge.lab.data import load_fashion_mnist, train_val_split
+from neuronmerge.lab.settings import overridden
 from neuronmerge.lab.training import VAL_SEED, VAL_SIZE, trained_model
 
-KIM2020 = Path("/work/shared/checkpoints/kim2020/LeNet_300_100.original.300_100.bias.pth.tar")
+KIM2020 = (
+    Path(
+        os.environ.get(
+            "NEURONMERGE_KIM2020_DIR", Path(__file__).resolve().parents[2] / "shared/checkpoints/kim2020"
+        )
+    )
+    / "LeNet_300_100.original.300_100.bias.pth.tar"
+)
 RATIOS = (0.5, 0.6, 0.7, 0.8)
 
 
@@ -121,7 +129,7 @@ def reconcile(name: str, seeds: list[int], pairs: list[tuple[str, str]]) -> None
 
     Unlike ``run`` (which passes the probes as ``calibration``, so merge-ls re-measures BatchNorm
     statistics as it does on data), the probes go through merge-ls's own data-free path, where
-    ``lsq.BATCHNORM_REPAIR`` applies: ``lsq.cached_probes`` is pointed at them.
+    ``lsq.BATCHNORM_REPAIR`` applies: merge-ls's probe source is pointed at them (``overridden``).
     """
     model, _ = trained_model(name, progress=False)
     model.eval()
@@ -132,31 +140,31 @@ def reconcile(name: str, seeds: list[int], pairs: list[tuple[str, str]]) -> None
     gm = capture(model, example)
     probes.synthesize_probes(gm, example, 2, steps=1, progress=False)  # one-off imports, untimed
     defaults = {"noise": probes.NOISE}
-    saved = lsq.cached_probes, lsq.BATCHNORM_REPAIR, norm_repair.TRUST_EXPONENT
-    try:
-        for seed in seeds:
-            for schedule in dict.fromkeys(s for s, _ in pairs):
-                setting = f"{SCHEDULES[schedule]}:{seed}"
-                made, seconds, cpu = make_probes(gm, example, setting, defaults)
-                lsq.cached_probes = lambda *_args, _made=made, **_kw: list(_made)
-                for repair in (r for s, r in pairs if s == schedule):
-                    lsq.BATCHNORM_REPAIR, norm_repair.TRUST_EXPONENT = REPAIRS[repair]
+    for seed in seeds:
+        for schedule in dict.fromkeys(s for s, _ in pairs):
+            setting = f"{SCHEDULES[schedule]}:{seed}"
+            made, seconds, cpu = make_probes(gm, example, setting, defaults)
+            for repair in (r for s, r in pairs if s == schedule):
+                mode, exponent = REPAIRS[repair]
+                with overridden(
+                    probe_source=lambda *_args, _made=made, **_kw: list(_made),
+                    batchnorm_repair=mode,
+                    trust_exponent=exponent,
+                ):
                     val_accuracy = [
                         round(accuracy(nm.compress(model, example, r, method="merge-ls").model, x, y), 2)
                         for r in ALL_RATIOS
                     ]
-                    row = {
-                        "model": name,
-                        "schedule": schedule,
-                        "repair": repair,
-                        "seed": seed,
-                        "probes": sum(batch[0].shape[0] for batch in made),
-                        "probe_cpu_seconds": round(cpu, 2),
-                        "val_accuracy": val_accuracy,
-                    }
-                    print(json.dumps(row), flush=True)
-    finally:
-        lsq.cached_probes, lsq.BATCHNORM_REPAIR, norm_repair.TRUST_EXPONENT = saved
+                row = {
+                    "model": name,
+                    "schedule": schedule,
+                    "repair": repair,
+                    "seed": seed,
+                    "probes": sum(batch[0].shape[0] for batch in made),
+                    "probe_cpu_seconds": round(cpu, 2),
+                    "val_accuracy": val_accuracy,
+                }
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""The budget allocation's research settings, changed for one block of code (``overridden``).
+"""The library's research settings, changed for one block of code (``overridden``).
 
-The validation experiments (``experiments/budget_*.py``) compare settings that the library fixes
-as module constants once chosen: the trust band, whether ``merge-ls`` checks its allocation on the
-probes, and how. Each experiment used to assign those constants and restore them in its own
-``try``/``finally``; ``overridden`` is that, once, with every setting named in one table so that a
-misspelt name is an error rather than a new attribute nobody reads.
+The validation experiments (``experiments/*_validation.py``, ``budget_*.py``) compare settings that
+the library fixes as module constants once chosen: the budget's trust band, whether ``merge-ls``
+checks its allocation on the probes and how, how it repairs BatchNorm statistics on its probes, and
+where its data-free path gets those probes. Each experiment used to assign those constants and
+restore them in its own ``try``/``finally``; ``overridden`` is that, once, with every setting named
+in one table so that a misspelt name is an error rather than a new attribute nobody reads.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 from collections.abc import Iterator
 from types import ModuleType
 
-from neuronmerge import allocation_check, budget, widths
+from neuronmerge import allocation_check, budget, lsq, norm_repair, widths
 from neuronmerge.errors import InvalidArgumentError
 
 #: Every setting ``overridden`` may change: its keyword, and the module constant it stands for.
@@ -26,6 +27,10 @@ SETTINGS: dict[str, tuple[ModuleType, str]] = {
     "negligible": (allocation_check, "NEGLIGIBLE"),
     "least_squares_curves": (widths, "LEAST_SQUARES_CURVES"),
     "hold_streams": (widths, "HOLD_STREAMS"),
+    "batchnorm_repair": (lsq, "BATCHNORM_REPAIR"),
+    "trust_exponent": (norm_repair, "TRUST_EXPONENT"),
+    # The function merge-ls's data-free path takes its probes from (an experiment's own probes).
+    "probe_source": (lsq, "cached_probes"),
 }
 
 
@@ -37,7 +42,7 @@ def overridden(**values: object) -> Iterator[None]:
     unknown = sorted(set(values) - set(SETTINGS))
     if unknown:
         raise InvalidArgumentError(
-            f"unknown budget setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}"
+            f"unknown research setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}"
         )
     previous = {name: getattr(*SETTINGS[name]) for name in values}
     try:
