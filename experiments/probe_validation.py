@@ -53,12 +53,12 @@ RATIOS = (0.5, 0.6, 0.7, 0.8)
 
 
 def make_probes(
-    gm: torch.fx.GraphModule, example: torch.Tensor, setting: str, defaults: dict[str, float]
+    gm: torch.fx.GraphModule, example: torch.Tensor, setting: str
 ) -> tuple[list[Any], float, float]:
     """The probes of ``setting`` (module docstring), with their wall and CPU seconds."""
     parts = (setting.split(":") + ["auto"] * 7)[:7]
     optimised, steps, count, rate, noise, seed, anneal = parts
-    probes.NOISE = defaults["noise"] if noise == "auto" else float(noise)
+    changes = {} if noise == "auto" else {"probe_noise": float(noise)}
     options: dict[str, Any] = {"progress": False, "seed": 0 if seed == "auto" else int(seed)}
     if anneal != "auto":
         options["anneal"] = anneal == "cos"
@@ -69,7 +69,8 @@ def make_probes(
     if rate != "auto":
         options["rate"] = float(rate)
     started, cpu = time.perf_counter(), time.process_time()
-    made = probes.synthesize_probes(gm, example, **options)
+    with overridden(**changes):
+        made = probes.synthesize_probes(gm, example, **options)
     return made, time.perf_counter() - started, time.process_time() - cpu
 
 
@@ -86,9 +87,8 @@ def run(name: str, settings: list[str]) -> list[dict[str, Any]]:
     gm = capture(model, example)
     probes.synthesize_probes(gm, example, 2, steps=1, progress=False)  # one-off imports, untimed
     rows = []
-    defaults = {"noise": probes.NOISE}
     for setting in settings:
-        made, seconds, cpu = make_probes(gm, example, setting, defaults)
+        made, seconds, cpu = make_probes(gm, example, setting)
         val_accuracy = [
             round(
                 accuracy(
@@ -139,11 +139,10 @@ def reconcile(name: str, seeds: list[int], pairs: list[tuple[str, str]]) -> None
     example = x[:2]
     gm = capture(model, example)
     probes.synthesize_probes(gm, example, 2, steps=1, progress=False)  # one-off imports, untimed
-    defaults = {"noise": probes.NOISE}
     for seed in seeds:
         for schedule in dict.fromkeys(s for s, _ in pairs):
             setting = f"{SCHEDULES[schedule]}:{seed}"
-            made, seconds, cpu = make_probes(gm, example, setting, defaults)
+            made, seconds, cpu = make_probes(gm, example, setting)
             for repair in (r for s, r in pairs if s == schedule):
                 mode, exponent = REPAIRS[repair]
                 with overridden(

@@ -2,10 +2,11 @@
 
 The validation experiments (``experiments/*_validation.py``, ``budget_*.py``) compare settings that
 the library fixes as module constants once chosen: the budget's trust band, whether ``merge-ls``
-checks its allocation on the probes and how, how it repairs BatchNorm statistics on its probes, and
-where its data-free path gets those probes. Each experiment used to assign those constants and
-restore them in its own ``try``/``finally``; ``overridden`` is that, once, with every setting named
-in one table so that a misspelt name is an error rather than a new attribute nobody reads.
+checks its allocation on the probes and how, how it derives probes, how it repairs BatchNorm
+statistics on them, and where its data-free path gets them. Each experiment used to assign those
+constants and restore them in its own ``try``/``finally``; ``overridden`` is that, once, with every
+setting named in one table so that a misspelt name is an error rather than a new attribute nobody
+reads.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 from collections.abc import Iterator
 from types import ModuleType
 
-from neuronmerge import allocation_check, budget, lsq, norm_repair, widths
+from neuronmerge import allocation_check, budget, lsq, norm_repair, probes, widths
 from neuronmerge.errors import InvalidArgumentError
 
 #: Every setting ``overridden`` may change: its keyword, and the module constant it stands for.
@@ -27,6 +28,7 @@ SETTINGS: dict[str, tuple[ModuleType, str]] = {
     "negligible": (allocation_check, "NEGLIGIBLE"),
     "least_squares_curves": (widths, "LEAST_SQUARES_CURVES"),
     "hold_streams": (widths, "HOLD_STREAMS"),
+    "probe_noise": (probes, "NOISE"),
     "batchnorm_repair": (lsq, "BATCHNORM_REPAIR"),
     "trust_exponent": (norm_repair, "TRUST_EXPONENT"),
     # The function merge-ls's data-free path takes its probes from (an experiment's own probes).
