@@ -266,8 +266,10 @@ def remeasure_batchnorm(
     """``model`` with its BatchNorm statistics re-measured on ``batches`` (itself if it has no
     BatchNorm, or there are no batches: nothing was merged).
 
-    Re-measuring beat correcting the stored statistics by the change the merge made on the same
-    batches (``experiments/methods_validation.json``, vgg-fmnist).
+    What calibration batches (real samples) always get. On synthetic probes ``BATCHNORM_REPAIR``
+    decides: re-measuring beat a one-shot correction of the stored statistics by the change the
+    merge made (``experiments/methods_validation.json``, vgg-fmnist), and lost to the corrections
+    made in call order (``norm_repair``; ``experiments/bn_repair_validation.json``).
     """
     if not batches or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return model

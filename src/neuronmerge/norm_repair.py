@@ -93,10 +93,13 @@ def _run(
             handle.remove()
 
 
-def normalised_moments(model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]]) -> Moments:
-    """Per BatchNorm of ``model`` (eval mode): mean and standard deviation of its normalised input
-    over ``batches`` (every call of a module called more than once counts)."""
-    norms = _norms(model)
+def normalised_moments(
+    model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], names: Sequence[str] | None = None
+) -> Moments:
+    """Per BatchNorm of ``model`` (eval mode; those of ``names`` if given): mean and standard
+    deviation of its normalised input over ``batches`` (every call of a module called more than once
+    counts)."""
+    norms = {n: bn for n, bn in _norms(model).items() if names is None or n in names}
     sums = {name: _Sums() for name in norms}
 
     def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], None]:
@@ -104,16 +107,6 @@ def normalised_moments(model: nn.Module, batches: Sequence[tuple[torch.Tensor, .
 
     _run(model, batches, {name: hook(name) for name in norms})
     return {name: s.moments() for name, s in sums.items() if s.total is not None}
-
-
-def _measured(
-    model: nn.Module, batches: Sequence[tuple[torch.Tensor, ...]], name: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and standard deviation of BatchNorm ``name``'s normalised input over ``batches``."""
-    sums, bn = _Sums(), model.get_submodule(name)
-    assert isinstance(bn, _Norm)
-    _run(model, batches, {name: lambda module, args: sums.add(_normalised(bn, args[0]))})
-    return sums.moments()
 
 
 def _call_order(model: nn.Module, batch: tuple[torch.Tensor, ...], names: list[str]) -> list[str]:
@@ -192,5 +185,6 @@ def correct(
         _run(result, batches, {name: at_first_call(name) for name in norms})
         return result
     for name in _call_order(result, batches[0], list(norms)):
-        _set(norms[name], _measured(result, batches, name), target(name), trust(name))
+        measured = normalised_moments(result, batches, [name])[name]
+        _set(norms[name], measured, target(name), trust(name))
     return result
