@@ -74,7 +74,11 @@ def make_probes(
     return made, time.perf_counter() - started, time.process_time() - cpu
 
 
-def run(name: str, settings: list[str]) -> list[dict[str, Any]]:
+def validation_setup(
+    name: str,
+) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.fx.GraphModule]:
+    """Model ``name`` (``kim``: the authors' LeNet-300-100) in eval mode, the validation images and
+    labels ``trained_model`` holds out, an example batch of two of them and the model's capture."""
     if name == "kim":
         model = nm.load_checkpoint(KIM2020, "lenet-300-100")
     else:
@@ -84,7 +88,11 @@ def run(name: str, settings: list[str]) -> list[dict[str, Any]]:
     _, val = train_val_split(len(labels), VAL_SIZE, VAL_SEED)
     x, y = images[val], labels[val]
     example = x[:2]
-    gm = capture(model, example)
+    return model, x, y, example, capture(model, example)
+
+
+def run(name: str, settings: list[str]) -> list[dict[str, Any]]:
+    model, x, y, example, gm = validation_setup(name)
     probes.synthesize_probes(gm, example, 2, steps=1, progress=False)  # one-off imports, untimed
     rows = []
     for setting in settings:
@@ -131,13 +139,7 @@ def reconcile(name: str, seeds: list[int], pairs: list[tuple[str, str]]) -> None
     statistics as it does on data), the probes go through merge-ls's own data-free path, where
     ``lsq.BATCHNORM_REPAIR`` applies: merge-ls's probe source is pointed at them (``overridden``).
     """
-    model, _ = trained_model(name, progress=False)
-    model.eval()
-    images, labels = load_fashion_mnist("train")
-    _, val = train_val_split(len(labels), VAL_SIZE, VAL_SEED)
-    x, y = images[val], labels[val]
-    example = x[:2]
-    gm = capture(model, example)
+    model, x, y, example, gm = validation_setup(name)
     probes.synthesize_probes(gm, example, 2, steps=1, progress=False)  # one-off imports, untimed
     for seed in seeds:
         for schedule in dict.fromkeys(s for s, _ in pairs):
