@@ -1,7 +1,10 @@
 """Accuracy at equal parameter count: uniform widths against the data-free allocation, beside
 Torch-Pruning's global pruning; writes experiments/budget_sweep.json.
 
-    python experiments/budget_sweep.py [--models lenet-300-100 ...] [--methods merge prune merge-ls]
+    python experiments/budget_sweep.py [--models lenet-300-100 ...] [--kept 0.2 0.3 ...]
+        [--methods merge prune merge-ls torch-pruning-global]
+
+(an existing JSON keeps its rows of the methods and fractions not rerun).
 
 For every model trained here (``lab.training.trained_model``: cached, trained first if missing) and
 every fraction of parameters kept (0.1 ... 0.9), each data-free method (merge, prune, and merge-ls
@@ -40,6 +43,8 @@ OUT = HERE / "budget_sweep.json"
 MODELS = ("lenet-300-100", "vgg-fmnist", "alexnet-fmnist", "resnet-fmnist")
 KEPT = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 ALLOCATIONS = ("uniform", "error")
+#: The peer row's method name (``--methods`` takes it like a data-free method).
+PEER = "torch-pruning-global"
 
 
 def torch_pruning_global(
@@ -109,14 +114,21 @@ def run_model(
     plain: tuple[str, ...],
     log: Callable[[str], None],
     save: Callable[[dict[str, Any]], None],
+    previous: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every row of one model; ``save`` gets the partial result after each row (a long run on a
-    shared machine keeps what it measured)."""
+    """The rows of ``plain``'s methods (``PEER`` among them: the Torch-Pruning row) at ``fractions``
+    for one model, beside ``previous``'s other rows; ``save`` gets the partial result after each
+    row (a long run on a shared machine keeps what it measured)."""
     model, info = trained_model(name, progress=False)
     example = data.test[0][:2]
     params = count_parameters(model)
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
+    old = previous or {}
+
+    def kept_before(row: dict[str, Any]) -> bool:
+        return row["method"] not in plain or row["kept"] not in fractions
+
+    rows: list[dict[str, Any]] = [r for r in old.get("rows", ()) if kept_before(r)]
+    skipped: list[dict[str, Any]] = [s for s in old.get("skipped", ()) if kept_before(s)]
     outcome = {
         "model": name,
         "params": params,
@@ -126,7 +138,7 @@ def run_model(
         "rows": rows,
         "skipped": skipped,
     }
-    methods: dict[str, dict[str, Any]] = {m: {"method": m} for m in plain if m != "merge-ls"}
+    methods: dict[str, dict[str, Any]] = {m: {"method": m} for m in plain if m not in ("merge-ls", PEER)}
     if "merge-ls" in plain:
         started = time.perf_counter()
         # The library's data-free path, whose BatchNorm repair (``norm_repair``) differs from what
@@ -162,17 +174,19 @@ def run_model(
                 rows.append(row)
                 save(outcome)
                 log(f"{name} {kept:.1f} {method} {allocation}: {_scores(row)}")
+        if PEER not in plain:
+            continue
         small, ratio = torch_pruning_global(model, example, target, producers)
         row = {
             "kept": kept,
-            "method": "torch-pruning-global",
+            "method": PEER,
             "allocation": "global",
             **evaluate(small, data, example),
             "tp_ratio": round(ratio, 4),
         }
         rows.append(row)
         save(outcome)
-        log(f"{name} {kept:.1f} torch-pruning-global: {_scores(row)}")
+        log(f"{name} {kept:.1f} {PEER}: {_scores(row)}")
     return outcome
 
 
@@ -180,7 +194,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--kept", type=float, nargs="+", default=list(KEPT))
-    parser.add_argument("--methods", nargs="+", default=["merge", "prune", "merge-ls"])
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=["merge", "prune", "merge-ls", PEER],
+        help="methods to (re)run; an existing --out keeps its rows of the others",
+    )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -199,6 +218,7 @@ def main() -> None:
             tuple(args.methods),
             lambda line: print(line, flush=True),
             save,
+            outcome["models"].get(name),
         )
 
 
