@@ -180,11 +180,15 @@ class GroupFinder:
             else:
                 continue
             result.append(Skipped(name, why))
-        for name, source in computed_weights(self.gm).items():
+        for name, (source, dynamic) in computed_weights(self.gm).items():
             if name not in named:
                 why = (
-                    f"its weight is computed in the forward from {source} (standardised or "
-                    "reparametrised, as by timm's ScaledStdConv2d): no parameter to resize"
+                    f"its weight is computed in the forward from {source} and the input (a "
+                    "new weight for every input): no parameter to resize"
+                    if dynamic
+                    else f"its weight is computed in the forward from {source}, and that cannot "
+                    "be stored as the layer's own constant (tensors other computations read too, "
+                    "or a random or in-place op): no parameter to resize"
                 )
                 result.append(Skipped(name, why))
         return result
@@ -860,14 +864,14 @@ class GroupFinder:
                 self._claim(user, where, state, Step(user.name, same, (inside[0].name,), label=name))
                 return
             assert isinstance(other, fx.Node)
-            if self._parameter_chain(other) is not None:
-                self._parameter(user, op, other, inside[0], where, ndim, state)
-                return
             extent = _shape(other)
             offset = ndim - len(extent)
             at = where.dim - offset
-            if at < 0 or extent[at] == 1:
+            if at < 0 or extent[at] == 1:  # a parameter too: NFNet's scalar ``skipinit_gain``
                 self._claim(user, where, state, Step(user.name, same, (inside[0].name,), label=name))
+                return
+            if self._parameter_chain(other) is not None:
+                self._parameter(user, op, other, inside[0], where, ndim, state)
                 return
             other_where = Layout(at, where.offset, where.block) if at >= 0 else None
             if other_where is None or extent[at] != _shape(inside[0])[where.dim]:
