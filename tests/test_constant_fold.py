@@ -20,6 +20,11 @@ from tests.builders import compress_announced
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 RATIO = 0.5
+UNSTORABLE = (
+    "its weight is computed in the forward from {}, and that cannot be stored as the layer's own "
+    "constant (tensors other computations read too, or a random or in-place op): no parameter to "
+    "resize"
+)
 
 
 class StdConv(nn.Conv2d):
@@ -228,6 +233,14 @@ class Modulated(nn.Conv2d):
         return F.conv2d(x, self.weight * x.mean(), self.bias, self.stride, self.padding)
 
 
+class Noisy(nn.Conv2d):
+    """A weight with noise drawn on every call: folding would freeze one draw."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight + 0.01 * torch.randn_like(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
 class SharedStd(nn.Module):
     """One standardised layer applied twice: its raw weight feeds two computations."""
 
@@ -264,9 +277,10 @@ def test_weights_that_cannot_be_stored_stay_named_with_their_reason() -> None:
 
     shared = SharedStd().eval()
     found = nm.plan(shared, x)
-    assert {s.producer: s.reason for s in found.skipped}["std"] == (
-        "its weight is computed in the forward from std.weight, and that cannot be stored as the "
-        "layer's own constant (tensors other computations read too, or a random or in-place op): "
-        "no parameter to resize"
-    )
+    assert {s.producer: s.reason for s in found.skipped}["std"] == UNSTORABLE.format("std.weight")
     assert not found.sites  # the stem's channels reach the unmerged call, which nothing passes
+
+    noisy = nn.Sequential(Noisy(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    assert {s.producer: s.reason for s in nm.plan(noisy, x).skipped}["0"] == UNSTORABLE.format(
+        "0.weight"
+    )
