@@ -855,9 +855,10 @@ class GroupFinder:
         if len(_shape(user)) != len(_shape(inside[0])) or _shape(user) != _shape(inside[0]):
             if _shape(user)[where.dim] != _shape(inside[0])[where.dim]:
                 raise _Refusal(f"{name} broadcasts the channels against another tensor")
-        # A constant, or a tensor constant across the channels (a mask, a per-sample weight): as a
-        # factor it commutes with a per-channel scale; as a term it is a per-channel op like any
-        # other elementwise function (exact for scale 1 only).
+        # A constant, or a tensor constant across the channels (a mask, a per-sample weight, a
+        # scalar parameter such as NFNet's ``skipinit_gain``): as a factor it commutes with a
+        # per-channel scale; as a term it is a per-channel op like any other elementwise function
+        # (exact for scale 1 only).
         same: StepKind = "pass" if op.effect == "mul" else "nonhomogeneous"
         for other in others:
             if isinstance(other, (int, float)):
@@ -867,7 +868,7 @@ class GroupFinder:
             extent = _shape(other)
             offset = ndim - len(extent)
             at = where.dim - offset
-            if at < 0 or extent[at] == 1:  # a parameter too: NFNet's scalar ``skipinit_gain``
+            if at < 0 or extent[at] == 1:
                 self._claim(user, where, state, Step(user.name, same, (inside[0].name,), label=name))
                 return
             if self._parameter_chain(other) is not None:
