@@ -226,6 +226,40 @@ def test_folding_applies_to_a_torch_export_capture_too() -> None:
         assert torch.allclose(result.model(check), model(check), rtol=1e-9, atol=1e-10)
 
 
+class WeightNormed(nn.Module):
+    """A linear layer weight-normalised in its forward (no ``weight`` parameter at all): each row
+    is ``g_i * v_i / |v_i|``."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.v = nn.Parameter(torch.randn(cout, cin))
+        self.g = nn.Parameter(1 + 0.5 * torch.rand(cout, 1))
+        self.bias = nn.Parameter(0.1 * torch.randn(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.g * self.v / self.v.norm(dim=1, keepdim=True), self.bias)
+
+
+def test_a_linear_layer_weight_normalised_in_its_forward_merges_exactly() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(WeightNormed(5, 8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    layer = model[0]
+    assert isinstance(layer, WeightNormed)
+    with torch.no_grad():  # rows 5..7 are 0.4 times rows 0..2, whatever the norm of their v
+        layer.v[5:] = 3.0 * layer.v[:3]
+        layer.g[5:] = 0.4 * layer.g[:3]
+        layer.bias[5:] = 0.4 * layer.bias[:3]
+    x = torch.randn(4, 5, dtype=torch.float64)
+    assert [(s.producer, s.mode) for s in nm.plan(model, x).sites] == [("0", "exact")]
+    result = compress_announced(model, x, 3 / 8, criterion="l2-norm", threshold=None)
+    small = result.model.get_submodule("0")
+    assert type(small) is nn.Linear and small.weight.shape == (5, 5)
+    check = torch.randn(6, 5, dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.allclose(result.model(check), model(check), rtol=1e-9, atol=1e-10)
+    assert set(dict(model.named_parameters())) == {"0.v", "0.g", "0.bias", "2.weight", "2.bias"}
+
+
 class Modulated(nn.Conv2d):
     """A weight that depends on the input (StyleGAN-like modulation): no constant to store."""
 
