@@ -418,6 +418,7 @@ class GroupFinder:
             "batchnorm",
             "maxpool",
             "avgpool",
+            "resample",
             "pad",
             "prelu",
         ):
@@ -455,10 +456,15 @@ class GroupFinder:
         if effect in ("pass", "homogeneous", "nonhomogeneous", "dropout", "prelu"):
             self._elementwise(tensor, user, op, module, where, state)
             return
-        if effect in ("maxpool", "avgpool"):
+        if effect in ("maxpool", "avgpool", "resample"):
             if getattr(module, "return_indices", False) or user.kwargs.get("return_indices", False):
                 raise _Refusal(f"{name} returns indices")
-            spatial = spatial_dims(module if module is not None else user.target)
+            # Interpolation resamples every axis after the channels, whatever the rank.
+            spatial = (
+                len(_shape(user)) - 2
+                if effect == "resample"
+                else spatial_dims(module if module is not None else user.target)
+            )
             if not lay.pooled(where, len(_shape(user)), spatial):
                 raise _Refusal(f"{name} would pool across the channel axis")
             pooling: StepKind = "maxpool" if effect == "maxpool" else "pass"

@@ -15,6 +15,7 @@ Effects:
 * ``prelu``: homogeneous per channel, with a per-channel slope to slice.
 * ``batchnorm``: a per-channel affine map with parameters (running statistics folded).
 * ``maxpool`` / ``avgpool``: spatial pooling, per channel.
+* ``resample``: interpolation of every axis after the channels (upsampling), linear per channel.
 * ``layout``: a view, reshape, flatten, squeeze; ``permute`` / ``transpose``: axes move;
   ``expand``: broadcast along other axes; ``index``: ``x[:, 0]``, ``x[..., ::2]``.
 * ``pad``: constant padding of trailing axes; ``reduce``: mean / sum / max over some axes.
@@ -47,6 +48,7 @@ Effect = Literal[
     "batchnorm",
     "maxpool",
     "avgpool",
+    "resample",
     "layout",
     "permute",
     "transpose",
@@ -177,6 +179,30 @@ OPS: tuple[Op, ...] = (
             _aten.avg_pool2d.default,
             _aten.adaptive_avg_pool1d.default,
             _aten.adaptive_avg_pool2d.default,
+        ),
+    ),
+    Op(
+        "interpolate",
+        "resample",
+        (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+        (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear),
+        (),
+        tuple(
+            getattr(_aten, name).vec
+            for name in (
+                "upsample_nearest1d",
+                "upsample_nearest2d",
+                "upsample_nearest3d",
+                "_upsample_nearest_exact1d",
+                "_upsample_nearest_exact2d",
+                "_upsample_nearest_exact3d",
+                "upsample_linear1d",
+                "upsample_bilinear2d",
+                "upsample_trilinear3d",
+                "upsample_bicubic2d",
+                "_upsample_bilinear2d_aa",
+                "_upsample_bicubic2d_aa",
+            )
         ),
     ),
     Op(

@@ -1,0 +1,54 @@
+"""Patterns the torchvision-wide smoke test (``experiments/torchvision_smoke.py``) found, each in a
+tiny hand-built module (the main suite has no torchvision): planted exact duplicates merge exactly
+through them, or the library refuses with one clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import neuronmerge as nm
+from tests.builders import plant_duplicates
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def merged_exactly(model: nn.Module, x: torch.Tensor, groups: int) -> nm.Result:
+    """Plant duplicates at every site of ``model`` (float64), merge them; the output must not move."""
+    model = model.double().eval()
+    x = x.double()
+    sites = nm.plan(model, x).sites
+    assert len(sites) == groups, [s.producers for s in sites]
+    plant_duplicates(model, sites, 0.5, "l2-norm", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(x)
+    result = nm.compress(model, x, 0.5, criterion="l2-norm", threshold=None)
+    with torch.no_grad():
+        assert torch.allclose(result.model(x), reference, rtol=0, atol=1e-10 * reference.abs().max())
+    assert sum(p.numel() for p in result.model.parameters()) < sum(p.numel() for p in model.parameters())
+    return result
+
+
+class SegmentationHead(nn.Module):
+    """Convs whose features are upsampled before the next conv reads them (FCN, LR-ASPP, FPN)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv1(x))
+        h = F.interpolate(h, size=(10, 10), mode="bilinear", align_corners=False)
+        h = F.relu(self.conv2(h))
+        return self.out(self.up(h))
+
+
+def test_channels_merge_exactly_through_interpolation() -> None:
+    x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    result = merged_exactly(SegmentationHead(), x, groups=2)
+    assert [s.producers for s in result.report.sites] == [("conv1",), ("conv2",)]
