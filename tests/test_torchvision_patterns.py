@@ -52,3 +52,42 @@ def test_channels_merge_exactly_through_interpolation() -> None:
     x = torch.randn(2, 3, 5, 5, generator=torch.Generator().manual_seed(1))
     result = merged_exactly(SegmentationHead(), x, groups=2)
     assert [s.producers for s in result.report.sites] == [("conv1",), ("conv2",)]
+
+
+class VideoBlock(nn.Module):
+    """Conv3d -> BatchNorm3d -> ReLU -> pool, twice, and a residual 3-D stage (R3D, MC3, S3D)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv3d(3, 8, 3, padding=1, bias=False), nn.BatchNorm3d(8)
+        self.conv2, self.bn2 = nn.Conv3d(8, 8, (1, 3, 3), padding=(0, 1, 1)), nn.BatchNorm3d(8)
+        self.conv3 = nn.Conv3d(8, 8, (3, 1, 1), padding=(1, 0, 0))
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.max_pool3d(F.relu(self.bn1(self.conv1(x))), 2)
+        h = F.relu(self.bn2(self.conv2(h)))
+        h = F.relu(h + self.conv3(h))
+        return self.head(torch.flatten(F.adaptive_avg_pool3d(h, 1), 1))
+
+
+def test_conv3d_channels_merge_exactly() -> None:
+    x = torch.randn(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    result = merged_exactly(VideoBlock(), x, groups=2)
+    assert sorted(s.producers for s in result.report.sites) == [("conv1",), ("conv2", "conv3")]
+
+
+class ShapeCheckedVideoBlock(VideoBlock):
+    """``VideoBlock`` behind a Python check on the input's shape: torch.fx cannot trace it, so
+    ``torch.export`` captures it and its ATen Conv3d / 5-D BatchNorm calls are lifted to layers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[2] < 2:
+            raise ValueError("at least two frames")
+        return super().forward(x)
+
+
+def test_exported_conv3d_layers_are_lifted_and_merge_exactly() -> None:
+    x = torch.randn(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    result = merged_exactly(ShapeCheckedVideoBlock(), x, groups=2)
+    assert isinstance(result.model.get_submodule(result.report.sites[0].producers[0]), nn.Conv3d)
