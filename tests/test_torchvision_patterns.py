@@ -91,3 +91,25 @@ def test_exported_conv3d_layers_are_lifted_and_merge_exactly() -> None:
     x = torch.randn(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(1))
     result = merged_exactly(ShapeCheckedVideoBlock(), x, groups=2)
     assert isinstance(result.model.get_submodule(result.report.sites[0].producers[0]), nn.Conv3d)
+
+
+class ListOfImages(nn.Module):
+    """A forward that takes a list of images of any sizes (torchvision's detection models)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.conv(image[None])[0] for image in images]
+
+
+@pytest.mark.parametrize("call", ["compress", "plan"])
+def test_a_list_of_images_is_refused_with_what_to_do(call: str) -> None:
+    model = ListOfImages()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = ([torch.randn(3, 8, 8)],)
+    run = {"compress": lambda: nm.compress(model, x, 0.5), "plan": lambda: nm.plan(model, x)}[call]
+    with pytest.raises(nm.InvalidArgumentError, match=r"argument 0 is a list.*compress a part of it"):
+        run()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

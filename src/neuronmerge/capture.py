@@ -37,11 +37,22 @@ def as_input_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     """Normalise ``example_inputs`` (a tensor or a sequence of tensors) to a tuple."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise InvalidArgumentError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
+    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str):
+        raise InvalidArgumentError(
+            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    for index, item in enumerate(example_inputs):
+        if not isinstance(item, torch.Tensor):
+            # A list of images or a dict (torchvision's detection models take ``[image, ...]``):
+            # the forward then loops over Python containers, which no capture can follow.
+            raise InvalidArgumentError(
+                f"example_inputs must be a tensor or a tuple of tensors (the forward's positional "
+                f"arguments); argument {index} is a {type(item).__name__}. neuronmerge captures "
+                "forward(*tensors): a model that takes a list of images or a dict (torchvision's "
+                "detection models) cannot be captured whole; compress a part of it that takes and "
+                "returns tensors instead (its backbone, say) and put that part back"
+            )
+    return tuple(example_inputs)
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
