@@ -12,7 +12,8 @@ site of a float64 copy as captured (``tests.builders.plant_duplicates``; capture
 computed from parameters, such as standardised ones, so the planted rows are the layers' effective
 rows), and merging them (``approximate=False``, no threshold) must leave the output unchanged
 (``planted_error``, the relative L2 change, about 1e-15 when right; ``no-sites`` when none was
-found). timm is not a dependency of neuronmerge: install it beside the zoo venv, e.g.
+found). The compressing, the checks and the command line are ``smoke_common``'s, shared with
+``torchvision_smoke.py``. timm is not a dependency of neuronmerge: install it beside the zoo venv, e.g.
 ``pip install --no-deps --target /work/timm-pkgs timm pyyaml huggingface_hub``, then
 
     PYTHONPATH=src:/work/timm-pkgs nice -n 10 .venv-zoo/bin/python experiments/timm_smoke.py
