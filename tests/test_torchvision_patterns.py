@@ -113,3 +113,32 @@ def test_a_list_of_images_is_refused_with_what_to_do(call: str) -> None:
     with pytest.raises(nm.InvalidArgumentError, match=r"argument 0 is a list.*compress a part of it"):
         run()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def clip_window(window: list[int], size: list[int]) -> list[int]:
+    """Clips ``window`` to ``size`` in place, as torchvision's Swin3D ``_get_window_and_shift_size``
+    does (traced as one call: ``torch.fx.wrap`` below)."""
+    for i, (w, s) in enumerate(zip(window, size, strict=True)):
+        window[i] = min(w, s)
+    return window
+
+
+torch.fx.wrap("clip_window")
+
+
+class ClippedWindow(nn.Module):
+    """A block that passes a list attribute to a wrapped function that edits it in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.window = [8, 8]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        window = clip_window(self.window, [x.shape[2], x.shape[3]])
+        return self.conv2(F.relu(F.avg_pool2d(self.conv1(x), window[0])))
+
+
+def test_a_function_editing_its_list_argument_captures_and_merges_exactly() -> None:
+    x = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    merged_exactly(ClippedWindow(), x, groups=1)

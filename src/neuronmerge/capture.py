@@ -156,6 +156,19 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return last
 
 
+def _mutable(value: Any) -> Any:
+    """``value`` with the immutable lists and dicts in which a node keeps its arguments made plain
+    ones, as the graph's generated code passes them (a literal per call): a wrapped function may
+    change a list argument in place (torchvision's Swin3D clips its window size list to the input)."""
+    if isinstance(value, list):
+        return [_mutable(item) for item in value]
+    if type(value) is tuple:
+        return tuple(_mutable(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _mutable(item) for key, item in value.items()}
+    return value
+
+
 def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> object:
     """Run the graph node by node on ``inputs`` and record every node's ``tensor_meta`` (a
     ``TensorMetadata``, or a structure of them) and ``type``, as ``ShapeProp`` does; return the
@@ -184,8 +197,8 @@ def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...
             elif op == "output":
                 result = fx.node.map_arg(node.args[0], fetch)
             else:
-                args = fx.node.map_arg(node.args, fetch)
-                kwargs = fx.node.map_arg(node.kwargs, fetch)
+                args = _mutable(fx.node.map_arg(node.args, fetch))
+                kwargs = _mutable(fx.node.map_arg(node.kwargs, fetch))
                 target = node.target
                 if op == "call_module":
                     module = modules.get(target)  # type: ignore[call-overload]
