@@ -32,6 +32,10 @@ OUT = Path(__file__).with_suffix(".json")
 #: Above this many parameters a model is not run here (2 shared CPU cores, a few minutes a model).
 MAX_PARAMS = 100_000_000
 TOO_LARGE = "too large for this machine"
+#: A detection model takes a list of images, which neuronmerge refuses (the forward loops over a
+#: Python list); ``NAME.backbone`` rows compress what the refusal advises instead: the backbone
+#: (with its FPN), a batch of images in and a dict of feature maps out.
+BACKBONE = ".backbone"
 #: The families, in the order they run (classification last: ``benchmarks/reach.py`` covers it).
 FAMILIES = ("segmentation", "video", "optical_flow", "detection", "quantization", "classification")
 
@@ -48,7 +52,7 @@ def family(name: str) -> str:
     import torchvision.models as tvm
 
     for module in FAMILIES[:-1]:
-        if name in tvm.list_models(module=getattr(tvm, module)):
+        if name.removesuffix(BACKBONE) in tvm.list_models(module=getattr(tvm, module)):
             return module
     return "classification"
 
@@ -61,11 +65,14 @@ def names() -> list[str]:
     listed: list[str] = []
     for module in FAMILIES[:-1]:
         listed += tvm.list_models(module=getattr(tvm, module))
+        if module == "detection":
+            listed += [name + BACKBONE for name in tvm.list_models(module=tvm.detection)]
     return listed + sorted(everything - set(listed))
 
 
 def kwargs(name: str) -> dict[str, Any]:
     """Constructor keywords: no weights anywhere, the float model, small detection transforms."""
+    name = name.removesuffix(BACKBONE)
     kind = family(name)
     options: dict[str, Any] = {"weights": None}
     if kind in ("segmentation", "detection"):
@@ -84,7 +91,10 @@ def build(name: str) -> nn.Module:
     import torchvision
 
     torch.manual_seed(0)
-    return redraw_zero_weights(torchvision.models.get_model(name, **kwargs(name)).eval())
+    model = torchvision.models.get_model(name.removesuffix(BACKBONE), **kwargs(name))
+    if name.endswith(BACKBONE):
+        model = model.backbone
+    return redraw_zero_weights(model.eval())
 
 
 def inputs(name: str, batch: int, dtype: torch.dtype) -> tuple[Any, ...]:
@@ -100,8 +110,11 @@ def inputs(name: str, batch: int, dtype: torch.dtype) -> tuple[Any, ...]:
         return (draw(3, frames, side, side),)
     if kind == "optical_flow":
         return (draw(3, 128, 128), draw(3, 128, 128))
-    if kind == "detection":
+    if kind == "detection" and not name.endswith(BACKBONE):
         return ([image for image in draw(3, 128, 128)],)
+    if kind == "detection":  # the backbone: a batch of images (SSD's extra layers need its size)
+        side = 300 if name.startswith("ssd300") else 320 if name.startswith("ssdlite") else 128
+        return (draw(3, side, side),)
     if kind == "segmentation":
         return (draw(3, 64, 64),)
     side = SIDES.get(name, 224 if name.startswith("vit_") else 32)
@@ -114,7 +127,7 @@ def size(name: str) -> int | None:
 
     try:
         with torch.device("meta"):
-            model = torchvision.models.get_model(name, **kwargs(name))
+            model = torchvision.models.get_model(name.removesuffix(BACKBONE), **kwargs(name))
     except Exception:  # noqa: BLE001 - some builders compute on their weights while building
         return None
     return sum(p.numel() for p in model.parameters())
