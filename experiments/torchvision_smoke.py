@@ -39,9 +39,9 @@ BACKBONE = ".backbone"
 #: The families, in the order they run (classification last: ``benchmarks/reach.py`` covers it).
 FAMILIES = ("segmentation", "video", "optical_flow", "detection", "quantization", "classification")
 
-#: Input sides where the family's default is too small: fixed position embeddings (ViT, MaxViT),
-#: Inception's stem.
-SIDES = {"inception_v3": 80, "quantized_inception_v3": 80, "maxvit_t": 224}
+#: Input sides where the family's default (32) is too small: fixed position embeddings (ViT,
+#: MaxViT), Inception's stem, AlexNet's pooling chain.
+SIDES = {"inception_v3": 80, "quantized_inception_v3": 80, "maxvit_t": 224, "alexnet": 64}
 #: Video inputs (frames, side) where the default (4, 32) is too small: S3D's final (2, 7, 7) average
 #: pool; MViT's fixed (16, 224, 224) position embeddings.
 CLIPS = {"s3d": (16, 224), "mvit_v1_b": (16, 224), "mvit_v2_s": (16, 224)}
