@@ -30,7 +30,7 @@ from torch import nn
 
 OUT = Path(__file__).with_suffix(".json")
 #: Above this many parameters a model is not run here (2 shared CPU cores, a few minutes a model).
-MAX_PARAMS = 100_000_000
+MAX_PARAMS = 200_000_000
 TOO_LARGE = "too large for this machine"
 #: A detection model takes a list of images, which neuronmerge refuses (the forward loops over a
 #: Python list); ``NAME.backbone`` rows compress what the refusal advises instead: the backbone
