@@ -16,7 +16,10 @@ not run: its row says ``too-large`` with that reason. Run from the repository ro
     PYTHONPATH=src nice -n 10 .venv-zoo/bin/python experiments/torchvision_smoke.py
 
 which writes ``experiments/torchvision_smoke.json`` (``--out`` elsewhere; ``--only a b`` reruns some
-models and keeps the other rows).
+models and keeps the other rows). ``experiments/torchvision_smoke_before.json`` holds the families
+other than classification run with the library at e6736ba, before the fixes this smoke led to
+(interpolation, Conv3d, list arguments edited in place, the list-of-images refusal; it predates the
+``.backbone`` rows).
 """
 
 from __future__ import annotations
