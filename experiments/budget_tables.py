@@ -213,7 +213,8 @@ def weight_check_table(check: dict[str, Any]) -> list[str]:
         f"budget_weight_check.py`, `.json`; {', '.join(check['models'])}; validation split): per "
         "rule, the best allocated method (merge's and prune's pick, merge-ls's) minus the best "
         "uniform one, and merge's and prune's pick minus their own uniform widths, over every model "
-        f"and parameter count. Adopted (the library's settings; fixed in advance: no more cells "
+        "and parameter count (the rules vary merge's and prune's check only; merge-ls as the library "
+        f"runs it). Adopted (the library's settings; fixed in advance: no more cells "
         f"below uniform than unchecked, mean within 0.1 points): "
         f"**{'yes' if summary['adopted'] else 'no'}**.",
         "",
@@ -226,7 +227,8 @@ def weight_check_table(check: dict[str, Any]) -> list[str]:
         if name == "off":
             label = "unchecked (band 0.2 alone, as before)"
         else:
-            label = f"z {rule['z']}, uniform untried below {rule['negligible']}"
+            untried = f"below {rule['negligible']}" if rule["negligible"] else "never"
+            label = f"z {rule['z']}, uniform untried {untried}"
         mark = " (library)" if name == summary["library"] else ""
         lines.append(
             f"| {label}{mark} | {best['mean_gain']:+.3f} | "
