@@ -5,6 +5,7 @@ transformers, and a model the adapter cannot express is refused with its reason,
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import transformers as tf
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.hf import compress_pretrained
 from tests import hf_models as zoo
+from tests.scripts import ROOT, load_script
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 AUDIO = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
@@ -190,3 +192,13 @@ def test_known_unsupported_blocks_are_refused_with_their_reason(
 ) -> None:
     with pytest.raises(InvalidArgumentError, match=reason):
         compress_pretrained(build().eval(), 0.5)
+
+
+def test_readme_smoke_table_is_generated_from_the_committed_run() -> None:
+    script = load_script("experiments/hf_smoke.py")
+    outcome = json.loads((ROOT / "experiments" / "hf_smoke.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert f"{script.START}\n{script.table(outcome)}\n{script.END}" in readme
+    # every case ran both methods, and none crashed or came back wrong
+    assert len(outcome["rows"]) == 2 * len(script._cases()) == sum(outcome["counts"].values())
+    assert set(outcome["counts"]) <= {"ok", "refused"}

@@ -86,9 +86,9 @@ def _t5_mlp(layer: int, gated: bool) -> FFNSpec:
 
 #: Every supported block layout (paths relative to the block). A block matches a row when its class
 #: is listed there and every MLP path resolves in it (a class with two MLP layouts, as T5's plain and
-#: gated feed-forwards or its encoder and decoder blocks, has one row per layout). ``norm`` is what the MLP reads: parallel blocks
-#: (GPT-J, Phi, Cohere) feed attention and MLP the same ``input_layernorm``; post-norm blocks (OLMo-2)
-#: feed the MLP the raw residual stream (``None``).
+#: gated feed-forwards or its encoder and decoder blocks, has one row per layout). ``norm`` is what
+#: the MLP reads: parallel blocks (GPT-J, Phi, Cohere) feed attention and MLP the same
+#: ``input_layernorm``; post-norm blocks (OLMo-2) feed the MLP the raw residual stream (``None``).
 BLOCK_KINDS: tuple[BlockKind, ...] = (
     BlockKind(
         ("GPT2Block", "GPTBigCodeBlock"),
