@@ -17,6 +17,7 @@ from torch import nn
 
 from neuronmerge import hf
 from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.ffn import FFNSpec
 from neuronmerge.hf import block_kinds, compress_pretrained
 from tests import hf_models as zoo
 
@@ -234,3 +235,8 @@ def test_each_stack_is_one_layout_in_model_order() -> None:
         "model.decoder.layers.0",
         "model.decoder.layers.1",
     ]
+
+
+def test_a_fused_layout_names_no_separate_gate() -> None:
+    with pytest.raises(InvalidArgumentError, match="holds the gate rows itself"):
+        FFNSpec("mlp.gate_up_proj", "mlp.down_proj", "mlp.act", gate="mlp.gate_proj", fused=True)

@@ -69,6 +69,10 @@ class FFNSpec:
     norm: str | None = None
     fused: bool = False
 
+    def __post_init__(self) -> None:
+        if self.fused and self.gate is not None:
+            raise InvalidArgumentError(f"a fused {self.up} holds the gate rows itself: no gate path")
+
 
 class FeedForward(nn.Module):
     """``down(act(up(x)))``, or ``down(act(gate(x)) * up(x))`` when ``gate`` is given."""
@@ -224,7 +228,7 @@ def _fuse(gate: nn.Linear, up: nn.Linear) -> nn.Linear:
 
 def _bias(layer: nn.Linear) -> Tensor:
     if layer.bias is None:
-        return torch.zeros(layer.out_features, dtype=layer.weight.dtype)
+        return layer.weight.new_zeros(layer.out_features)
     return layer.bias.detach()
 
 
