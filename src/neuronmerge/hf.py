@@ -452,10 +452,10 @@ def _kind_of(block: nn.Module) -> BlockKind | None:
 
 
 #: One layout's blocks in a model: its row and its blocks (path, module) in order.
-Layout = tuple[BlockKind, list[tuple[str, nn.Module]]]
+KindBlocks = tuple[BlockKind, list[tuple[str, nn.Module]]]
 
 
-def block_kinds(model: nn.Module) -> list[Layout]:
+def block_kinds(model: nn.Module) -> list[KindBlocks]:
     """Every layout among ``model``'s blocks with its blocks in order (an encoder-decoder has one per
     stack, a decoder-only model one); one clear error if none is known."""
     found: dict[BlockKind, list[tuple[str, nn.Module]]] = {}
@@ -473,7 +473,7 @@ def block_kinds(model: nn.Module) -> list[Layout]:
     return list(found.items())
 
 
-def _stack_widths(layouts: list[Layout]) -> dict[str, tuple[int, int]]:
+def _stack_widths(layouts: list[KindBlocks]) -> dict[str, tuple[int, int]]:
     """Per config width field (a stack: every block whose row writes it), the MLP width and the
     parameters one hidden neuron costs over all its blocks (``ffn.mlp_widths``); one field states
     one width, so its blocks must agree (T5's encoder and decoder share ``d_ff``)."""
@@ -642,7 +642,9 @@ def _least_squares_options(
     return dict(options)
 
 
-def _settle_biases(originals: list[Layout], compressed: list[Layout], config: Any, method: str) -> None:
+def _settle_biases(
+    originals: list[KindBlocks], compressed: list[KindBlocks], config: Any, method: str
+) -> None:
     """Refuse an MLP bias the config cannot state; where a config switch states them for all MLP
     layers (LLaMA's ``mlp_bias``) and one layer gained one, give every layer under it a zero bias."""
     switched: set[str] = set()
