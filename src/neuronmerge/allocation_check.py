@@ -2,15 +2,21 @@
 
 The allocation (``budget``) ranks groups by one layer's error at a time; it does not see how errors
 compound through the layers after, so on some models and budgets (converged BatchNorm nets at
-10-20% of the parameters kept) it loses to uniform widths. ``merge-ls`` has a data-free way to look
-at the whole model: its synthetic probes (or the caller's calibration batches). So under a target it
-builds the uniform widths and the allocation at each trust band of ``BANDS``, runs every result on
-the probes, and keeps an allocation only when its outputs are closer to the dense model's than the
-uniform result's by more than ``SIGNIFICANCE`` standard errors of the per-probe difference (a paired
-test: with a hundred probes a small mean difference is noise); among those, the closest one. When
-the uniform widths' error is already ``NEGLIGIBLE`` the allocation is not tried at all: the probes
-are synthetic, and on the nets without BatchNorm allocations 5-15 times closer on them than uniform
-widths already within 0.5% lost validation images (alexnet-fmnist at 50% of the parameters kept).
+10-20% of the parameters kept; the weight-only methods near the full model) it loses to uniform
+widths. The model's synthetic probes (``probes.cached_probes``, or the caller's calibration
+batches) are a data-free way to look at the whole model. So under a target, whatever the method,
+``allocation="error"`` builds the uniform widths and the allocation at each trust band of
+``BANDS``, runs every result on the probes, and keeps an allocation only when its outputs are
+closer to the dense model's than the uniform result's by more than ``SIGNIFICANCE`` standard errors
+of the per-probe difference (a paired test: with a hundred probes a small mean difference is
+noise); among those, the closest one. When the uniform widths' error is already ``NEGLIGIBLE`` the
+allocation is not tried at all: the probes are synthetic, and on the nets without BatchNorm
+allocations 5-15 times closer on them than uniform widths already within 0.5% lost validation
+images (alexnet-fmnist at 50% of the parameters kept). ``merge-ls`` scores the probes it fits on;
+``merge`` and ``prune`` read the probes for this check only. Where no probes can be made (several
+inputs, integer inputs such as token ids, outputs other than class logits: ``probes.unavailable``)
+and no calibration batches are given, the allocation is kept unchecked, and the report says so
+(``Report.allocation == "error-unchecked"``).
 
 The error of one probe is the squared distance between the compressed and the dense model's outputs
 (all floating-point output tensors), over the dense outputs' mean squared spread around their mean:
@@ -18,7 +24,9 @@ a scale-free output error, for any model. ``BANDS``, ``SIGNIFICANCE`` and the er
 chosen on the validation split (``experiments/budget_choice.py``, ``.json``); ``NEGLIGIBLE``, and
 the in-sample error over a cross-fitted one (``HELD_OUT``: it changed nothing on the 2,048 probes
 of the nets without BatchNorm, and on the hundred of the BatchNorm nets a fit on half of them is
-too noisy to judge by), on ``experiments/budget_holdout.py``, ``.json``.
+too noisy to judge by), on ``experiments/budget_holdout.py``, ``.json``; all of them on ``merge-ls``.
+Checking ``merge`` and ``prune`` with the same settings was chosen on the validation split too
+(``experiments/budget_weight_check.py``, ``.json``).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-#: Whether ``merge-ls`` checks its allocation against the uniform widths on the probes (the
+#: Whether an allocation under a target is checked against the uniform widths on the probes (the
 #: validation experiments turn it off to measure the allocation alone).
 ENABLED = True
 #: The trust bands (``budget.allocate(band=)``) whose allocations compete with the uniform widths.

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import fx, nn
 
-from neuronmerge import allocation_check, engine, lsq, norm_repair, widths
+from neuronmerge import allocation_check, engine, lsq, norm_repair, probes, widths
 from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
@@ -124,8 +124,10 @@ class Report:
     #: ``||small(x) - model(x)|| / ||model(x)||``. It measures everything the compression changed
     #: (non-duplicate neurons merged or dropped, and activations treated as homogeneous).
     output_error: float | None = None
-    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen
-    #: (``"uniform"`` also when ``merge-ls`` found the allocation no closer on the probes).
+    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen:
+    #: ``"uniform"`` (asked for, or the allocation found no closer to the model on the probes:
+    #: ``allocation_check``), ``"error"`` (the allocation, checked on them) or ``"error-unchecked"``
+    #: (``UNCHECKED``: the allocation as the error curves give it, no probes to check it on).
     target_params: float | None = None
     target_macs: float | None = None
     allocation: str | None = None
@@ -196,11 +198,15 @@ def compress(
     1% of the target: ``allocation="error"`` (default) removes channels where their merge residual
     (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
-    (see ``budget``); ``merge-ls`` builds the uniform widths too, and keeps an allocation only when
-    its outputs on the probes are significantly closer to the model's, and only tries one when the
-    uniform widths' are not already as close as the probes can vouch for (``allocation_check``;
-    the report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
-    every group. ``ratios={"glob": r}``
+    (see ``budget``); every method then builds the uniform widths too, and keeps an allocation only
+    when its outputs on the model's synthetic probes (or the ``calibration`` batches: ``merge`` and
+    ``prune`` read them for this check alone) are significantly closer to the model's, and only
+    tries one when the uniform widths' are not already as close as the probes can vouch for
+    (``allocation_check``; the report's ``allocation`` says which widths were kept). Making the
+    probes costs seconds on a small net, once per model; where none can be made (several inputs,
+    integer inputs, outputs other than class logits) and no ``calibration`` is given, the
+    allocation is kept unchecked (``allocation == "error-unchecked"``). ``"uniform"`` removes one
+    fraction from every group. ``ratios={"glob": r}``
     fixes the fraction removed from groups with a matching producer (first match wins); the target
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
     ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
@@ -255,25 +261,21 @@ def _compress(
     del recorded
     groups, skipped = engine.groups(gm, options, chosen)
     params_before = count_parameters(gm)
-    source = None
-    if options.method == "merge-ls":
-        if calibration is None and len(inputs) != 1:
-            raise InvalidArgumentError(
-                "merge-ls makes synthetic probes for single-input models only; pass calibration="
-            )
-        if calibration is None and not inputs[0].is_floating_point():
-            raise InvalidArgumentError(
-                "merge-ls makes synthetic probes for real-valued inputs only (these are "
-                f"{inputs[0].dtype}: token ids, say); pass calibration="
-            )
-        source = lsq.moment_source(gm, inputs[0], calibration, groups)
     expected = engine.output_shapes(gm, inputs)
+    source = None
+    if chosen.fits_on_batches:
+        why = None if calibration is not None or not groups else probes.unavailable(inputs, expected)
+        if why:
+            raise InvalidArgumentError(f"{chosen.name} fits on batches, and {why}; pass calibration=")
+        source = lsq.moment_source(gm, inputs[0], calibration, groups)
     allocation: str | None = options.budget.allocation if targeted else None
-    probed = source.batches if isinstance(source, lsq.MeasuredMoments) else ()
-    if allocation == "error" and allocation_check.ENABLED and probed:
-        assert isinstance(source, lsq.MeasuredMoments)
+    batches: tuple[tuple[torch.Tensor, ...], ...] = ()
+    if allocation == "error" and allocation_check.ENABLED and groups:
+        batches = _check_batches(gm, inputs, expected, calibration, source)
+        allocation = "error" if batches else UNCHECKED
+    if batches:
         small, decompositions, allocation = _checked_allocation(
-            gm, groups, inputs, options, chosen, source
+            gm, groups, inputs, options, chosen, source, batches
         )
     else:
         keep = widths.kept_counts(
@@ -357,26 +359,58 @@ def _build(
     return small, decompositions
 
 
+#: ``Report.allocation`` when the allocation was kept without the whole-model check: no batches to
+#: check it on (a model with several inputs, integer inputs such as token ids, or outputs other
+#: than class logits, and no ``calibration`` batches).
+UNCHECKED = "error-unchecked"
+
+
+def _check_batches(
+    gm: fx.GraphModule,
+    inputs: tuple[torch.Tensor, ...],
+    output_shape: object,
+    calibration: Iterable[ExampleInputs] | None,
+    source: lsq.MomentSource | None,
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The batches ``_checked_allocation`` scores the candidate widths on: those the method fits on
+    (``merge-ls``'s probes or calibration batches), else the caller's ``calibration`` batches, else
+    the model's synthetic probes (``probes.cached_probes``: the inputs alone, made once per model
+    and shared with ``merge-ls``); none where probes cannot be made (``probes.unavailable``)."""
+    if isinstance(source, lsq.MeasuredMoments):
+        return source.batches
+    if calibration is not None:
+        return tuple(as_input_tuple(batch) for batch in calibration)
+    if probes.unavailable(inputs, output_shape) is not None:
+        return ()
+    return tuple(probes.cached_probes(gm, inputs[0]))
+
+
 def _checked_allocation(
     gm: fx.GraphModule,
     groups: list[Group],
     inputs: tuple[torch.Tensor, ...],
     options: Options,
     chosen: MethodObject,
-    source: lsq.MeasuredMoments,
+    source: lsq.MomentSource | None,
+    batches: tuple[tuple[torch.Tensor, ...], ...],
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
-    """``merge-ls`` under a target: the uniform widths and the allocation at every band of
-    ``allocation_check.BANDS``, and the one whose outputs on the probes stay closest to the dense
+    """Under a target: the uniform widths and the allocation at every band of
+    ``allocation_check.BANDS``, and the one whose outputs on ``batches`` stay closest to the dense
     model's kept (an allocation only when significantly closer than uniform, and not at all when
     uniform's error is already negligible; see ``allocation_check``). Returns the graph, its
     decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
+    dense = allocation_check.outputs(gm, batches)
     candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
     label, keep = next(candidates)  # uniform
-    uniform_errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+    uniform_errors, built = _probe_errors(
+        gm, groups, keep, options, inputs, chosen, source, batches, dense
+    )
     best = (label, keep, uniform_errors, built)
     if not allocation_check.negligible(uniform_errors):
         for label, keep in candidates:
-            errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+            errors, built = _probe_errors(
+                gm, groups, keep, options, inputs, chosen, source, batches, dense
+            )
             if allocation_check.replaces(uniform_errors, best[2], errors):
                 best = (label, keep, errors, built)
     label, keep, _, built = best
@@ -391,7 +425,7 @@ def _candidate_widths(
     inputs: tuple[torch.Tensor, ...],
     options: Options,
     chosen: MethodObject,
-    source: lsq.MeasuredMoments,
+    source: lsq.MomentSource | None,
 ) -> Iterator[tuple[str, dict[str, int]]]:
     """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
     ``uniform`` first, then the allocation at each band of ``allocation_check.BANDS`` that differs
@@ -423,22 +457,24 @@ def _probe_errors(
     options: Options,
     inputs: tuple[torch.Tensor, ...],
     chosen: MethodObject,
-    source: lsq.MeasuredMoments,
+    source: lsq.MomentSource | None,
+    batches: tuple[tuple[torch.Tensor, ...], ...],
+    dense: torch.Tensor,
     held_out: bool | None = None,
 ) -> tuple[torch.Tensor, tuple[fx.GraphModule, dict[str, GroupDecomposition]] | None]:
-    """Per probe, how far the model compressed to ``keep`` is from ``gm`` (``allocation_check``),
-    ``held_out`` (default ``allocation_check.HELD_OUT``): each probe scored by a model fitted on
-    the other fold only (``allocation_check.folds``), else by the model fitted on every probe, which
-    is then returned too (a held-out check builds the chosen widths once more, on every probe)."""
+    """Per batch row, how far the model compressed to ``keep`` is from ``gm``'s outputs ``dense``
+    on ``batches`` (``allocation_check``), and that model. ``held_out`` (default
+    ``allocation_check.HELD_OUT``; only for a method that fits on the batches, ``source``): each
+    probe scored by a model fitted on the other fold only (``allocation_check.folds``), and no
+    model returned (the chosen widths are built once more, on every probe)."""
     held_out = allocation_check.HELD_OUT if held_out is None else held_out
-    if not held_out:
+    if not (held_out and isinstance(source, lsq.MeasuredMoments)):
         built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
-        produced = allocation_check.outputs(built[0], source.batches)
-        dense = allocation_check.outputs(gm, source.batches)
+        produced = allocation_check.outputs(built[0], batches)
         return allocation_check.probe_errors(produced, dense), built
     pieces: list[torch.Tensor] = []
     references: list[torch.Tensor] = []
-    for fit, scored in allocation_check.folds(source.batches):
+    for fit, scored in allocation_check.folds(batches):
         # The same repair as ``source``'s, on the fold: stored statistics moved by the change
         # measured on it, or re-measured on it.
         reference = None if source.reference is None else norm_repair.normalised_moments(gm, fit)

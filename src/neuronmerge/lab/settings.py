@@ -1,8 +1,8 @@
 """The library's research settings, changed for one block of code (``overridden``).
 
 The validation experiments (``experiments/*_validation.py``, ``budget_*.py``) compare settings that
-the library fixes as module constants once chosen: the budget's trust band, whether ``merge-ls``
-checks its allocation on the probes and how, how it derives probes, how it repairs BatchNorm
+the library fixes as module constants once chosen: the budget's trust band, whether an allocation
+is checked on the probes and how, how it derives probes, how it repairs BatchNorm
 statistics on them, and where its data-free path gets them. Each experiment used to assign those
 constants and restore them in its own ``try``/``finally``; ``overridden`` is that, once, with every
 setting named in one table so that a misspelt name is an error rather than a new attribute nobody
