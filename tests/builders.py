@@ -19,6 +19,7 @@ from torch import nn
 
 import neuronmerge as nm
 from neuronmerge.criteria import kept_count
+from neuronmerge.graph.ops import CONVS, LAYERS
 from neuronmerge.notices import EXPECTED_SKIPS
 from neuronmerge.types import Group as Site
 
@@ -149,7 +150,7 @@ def duplicated_convnet(bases: list[int], dups: list[int], criterion: str, seed: 
 
 def set_rows(layer: nn.Module, rows: torch.Tensor) -> None:
     """Load rows ``[w | b]`` (or ``w`` alone for a bias-free layer) into a Linear or Conv layer."""
-    assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    assert isinstance(layer, LAYERS)
     with torch.no_grad():
         width = layer.weight[0].numel()
         layer.weight.copy_(rows[:, :width].reshape(layer.weight.shape))
@@ -270,7 +271,7 @@ def plant_duplicates(
         drawn: list[torch.Tensor] = []  # every producer's kept rows (drawn before the pairs)
         for index, (producer, folded) in enumerate(zip(group.producers, group.folded, strict=True)):
             layer = model.get_submodule(producer)
-            assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+            assert isinstance(layer, LAYERS)
             width = layer.weight[0].numel() + int(layer.bias is not None or bool(folded))
             rows = torch.randn(keep, width, generator=generator, dtype=torch.float64)
             target = 1 + 0.2 * torch.rand(keep, 1, generator=generator, dtype=torch.float64)
@@ -328,7 +329,7 @@ def plant_duplicates(
                     _set_norm_slice(model.get_submodule(target_name), span, a, c)
                 elif kind == "depthwise":
                     conv = model.get_submodule(target_name)
-                    assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+                    assert isinstance(conv, CONVS)
                     kernels = torch.randn(n, conv.weight[0].numel(), generator=generator).double()
                     r = 0.5 + torch.rand(n, generator=generator, dtype=torch.float64)
                     kernels[is_dup] = r[is_dup, None] * kernels[partner[is_dup]]

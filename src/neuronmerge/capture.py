@@ -37,11 +37,22 @@ def as_input_tuple(example_inputs: ExampleInputs) -> tuple[torch.Tensor, ...]:
     """Normalise ``example_inputs`` (a tensor or a sequence of tensors) to a tuple."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
-    if isinstance(example_inputs, Sequence) and all(isinstance(t, torch.Tensor) for t in example_inputs):
-        return tuple(example_inputs)
-    raise InvalidArgumentError(
-        f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
-    )
+    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str):
+        raise InvalidArgumentError(
+            f"example_inputs must be a tensor or a tuple of tensors, got {type(example_inputs).__name__}"
+        )
+    for index, item in enumerate(example_inputs):
+        if not isinstance(item, torch.Tensor):
+            # A list of images or a dict (torchvision's detection models take ``[image, ...]``):
+            # the forward then loops over Python containers, which no capture can follow.
+            raise InvalidArgumentError(
+                f"example_inputs must be a tensor or a tuple of tensors (the forward's positional "
+                f"arguments); argument {index} is a {type(item).__name__}. neuronmerge captures "
+                "forward(*tensors): a model that takes a list of images or a dict (torchvision's "
+                "detection models) cannot be captured whole; compress a part of it that takes and "
+                "returns tensors instead (its backbone, say) and put that part back"
+            )
+    return tuple(example_inputs)
 
 
 def structural_copy(module: nn.Module, memo: dict[int, nn.Module] | None = None) -> nn.Module:
@@ -145,6 +156,19 @@ def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
     return last
 
 
+def _mutable(value: Any) -> Any:
+    """``value`` with the immutable lists and dicts in which a node keeps its arguments made plain
+    ones, as the graph's generated code passes them (a literal per call): a wrapped function may
+    change a list argument in place (torchvision's Swin3D clips its window size list to the input)."""
+    if isinstance(value, list):
+        return [_mutable(item) for item in value]
+    if type(value) is tuple:
+        return tuple(_mutable(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _mutable(item) for key, item in value.items()}
+    return value
+
+
 def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> object:
     """Run the graph node by node on ``inputs`` and record every node's ``tensor_meta`` (a
     ``TensorMetadata``, or a structure of them) and ``type``, as ``ShapeProp`` does; return the
@@ -173,8 +197,8 @@ def _record_shapes(graph_module: fx.GraphModule, inputs: tuple[torch.Tensor, ...
             elif op == "output":
                 result = fx.node.map_arg(node.args[0], fetch)
             else:
-                args = fx.node.map_arg(node.args, fetch)
-                kwargs = fx.node.map_arg(node.kwargs, fetch)
+                args = _mutable(fx.node.map_arg(node.args, fetch))
+                kwargs = _mutable(fx.node.map_arg(node.kwargs, fetch))
                 target = node.target
                 if op == "call_module":
                     module = modules.get(target)  # type: ignore[call-overload]

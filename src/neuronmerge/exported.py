@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from neuronmerge.graph.ops import CONVS
+
 aten = torch.ops.aten
 
 Builder = Callable[[Sequence[Any], int], nn.Module | None]
@@ -36,7 +38,7 @@ def _linear(args: Sequence[Any], _rank: int) -> nn.Module:
 
 
 def _conv(spatial: int) -> Builder:
-    kind = nn.Conv1d if spatial == 1 else nn.Conv2d
+    kind = CONVS[spatial - 1]
 
     def build(args: Sequence[Any], _rank: int) -> nn.Module:
         # aten.convNd(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
@@ -61,7 +63,7 @@ def _batch_norm(args: Sequence[Any], rank: int) -> nn.Module | None:
     _, weight, _, mean, _, training, momentum, eps = args[:8]
     if training or mean is None:
         return None  # batch statistics: a different computation from a folded BatchNorm
-    kind = nn.BatchNorm2d if rank == 4 else nn.BatchNorm1d
+    kind = {4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(rank, nn.BatchNorm1d)
     with torch.device("meta"):
         return kind(mean.shape[0], eps=eps, momentum=momentum, affine=weight is not None)
 
@@ -70,6 +72,7 @@ _BUILDERS: dict[Any, tuple[Builder, tuple[str, ...]]] = {
     aten.linear.default: (_linear, ("weight", "bias")),
     aten.conv1d.default: (_conv(1), ("weight", "bias")),
     aten.conv2d.default: (_conv(2), ("weight", "bias")),
+    aten.conv3d.default: (_conv(3), ("weight", "bias")),
     aten.batch_norm.default: (_batch_norm, ("weight", "bias", "running_mean", "running_var")),
 }
 
@@ -83,6 +86,7 @@ _FUNCTIONAL: dict[Any, tuple[Any, tuple[str, ...], dict[str, Any], tuple[str, ..
     F.linear: (aten.linear.default, ("input", "weight", "bias"), {"bias": None}, ()),
     F.conv1d: (aten.conv1d.default, ("input", "weight", *_CONV_DEFAULTS), _CONV_DEFAULTS, ()),
     F.conv2d: (aten.conv2d.default, ("input", "weight", *_CONV_DEFAULTS), _CONV_DEFAULTS, ()),
+    F.conv3d: (aten.conv3d.default, ("input", "weight", *_CONV_DEFAULTS), _CONV_DEFAULTS, ()),
     F.batch_norm: (
         aten.batch_norm.default,
         ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),

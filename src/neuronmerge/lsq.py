@@ -27,6 +27,7 @@ from torch import fx, nn
 from neuronmerge import attention, criteria, decompose, norm_repair, surgery
 from neuronmerge.activations import fit_width, tensor_moments
 from neuronmerge.capture import ExampleInputs, as_input_tuple
+from neuronmerge.graph.ops import CONVS, LAYERS
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.probes import cached_probes
 from neuronmerge.recalibrate import recalibrate_batchnorm
@@ -61,9 +62,9 @@ def consumer_energy(graph_module: fx.GraphModule, group: Group, tensor: str) -> 
             )
             energy += rows.to(torch.float64).square().sum(dim=0)
             continue
-        assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        assert isinstance(layer, LAYERS)
         weight = layer.weight.detach().to(torch.float64)
-        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:  # local columns
+        if isinstance(layer, CONVS) and layer.groups > 1:  # local columns
             blocks = weight.reshape(layer.groups, weight.shape[0] // layer.groups, weight.shape[1], -1)
             energy += blocks.square().sum(dim=(1, 3)).reshape(-1)
             continue

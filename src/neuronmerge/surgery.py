@@ -35,6 +35,7 @@ from torch import fx, nn
 from neuronmerge.attention import HeadPlan, projections
 from neuronmerge.capture import structural_copy
 from neuronmerge.decompose import Decomposition
+from neuronmerge.graph.ops import CONVS, LAYERS
 from neuronmerge.methods.base import GroupDecomposition
 from neuronmerge.types import ConsumerSlice, Group, ParamSlice
 
@@ -252,7 +253,7 @@ def _resized_layer(
     bias to put it in; ``apply`` finds it a place. ``in_place``: the new weight is written over the
     old one's memory where it can be (``_over_itself``), which the old layer cannot use afterwards.
     """
-    assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    assert isinstance(module, LAYERS)
     new = structural_copy(module)
     constant = None
     old = module.weight.detach()
@@ -264,12 +265,12 @@ def _resized_layer(
         build = lambda rows: (_resized_weight(old, rows, slices, cache), None)  # noqa: E731
     else:
         build = lambda rows: (old.index_select(0, rows), None)  # noqa: E731
-    grouped = isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups > 1 and slices
+    grouped = isinstance(module, CONVS) and module.groups > 1 and slices
     done = _over_itself(old, kept, build) if in_place and not grouped else None
     if done is not None:
         weight, constant = done
     elif grouped:
-        assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+        assert isinstance(module, CONVS)
         (_, dec), *others = slices
         assert not others, "a grouped conv reads one group"
         weight, constant = _grouped_columns(old if kept is None else old[kept], module.groups, dec)
@@ -286,7 +287,7 @@ def _resized_layer(
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape[0], weight.shape[1]
     else:
-        assert isinstance(new, (nn.Conv1d, nn.Conv2d))
+        assert isinstance(new, CONVS)
         new.out_channels, new.in_channels = weight.shape[0], weight.shape[1] * new.groups
     return new, constant
 
@@ -378,7 +379,7 @@ def _absorb_constant(
         new_bn.running_mean = bn.running_mean - constant.to(bn.running_mean.dtype)
         return _install(graph_module, norm_name, new_bn)
     layer = graph_module.get_submodule(name)
-    assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    assert isinstance(layer, LAYERS)
     new = structural_copy(layer)
     new.bias = nn.Parameter(constant.clone(), requires_grad=layer.weight.requires_grad)
     return _install(graph_module, name, new)
@@ -429,7 +430,7 @@ def _channel_count(module: nn.Module) -> int:
         return module.num_features
     if isinstance(module, nn.LayerNorm):
         return int(module.normalized_shape[0])
-    assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+    assert isinstance(module, CONVS)
     return module.out_channels
 
 
@@ -443,7 +444,7 @@ def _sliced_module(module: nn.Module, index: torch.Tensor) -> nn.Module:
     kept = int(index.shape[0])
     if isinstance(new, nn.modules.batchnorm._BatchNorm):
         new.num_features = kept
-    elif isinstance(new, (nn.Conv1d, nn.Conv2d)):
+    elif isinstance(new, CONVS):
         new.in_channels = new.out_channels = new.groups = kept
     elif isinstance(new, nn.LayerNorm):
         new.normalized_shape = (kept,)

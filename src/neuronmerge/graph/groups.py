@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from neuronmerge.exported import computed_weights
 from neuronmerge.graph import layout as lay
 from neuronmerge.graph.layout import Layout
-from neuronmerge.graph.ops import Op, label, lookup, spatial_dims
+from neuronmerge.graph.ops import CONVS, LAYERS, Op, label, lookup, spatial_dims
 from neuronmerge.types import (
     ConsumerSlice,
     Group,
@@ -171,7 +171,7 @@ class GroupFinder:
         named |= {p.owner for g in groups for p in g.params}
         result = []
         for name, module in self.modules.items():
-            if name in named or not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            if name in named or not isinstance(module, LAYERS):
                 continue
             if self.calls.get(name, 0) == 0:
                 why = "never called as a layer (its weights are used by another module or function)"
@@ -206,7 +206,7 @@ class GroupFinder:
 
     def _is_depthwise(self, module: nn.Module | None) -> bool:
         return (
-            isinstance(module, (nn.Conv1d, nn.Conv2d))
+            isinstance(module, CONVS)
             and module.groups > 1
             and module.groups == module.in_channels == module.out_channels
         )
@@ -287,10 +287,10 @@ class GroupFinder:
     def _add_producer(self, node: fx.Node, state: _Growing, expected: Layout | None) -> None:
         name = str(node.target)
         module = self._module(node)
-        assert isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d))
+        assert isinstance(module, LAYERS)
         state.producers.append(node)
         self._check_resizable(name)
-        if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if isinstance(module, CONVS):
             state.blocks = math.lcm(state.blocks, module.groups)
             if module.padding_mode != "zeros":
                 raise _Refusal(f"padding_mode={module.padding_mode!r} is not supported")
@@ -418,6 +418,7 @@ class GroupFinder:
             "batchnorm",
             "maxpool",
             "avgpool",
+            "resample",
             "pad",
             "prelu",
         ):
@@ -455,10 +456,15 @@ class GroupFinder:
         if effect in ("pass", "homogeneous", "nonhomogeneous", "dropout", "prelu"):
             self._elementwise(tensor, user, op, module, where, state)
             return
-        if effect in ("maxpool", "avgpool"):
+        if effect in ("maxpool", "avgpool", "resample"):
             if getattr(module, "return_indices", False) or user.kwargs.get("return_indices", False):
                 raise _Refusal(f"{name} returns indices")
-            spatial = spatial_dims(module if module is not None else user.target)
+            # Interpolation resamples every axis after the channels, whatever the rank.
+            spatial = (
+                len(_shape(user)) - 2
+                if effect == "resample"
+                else spatial_dims(module if module is not None else user.target)
+            )
             if not lay.pooled(where, len(_shape(user)), spatial):
                 raise _Refusal(f"{name} would pool across the channel axis")
             pooling: StepKind = "maxpool" if effect == "maxpool" else "pass"
@@ -687,7 +693,7 @@ class GroupFinder:
             if where.dim != ndim - 1:
                 raise _Refusal(f"{name} reads a different axis than the channels")
         else:
-            assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+            assert isinstance(module, CONVS)
             if module.groups != 1:
                 if where != Layout(1) or _shape(tensor)[1] != state.channels:
                     raise _Refusal(f"{name} (groups={module.groups}) reads more than these channels")
@@ -712,7 +718,7 @@ class GroupFinder:
             self._usable_norm(user, where)
             kind = "batchnorm"
         else:
-            assert isinstance(module, (nn.Conv1d, nn.Conv2d))
+            assert isinstance(module, CONVS)
             self._check_resizable(str(user.target))
             if ndim != spatial_dims(module) + 2:
                 raise _Refusal(f"{name} reads the channels with a different layout")

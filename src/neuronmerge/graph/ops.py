@@ -15,6 +15,7 @@ Effects:
 * ``prelu``: homogeneous per channel, with a per-channel slope to slice.
 * ``batchnorm``: a per-channel affine map with parameters (running statistics folded).
 * ``maxpool`` / ``avgpool``: spatial pooling, per channel.
+* ``resample``: interpolation of every axis after the channels (upsampling), linear per channel.
 * ``layout``: a view, reshape, flatten, squeeze; ``permute`` / ``transpose``: axes move;
   ``expand``: broadcast along other axes; ``index``: ``x[:, 0]``, ``x[..., ::2]``.
 * ``pad``: constant padding of trailing axes; ``reduce``: mean / sum / max over some axes.
@@ -47,6 +48,7 @@ Effect = Literal[
     "batchnorm",
     "maxpool",
     "avgpool",
+    "resample",
     "layout",
     "permute",
     "transpose",
@@ -67,6 +69,11 @@ Effect = Literal[
 ]
 
 _aten = torch.ops.aten
+
+#: The convolutions: weight ``(out, in / groups, *kernel)``, channels on axis 1 of a batched input.
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: The layers whose rows are channels: what a group's producers and consumers are.
+LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -95,8 +102,8 @@ def _nonhomogeneous(
 
 OPS: tuple[Op, ...] = (
     Op("linear", "producer", (nn.Linear,)),
-    Op("conv", "producer", (nn.Conv1d, nn.Conv2d)),
-    Op("batch_norm", "batchnorm", (nn.BatchNorm1d, nn.BatchNorm2d)),
+    Op("conv", "producer", CONVS),
+    Op("batch_norm", "batchnorm", (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     Op(
         "relu",
         "homogeneous",
@@ -154,29 +161,79 @@ OPS: tuple[Op, ...] = (
     Op(
         "max_pool",
         "maxpool",
-        (nn.MaxPool1d, nn.MaxPool2d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d),
+        (
+            nn.MaxPool1d,
+            nn.MaxPool2d,
+            nn.MaxPool3d,
+            nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d,
+            nn.AdaptiveMaxPool3d,
+        ),
         (
             F.max_pool1d,
             F.max_pool2d,
+            F.max_pool3d,
             F.adaptive_max_pool1d,
             F.adaptive_max_pool2d,
+            F.adaptive_max_pool3d,
             torch.max_pool1d,
             torch.max_pool2d,
+            torch.max_pool3d,
         ),
         (),
-        (_aten.max_pool1d.default, _aten.max_pool2d.default),
+        (_aten.max_pool1d.default, _aten.max_pool2d.default, _aten.max_pool3d.default),
     ),
     Op(
         "avg_pool",
         "avgpool",
-        (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d),
-        (F.avg_pool1d, F.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d),
+        (
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AvgPool3d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+        ),
+        (
+            F.avg_pool1d,
+            F.avg_pool2d,
+            F.avg_pool3d,
+            F.adaptive_avg_pool1d,
+            F.adaptive_avg_pool2d,
+            F.adaptive_avg_pool3d,
+        ),
         (),
         (
             _aten.avg_pool1d.default,
             _aten.avg_pool2d.default,
+            _aten.avg_pool3d.default,
             _aten.adaptive_avg_pool1d.default,
             _aten.adaptive_avg_pool2d.default,
+            _aten.adaptive_avg_pool3d.default,
+        ),
+    ),
+    Op(
+        "interpolate",
+        "resample",
+        (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d),
+        (F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear),
+        (),
+        tuple(
+            getattr(_aten, name).vec
+            for name in (
+                "upsample_nearest1d",
+                "upsample_nearest2d",
+                "upsample_nearest3d",
+                "_upsample_nearest_exact1d",
+                "_upsample_nearest_exact2d",
+                "_upsample_nearest_exact3d",
+                "upsample_linear1d",
+                "upsample_bilinear2d",
+                "upsample_trilinear3d",
+                "upsample_bicubic2d",
+                "_upsample_bilinear2d_aa",
+                "_upsample_bicubic2d_aa",
+            )
         ),
     ),
     Op(
@@ -330,6 +387,8 @@ def label(node: fx.Node, module: nn.Module | None) -> str:
 
 
 def spatial_dims(kind: object) -> int:
-    """How many spatial axes a conv or pooling layer (or function) works on: 1 for ``*1d``, else 2."""
+    """How many spatial axes a conv or pooling layer (or function) works on: 1 for ``*1d``, 3 for
+    ``*3d``, else 2."""
     name = type(kind).__name__ if isinstance(kind, nn.Module) else getattr(kind, "__name__", "")
-    return 1 if name.split(".")[0].endswith("1d") else 2  # ATen names end in ".default"
+    stem = name.split(".")[0]  # ATen names end in ".default"
+    return 1 if stem.endswith("1d") else 3 if stem.endswith("3d") else 2

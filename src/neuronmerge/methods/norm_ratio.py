@@ -46,6 +46,7 @@ from neuronmerge.decompose import (
     norm_ratio_stacked,
 )
 from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.graph.ops import CONVS, LAYERS
 from neuronmerge.methods.base import GroupDecomposition, Inputs, balanced_kept_count
 from neuronmerge.types import Group, Step
 
@@ -70,7 +71,7 @@ def producer_rows(
     """``[a w | a b + c]`` of one producer, factored (see ``decompose.Rows``); with ``block`` rows
     per channel (a head's), each channel's rows side by side."""
     layer = graph_module.get_submodule(producer)
-    assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    assert isinstance(layer, LAYERS)
     weight = layer.weight.detach().flatten(1)
     if block > 1:
         assert not folded
@@ -166,7 +167,7 @@ def _affine_params(
         return a[span, None].to(dtype), c[span].to(dtype)
     if kind == "depthwise":
         conv = graph_module.get_submodule(target)
-        assert isinstance(conv, (nn.Conv1d, nn.Conv2d))
+        assert isinstance(conv, CONVS)
         bias = conv.bias.detach()[span] if conv.bias is not None else torch.zeros(channels)
         return conv.weight.detach()[span].flatten(1).to(dtype), bias.to(dtype)
     value = graph_module.get_parameter(target).detach().flatten()[span].to(dtype)

@@ -23,6 +23,7 @@ from neuronmerge.decompose import (
     norm_ratio,
     paper_conv_bn,
 )
+from neuronmerge.graph.ops import LAYERS
 from neuronmerge.methods.base import GroupDecomposition, Inputs
 from neuronmerge.types import Group
 
@@ -40,7 +41,7 @@ PATTERN = (
 def site_tensors(graph_module: fx.GraphModule, group: Group) -> SiteTensors:
     """The raw weight, bias and BatchNorm of a one-producer group."""
     layer = graph_module.get_submodule(group.producers[0])
-    assert isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d))
+    assert isinstance(layer, LAYERS)
     weight = layer.weight.detach().flatten(1)
     bias = layer.bias.detach() if layer.bias is not None else None
     bn = None
