@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from neuronmerge import allocation_check, engine, lsq, norm_repair, widths
+from neuronmerge import allocation_check, engine, group_impact, lsq, norm_repair, probes, widths
 from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
@@ -272,8 +273,11 @@ def _compress(
     probed = source.batches if isinstance(source, lsq.MeasuredMoments) else ()
     if allocation == "error" and allocation_check.ENABLED and probed:
         assert isinstance(source, lsq.MeasuredMoments)
+        fresh = None
+        if calibration is None and allocation_check.CHECK_SEED is not None:
+            fresh = functools.partial(_check_probes, gm, inputs[0], allocation_check.CHECK_SEED)
         small, decompositions, allocation = _checked_allocation(
-            gm, groups, inputs, options, chosen, source
+            gm, groups, inputs, options, chosen, source, fresh
         )
     else:
         keep = widths.kept_counts(
@@ -364,25 +368,62 @@ def _checked_allocation(
     options: Options,
     chosen: MethodObject,
     source: lsq.MeasuredMoments,
+    fresh: Callable[[], Sequence[tuple[torch.Tensor, ...]]] | None = None,
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
     """``merge-ls`` under a target: the uniform widths and the allocation at every band of
     ``allocation_check.BANDS``, and the one whose outputs on the probes stay closest to the dense
     model's kept (an allocation only when significantly closer than uniform, and not at all when
-    uniform's error is already negligible; see ``allocation_check``). Returns the graph, its
-    decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
+    uniform's error on the probes it was fitted on is already negligible; see
+    ``allocation_check``). ``fresh`` makes the probes the candidates are scored on, when not those
+    of ``source`` (``allocation_check.CHECK_SEED``); it is called only when a candidate is scored.
+    Returns the graph, its decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
     candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
     label, keep = next(candidates)  # uniform
     uniform_errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
     best = (label, keep, uniform_errors, built)
     if not allocation_check.negligible(uniform_errors):
+        scored = None
+        if fresh is not None and built is not None:  # not with HELD_OUT: its folds are source's
+            scored = fresh()
+            uniform_errors = _scored(built[0], gm, scored)
+            best = (label, keep, uniform_errors, built)
+        if group_impact.ENABLED:
+            impact = _impact(gm, groups, keep, options, inputs, chosen, source)
+            candidates = _candidate_widths(gm, groups, inputs, options, chosen, source, impact)
+            next(candidates)  # uniform again
         for label, keep in candidates:
-            errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+            errors, built = _probe_errors(
+                gm, groups, keep, options, inputs, chosen, source, scored=scored
+            )
             if allocation_check.replaces(uniform_errors, best[2], errors):
                 best = (label, keep, errors, built)
     label, keep, _, built = best
     if built is None:
         built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
     return built[0], built[1], "uniform" if label == "uniform" else "error"
+
+
+def _impact(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    uniform_keep: Mapping[str, int],
+    options: Options,
+    inputs: tuple[torch.Tensor, ...],
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+) -> dict[str, tuple[int, float]]:
+    """Per group the allocation moves and the uniform widths cut: its uniform width and the output
+    error on the probes of cutting it alone there (``group_impact``)."""
+    cut = [
+        g
+        for g in groups
+        if uniform_keep[g.name] < g.channels and widths.allocated(gm, g, options.budget)
+    ]
+    if not cut:
+        return {}
+    decompositions = engine.decompose(gm, cut, uniform_keep, options, Inputs(inputs, source), chosen)
+    errors = group_impact.output_errors(gm, cut, decompositions, source)
+    return {name: (uniform_keep[name], error) for name, error in errors.items()}
 
 
 def _candidate_widths(
@@ -392,10 +433,11 @@ def _candidate_widths(
     options: Options,
     chosen: MethodObject,
     source: lsq.MeasuredMoments,
+    impact: Mapping[str, tuple[int, float]] | None = None,
 ) -> Iterator[tuple[str, dict[str, int]]]:
     """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
     ``uniform`` first, then the allocation at each band of ``allocation_check.BANDS`` that differs
-    from those before it."""
+    from those before it (its curves rescaled by ``impact``, see ``widths.kept_counts``)."""
     uniform_request = dataclasses.replace(options.budget, allocation="uniform")
     seen = [widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)]
     yield "uniform", seen[0]
@@ -410,6 +452,7 @@ def _candidate_widths(
             criterion=options.criterion,
             moments=source,
             band=band,
+            impact=impact,
         )
         if keep not in seen:
             seen.append(keep)
@@ -425,17 +468,19 @@ def _probe_errors(
     chosen: MethodObject,
     source: lsq.MeasuredMoments,
     held_out: bool | None = None,
+    *,
+    scored: Sequence[tuple[torch.Tensor, ...]] | None = None,
 ) -> tuple[torch.Tensor, tuple[fx.GraphModule, dict[str, GroupDecomposition]] | None]:
     """Per probe, how far the model compressed to ``keep`` is from ``gm`` (``allocation_check``),
     ``held_out`` (default ``allocation_check.HELD_OUT``): each probe scored by a model fitted on
     the other fold only (``allocation_check.folds``), else by the model fitted on every probe, which
-    is then returned too (a held-out check builds the chosen widths once more, on every probe)."""
+    is then returned too (a held-out check builds the chosen widths once more, on every probe).
+    ``scored``: the probes to score that model on, when not ``source``'s (never with ``held_out``,
+    whose folds are ``source``'s)."""
     held_out = allocation_check.HELD_OUT if held_out is None else held_out
     if not held_out:
         built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
-        produced = allocation_check.outputs(built[0], source.batches)
-        dense = allocation_check.outputs(gm, source.batches)
-        return allocation_check.probe_errors(produced, dense), built
+        return _scored(built[0], gm, source.batches if scored is None else scored), built
     pieces: list[torch.Tensor] = []
     references: list[torch.Tensor] = []
     for fit, scored in allocation_check.folds(source.batches):
@@ -447,6 +492,24 @@ def _probe_errors(
         pieces.append(allocation_check.outputs(small, scored))
         references.append(allocation_check.outputs(gm, scored))
     return allocation_check.probe_errors(torch.cat(pieces), torch.cat(references)), None
+
+
+def _scored(
+    small: nn.Module, gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]]
+) -> torch.Tensor:
+    """Per probe of ``batches``, how far ``small``'s outputs are from ``gm``'s
+    (``allocation_check.probe_errors``)."""
+    produced = allocation_check.outputs(small, batches)
+    return allocation_check.probe_errors(produced, allocation_check.outputs(gm, batches))
+
+
+def _check_probes(
+    gm: fx.GraphModule, example: torch.Tensor, seed: int
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The probes ``merge-ls``'s check scores its candidates on, on its data-free path: made as its
+    own are, with another seed (``allocation_check.CHECK_SEED``), so that no candidate's fit saw
+    them; made once per model and reused at other targets."""
+    return tuple(probes.cached_probes(gm, example, seed=seed))
 
 
 def merge(
