@@ -1,16 +1,19 @@
 """Smoke test of ``neuronmerge.hf.compress_pretrained`` on transformers architectures the tests do not
 cover: tiny configs, random weights, nothing downloaded.
 
-Every (architecture, method) row ends as one of: ``ok`` (width before/after, relative output error
-against the dense model on random inputs, ``save_pretrained`` then ``from_pretrained`` of the same
-class gives the same outputs), ``refused`` (``InvalidArgumentError`` with its reason), ``crash`` (any
-other exception: a defect) or ``wrong`` (reload differs, or the caller's model changed).
+Every (architecture, method) row ends as one of: ``ok`` (MLP width before/after per config width
+field, relative output error against the dense model on random inputs, ``save_pretrained`` then
+``from_pretrained`` of the same class gives the same outputs), ``refused`` (``InvalidArgumentError``
+with its reason), ``crash`` (any other exception: a defect) or ``wrong`` (reload differs, or the
+caller's model changed).
 
-Run: ``nice -n 10 .venv/bin/python experiments/hf_smoke.py`` (writes ``experiments/hf_smoke.json``).
+Run: ``nice -n 10 .venv/bin/python experiments/hf_smoke.py`` (writes ``experiments/hf_smoke.json``
+and the README table between its markers); ``--write`` only regenerates the table from the JSON.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import tempfile
@@ -26,8 +29,8 @@ import transformers as tf
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.hf import compress_pretrained
 
-torch.set_num_threads(1)
 VOCAB = 64
+OUT = Path(__file__).with_suffix(".json")
 IDS = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 AUDIO = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(0))
@@ -50,6 +53,14 @@ def _seq2seq(model: torch.nn.Module) -> torch.Tensor:
 
 def _whisper(model: torch.nn.Module) -> torch.Tensor:
     return model(AUDIO)[0]
+
+
+def _speech(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_features=AUDIO, decoder_input_ids=IDS[:, :4])[0]
+
+
+def _speech2text(model: torch.nn.Module) -> torch.Tensor:
+    return model(input_features=AUDIO.transpose(1, 2), decoder_input_ids=IDS[:, :4])[0]
 
 
 Case = tuple[str, Callable[[], torch.nn.Module], Callable[[torch.nn.Module], torch.Tensor]]
@@ -156,23 +167,81 @@ def _cases() -> list[Case]:
             ),
             _seq2seq,
         ),
+    ]
+    t5 = {**s2s, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_heads": 4}
+    gated = {**t5, "feed_forward_proj": "gated-gelu"}
+    t5s: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("t5_gated_lm", "T5ForConditionalGeneration", "T5Config", gated),
+        ("mt5", "MT5ForConditionalGeneration", "MT5Config", gated),
+        ("umt5", "UMT5ForConditionalGeneration", "UMT5Config", gated),
+        ("longt5", "LongT5ForConditionalGeneration", "LongT5Config", {**t5, "local_radius": 4}),
+    ]
+    cases += [(n, _build(m, c, kw), _seq2seq) for n, m, c, kw in t5s]
+    # BART's family: encoder_ffn_dim and decoder_ffn_dim differ here, so each stack keeps its own
+    bart = {
+        **s2s,
+        "d_model": 32,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "encoder_attention_heads": 4,
+        "decoder_attention_heads": 4,
+        "encoder_ffn_dim": 64,
+        "decoder_ffn_dim": 48,
+        "max_position_embeddings": 32,
+    }
+    barts: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("bart", "BartModel", "BartConfig", bart),
+        ("bart_lm", "BartForConditionalGeneration", "BartConfig", bart),
+        ("mbart", "MBartForConditionalGeneration", "MBartConfig", bart),
+        ("marian", "MarianMTModel", "MarianConfig", bart),
+        ("pegasus", "PegasusForConditionalGeneration", "PegasusConfig", bart),
+        ("plbart", "PLBartForConditionalGeneration", "PLBartConfig", bart),
+        ("blenderbot", "BlenderbotForConditionalGeneration", "BlenderbotConfig", bart),
+        ("blenderbot_small", "BlenderbotSmallForConditionalGeneration", "BlenderbotSmallConfig", bart),
+        ("m2m100", "M2M100ForConditionalGeneration", "M2M100Config", bart),
+        ("mvp", "MvpForConditionalGeneration", "MvpConfig", bart),
         (
-            "bart",
+            "led",
+            "LEDForConditionalGeneration",
+            "LEDConfig",
+            {
+                **bart,
+                "attention_window": 4,
+                "max_encoder_position_embeddings": 32,
+                "max_decoder_position_embeddings": 32,
+            },
+        ),
+        (
+            "bigbird_pegasus",
+            "BigBirdPegasusForConditionalGeneration",
+            "BigBirdPegasusConfig",
+            {**bart, "attention_type": "original_full"},
+        ),
+        ("pegasus_x", "PegasusXForConditionalGeneration", "PegasusXConfig", {**bart, "block_size": 4}),
+    ]
+    cases += [(n, _build(m, c, kw), _seq2seq) for n, m, c, kw in barts]
+    audio = {
+        **bart,
+        "num_mel_bins": 8,
+        "max_source_positions": 8,
+        "max_target_positions": 16,
+        "vocab_size": VOCAB,
+    }
+    cases += [
+        ("whisper", _build("WhisperForConditionalGeneration", "WhisperConfig", audio), _speech),
+        (
+            "speech2text",
             _build(
-                "BartModel",
-                "BartConfig",
+                "Speech2TextForConditionalGeneration",
+                "Speech2TextConfig",
                 {
-                    **s2s,
-                    "d_model": 32,
-                    "encoder_layers": 2,
-                    "decoder_layers": 2,
-                    "encoder_attention_heads": 4,
-                    "decoder_attention_heads": 4,
-                    "encoder_ffn_dim": 64,
-                    "decoder_ffn_dim": 64,
+                    **bart,
+                    "input_feat_per_channel": 8,
+                    "max_source_positions": 32,
+                    "max_target_positions": 16,
                 },
             ),
-            _seq2seq,
+            _speech2text,
         ),
         (
             "whisper_encoder",
@@ -238,11 +307,7 @@ def run(
         return row
     changed = any(not torch.equal(state[k], v) for k, v in model.state_dict().items())
     small = result.model
-    row.update(
-        approximate=approximate,
-        width=[result.width_before, result.width_after],
-        field=result.width_field,
-    )
+    row.update(approximate=approximate, widths={k: list(v) for k, v in result.widths.items()})
     try:
         with torch.no_grad():
             out = forward(small)
@@ -264,19 +329,76 @@ def run(
     return {**row, "status": "ok"}
 
 
+#: The README block generated from the JSON (``table``), between these markers.
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- hf-smoke:start -->", "<!-- hf-smoke:end -->"
+
+
+def _error(row: dict[str, Any] | None) -> str:
+    if row is None or row["status"] != "ok":
+        return "-"
+    return f"{row['error']:.4f}" + (" (approximate)" if row["approximate"] else "")
+
+
+def _short(reason: str) -> str:
+    """A refusal's reason, at most 100 characters, as one table cell."""
+    cell = reason if len(reason) <= 100 else reason[:97] + "..."
+    return cell.replace("|", "\\|")
+
+
+def table(outcome: dict[str, Any]) -> str:
+    """The README block: the counts, then one row per architecture with the MLP widths per config
+    width field and the relative output error of each method (``approximate``: merged through
+    GELU/SiLU with ``approximate=True``), or why it was refused."""
+    counts = ", ".join(f"{n} {status}" for status, n in outcome["counts"].items())
+    lines = [
+        f"Rows (architecture x method): {counts}.",
+        "",
+        "| architecture | MLP widths (config field: before -> after) or reason | merge | merge-ls |",
+        "|---|---|---:|---:|",
+    ]
+    by_model: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in outcome["rows"]:
+        by_model.setdefault(row["model"], {})[row["method"]] = row
+    for model, rows in by_model.items():
+        done = [row for row in rows.values() if row["status"] == "ok"]
+        if done:
+            what = ", ".join(f"`{k}` {a} -> {b}" for k, (a, b) in done[0]["widths"].items())
+        else:
+            first = next(iter(rows.values()))
+            what = f"{first['status']}: {_short(first.get('reason', ''))}"
+        lines.append(
+            f"| {model} | {what} | {_error(rows.get('merge'))} | {_error(rows.get('merge-ls'))} |"
+        )
+    return "\n".join(lines)
+
+
+def write_readme(outcome: dict[str, Any]) -> None:
+    text = README.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    README.write_text(f"{head}{START}\n{table(outcome)}\n{END}{tail}")
+
+
 def main() -> None:
-    rows = []
-    for name, build, forward in _cases():
-        for method in ("merge", "merge-ls"):
-            row = run(name, build, forward, method)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    print(counts)
-    out = Path(__file__).with_suffix(".json")
-    out.write_text(json.dumps({"counts": counts, "rows": rows}, indent=1) + "\n")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="only regenerate the README table")
+    if not parser.parse_args().write:
+        torch.set_num_threads(1)
+        rows = []
+        for name, build, forward in _cases():
+            for method in ("merge", "merge-ls"):
+                row = run(name, build, forward, method)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        counts: dict[str, int] = {}
+        for row in rows:
+            counts[row["status"]] = counts.get(row["status"], 0) + 1
+        OUT.write_text(json.dumps({"counts": counts, "rows": rows}, indent=1) + "\n")
+    outcome = json.loads(OUT.read_text())
+    print(table(outcome))
+    if START in README.read_text():
+        write_readme(outcome)
 
 
 if __name__ == "__main__":

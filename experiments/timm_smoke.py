@@ -5,12 +5,14 @@ compressed at ratio 0.5 with ``approximate=True`` and its classifier excluded, i
 under a per-model timeout. Each row records ``ok`` or what went wrong: a crash (exception type and
 message), a changed output shape, a modified input model, or no parameter saved; with the parameter
 counts before and after. timm zero-initialises some weights (classifier heads, the last BatchNorm
-scale of residual blocks), which would make merges look free, so every all-zero weight is redrawn
-first. A second check (``planted``) is the exactness one of the test suite: exact duplicates are
-planted at every exact site of a float64 copy (``tests.builders.plant_duplicates``), and merging
-them (``approximate=False``, no threshold) must leave the output unchanged (``planted_error``, the
-relative L2 change, about 1e-15 when right; ``no-sites`` when none was found). timm is not a
-dependency of neuronmerge: install it beside the zoo venv, e.g.
+scale of residual blocks, NFNets' scalar skip-init gains, which silence every residual branch),
+which would make merges look free, so every all-zero weight is redrawn first. A second check
+(``planted``) is the exactness one of the test suite: exact duplicates are planted at every exact
+site of a float64 copy as captured (``tests.builders.plant_duplicates``; capture stores weights
+computed from parameters, such as standardised ones, so the planted rows are the layers' effective
+rows), and merging them (``approximate=False``, no threshold) must leave the output unchanged
+(``planted_error``, the relative L2 change, about 1e-15 when right; ``no-sites`` when none was
+found). timm is not a dependency of neuronmerge: install it beside the zoo venv, e.g.
 ``pip install --no-deps --target /work/timm-pkgs timm pyyaml huggingface_hub``, then
 
     PYTHONPATH=src:/work/timm-pkgs nice -n 10 .venv-zoo/bin/python experiments/timm_smoke.py
@@ -56,6 +58,7 @@ MODELS: dict[str, int] = {
     "xception41": 96,
     "nf_resnet26": 64,
     "dm_nfnet_f0": 64,
+    "resnetv2_50x1_bit": 64,
     "rexnet_100": 64,
     "repvgg_a0": 64,
     "mobilevit_xxs": 64,
@@ -107,9 +110,9 @@ def build(name: str) -> Any:
     model = timm.create_model(name, pretrained=False).eval()
     with torch.no_grad():
         for key, p in model.named_parameters():
-            if p.dim() == 0 or key.endswith("bias") or bool(p.any()):
+            if key.endswith("bias") or bool(p.any()):
                 continue
-            if p.dim() == 1:
+            if p.dim() <= 1:  # a scale: per channel, or one (NFNets' skipinit_gain)
                 p.uniform_(0.5, 1.5)
             else:
                 p.normal_(0, p[0].numel() ** -0.5)
@@ -121,14 +124,17 @@ def planted(name: str, side: int, heads: list[str]) -> dict[str, Any]:
     import torch
 
     import neuronmerge as nm
+    from neuronmerge.capture import capture
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.builders import plant_duplicates
 
-    model = build(name).double()
     x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exclude = [f"{h}*" for h in heads]
     try:
+        # Planted where merging reads the rows: in the captured model, whose computed weights
+        # (weight standardisation) are stored tensors; elsewhere it shares the model's tensors.
+        model = capture(build(name).double(), x)
         found = nm.plan(model, x, exclude=exclude)
         plant_duplicates(model, found.sites, 0.5, "l2-norm", torch.Generator().manual_seed(0))
     except Exception as error:  # noqa: BLE001 - a pattern the test helper cannot plant into

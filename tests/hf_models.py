@@ -3,6 +3,7 @@ shared by the in-memory and the streaming tests so that both compress the same m
 
 from __future__ import annotations
 
+import torch
 import transformers as tf
 
 
@@ -93,10 +94,21 @@ def t5_encoder(gated: bool = False) -> tf.T5EncoderModel:
     return tf.T5EncoderModel(config).eval()
 
 
-def t5() -> tf.T5Model:
-    """T5 encoder-decoder: its decoder blocks hold the MLP at ``layer.2`` (after cross-attention)."""
-    config = tf.T5Config(d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4, vocab_size=50)
-    return tf.T5Model(config).eval()
+def t5(gated: bool = False) -> tf.T5ForConditionalGeneration:
+    """T5 encoder-decoder: its decoder blocks hold the MLP at ``layer.2`` (after cross-attention);
+    three decoder blocks over two encoder blocks, both stacks of width ``d_ff``."""
+    config = tf.T5Config(
+        d_model=32,
+        d_ff=64,
+        d_kv=8,
+        num_layers=2,
+        num_decoder_layers=3,
+        num_heads=4,
+        vocab_size=50,
+        decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+    )
+    return tf.T5ForConditionalGeneration(config).eval()
 
 
 def siglip_vision() -> tf.SiglipVisionModel:
@@ -138,3 +150,55 @@ def falcon() -> tf.FalconForCausalLM:
         eos_token_id=0,
     )
     return tf.FalconForCausalLM(config).eval()
+
+
+def bart(
+    encoder_ffn: int = 64, decoder_ffn: int = 48, activation: str = "relu"
+) -> tf.BartForConditionalGeneration:
+    """BART: post-norm encoder and decoder layers with ``fc1``/``fc2``, one width field per stack
+    (``encoder_ffn_dim``, ``decoder_ffn_dim``; different here), ReLU so that merging is exact."""
+    config = tf.BartConfig(
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=encoder_ffn,
+        decoder_ffn_dim=decoder_ffn,
+        activation_function=activation,
+        vocab_size=50,
+        max_position_embeddings=32,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+    )
+    return tf.BartForConditionalGeneration(config).eval()
+
+
+def phi3() -> tf.Phi3ForCausalLM:
+    """Phi-3: gate and up fused in ``gate_up_proj`` (gate rows first), width ``intermediate_size``."""
+    return tf.Phi3ForCausalLM(tf.Phi3Config(**_LM, num_key_value_heads=2, pad_token_id=1)).eval()
+
+
+def plant_duplicates(
+    up: torch.Tensor, bias: torch.Tensor | None = None, gate: torch.Tensor | None = None
+) -> None:
+    """Make the second half of an MLP's hidden neurons positive multiples of the first half, in place
+    (``up``: the up weight's rows, ``bias`` its bias, ``gate`` the gate rows; views are fine).
+
+    Plain MLPs: up rows and biases scaled by ``s`` in (0.25, 0.75), exact to merge through ReLU (a
+    positively homogeneous activation). Gated MLPs: equal gate rows and up rows scaled by ``s``,
+    exact through any activation. The kept half is then doubled so that it has the larger norms
+    (the l1-norm criterion keeps it), which also makes pruning the other half inexact.
+    """
+    half = up.shape[0] // 2
+    scale = torch.rand(half, 1) * 0.5 + 0.25
+    with torch.no_grad():
+        up[half:] = scale * up[:half]
+        up[:half] *= 2
+        if bias is not None:
+            bias[half:] = scale[:, 0] * bias[:half]
+            bias[:half] *= 2
+        if gate is not None:
+            gate[half:] = gate[:half]

@@ -1,21 +1,17 @@
-"""Sizes and weights computed at run time.
-
-Views and reshapes whose target shape is computed from another tensor's shape:
+"""Sizes computed at run time: views and reshapes whose target shape is computed from another
+tensor's shape.
 
 Surgery rewrites literal sizes (``x.view(-1, 120)``) but cannot rewrite ``C // heads`` computed from
 ``B, N, C = x.shape``: where such a size shapes a tensor of another width (CaiT's
 ``qkv(x).reshape(B, N, 3, heads, C // heads)``), shrinking either side alone breaks the reshape.
 Both groups are held with the reason, and the rest of the model still compresses.
-
-Layers whose weight is computed in the forward (timm's ``StdConv2d`` standardises every output row
-with ``F.batch_norm`` on each call) are named with the reason: no parameter holds their weight.
+(Weights computed at run time: ``test_constant_fold``.)
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import neuronmerge as nm
@@ -154,40 +150,3 @@ def test_a_reshape_sized_by_its_own_channels_still_merges_exactly() -> None:
     check = torch.randn(3, 3, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         assert torch.allclose(result.model(check), model(check), rtol=1e-9, atol=1e-10)
-
-
-class StdConv(nn.Conv2d):
-    """timm's ``StdConv2d``: each output row of the weight standardised on every call."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = self.weight.reshape(1, self.out_channels, -1)
-        weight = F.batch_norm(rows, None, None, training=True, momentum=0.0, eps=1e-6)
-        return F.conv2d(x, weight.reshape_as(self.weight), self.bias, self.stride, self.padding)
-
-
-class Standardised(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.std = StdConv(3, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.conv(torch.relu(self.std(x))))
-        return self.fc(y.mean((2, 3)))
-
-
-def test_a_standardised_weight_is_named_with_its_reason() -> None:
-    model = Standardised().eval()
-    x = torch.randn(2, 3, 8, 8)
-    found = nm.plan(model, x)
-    reasons = {s.producer: s.reason for s in found.skipped}
-    assert reasons["std"] == (
-        "its weight is computed in the forward from std.weight (standardised or reparametrised, "
-        "as by timm's ScaledStdConv2d): no parameter to resize"
-    )
-    assert [s.producer for s in found.sites] == ["conv"]
-    result = compress_announced(model, x, 0.5)
-    assert torch.equal(result.model.std.weight, model.std.weight)
-    with torch.no_grad():
-        assert result.model(x).shape == (2, 4)

@@ -12,7 +12,7 @@ import transformers as tf
 from neuronmerge import hf
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.ffn import FFNOptions, compress_ffns, mlp_inputs
-from neuronmerge.hf import block_kind, compress_pretrained
+from neuronmerge.hf import block_kinds, compress_pretrained
 from tests.hf_models import llama, opt
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
@@ -126,7 +126,7 @@ def test_a_model_without_known_blocks_is_refused() -> None:
 def _compressed_blocks(model: torch.nn.Module, inputs: dict[str, torch.Tensor] | None) -> dict:
     """``model``'s parameters after compress_ffns at 0.5 with merge-ls on ``inputs`` (None: noise)."""
     twin = copy.deepcopy(model)
-    kind, blocks = block_kind(twin)
+    ((kind, blocks),) = block_kinds(twin)
     compress_ffns(blocks, kind.spec, FFNOptions(0.5, "merge-ls"), hf._spellings(), inputs)
     return dict(twin.named_parameters())
 
@@ -148,7 +148,7 @@ def test_merge_ls_on_a_causal_lm_fits_on_text_the_model_wrote(monkeypatch) -> No
     (tokens,) = seen
     assert tokens.shape == (2048 // 32, 32)  # probe tokens in sequences of the context length
     assert tokens[:, 0].eq(0).all() and tokens.max() < 50  # the config's start token, in vocab
-    kind, blocks = block_kind(model)
+    ((kind, blocks),) = block_kinds(model)
     inputs = mlp_inputs(model, blocks, kind.spec, tokens)
     assert all(x.shape == (tokens.numel(), 32) for x in inputs.values())
     fitted, noise = _compressed_blocks(model, inputs), _compressed_blocks(model, None)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from neuronmerge import hf
 from neuronmerge.errors import CheckpointError, InvalidArgumentError, OutputExistsError
 from neuronmerge.ffn import FFNOptions, compress_ffns
-from neuronmerge.hf import block_kind, compress_pretrained
+from neuronmerge.hf import block_kinds, compress_pretrained
 from neuronmerge.streaming import compress_checkpoint
 from tests.hf_models import llama, opt, qwen2
 from tests.scripts import ROOT, load_script
@@ -46,7 +46,7 @@ def test_streamed_result_equals_the_in_memory_one_and_reloads(
         in_memory = compress_pretrained(model, 0.5, method=method).model
     else:  # a streamed model cannot generate probes: both fit on each block's norm of noise
         in_memory = copy.deepcopy(model)
-        kind, blocks = block_kind(in_memory)
+        ((kind, blocks),) = block_kinds(in_memory)
         # Qwen2 has no MLP bias switch: both fit through the origin
         extra = {"intercept": False} if build is qwen2 else {}
         options = FFNOptions(0.5, method="merge-ls", extra=extra)

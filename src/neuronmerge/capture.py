@@ -26,6 +26,7 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
+from neuronmerge.constant_fold import fold_computed_weights
 from neuronmerge.errors import CaptureError, InvalidArgumentError
 from neuronmerge.exported import export_graph, lift
 
@@ -215,7 +216,8 @@ def capture(model: nn.Module, example_inputs: ExampleInputs) -> fx.GraphModule:
 
     The GraphModule shares ``model``'s tensors, never its module objects (see the module docstring).
     Where torch.fx cannot trace (a Python decision on a shape, say), ``torch.export`` captures the
-    model instead (see ``exported``). Where neither can (data-dependent control flow), raises
+    model instead (see ``exported``). A weight the forward computes from parameters alone is stored
+    as the layer's own (``constant_fold``). Where neither can (data-dependent control flow), raises
     ``CaptureError`` naming the user's line that failed and how to wrap it with ``torch.fx.wrap``.
     """
     return capture_with_outputs(model, example_inputs)[0]
@@ -244,6 +246,9 @@ def capture_with_outputs(
             graph_module = export_graph(copied, tuple(t.clone() for t in inputs))
         except Exception as export_error:
             raise _untraceable(model, fx_error, export_error) from fx_error
+    # A weight computed from parameters alone (weight standardisation) is stored before anything
+    # reads the layers' rows and columns, so that the layer is an ordinary one (``constant_fold``).
+    fold_computed_weights(graph_module)
     try:
         with torch.no_grad():
             outputs = _record_shapes(graph_module, tuple(t.clone() for t in inputs))

@@ -122,29 +122,46 @@ def _owner(graph_module: fx.GraphModule, args: Sequence[Any], names: Sequence[st
     return owner if set(held) <= {"weight", "bias"} else None  # _install moves only these
 
 
-def computed_weights(graph_module: fx.GraphModule) -> dict[str, str]:
-    """Layers whose calls compute their weight in the forward instead of reading it, by module name,
-    with the parameter it is computed from. timm's ``ScaledStdConv2d`` and ``StdConv2d`` standardise
-    each output row of their weight with ``F.batch_norm`` on every call: merging resizes parameters
-    and reads them as the layer's rows, which such a layer's effective weight is not."""
-    found: dict[str, str] = {}
+#: The layer calls whose weight and bias a merge resizes (the ATen form each spelling binds to).
+_PRODUCERS = frozenset((aten.linear.default, aten.conv1d.default, aten.conv2d.default))
+
+
+def layer_arguments(node: fx.Node) -> dict[str, Any] | None:
+    """The ``weight`` and ``bias`` arguments (nodes, or None for no bias) of a linear or conv call,
+    in any spelling the table above knows, or None when ``node`` is no such call."""
+    form = _aten_form(node) if node.op == "call_function" else None
+    if form is None or form[0] not in _PRODUCERS:
+        return None
+    args = form[1]
+    return {"weight": args[1], "bias": args[2] if len(args) > 2 else None}
+
+
+def computed_weights(graph_module: fx.GraphModule) -> dict[str, tuple[str, bool]]:
+    """Layers whose calls still compute their weight in the forward instead of reading it, by module
+    name, with the parameter it is computed from and whether it depends on the model's input too.
+    ``constant_fold`` has already stored every weight computed from parameters alone (timm's
+    ``StdConv2d``); what is left is a weight that changes with the input, or one whose parameters
+    other computations read too: merging resizes parameters and reads them as the layer's rows,
+    which such a layer's effective weight is not."""
+    found: dict[str, tuple[str, bool]] = {}
     for node in graph_module.graph.nodes:
-        form = _aten_form(node) if node.op == "call_function" else None
-        if form is None or form[0] is aten.batch_norm.default or len(form[1]) < 2:
-            continue
-        weight = form[1][1]
+        slots = layer_arguments(node)
+        weight = None if slots is None else slots["weight"]
         if not isinstance(weight, fx.Node) or weight.op == "get_attr":
             continue
-        stack, seen = [weight], set()
+        stack, seen, source, dynamic = [weight], set(), None, False
         while stack:
             current = stack.pop()
-            if current in seen or current.op == "placeholder":
+            if current in seen:
                 continue
             seen.add(current)
+            dynamic |= current.op == "placeholder"
             owner, _, leaf = str(current.target).rpartition(".")
-            if current.op == "get_attr" and leaf == "weight":
-                found.setdefault(owner, str(current.target))
+            if current.op == "get_attr" and leaf == "weight" and source is None:
+                source = (owner, str(current.target))
             stack.extend(current.all_input_nodes)
+        if source is not None:
+            found.setdefault(source[0], (source[1], dynamic))
     return found
 
 

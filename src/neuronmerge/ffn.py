@@ -56,7 +56,10 @@ class FFNSpec:
 
     ``up`` produces the hidden neurons (with ``gate``, the multiplied branch), ``down`` reads them,
     ``act`` is the activation module, ``norm`` the normalisation whose output the MLP reads (used to
-    make data-free probes; ``None`` uses standard Gaussian inputs).
+    make data-free probes; ``None`` uses standard Gaussian inputs). ``fused``: ``up`` computes the
+    gate rows and then the up rows in one layer (Phi-3's ``gate_up_proj``: rows ``[0, I)`` gate,
+    ``[I, 2I)`` up), so hidden neuron ``i`` is rows ``i`` and ``I + i``; it is split into two Linears
+    for the engine (which groups gate and up rows as it does for a separate ``gate``) and fused back.
     """
 
     up: str
@@ -64,6 +67,11 @@ class FFNSpec:
     act: str
     gate: str | None = None
     norm: str | None = None
+    fused: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fused and self.gate is not None:
+            raise InvalidArgumentError(f"a fused {self.up} holds the gate rows itself: no gate path")
 
 
 class FeedForward(nn.Module):
@@ -103,42 +111,56 @@ class FFNOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def mlp_width(
-    width: int,
+def mlp_widths(
+    stacks: Sequence[tuple[int, int]],
     *,
     ratio: float | None = None,
     target_params: float | None = None,
     round_to: int | None = None,
     total: int,
-    per_neuron: int,
-    blocks: int,
-) -> int:
-    """The one MLP width every block keeps, from a ``ratio`` or a parameter target.
+) -> tuple[int, ...]:
+    """The MLP width each stack of blocks keeps, from a ``ratio`` or a parameter target.
 
-    Configs with one width field (``intermediate_size``) need every block alike, so a budget here is
-    a single width: the model's ``total`` parameters fall by ``blocks * per_neuron`` for each hidden
-    neuron removed (``per_neuron``: one up row and bias, one gate row and bias, one down column). The
-    width is the multiple of ``round_to`` (or the full width) whose count is closest to the target;
-    ``target_params`` is a fraction of ``total`` kept or an absolute count, validated as
-    ``nm.compress`` validates it. A target out of reach raises with the reachable range.
+    A stack is every block whose width one config field states (``intermediate_size``; an
+    encoder-decoder's ``encoder_ffn_dim`` and ``decoder_ffn_dim`` are two stacks), so every block of a
+    stack keeps the same width. ``stacks``: per stack, its width and the parameters one hidden neuron
+    costs summed over its blocks (per block: one up row and bias, one gate row and bias, one down
+    column): the model's ``total`` falls by that much per neuron removed. A target keeps the same
+    fraction of every stack, each width the multiple of ``round_to`` (or the full width) nearest it,
+    with the total closest to the target; ``target_params`` is a fraction of ``total`` kept or an
+    absolute count, validated as ``nm.compress`` validates it. A target out of reach raises with the
+    reachable range.
     """
     if (ratio is None) == (target_params is None):
         raise InvalidArgumentError("give a ratio or target_params, exactly one of them")
     request = budget_request(target_params=target_params, round_to=round_to)
     step = request.round_to
+    widths = [width for width, _ in stacks]
     if ratio is not None:
-        kept = kept_count(width, check_ratio(ratio))
-        return kept if step == 1 or kept == width else min(width, max(step, round(kept / step) * step))
-    fixed = total - blocks * per_neuron * width
-    smallest = min(step, width)
-    low, target = fixed + blocks * per_neuron * smallest, request.absolute(total)
+        kept = [kept_count(width, check_ratio(ratio)) for width in widths]
+        return tuple(
+            k if step == 1 or k == w else min(w, max(step, round(k / step) * step))
+            for k, w in zip(kept, widths, strict=True)
+        )
+    full = sum(width * cost for width, cost in stacks)
+    fixed = total - full
+    smallest = [min(step, width) for width in widths]
+    low = fixed + sum(s * cost for s, (_, cost) in zip(smallest, stacks, strict=True))
+    target = request.absolute(total)
     if not low <= target <= total:
         raise InvalidArgumentError(
-            f"target_params {target:,} is out of reach: narrowing every MLP (width {width}) reaches "
-            f"{low:,} (width {smallest}) to {total:,} (unchanged) parameters"
+            f"target_params {target:,} is out of reach: narrowing every MLP (width "
+            f"{_listed(widths)}) reaches {low:,} (width {_listed(smallest)}) to {total:,} "
+            "(unchanged) parameters"
         )
-    best = round((target - fixed) / (blocks * per_neuron) / step) * step
-    return min(width, max(smallest, best))
+    share = (target - fixed) / full
+    return tuple(
+        min(w, max(s, round(share * w / step) * step)) for w, s in zip(widths, smallest, strict=True)
+    )
+
+
+def _listed(widths: Sequence[int]) -> str:
+    return ", ".join(str(w) for w in widths)
 
 
 def neuron_cost(ffn: FeedForward) -> int:
@@ -177,10 +199,46 @@ def lift(block: nn.Module, spec: FFNSpec, spellings: Spellings | None = None) ->
     """The block's MLP as a standalone ``FeedForward`` (its Linears are the block's own or copies)."""
     spellings = spellings or Spellings()
     layer = lambda path: _linear_of(block.get_submodule(path), spellings)  # noqa: E731
-    gate = layer(spec.gate) if spec.gate else None
+    gate: nn.Linear | None
+    if spec.fused:
+        gate, up = _split(layer(spec.up))
+    else:
+        gate, up = (layer(spec.gate) if spec.gate else None), layer(spec.up)
     act = block.get_submodule(spec.act)
     act = spellings.activations.get(type(act), act)
-    return FeedForward(layer(spec.up), act, layer(spec.down), gate)
+    return FeedForward(up, act, layer(spec.down), gate)
+
+
+def _split(fused: nn.Linear) -> tuple[nn.Linear, nn.Linear]:
+    """A fused gate-and-up layer as its gate (first half of the rows) and up (second half), copied:
+    the engine may write over its layers in place, which must not reach the fused original."""
+    halves = lambda t: [half.clone() for half in t.detach().chunk(2)]  # noqa: E731
+    gate_w, up_w = halves(fused.weight)
+    gate_b, up_b = halves(fused.bias) if fused.bias is not None else (None, None)
+    return _linear(gate_w, gate_b), _linear(up_w, up_b)
+
+
+def _fuse(gate: nn.Linear, up: nn.Linear) -> nn.Linear:
+    """Gate rows then up rows in one Linear (``_split`` undone); a bias on either gives both one."""
+    bias = None
+    if gate.bias is not None or up.bias is not None:
+        bias = torch.cat([_bias(layer) for layer in (gate, up)])
+    return _linear(torch.cat([gate.weight.detach(), up.weight.detach()]), bias)
+
+
+def _bias(layer: nn.Linear) -> Tensor:
+    if layer.bias is None:
+        return layer.weight.new_zeros(layer.out_features)
+    return layer.bias.detach()
+
+
+def _linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    """An ``nn.Linear`` holding ``weight`` and ``bias`` themselves, allocating nothing else."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device="meta")
+    linear.weight = nn.Parameter(weight)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias)
+    return linear
 
 
 def probes_for(block: nn.Module, spec: FFNSpec, hidden: int, options: FFNOptions) -> list[Tensor]:
@@ -257,12 +315,22 @@ def put_back(
     """Put the Linears ``up``, ``down`` (and ``gate``) of a compressed ``FeedForward`` (or any module
     with those submodules) into ``block`` in place of its own; returns the new hidden width."""
     spellings = spellings or Spellings()
-    for attr in ("up", "down") + (("gate",) if spec.gate else ()):
-        path = getattr(spec, attr)
-        new = small.get_submodule(attr)
-        assert isinstance(new, nn.Linear)
+    if spec.fused:
+        paths = {spec.up: _fuse(_compressed(small, "gate"), _compressed(small, "up"))}
+    else:
+        paths = {spec.up: _compressed(small, "up")}
+        if spec.gate:
+            paths[spec.gate] = _compressed(small, "gate")
+    paths[spec.down] = _compressed(small, "down")
+    for path, new in paths.items():
         _set(block, path, _back(block.get_submodule(path), new, spellings))
     return _width(small)
+
+
+def _compressed(small: nn.Module, attr: str) -> nn.Linear:
+    layer = small.get_submodule(attr)
+    assert isinstance(layer, nn.Linear)
+    return layer
 
 
 def _width(ffn: nn.Module) -> int:

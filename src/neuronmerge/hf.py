@@ -2,12 +2,16 @@
 
 ``compress_pretrained(model, ratio)`` finds every transformer block by its class (one table row per
 block layout, every class name that shares the layout in that row), compresses each block's MLP with
-the engine through ``neuronmerge.ffn`` and writes the new width into the config field the class reads
-(``n_inner``, ``ffn_dim``, ``intermediate_size``, ``d_ff``...). Every block keeps the same width, so
+the engine through ``neuronmerge.ffn`` and writes the new width into the config field the row names
+(``n_inner``, ``ffn_dim``, ``intermediate_size``, ``d_ff``...). A model may hold several layouts (an
+encoder-decoder's two stacks); every block whose row names the same field keeps the same width (T5's
+encoder and decoder share ``d_ff``; BART's have ``encoder_ffn_dim`` and ``decoder_ffn_dim``), so
 ``save_pretrained`` then plain ``AutoModel.from_pretrained`` (no neuronmerge needed) rebuilds it.
 
 GPT-2's MLP layers are ``Conv1D``: ``x @ W + b`` with ``W`` stored as (in, out), the transpose of
-``nn.Linear``. They are turned into Linears for the engine and back afterwards (``_CONV1D``).
+``nn.Linear``. They are turned into Linears for the engine and back afterwards (``_spellings``).
+Phi-3 computes gate and up in one ``gate_up_proj``; it is split in two and fused back
+(``FFNSpec.fused``).
 
 Needs the optional extra: ``pip install 'neuronmerge[hf]'``.
 """
@@ -34,7 +38,7 @@ from neuronmerge.ffn import (
     has_bias,
     lift,
     mlp_inputs,
-    mlp_width,
+    mlp_widths,
     neuron_cost,
 )
 from neuronmerge.generated import sample_tokens
@@ -63,12 +67,28 @@ _GATED = FFNSpec(
 _LLAMA_ATTENTION = AttentionSpec(
     "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
 )
+#: fc1, fc2 and the activation, as BART's family names them.
+_FC = ("fc1", "fc2", "activation_fn")
+_T5 = ("T5Block", "MT5Block", "UMT5Block", "LongT5Block")
+
+
+def _t5_mlp(layer: int, gated: bool) -> FFNSpec:
+    """T5's feed-forward at ``layer.<layer>``: ``wi``, or ``wi_1`` gated by ``wi_0``."""
+    ffn = f"layer.{layer}.DenseReluDense"
+    return FFNSpec(
+        f"{ffn}.wi_1" if gated else f"{ffn}.wi",
+        f"{ffn}.wo",
+        f"{ffn}.act",
+        gate=f"{ffn}.wi_0" if gated else None,
+        norm=f"layer.{layer}.layer_norm",
+    )
+
 
 #: Every supported block layout (paths relative to the block). A block matches a row when its class
 #: is listed there and every MLP path resolves in it (a class with two MLP layouts, as T5's plain and
-#: gated feed-forwards, has one row per layout). ``norm`` is what the MLP reads: parallel blocks
-#: (GPT-J, Phi, Cohere) feed attention and MLP the same ``input_layernorm``; post-norm blocks (OLMo-2)
-#: feed the MLP the raw residual stream (``None``).
+#: gated feed-forwards or its encoder and decoder blocks, has one row per layout). ``norm`` is what
+#: the MLP reads: parallel blocks (GPT-J, Phi, Cohere) feed attention and MLP the same
+#: ``input_layernorm``; post-norm blocks (OLMo-2) feed the MLP the raw residual stream (``None``).
 BLOCK_KINDS: tuple[BlockKind, ...] = (
     BlockKind(
         ("GPT2Block", "GPTBigCodeBlock"),
@@ -115,10 +135,60 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
         FFNSpec("fc1", "fc2", "activation_fn", norm="final_layer_norm"),
         "ffn_dim",
     ),
+    # Encoder-decoders of BART's family: fc1/fc2 in both stacks, each stack's width its own field.
+    # Post-norm layers (BART, Marian...) feed the MLP the attention's normalised output; pre-norm
+    # ones (mBART, Pegasus, Whisper...) normalise it with final_layer_norm first.
     BlockKind(
-        ("WhisperEncoderLayer",),
-        FFNSpec("fc1", "fc2", "activation_fn", norm="final_layer_norm"),
+        (
+            "BartEncoderLayer",
+            "MarianEncoderLayer",
+            "PLBartEncoderLayer",
+            "BlenderbotSmallEncoderLayer",
+            "LEDEncoderLayer",
+            "MvpEncoderLayer",
+        ),
+        FFNSpec(*_FC, norm="self_attn_layer_norm"),
         "encoder_ffn_dim",
+    ),
+    BlockKind(
+        (
+            "BartDecoderLayer",
+            "MarianDecoderLayer",
+            "PLBartDecoderLayer",
+            "BlenderbotSmallDecoderLayer",
+            "LEDDecoderLayer",
+            "MvpDecoderLayer",
+        ),
+        FFNSpec(*_FC, norm="encoder_attn_layer_norm"),
+        "decoder_ffn_dim",
+    ),
+    BlockKind(
+        (
+            "MBartEncoderLayer",
+            "PegasusEncoderLayer",
+            "PegasusXEncoderLayer",
+            "BigBirdPegasusEncoderLayer",
+            "BlenderbotEncoderLayer",
+            "M2M100EncoderLayer",
+            "WhisperEncoderLayer",
+            "Speech2TextEncoderLayer",
+        ),
+        FFNSpec(*_FC, norm="final_layer_norm"),
+        "encoder_ffn_dim",
+    ),
+    BlockKind(
+        (
+            "MBartDecoderLayer",
+            "PegasusDecoderLayer",
+            "PegasusXDecoderLayer",
+            "BigBirdPegasusDecoderLayer",
+            "BlenderbotDecoderLayer",
+            "M2M100DecoderLayer",
+            "WhisperDecoderLayer",
+            "Speech2TextDecoderLayer",
+        ),
+        FFNSpec(*_FC, norm="final_layer_norm"),
+        "decoder_ffn_dim",
     ),
     BlockKind(
         ("BertLayer", "RobertaLayer", "XLMRobertaLayer", "ElectraLayer", "DebertaV2Layer"),
@@ -155,27 +225,9 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
         FFNSpec("mlp.fc1", "mlp.fc2", "mlp.activation_fn", norm="layer_norm2"),
         "intermediate_size",
     ),
-    BlockKind(
-        ("T5Block",),
-        FFNSpec(
-            "layer.1.DenseReluDense.wi",
-            "layer.1.DenseReluDense.wo",
-            "layer.1.DenseReluDense.act",
-            norm="layer.1.layer_norm",
-        ),
-        "d_ff",
-    ),
-    BlockKind(
-        ("T5Block",),
-        FFNSpec(
-            "layer.1.DenseReluDense.wi_1",
-            "layer.1.DenseReluDense.wo",
-            "layer.1.DenseReluDense.act",
-            gate="layer.1.DenseReluDense.wi_0",
-            norm="layer.1.layer_norm",
-        ),
-        "d_ff",
-    ),
+    # T5's feed-forward is the block's last sub-layer: layer.1 in the encoder, layer.2 in the decoder
+    # (after cross-attention); both stacks' widths are the one d_ff.
+    *(BlockKind(_T5, _t5_mlp(i, gated), "d_ff") for i in (1, 2) for gated in (False, True)),
     BlockKind(
         ("LlamaDecoderLayer", "GraniteDecoderLayer"),
         _GATED,
@@ -218,6 +270,17 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
         FFNSpec("mlp.up_proj", "mlp.down_proj", "mlp.act_fn", gate="mlp.gate_proj"),
         "intermediate_size",
     ),
+    BlockKind(  # Phi-3, Phi-4-mini: gate and up fused in gate_up_proj (gate rows first)
+        ("Phi3DecoderLayer",),
+        FFNSpec(
+            "mlp.gate_up_proj",
+            "mlp.down_proj",
+            "mlp.activation_fn",
+            norm="post_attention_layernorm",
+            fused=True,
+        ),
+        "intermediate_size",
+    ),
 )
 
 
@@ -227,8 +290,6 @@ BLOCK_KINDS: tuple[BlockKind, ...] = (
 UNSUPPORTED: dict[str, str] = {
     "AlbertLayer": "ALBERT shares one layer's weights across all layers, so the MLP width is not "
     "a per-layer choice and merging one shared MLP for every depth is not supported",
-    "Phi3DecoderLayer": "Phi-3 fuses gate and up into one gate_up_proj layer, which this adapter "
-    "does not split",
     "BloomBlock": "BLOOM's MLP width is fixed at 4 x hidden_size by its config (no width field), "
     "so a narrower MLP would not reload",
 }
@@ -254,9 +315,13 @@ PROBE_LENGTH = 64
 
 
 def _can_generate(model: nn.Module) -> bool:
-    """Whether ``model`` predicts next tokens (a ``...ForCausalLM`` head), so it can write probes."""
+    """Whether ``model`` predicts next tokens from tokens alone (a ``...ForCausalLM`` head), so it
+    can write probes; an encoder-decoder's decoder also needs the encoder's input, which a data-free
+    run does not have."""
     can = getattr(model, "can_generate", None)
-    return bool(can()) if callable(can) else False
+    if not callable(can) or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return False
+    return bool(can())
 
 
 def _start_token(config: Any) -> int | None:
@@ -271,11 +336,24 @@ class PretrainedResult:
 
     model: nn.Module
     blocks: tuple[BlockReport, ...]
-    width_field: str
-    width_before: int
-    width_after: int
+    #: Per config width field (one per stack: an encoder-decoder may have two), the MLP width
+    #: before and after, in the order the model holds the stacks.
+    widths: dict[str, tuple[int, int]]
     #: Attention heads before and after, when ``heads=`` was given.
     heads: HeadReport | None = None
+
+    @property
+    def width_field(self) -> str:
+        """The first stack's width field (the only one of a decoder-only or encoder-only model)."""
+        return next(iter(self.widths))
+
+    @property
+    def width_before(self) -> int:
+        return self.widths[self.width_field][0]
+
+    @property
+    def width_after(self) -> int:
+        return self.widths[self.width_field][1]
 
 
 def _spellings() -> Spellings:
@@ -373,8 +451,13 @@ def _kind_of(block: nn.Module) -> BlockKind | None:
     return None
 
 
-def block_kind(model: nn.Module) -> tuple[BlockKind, list[tuple[str, nn.Module]]]:
-    """The layout of ``model``'s blocks and the blocks in order; one clear error if none is known."""
+#: One layout's blocks in a model: its row and its blocks (path, module) in order.
+KindBlocks = tuple[BlockKind, list[tuple[str, nn.Module]]]
+
+
+def block_kinds(model: nn.Module) -> list[KindBlocks]:
+    """Every layout among ``model``'s blocks with its blocks in order (an encoder-decoder has one per
+    stack, a decoder-only model one); one clear error if none is known."""
     found: dict[BlockKind, list[tuple[str, nn.Module]]] = {}
     for name, module in model.named_modules():
         kind = _kind_of(module)
@@ -382,12 +465,30 @@ def block_kind(model: nn.Module) -> tuple[BlockKind, list[tuple[str, nn.Module]]
             found.setdefault(kind, []).append((name, module))
     if not found and (reason := _refusal(model)) is not None:
         raise InvalidArgumentError(f"{type(model).__name__}: {reason}")
-    if len(found) != 1:
+    if not found:
         known = ", ".join(dict.fromkeys(c for k in BLOCK_KINDS for c in k.classes))
-        classes = sorted({type(m).__name__ for blocks in found.values() for _, m in blocks})
-        what = "no transformer block" if not found else f"several block layouts {classes}"
-        raise InvalidArgumentError(f"{type(model).__name__} has {what} this adapter knows ({known})")
-    return next(iter(found.items()))
+        raise InvalidArgumentError(
+            f"{type(model).__name__} has no transformer block this adapter knows ({known})"
+        )
+    return list(found.items())
+
+
+def _stack_widths(layouts: list[KindBlocks]) -> dict[str, tuple[int, int]]:
+    """Per config width field (a stack: every block whose row writes it), the MLP width and the
+    parameters one hidden neuron costs over all its blocks (``ffn.mlp_widths``); one field states
+    one width, so its blocks must agree (T5's encoder and decoder share ``d_ff``)."""
+    stacks: dict[str, tuple[int, int]] = {}
+    for kind, blocks in layouts:
+        first = lift(blocks[0][1], kind.spec, _spellings())  # the caller's layers, only read
+        width, cost = first.up.out_features, neuron_cost(first) * len(blocks)
+        seen, total = stacks.get(kind.width_field, (width, 0))
+        if seen != width:
+            raise InvalidArgumentError(
+                f"{kind.width_field} is one width, but {blocks[0][0]}'s MLP has {width} neurons "
+                f"where other blocks have {seen}"
+            )
+        stacks[kind.width_field] = (width, total + cost)
+    return stacks
 
 
 def _gained_bias(original: nn.Module, block: nn.Module, spec: FFNSpec) -> bool:
@@ -397,7 +498,11 @@ def _gained_bias(original: nn.Module, block: nn.Module, spec: FFNSpec) -> bool:
     return any(bias(block, p) and not bias(original, p) for p in paths)
 
 
-def _check_rebuilds(small: nn.Module, kind: BlockKind) -> None:
+def _classes(kinds: list[BlockKind]) -> str:
+    return "/".join(dict.fromkeys(c for kind in kinds for c in kind.classes))
+
+
+def _check_rebuilds(small: nn.Module, kinds: list[BlockKind]) -> None:
     """Refuse a result that ``from_pretrained`` would not load: its class built from its new config
     (on the meta device: shapes only, no memory) must have exactly its parameters and shapes. This
     catches a width field also read outside the blocks (SigLIP's pooling head reads
@@ -408,11 +513,12 @@ def _check_rebuilds(small: nn.Module, kind: BlockKind) -> None:
     have = {k: tuple(v.shape) for k, v in small.state_dict().items()}
     wrong = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
     if wrong:
+        fields = ", ".join(dict.fromkeys(kind.width_field for kind in kinds))
         raise InvalidArgumentError(
-            f"{type(small).__name__}: its config ({kind.width_field}) would rebuild "
+            f"{type(small).__name__}: its config ({fields}) would rebuild "
             f"{', '.join(f'{k} as {want.get(k)}' for k in wrong[:3])} where the compressed model "
             f"has {', '.join(str(have.get(k)) for k in wrong[:3])} (a module outside the "
-            f"{'/'.join(kind.classes)} blocks reads the same field, or a layer changed in a way "
+            f"{_classes(kinds)} blocks reads the same field, or a layer changed in a way "
             "the config cannot state), so from_pretrained would not load it"
         )
 
@@ -428,8 +534,11 @@ def compress_pretrained(
     **options: Any,
 ) -> PretrainedResult:
     """A copy of a ``transformers`` model with every block's MLP compressed by ``ratio`` (default
-    0.5), or to the one MLP width whose parameter count is closest to ``target_params`` (a fraction
-    of the model kept, or a count; ``ffn.mlp_width``); ``round_to=N`` keeps the width a multiple of N.
+    0.5), or to the MLP widths whose parameter count is closest to ``target_params`` (a fraction
+    of the model kept, or a count; ``ffn.mlp_widths``); ``round_to=N`` keeps widths multiples of N.
+    Each config width field is one stack whose blocks keep one width: an encoder-decoder with
+    ``encoder_ffn_dim`` and ``decoder_ffn_dim`` has two, narrowed by the same fraction; T5's two
+    stacks share ``d_ff``, so they are one.
     ``heads`` removes that fraction of every block's key/value head groups as well (``hf_heads``:
     exact duplicates merged unless ``method="prune"``, the weakest pruned), for configs that state
     the head width (LLaMA); the MLPs are fitted first, on the model with all its heads.
@@ -442,62 +551,116 @@ def compress_pretrained(
     modified.
     """
     _require_transformers()
-    kind, originals = block_kind(model)
-    if heads is not None and kind.attention is None:
-        raise InvalidArgumentError(
-            f"{'/'.join(kind.classes)}: the config derives each head's width from hidden_size and "
-            "the head count, so a model with fewer heads would not reload; heads= needs a config "
-            "with head_dim (LLaMA-style)"
+    layouts = block_kinds(model)
+    kinds = [kind for kind, _ in layouts]
+    head_spec = None if heads is None else _attention(kinds)
+    if heads is not None and head_spec is not None:
+        kept_groups(model.config, head_spec, heads)  # a bad value fails before any work
+    stacks = _stack_widths(layouts)
+    kept = dict(
+        zip(
+            stacks,
+            mlp_widths(
+                list(stacks.values()),
+                ratio=0.5 if ratio is None and target_params is None else ratio,
+                target_params=target_params,
+                round_to=round_to,
+                total=sum(p.numel() for p in model.parameters()),
+            ),
+            strict=True,
         )
-    if heads is not None and kind.attention is not None:
-        kept_groups(model.config, kind.attention, heads)  # a bad value fails before any work
-    first = lift(originals[0][1], kind.spec, _spellings())  # the caller's layers, only read
-    width = first.up.out_features
-    kept = mlp_width(
-        width,
-        ratio=0.5 if ratio is None and target_params is None else ratio,
-        target_params=target_params,
-        round_to=round_to,
-        total=sum(p.numel() for p in model.parameters()),
-        per_neuron=neuron_cost(first),
-        blocks=len(originals),
     )
     small = copy.deepcopy(model).eval()
-    _, blocks = block_kind(small)
-    down = originals[0][1].get_submodule(kind.spec.down)
-    if method == "merge-ls" and kind.bias_field is None and getattr(down, "bias", None) is None:
-        # the fit's constants would need a bias in down that the config cannot state (Qwen2, T5)
-        options = {"intercept": False, **options}
-    ffn_options = FFNOptions(1 - kept / width, method=method, extra=options)
-    inputs = None
+    small_layouts = block_kinds(small)
+    ffn_options = {
+        kind: FFNOptions(
+            1 - kept[kind.width_field] / stacks[kind.width_field][0],
+            method=method,
+            extra=_least_squares_options(kind, blocks[0][1], method, options),
+        )
+        for kind, blocks in layouts
+    }
+    inputs: dict[str, torch.Tensor] = {}
     if method == "merge-ls" and "calibration" not in options and _can_generate(small):
         config: Any = small.config
         length = min(PROBE_LENGTH, getattr(config, "max_position_embeddings", PROBE_LENGTH))
+        first = ffn_options[kinds[0]]
         tokens = sample_tokens(
             small,
             config.vocab_size,
-            count=max(1, ffn_options.probes // length),
+            count=max(1, first.probes // length),
             length=length,
-            seed=ffn_options.seed,
+            seed=first.seed,
             first=_start_token(config),
         )
-        inputs = mlp_inputs(small, blocks, kind.spec, tokens)
-    reports = compress_ffns(blocks, kind.spec, ffn_options, _spellings(), inputs)
-    width_before, width_after = reports[0].width_before, reports[0].width_after
-    setattr(small.config, kind.width_field, width_after)
-    gained = [name for name, block in blocks if _gained_bias(originals[0][1], block, kind.spec)]
-    if gained and kind.bias_field is None:
-        raise InvalidArgumentError(
-            f"{'/'.join(kind.classes)}: method {method!r} gave the MLP of {gained[0]} a bias that "
-            "its config cannot state (no MLP bias switch), so from_pretrained would drop it; use "
-            "method='merge' or 'prune'"
-        )
-    if kind.bias_field and any(has_bias(block, kind.spec) for _, block in blocks):
-        for _, block in blocks:
-            add_zero_biases(block, kind.spec)
-        setattr(small.config, kind.bias_field, True)
+        for kind, blocks in small_layouts:
+            inputs.update(mlp_inputs(small, blocks, kind.spec, tokens))
+    reports: list[BlockReport] = []
+    after: dict[str, set[int]] = {}
+    for kind, blocks in small_layouts:
+        done = compress_ffns(blocks, kind.spec, ffn_options[kind], _spellings(), inputs)
+        reports += done
+        after.setdefault(kind.width_field, set()).update(r.width_after for r in done)
+    for field, ended in after.items():
+        if len(ended) > 1:  # every block of a stack was asked for the same width
+            raise InvalidArgumentError(
+                f"blocks of {field} ended at different MLP widths {sorted(ended)}"
+            )
+        setattr(small.config, field, ended.pop())
+    _settle_biases(layouts, small_layouts, small.config, method)
     head_report = None
-    if heads is not None and kind.attention is not None:
-        head_report = compress_heads(blocks, kind.attention, small.config, heads, method != "prune")
-    _check_rebuilds(small, kind)
-    return PretrainedResult(small, reports, kind.width_field, width_before, width_after, head_report)
+    if heads is not None and head_spec is not None:
+        blocks = [block for _, stack in small_layouts for block in stack]
+        head_report = compress_heads(blocks, head_spec, small.config, heads, method != "prune")
+    _check_rebuilds(small, kinds)
+    widths = {field: (width, getattr(small.config, field)) for field, (width, _) in stacks.items()}
+    return PretrainedResult(small, tuple(reports), widths, head_report)
+
+
+def _attention(kinds: list[BlockKind]) -> AttentionSpec:
+    """The one attention layout of every block, for ``heads=``; refused where a config cannot state
+    fewer heads (no row gives one) or where stacks differ (their head counts are separate fields)."""
+    specs = {kind.attention for kind in kinds}
+    spec = specs.pop()
+    if spec is None or specs:
+        raise InvalidArgumentError(
+            f"{_classes(kinds)}: the config derives each head's width from hidden_size and the "
+            "head count, so a model with fewer heads would not reload; heads= needs a config with "
+            "head_dim (LLaMA-style)"
+        )
+    return spec
+
+
+def _least_squares_options(
+    kind: BlockKind, block: nn.Module, method: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    """``options`` for ``kind``'s blocks: ``merge-ls`` fits through the origin where the fit's
+    constants would need a bias in ``down`` that the config cannot state (Qwen2, T5)."""
+    down = block.get_submodule(kind.spec.down)
+    if method == "merge-ls" and kind.bias_field is None and getattr(down, "bias", None) is None:
+        return {"intercept": False, **options}
+    return dict(options)
+
+
+def _settle_biases(
+    originals: list[KindBlocks], compressed: list[KindBlocks], config: Any, method: str
+) -> None:
+    """Refuse an MLP bias the config cannot state; where a config switch states them for all MLP
+    layers (LLaMA's ``mlp_bias``) and one layer gained one, give every layer under it a zero bias."""
+    switched: set[str] = set()
+    for (kind, before), (_, blocks) in zip(originals, compressed, strict=True):
+        gained = [name for name, block in blocks if _gained_bias(before[0][1], block, kind.spec)]
+        if gained and kind.bias_field is None:
+            raise InvalidArgumentError(
+                f"{'/'.join(kind.classes)}: method {method!r} gave the MLP of {gained[0]} a bias "
+                "that its config cannot state (no MLP bias switch), so from_pretrained would drop "
+                "it; use method='merge' or 'prune'"
+            )
+        if kind.bias_field and any(has_bias(block, kind.spec) for _, block in blocks):
+            switched.add(kind.bias_field)
+    for kind, blocks in compressed:
+        if kind.bias_field in switched:
+            for _, block in blocks:
+                add_zero_biases(block, kind.spec)
+    for field in switched:
+        setattr(config, field, True)

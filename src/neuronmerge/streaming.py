@@ -43,7 +43,7 @@ from neuronmerge.ffn import (
     add_zero_biases,
     compress_block,
     has_bias,
-    mlp_width,
+    mlp_widths,
 )
 
 
@@ -255,7 +255,7 @@ def _kept_width(
     target_params: float | None,
     round_to: int | None,
 ) -> tuple[int, int]:
-    """The MLP width before and after (``ffn.mlp_width``), from the tensors' shapes alone."""
+    """The MLP width before and after (``ffn.mlp_widths``), from the tensors' shapes alone."""
     layers = [prefix for prefix, _ in groups if prefix]
     spec, first = layout.spec, layers[0]
     width = shapes[f"{first}{spec.up}.weight"][0]
@@ -264,14 +264,12 @@ def _kept_width(
         shapes[f"{first}{path}.weight"][1] + (f"{first}{path}.bias" in shapes) for path in reads
     )
     per_neuron += shapes[f"{first}{spec.down}.weight"][0]
-    kept = mlp_width(
-        width,
+    (kept,) = mlp_widths(
+        [(width, per_neuron * len(layers))],
         ratio=0.5 if ratio is None and target_params is None else ratio,
         target_params=target_params,
         round_to=round_to,
         total=sum(_count(shape) for shape in shapes.values()),
-        per_neuron=per_neuron,
-        blocks=len(layers),
     )
     return width, kept
 

@@ -180,11 +180,15 @@ class GroupFinder:
             else:
                 continue
             result.append(Skipped(name, why))
-        for name, source in computed_weights(self.gm).items():
+        for name, (source, dynamic) in computed_weights(self.gm).items():
             if name not in named:
                 why = (
-                    f"its weight is computed in the forward from {source} (standardised or "
-                    "reparametrised, as by timm's ScaledStdConv2d): no parameter to resize"
+                    f"its weight is computed in the forward from {source} and the input (a "
+                    "new weight for every input): no parameter to resize"
+                    if dynamic
+                    else f"its weight is computed in the forward from {source}, and that cannot "
+                    "be stored as the layer's own constant (tensors other computations read too, "
+                    "or a random or in-place op): no parameter to resize"
                 )
                 result.append(Skipped(name, why))
         return result
@@ -851,23 +855,24 @@ class GroupFinder:
         if len(_shape(user)) != len(_shape(inside[0])) or _shape(user) != _shape(inside[0]):
             if _shape(user)[where.dim] != _shape(inside[0])[where.dim]:
                 raise _Refusal(f"{name} broadcasts the channels against another tensor")
-        # A constant, or a tensor constant across the channels (a mask, a per-sample weight): as a
-        # factor it commutes with a per-channel scale; as a term it is a per-channel op like any
-        # other elementwise function (exact for scale 1 only).
+        # A constant, or a tensor constant across the channels (a mask, a per-sample weight, a
+        # scalar parameter such as NFNet's ``skipinit_gain``): as a factor it commutes with a
+        # per-channel scale; as a term it is a per-channel op like any other elementwise function
+        # (exact for scale 1 only).
         same: StepKind = "pass" if op.effect == "mul" else "nonhomogeneous"
         for other in others:
             if isinstance(other, (int, float)):
                 self._claim(user, where, state, Step(user.name, same, (inside[0].name,), label=name))
                 return
             assert isinstance(other, fx.Node)
-            if self._parameter_chain(other) is not None:
-                self._parameter(user, op, other, inside[0], where, ndim, state)
-                return
             extent = _shape(other)
             offset = ndim - len(extent)
             at = where.dim - offset
             if at < 0 or extent[at] == 1:
                 self._claim(user, where, state, Step(user.name, same, (inside[0].name,), label=name))
+                return
+            if self._parameter_chain(other) is not None:
+                self._parameter(user, op, other, inside[0], where, ndim, state)
                 return
             other_where = Layout(at, where.offset, where.block) if at >= 0 else None
             if other_where is None or extent[at] != _shape(inside[0])[where.dim]:

@@ -210,7 +210,7 @@ OPS: tuple[Op, ...] = (
         (nn.ZeroPad1d, nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d),
         (F.pad,),
         (),
-        (_aten.constant_pad_nd.default,),
+        (_aten.constant_pad_nd.default, _aten.pad.default),
     ),
     Op(
         "reduce",
