@@ -198,7 +198,8 @@ def compress(
     (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
     (see ``budget``); ``merge-ls`` builds the uniform widths too, and keeps an allocation only when
-    its outputs on the probes are significantly closer to the model's, and only tries one when the
+    its outputs on probes its fit never saw (made with another seed; with ``calibration``, on those
+    batches) are significantly closer to the model's, and only tries one when the
     uniform widths' are not already as close as the probes can vouch for (``allocation_check``;
     the report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
     every group. ``ratios={"glob": r}``
@@ -483,14 +484,14 @@ def _probe_errors(
         return _scored(built[0], gm, source.batches if scored is None else scored), built
     pieces: list[torch.Tensor] = []
     references: list[torch.Tensor] = []
-    for fit, scored in allocation_check.folds(source.batches):
+    for fit, part in allocation_check.folds(source.batches):
         # The same repair as ``source``'s, on the fold: stored statistics moved by the change
         # measured on it, or re-measured on it.
         reference = None if source.reference is None else norm_repair.normalised_moments(gm, fit)
         fitted = lsq.MeasuredMoments(fit, reference or None)
         small, _ = _build(copy.deepcopy(gm), groups, keep, options, inputs, fitted, chosen)
-        pieces.append(allocation_check.outputs(small, scored))
-        references.append(allocation_check.outputs(gm, scored))
+        pieces.append(allocation_check.outputs(small, part))
+        references.append(allocation_check.outputs(gm, part))
     return allocation_check.probe_errors(torch.cat(pieces), torch.cat(references)), None
 
 
