@@ -217,9 +217,13 @@ def choose(cell: dict[str, Any], candidates: tuple[str, ...], measure: str, z: f
 
 def library_rule() -> str:
     """The name ``summary`` gives the rule ``allocation_check`` applies now."""
-    bands = "/".join(map(str, allocation_check.BANDS))
-    measure = "mse" if allocation_check.CHECK_SEED is None else "fresh_mse"
-    return f"{measure} z {allocation_check.SIGNIFICANCE} among uniform/{bands}"
+    if allocation_check.CHECK_SEED is None:
+        bands, z = allocation_check.BANDS, allocation_check.SIGNIFICANCE
+        measure = "mse"
+    else:  # merge-ls, which fits on its probes, is scored on fresh ones, with its own rule
+        bands, z = allocation_check.FITTED_BANDS, allocation_check.FITTED_SIGNIFICANCE
+        measure = "fresh_mse"
+    return f"{measure} z {z} among uniform/{'/'.join(map(str, bands))}"
 
 
 def summary(models: dict[str, Any]) -> dict[str, Any]:

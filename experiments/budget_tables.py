@@ -6,7 +6,8 @@
 Reads ``experiments/budget_sweep.json`` (``budget_sweep.py``),
 ``experiments/budget_validation.json`` (``budget_validation.py``),
 ``experiments/budget_choice.json`` (``budget_choice.py``),
-``experiments/budget_holdout.json`` (``budget_holdout.py``) and
+``experiments/budget_holdout.json`` (``budget_holdout.py``),
+``experiments/budget_weight_check.json`` (``budget_weight_check.py``) and
 ``benchmarks/results/budget_latency.json`` (``benchmarks/budget_latency.py``).
 """
 
@@ -23,6 +24,7 @@ SWEEP = ROOT / "experiments" / "budget_sweep.json"
 VALIDATION = ROOT / "experiments" / "budget_validation.json"
 CHOICE = ROOT / "experiments" / "budget_choice.json"
 HOLDOUT = ROOT / "experiments" / "budget_holdout.json"
+WEIGHT_CHECK = ROOT / "experiments" / "budget_weight_check.json"
 LATENCY = ROOT / "benchmarks" / "results" / "budget_latency.json"
 README = ROOT / "README.md"
 START, END = "<!-- budget-tables:start -->", "<!-- budget-tables:end -->"
@@ -98,8 +100,9 @@ def sweep_tables(sweep: dict[str, Any]) -> list[str]:
             f"{_misses(beats)} | {sum(d for _, d in beats) / max(1, len(beats)):+.2f} |"
         )
     return lines + [
-        "`*`: merge-ls kept the uniform widths (its check found the allocation no closer on the "
-        "probes, or the uniform widths already within `allocation_check.NEGLIGIBLE` of them).",
+        '`*`: the uniform widths kept under `allocation="error"` (the check found the '
+        "allocation no closer on the probes, or the uniform widths already within "
+        "`allocation_check.NEGLIGIBLE` of them).",
         "",
         "Targets: best allocated >= best uniform, and >= Torch-Pruning global, at every parameter count "
         "(test accuracy; `yes` or the counts where missed with the difference, and the mean "
@@ -135,14 +138,9 @@ def validation_table(validation: dict[str, Any]) -> list[str]:
 
 
 def _same(at: dict[tuple[float, str, str], dict[str, Any]], kept: float, method: str) -> bool:
-    """Whether merge-ls's allocated row has exactly its uniform row's widths (the check kept them)."""
+    """Whether a method's allocated row has exactly its uniform row's widths (the check kept them)."""
     error, uniform = at.get((kept, method, "error")), at.get((kept, method, "uniform"))
-    return (
-        method == "merge-ls"
-        and error is not None
-        and uniform is not None
-        and error.get("widths") == uniform.get("widths")
-    )
+    return error is not None and uniform is not None and error.get("widths") == uniform.get("widths")
 
 
 def choice_table(choice: dict[str, Any]) -> list[str]:
@@ -261,6 +259,40 @@ def holdout_table(holdout: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def weight_check_table(check: dict[str, Any]) -> list[str]:
+    """merge's and prune's check against uniform widths on the probes, on the validation split:
+    unchecked as before, at ``allocation_check``'s settings, and the other settings tried."""
+    summary = check["summary"]
+    lines = [
+        "Checking `merge` and `prune`'s allocations on the probes too (`experiments/"
+        f"budget_weight_check.py`, `.json`; {', '.join(check['models'])}; validation split): per "
+        "rule, the best allocated method (merge's and prune's pick, merge-ls's) minus the best "
+        "uniform one, and merge's and prune's pick minus their own uniform widths, over every model "
+        "and parameter count (the rules vary merge's and prune's check only; merge-ls as the library "
+        f"runs it). Adopted (the library's settings; fixed in advance: no more cells "
+        f"below uniform than unchecked, mean within 0.1 points): "
+        f"**{'yes' if summary['adopted'] else 'no'}**.",
+        "",
+        "| rule | best mean gain | best cells below uniform | merge/prune mean gain | "
+        "merge/prune cells below uniform |",
+        "|---|---:|---|---:|---|",
+    ]
+    for name, rule in summary["rules"].items():
+        best, own = rule["best_data_free"], rule["weight_only"]
+        if name == "off":
+            label = "unchecked (band 0.2 alone, as before)"
+        else:
+            untried = f"below {rule['negligible']}" if rule["negligible"] else "never"
+            label = f"z {rule['z']}, uniform untried {untried}"
+        mark = " (library)" if name == summary["library"] else ""
+        lines.append(
+            f"| {label}{mark} | {best['mean_gain']:+.3f} | "
+            f"{', '.join(best['cells_below_uniform']) or 'none'} | {own['mean_gain']:+.3f} | "
+            f"{len(own['cells_below_uniform'])} of {own['cells']} |"
+        )
+    return lines + [""]
+
+
 def _accuracy(
     at: dict[tuple[float, str, str], dict[str, Any]], kept: float, method: str, allocation: str
 ) -> float | None:
@@ -319,6 +351,8 @@ def tables() -> str:
         lines += hard_cells_table(choice, json.loads(SWEEP.read_text()) if SWEEP.is_file() else None)
     if HOLDOUT.is_file():
         lines += holdout_table(json.loads(HOLDOUT.read_text()))
+    if WEIGHT_CHECK.is_file():
+        lines += weight_check_table(json.loads(WEIGHT_CHECK.read_text()))
     if LATENCY.is_file():
         lines += latency_table(json.loads(LATENCY.read_text()))
     return "\n".join(lines)

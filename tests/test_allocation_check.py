@@ -110,8 +110,10 @@ def test_held_out_errors_are_fitted_without_the_probes_they_score(lenet: torch.n
     groups, _ = engine.groups(gm, options, chosen)
     source = lsq.MeasuredMoments(tuple(BATCHES))
     _, keep = next(api._candidate_widths(gm, groups, (X,), options, chosen, source))
-    in_sample, built = api._probe_errors(gm, groups, keep, options, (X,), chosen, source, False)
-    held_out, none = api._probe_errors(gm, groups, keep, options, (X,), chosen, source, True)
+    dense = allocation_check.outputs(gm, BATCHES)
+    args = (gm, groups, keep, options, (X,), chosen, source, tuple(BATCHES), dense)
+    in_sample, built = api._probe_errors(*args, False)
+    held_out, none = api._probe_errors(*args, True)
     assert built is not None and none is None
     assert in_sample.shape == held_out.shape == (sum(b[0].shape[0] for b in BATCHES),)
     # 128 probes of 784 pixels: a fit on them matches them better than probes it never saw.
@@ -147,7 +149,149 @@ def test_uniform_widths_already_close_on_the_probes_are_kept_untried(
     assert float(_errors(lenet, tried.model).mean()) < error
 
 
-def test_the_data_free_check_scores_probes_its_fit_never_saw(
+def _widths(result: nm.Result) -> list[int]:
+    return [s.kept for s in result.report.sites]
+
+
+@pytest.mark.parametrize("method", ["merge", "prune"])
+def test_weight_only_methods_keep_uniform_widths_unless_the_probes_vouch_for_the_allocation(
+    lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    before = copy.deepcopy(lenet.state_dict())
+
+    def compress(allocation: str) -> nm.Result:
+        return nm.compress(
+            lenet, X, target_params=0.3, method=method, calibration=BATCHES, allocation=allocation
+        )  # type: ignore[arg-type]
+
+    uniform = compress("uniform")
+    monkeypatch.setattr(allocation_check, "ENABLED", False)
+    unchecked = compress("error")  # the allocation alone, at the default band
+    assert unchecked.report.allocation == "error" and _widths(unchecked) != _widths(uniform)
+    monkeypatch.setattr(allocation_check, "ENABLED", True)
+    # Never trusted: the uniform widths, the same model allocation="uniform" builds.
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", math.inf)
+    fallback = compress("error")
+    assert fallback.report.allocation == "uniform"
+    assert _widths(fallback) == _widths(uniform)
+    assert torch.equal(fallback.model(X), uniform.model(X))
+    # Trusted whenever closer on the probes: an allocation, closer than uniform and every band.
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", -math.inf)
+    monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 0.0)
+    trusted = compress("error")
+    assert trusted.report.allocation == "error" and _widths(trusted) != _widths(uniform)
+    closer = float(_errors(lenet, trusted.model).mean())
+    assert closer < float(_errors(lenet, uniform.model).mean())
+    assert closer <= float(_errors(lenet, unchecked.model).mean())
+    # The caller's model is untouched.
+    assert all(torch.equal(v, lenet.state_dict()[k]) for k, v in before.items())
+
+
+def test_the_data_free_check_of_merge_scores_the_models_own_probes(
+    lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuronmerge import probes
+
+    made: list[torch.Size] = []
+
+    def probes_of(model: torch.nn.Module, example: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        made.append(example.shape)
+        return list(BATCHES)
+
+    monkeypatch.setattr(probes, "cached_probes", probes_of)
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", -math.inf)
+    monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 0.0)
+    own = nm.compress(lenet, X, target_params=0.3)
+    assert made == [X.shape]
+    # The same widths and model as checking on the same batches passed as calibration.
+    given = nm.compress(lenet, X, target_params=0.3, calibration=BATCHES)
+    assert _widths(own) == _widths(given) and own.report.allocation == "error"
+    assert torch.equal(own.model(X), given.model(X))
+    # No target, or allocation="uniform": nothing to check, no probes.
+    nm.compress(lenet, X, 0.3)
+    nm.compress(lenet, X, target_params=0.3, allocation="uniform")
+    assert len(made) == 1
+
+
+class _Tokens(torch.nn.Module):
+    """Token ids in, class logits out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(32, 8)
+        self.fc1 = torch.nn.Linear(8 * 6, 64)
+        self.fc2 = torch.nn.Linear(64, 48)
+        self.out = torch.nn.Linear(48, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.fc1(self.embed(ids).flatten(1)))
+        return self.out(torch.relu(self.fc2(h)))
+
+
+class _TwoInputs(_Tokens):
+    """Two real-valued inputs."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h = torch.relu(self.fc1(x + y))
+        return self.out(torch.relu(self.fc2(h)))
+
+
+class _Grid(_Tokens):
+    """One real-valued input, an output that is no (batch, classes) logits."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        h = torch.relu(self.fc1(x))
+        return self.out(torch.relu(self.fc2(h)))[:, None, :]
+
+
+UNPROBED = [
+    (_Tokens, (torch.randint(0, 32, (2, 6), generator=G),), "real-valued inputs only"),
+    (_TwoInputs, (torch.randn(2, 48, generator=G), torch.randn(2, 48, generator=G)), "single-input"),
+    (_Grid, (torch.randn(2, 48, generator=G),), "class logits"),
+]
+
+
+@pytest.mark.parametrize(("make", "inputs", "why"), UNPROBED)
+def test_without_probes_the_allocation_is_kept_unchecked_and_says_so(
+    monkeypatch: pytest.MonkeyPatch, make: type, inputs: tuple[torch.Tensor, ...], why: str
+) -> None:
+    from neuronmerge import probes
+
+    torch.manual_seed(0)
+    model = make().eval()
+    before = copy.deepcopy(model.state_dict())
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("probes were made for a model they cannot be made for")
+
+    monkeypatch.setattr(probes, "cached_probes", refuse)
+    result = nm.compress(model, inputs, target_params=0.5, method="merge")
+    assert result.report.allocation == nm.api.UNCHECKED == "error-unchecked"
+    monkeypatch.setattr(allocation_check, "ENABLED", False)
+    alone = nm.compress(model, inputs, target_params=0.5, method="merge")
+    assert _widths(result) == _widths(alone) and alone.report.allocation == "error"
+    assert torch.equal(result.model(*inputs), alone.model(*inputs))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # merge-ls cannot fit without batches: one clear error naming the reason, nothing changed.
+    with pytest.raises(nm.InvalidArgumentError, match=f"merge-ls fits on batches.*{why}.*calibration="):
+        nm.compress(model, inputs, target_params=0.5, method="merge-ls")
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_calibration_batches_check_the_allocation_of_a_token_model(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    torch.manual_seed(0)
+    model = _Tokens().eval()
+    ids = torch.randint(0, 32, (2, 6), generator=G)
+    calibration = [(torch.randint(0, 32, (64, 6), generator=G),) for _ in range(2)]
+    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", math.inf)
+    result = nm.compress(model, ids, target_params=0.5, calibration=calibration)
+    uniform = nm.compress(model, ids, target_params=0.5, allocation="uniform")
+    assert result.report.allocation == "uniform" and _widths(result) == _widths(uniform)
+
+
+def test_merge_ls_data_free_check_scores_probes_its_fit_never_saw(
     lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from neuronmerge import engine, probes
@@ -163,10 +307,10 @@ def test_the_data_free_check_scores_probes_its_fit_never_saw(
     # Few, quickly made probes (both seeds): what is tested is which ones the check scores on.
     monkeypatch.setattr(probes, "FULL", probes.Regime(128, 20, 0.05, 170e9, derived=False))
     monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 0.0)  # always try the allocation
-    monkeypatch.setattr(allocation_check, "SIGNIFICANCE", -math.inf)  # closer on average wins
-    monkeypatch.setattr(allocation_check, "BANDS", (0.2,))
+    monkeypatch.setattr(allocation_check, "FITTED_SIGNIFICANCE", -math.inf)  # closer on average wins
+    monkeypatch.setattr(allocation_check, "FITTED_BANDS", (0.2,))
     checked = nm.compress(lenet, X, target_params=0.3, method="merge-ls")
-    assert seeds == [allocation_check.CHECK_SEED] != [0]
+    assert seeds[-1] == allocation_check.CHECK_SEED != 0
     # The pick is the one closer on those fresh probes, not on the fit's own.
     fresh = made(engine.capture(lenet, X), X, seed=allocation_check.CHECK_SEED)
     dense = allocation_check.outputs(lenet, fresh)
@@ -189,4 +333,4 @@ def test_the_data_free_check_scores_probes_its_fit_never_saw(
     monkeypatch.setattr(allocation_check, "CHECK_SEED", None)
     seeds.clear()
     nm.compress(lenet, X, target_params=0.3, method="merge-ls")
-    assert seeds == []
+    assert allocation_check.CHECK_SEED not in seeds and set(seeds) <= {0}

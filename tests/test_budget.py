@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import neuronmerge as nm
-from neuronmerge import budget, criteria
+from neuronmerge import allocation_check, budget, criteria
 from neuronmerge.cli import main
 from neuronmerge.costs import model_costs
 from neuronmerge.engine import capture, groups
@@ -24,6 +24,14 @@ from tests.builders import duplicated_convnet
 from tests.scripts import ROOT, load_script
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def unchecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widths, costs and targets here are those of the allocation itself: the whole-model check
+    (``allocation_check``), which only chooses between such widths and costs seconds of synthetic
+    probes per model, is tested in ``test_allocation_check`` and where a test here turns it on."""
+    monkeypatch.setattr(allocation_check, "ENABLED", False)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +75,18 @@ def test_target_is_met_and_costs_are_predicted_exactly(arch: str, options: dict)
         assert all(s.kept % step == 0 or s.kept == s.channels for s in result.report.sites)
 
 
-def test_absolute_count_and_report(vgg: torch.nn.Module) -> None:
-    result = nm.compress(vgg, X, target_params=50_000, method="prune")
+def test_absolute_count_and_report(vgg: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(allocation_check, "ENABLED", True)
+    batches = [(torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(1)),)]
+    result = nm.compress(vgg, X, target_params=50_000, method="prune", calibration=batches)
     assert abs(count_parameters(result.model) - 50_000) <= 500
     report = result.report
     assert report.ratio is None and report.target_params == 50_000
-    assert report.allocation == "error"
+    # The report names the widths kept: the uniform ones exactly when the check kept those.
+    uniform = nm.compress(vgg, X, target_params=50_000, method="prune", allocation="uniform")
+    assert report.allocation in ("error", "uniform")
+    same = [s.kept for s in report.sites] == [s.kept for s in uniform.report.sites]
+    assert same == (report.allocation == "uniform")
 
 
 def test_out_of_reach_and_bad_options_are_refused(vgg: torch.nn.Module) -> None:
@@ -151,16 +165,19 @@ def test_merge_error_curve_sees_duplicates() -> None:
 
 def test_allocation_removes_what_merges_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
     """conv1 holds 8 exact duplicates, conv2 and fc1 two each: at the parameter count of removing
-    exactly those, the data-free allocation without a trust band (conv1 keeps a third, the others
-    two thirds and more) finds them and merging reproduces the model, where the uniform allocation
-    at the same count cannot."""
-    monkeypatch.setattr(budget, "BAND", 1.0)
+    exactly those, the data-free allocation (conv1 keeps a third, the others two thirds and more)
+    finds them and merging reproduces the model, where the uniform allocation at the same count
+    cannot; so the whole-model check keeps it (it reproduces the model on the batches checked)."""
+    monkeypatch.setattr(allocation_check, "ENABLED", True)
     model = duplicated_convnet([4, 4, 8], [8, 2, 2], "l1-norm", seed=3)
     x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     exact = nm.compress(model, x[:2], ratios={"conv1": 8 / 12, "conv2": 2 / 6, "fc1": 2 / 10})
     target = count_parameters(exact.model)
-    allocated = nm.compress(model, x[:2], target_params=target, threshold=None)
+    # Checked on x itself as calibration batches (the same check as on synthetic probes, without
+    # the seconds of making them).
+    allocated = nm.compress(model, x[:2], target_params=target, threshold=None, calibration=[(x,)])
     assert [s.kept for s in allocated.report.sites] == [4, 4, 8]
+    assert allocated.report.allocation == "error"
     assert torch.allclose(allocated.model(x), model(x), rtol=1e-7, atol=1e-8)
     uniform = nm.compress(model, x[:2], target_params=target, allocation="uniform")
     assert abs(count_parameters(uniform.model) - target) <= 0.01 * target

@@ -125,8 +125,10 @@ class Report:
     #: ``||small(x) - model(x)|| / ||model(x)||``. It measures everything the compression changed
     #: (non-duplicate neurons merged or dropped, and activations treated as homogeneous).
     output_error: float | None = None
-    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen
-    #: (``"uniform"`` also when ``merge-ls`` found the allocation no closer on the probes).
+    #: The budget asked for (as passed: a fraction kept or a count), and how widths were chosen:
+    #: ``"uniform"`` (asked for, or the allocation found no closer to the model on the probes:
+    #: ``allocation_check``), ``"error"`` (the allocation, checked on them) or ``"error-unchecked"``
+    #: (``UNCHECKED``: the allocation as the error curves give it, no probes to check it on).
     target_params: float | None = None
     target_macs: float | None = None
     allocation: str | None = None
@@ -197,12 +199,16 @@ def compress(
     1% of the target: ``allocation="error"`` (default) removes channels where their merge residual
     (from the weights alone; for ``merge-ls`` its least-squares residual on the probes' moments) is
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
-    (see ``budget``); ``merge-ls`` builds the uniform widths too, and keeps an allocation only when
-    its outputs on probes its fit never saw (made with another seed; with ``calibration``, on those
-    batches) are significantly closer to the model's, and only tries one when the
-    uniform widths' are not already as close as the probes can vouch for (``allocation_check``;
-    the report's ``allocation`` says which widths were kept). ``"uniform"`` removes one fraction from
-    every group. ``ratios={"glob": r}``
+    (see ``budget``); every method then builds the uniform widths too, and keeps an allocation only
+    when its outputs on the model's synthetic probes (or the ``calibration`` batches: ``merge`` and
+    ``prune`` read them for this check alone; ``merge-ls``, which fits on its probes, is scored on
+    fresh ones of another seed) are significantly closer to the model's, and only
+    tries one when the uniform widths' are not already as close as the probes can vouch for
+    (``allocation_check``; the report's ``allocation`` says which widths were kept). Making the
+    probes costs seconds on a small net, once per model; where none can be made (several inputs,
+    integer inputs, outputs other than class logits) and no ``calibration`` is given, the
+    allocation is kept unchecked (``allocation == "error-unchecked"``). ``"uniform"`` removes one
+    fraction from every group. ``ratios={"glob": r}``
     fixes the fraction removed from groups with a matching producer (first match wins); the target
     then sets the others, and without one the others lose ``ratio`` (the report lists both).
     ``round_to=N`` keeps widths multiples of N (or whole). An unreachable target raises
@@ -257,28 +263,25 @@ def _compress(
     del recorded
     groups, skipped = engine.groups(gm, options, chosen)
     params_before = count_parameters(gm)
-    source = None
-    if options.method == "merge-ls":
-        if calibration is None and len(inputs) != 1:
-            raise InvalidArgumentError(
-                "merge-ls makes synthetic probes for single-input models only; pass calibration="
-            )
-        if calibration is None and not inputs[0].is_floating_point():
-            raise InvalidArgumentError(
-                "merge-ls makes synthetic probes for real-valued inputs only (these are "
-                f"{inputs[0].dtype}: token ids, say); pass calibration="
-            )
-        source = lsq.moment_source(gm, inputs[0], calibration, groups)
     expected = engine.output_shapes(gm, inputs)
+    source = None
+    if chosen.fits_on_batches:
+        why = None if calibration is not None or not groups else probes.unavailable(inputs, expected)
+        if why:
+            raise InvalidArgumentError(f"{chosen.name} fits on batches, and {why}; pass calibration=")
+        source = lsq.moment_source(gm, inputs[0], calibration, groups)
     allocation: str | None = options.budget.allocation if targeted else None
-    probed = source.batches if isinstance(source, lsq.MeasuredMoments) else ()
-    if allocation == "error" and allocation_check.ENABLED and probed:
-        assert isinstance(source, lsq.MeasuredMoments)
+    batches: tuple[tuple[torch.Tensor, ...], ...] = ()
+    if allocation == "error" and allocation_check.ENABLED and groups:
+        batches = _check_batches(gm, inputs, expected, calibration, source)
+        allocation = "error" if batches else UNCHECKED
+    if batches:
         fresh = None
-        if calibration is None and allocation_check.CHECK_SEED is not None:
+        fitted = isinstance(source, lsq.MeasuredMoments) and calibration is None
+        if fitted and allocation_check.CHECK_SEED is not None:
             fresh = functools.partial(_check_probes, gm, inputs[0], allocation_check.CHECK_SEED)
         small, decompositions, allocation = _checked_allocation(
-            gm, groups, inputs, options, chosen, source, fresh
+            gm, groups, inputs, options, chosen, source, batches, fresh
         )
     else:
         keep = widths.kept_counts(
@@ -362,46 +365,117 @@ def _build(
     return small, decompositions
 
 
+#: ``Report.allocation`` when the allocation was kept without the whole-model check: no batches to
+#: check it on (a model with several inputs, integer inputs such as token ids, or outputs other
+#: than class logits, and no ``calibration`` batches).
+UNCHECKED = "error-unchecked"
+
+
+def _check_batches(
+    gm: fx.GraphModule,
+    inputs: tuple[torch.Tensor, ...],
+    output_shape: object,
+    calibration: Iterable[ExampleInputs] | None,
+    source: lsq.MomentSource | None,
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The batches ``_checked_allocation`` scores the candidate widths on: those the method fits on
+    (``merge-ls``'s probes or calibration batches), else the caller's ``calibration`` batches, else
+    the model's synthetic probes (``probes.cached_probes``: the inputs alone, made once per model
+    and shared with ``merge-ls``); none where probes cannot be made (``probes.unavailable``)."""
+    if isinstance(source, lsq.MeasuredMoments):
+        return source.batches
+    if calibration is not None:
+        return tuple(as_input_tuple(batch) for batch in calibration)
+    if probes.unavailable(inputs, output_shape) is not None:
+        return ()
+    return tuple(probes.cached_probes(gm, inputs[0]))
+
+
 def _checked_allocation(
     gm: fx.GraphModule,
     groups: list[Group],
     inputs: tuple[torch.Tensor, ...],
     options: Options,
     chosen: MethodObject,
-    source: lsq.MeasuredMoments,
-    fresh: Callable[[], Sequence[tuple[torch.Tensor, ...]]] | None = None,
+    source: lsq.MomentSource | None,
+    batches: tuple[tuple[torch.Tensor, ...], ...],
+    fresh: Callable[[], tuple[tuple[torch.Tensor, ...], ...]] | None = None,
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
-    """``merge-ls`` under a target: the uniform widths and the allocation at every band of
-    ``allocation_check.BANDS``, and the one whose outputs on the probes stay closest to the dense
+    """Under a target: the uniform widths and the allocation at every band of
+    ``allocation_check.BANDS``, and the one whose outputs on ``batches`` stay closest to the dense
     model's kept (an allocation only when significantly closer than uniform, and not at all when
-    uniform's error on the probes it was fitted on is already negligible; see
-    ``allocation_check``). ``fresh`` makes the probes the candidates are scored on, when not those
-    of ``source`` (``allocation_check.CHECK_SEED``); it is called only when a candidate is scored.
+    uniform's error is already negligible; see ``allocation_check``). ``fresh``, for a method that
+    fits on ``batches``: makes the probes the candidates are scored on instead (called only when a
+    candidate is scored), with ``allocation_check.FITTED_BANDS`` and ``FITTED_SIGNIFICANCE``.
     Returns the graph, its decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
+    dense = allocation_check.outputs(gm, batches)
     candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
     label, keep = next(candidates)  # uniform
-    uniform_errors, built = _probe_errors(gm, groups, keep, options, inputs, chosen, source)
+    uniform_errors, built = _probe_errors(
+        gm, groups, keep, options, inputs, chosen, source, batches, dense
+    )
     best = (label, keep, uniform_errors, built)
     if not allocation_check.negligible(uniform_errors):
-        scored = None
-        if fresh is not None and built is not None:  # not with HELD_OUT: its folds are source's
-            scored = fresh()
-            uniform_errors = _scored(built[0], gm, scored)
+        bands: tuple[float, ...] = allocation_check.BANDS
+        threshold = allocation_check.SIGNIFICANCE
+        if fresh is not None and built is not None:  # not with HELD_OUT: its folds are batches'
+            batches = fresh()
+            dense = allocation_check.outputs(gm, batches)
+            uniform_errors = allocation_check.probe_errors(
+                allocation_check.outputs(built[0], batches), dense
+            )
             best = (label, keep, uniform_errors, built)
-        if group_impact.ENABLED:
+            bands, threshold = allocation_check.FITTED_BANDS, allocation_check.FITTED_SIGNIFICANCE
+        impact = None
+        if group_impact.ENABLED and isinstance(source, lsq.MeasuredMoments):
             impact = _impact(gm, groups, keep, options, inputs, chosen, source)
-            candidates = _candidate_widths(gm, groups, inputs, options, chosen, source, impact)
-            next(candidates)  # uniform again
+        candidates = _candidate_widths(gm, groups, inputs, options, chosen, source, bands, impact)
+        next(candidates)  # uniform, built above
         for label, keep in candidates:
             errors, built = _probe_errors(
-                gm, groups, keep, options, inputs, chosen, source, scored=scored
+                gm, groups, keep, options, inputs, chosen, source, batches, dense
             )
-            if allocation_check.replaces(uniform_errors, best[2], errors):
+            if allocation_check.replaces(uniform_errors, best[2], errors, threshold):
                 best = (label, keep, errors, built)
     label, keep, _, built = best
     if built is None:
         built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
     return built[0], built[1], "uniform" if label == "uniform" else "error"
+
+
+def _candidate_widths(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    inputs: tuple[torch.Tensor, ...],
+    options: Options,
+    chosen: MethodObject,
+    source: lsq.MomentSource | None,
+    bands: Sequence[float] | None = None,
+    impact: Mapping[str, tuple[int, float]] | None = None,
+) -> Iterator[tuple[str, dict[str, int]]]:
+    """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
+    ``uniform`` first, then the allocation at each of ``bands`` (default
+    ``allocation_check.BANDS``) that differs from those before it (its curves rescaled by
+    ``impact``, see ``widths.kept_counts``)."""
+    uniform_request = dataclasses.replace(options.budget, allocation="uniform")
+    seen = [widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)]
+    yield "uniform", seen[0]
+    for band in allocation_check.BANDS if bands is None else bands:
+        keep = widths.kept_counts(
+            gm,
+            groups,
+            inputs,
+            None,
+            options.budget,
+            chosen,
+            criterion=options.criterion,
+            moments=source,
+            band=band,
+            impact=impact,
+        )
+        if keep not in seen:
+            seen.append(keep)
+            yield f"band {band}", keep
 
 
 def _impact(
@@ -427,37 +501,13 @@ def _impact(
     return {name: (uniform_keep[name], error) for name, error in errors.items()}
 
 
-def _candidate_widths(
-    gm: fx.GraphModule,
-    groups: list[Group],
-    inputs: tuple[torch.Tensor, ...],
-    options: Options,
-    chosen: MethodObject,
-    source: lsq.MeasuredMoments,
-    impact: Mapping[str, tuple[int, float]] | None = None,
-) -> Iterator[tuple[str, dict[str, int]]]:
-    """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
-    ``uniform`` first, then the allocation at each band of ``allocation_check.BANDS`` that differs
-    from those before it (its curves rescaled by ``impact``, see ``widths.kept_counts``)."""
-    uniform_request = dataclasses.replace(options.budget, allocation="uniform")
-    seen = [widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)]
-    yield "uniform", seen[0]
-    for band in allocation_check.BANDS:
-        keep = widths.kept_counts(
-            gm,
-            groups,
-            inputs,
-            None,
-            options.budget,
-            chosen,
-            criterion=options.criterion,
-            moments=source,
-            band=band,
-            impact=impact,
-        )
-        if keep not in seen:
-            seen.append(keep)
-            yield f"band {band}", keep
+def _check_probes(
+    gm: fx.GraphModule, example: torch.Tensor, seed: int
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The probes the check scores ``merge-ls``'s candidates on, on its data-free path: made as its
+    own are, with another seed (``allocation_check.CHECK_SEED``), so that no candidate's fit saw
+    them; made once per model and reused at other targets."""
+    return tuple(probes.cached_probes(gm, example, seed=seed))
 
 
 def _probe_errors(
@@ -467,50 +517,32 @@ def _probe_errors(
     options: Options,
     inputs: tuple[torch.Tensor, ...],
     chosen: MethodObject,
-    source: lsq.MeasuredMoments,
+    source: lsq.MomentSource | None,
+    batches: tuple[tuple[torch.Tensor, ...], ...],
+    dense: torch.Tensor,
     held_out: bool | None = None,
-    *,
-    scored: Sequence[tuple[torch.Tensor, ...]] | None = None,
 ) -> tuple[torch.Tensor, tuple[fx.GraphModule, dict[str, GroupDecomposition]] | None]:
-    """Per probe, how far the model compressed to ``keep`` is from ``gm`` (``allocation_check``),
-    ``held_out`` (default ``allocation_check.HELD_OUT``): each probe scored by a model fitted on
-    the other fold only (``allocation_check.folds``), else by the model fitted on every probe, which
-    is then returned too (a held-out check builds the chosen widths once more, on every probe).
-    ``scored``: the probes to score that model on, when not ``source``'s (never with ``held_out``,
-    whose folds are ``source``'s)."""
+    """Per batch row, how far the model compressed to ``keep`` is from ``gm``'s outputs ``dense``
+    on ``batches`` (``allocation_check``), and that model. ``held_out`` (default
+    ``allocation_check.HELD_OUT``; only for a method that fits on the batches, ``source``): each
+    probe scored by a model fitted on the other fold only (``allocation_check.folds``), and no
+    model returned (the chosen widths are built once more, on every probe)."""
     held_out = allocation_check.HELD_OUT if held_out is None else held_out
-    if not held_out:
+    if not (held_out and isinstance(source, lsq.MeasuredMoments)):
         built = _build(copy.deepcopy(gm), groups, keep, options, inputs, source, chosen)
-        return _scored(built[0], gm, source.batches if scored is None else scored), built
+        produced = allocation_check.outputs(built[0], batches)
+        return allocation_check.probe_errors(produced, dense), built
     pieces: list[torch.Tensor] = []
     references: list[torch.Tensor] = []
-    for fit, part in allocation_check.folds(source.batches):
+    for fit, scored in allocation_check.folds(batches):
         # The same repair as ``source``'s, on the fold: stored statistics moved by the change
         # measured on it, or re-measured on it.
         reference = None if source.reference is None else norm_repair.normalised_moments(gm, fit)
         fitted = lsq.MeasuredMoments(fit, reference or None)
         small, _ = _build(copy.deepcopy(gm), groups, keep, options, inputs, fitted, chosen)
-        pieces.append(allocation_check.outputs(small, part))
-        references.append(allocation_check.outputs(gm, part))
+        pieces.append(allocation_check.outputs(small, scored))
+        references.append(allocation_check.outputs(gm, scored))
     return allocation_check.probe_errors(torch.cat(pieces), torch.cat(references)), None
-
-
-def _scored(
-    small: nn.Module, gm: fx.GraphModule, batches: Sequence[tuple[torch.Tensor, ...]]
-) -> torch.Tensor:
-    """Per probe of ``batches``, how far ``small``'s outputs are from ``gm``'s
-    (``allocation_check.probe_errors``)."""
-    produced = allocation_check.outputs(small, batches)
-    return allocation_check.probe_errors(produced, allocation_check.outputs(gm, batches))
-
-
-def _check_probes(
-    gm: fx.GraphModule, example: torch.Tensor, seed: int
-) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """The probes ``merge-ls``'s check scores its candidates on, on its data-free path: made as its
-    own are, with another seed (``allocation_check.CHECK_SEED``), so that no candidate's fit saw
-    them; made once per model and reused at other targets."""
-    return tuple(probes.cached_probes(gm, example, seed=seed))
 
 
 def merge(

@@ -31,8 +31,9 @@ layers) is *held* at the uniform width: its error reaches every later block and 
 a curve measured at its readers does not see (on resnet-fmnist's validation split, cutting streams
 by their curve lost 17.6 points at 10% of the parameters kept; ``experiments/budget_streams.py``).
 The band and the curve of ``merge-ls`` were chosen on the validation split
-(``experiments/budget_validation.py``, ``.json``). ``merge-ls`` then checks the whole model: it keeps
-an allocation only when its outputs on the probes beat the uniform widths' (``allocation_check``).
+(``experiments/budget_validation.py``, ``.json``). The engine then checks the whole model, for every
+method: it keeps an allocation only when its outputs on the probes beat the uniform widths'
+(``allocation_check``).
 
 ``allocate`` is greedy on marginal utility: starting from every group at full width it repeatedly
 removes ``round_to`` channels from the group whose error grows least per unit of cost saved, until

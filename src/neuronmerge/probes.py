@@ -202,6 +202,22 @@ def _norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     ]
 
 
+def unavailable(inputs: tuple[torch.Tensor, ...], output_shape: object) -> str | None:
+    """Why no synthetic probes can be made for a model taking ``inputs`` and returning outputs of
+    ``output_shape`` (``engine.output_shapes``), or ``None`` when they can: model inversion
+    optimises one real-valued input against the class logits ``(batch, classes)`` it returns."""
+    if len(inputs) != 1:
+        return "synthetic probes are made for single-input models only"
+    if not inputs[0].is_floating_point():
+        return (
+            f"synthetic probes are made for real-valued inputs only (these are {inputs[0].dtype}: "
+            "token ids, say)"
+        )
+    if not (isinstance(output_shape, tuple) and len(output_shape) == 2):
+        return "synthetic probes need a model returning class logits (batch, classes)"
+    return None
+
+
 def synthesize_probes(
     model: nn.Module | fx.GraphModule,
     example: torch.Tensor,

@@ -1,8 +1,8 @@
 """The library's research settings, changed for one block of code (``overridden``).
 
 The validation experiments (``experiments/*_validation.py``, ``budget_*.py``) compare settings that
-the library fixes as module constants once chosen: the budget's trust band, whether ``merge-ls``
-checks its allocation on the probes and how, whether it scales its curves by each group's measured
+the library fixes as module constants once chosen: the budget's trust band, whether an allocation
+is checked on the probes and how, whether ``merge-ls`` scales its curves by each group's measured
 output error (``group_impact``), how it derives probes, how it repairs BatchNorm
 statistics on them, and where its data-free path gets them. Each experiment used to assign those
 constants and restore them in its own ``try``/``finally``; ``overridden`` is that, once, with every
@@ -25,9 +25,11 @@ SETTINGS: dict[str, tuple[ModuleType, str]] = {
     "check": (allocation_check, "ENABLED"),
     "check_bands": (allocation_check, "BANDS"),
     "check_seed": (allocation_check, "CHECK_SEED"),
+    "fitted_bands": (allocation_check, "FITTED_BANDS"),
+    "fitted_significance": (allocation_check, "FITTED_SIGNIFICANCE"),
+    "group_impact": (group_impact, "ENABLED"),
     "significance": (allocation_check, "SIGNIFICANCE"),
     "held_out": (allocation_check, "HELD_OUT"),
-    "group_impact": (group_impact, "ENABLED"),
     "negligible": (allocation_check, "NEGLIGIBLE"),
     "least_squares_curves": (widths, "LEAST_SQUARES_CURVES"),
     "hold_streams": (widths, "HOLD_STREAMS"),

@@ -62,6 +62,9 @@ class Method(Protocol):
     name: str
     #: Whether the method needs no data (calibration batches) at all.
     data_free: bool
+    #: Whether the method fits on activation moments measured on batches (its synthetic probes or
+    #: the caller's calibration batches: ``Inputs.moments``), which must then be made before it runs.
+    fits_on_batches: bool
 
     def refusal(self, group: Group, options: Options) -> str | None:
         """Why this method leaves ``group`` alone, or None when it can shrink it."""

@@ -27,6 +27,7 @@ class LeastSquares:
 
     name = "merge-ls"
     data_free = True  # on synthetic probes; data-aware when the caller passes calibration batches
+    fits_on_batches = True
 
     def refusal(self, group: Group, options: Options) -> str | None:
         if group.mode == "prune-only" and not options.approximate:

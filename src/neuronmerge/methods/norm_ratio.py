@@ -364,6 +364,7 @@ class NormRatio:
     """``merge`` (``merge=True``) and ``prune``: see the module docstring."""
 
     data_free = True
+    fits_on_batches = False  # the weights alone
 
     def __init__(self, merge: bool) -> None:
         self.merge = merge

@@ -55,6 +55,7 @@ class Paper:
     """The paper's merge (``merge=True``) or pruning baseline, as the authors' code computes them."""
 
     data_free = True
+    fits_on_batches = False  # the weights alone
 
     def __init__(self, merge: bool) -> None:
         self.merge = merge
