@@ -151,7 +151,14 @@ def choice_table(choice: dict[str, Any]) -> list[str]:
     shown = [name for name in rules if "alone" in name] + [
         name
         for name, rule in rules.items()
-        if rule.get("measure") == same["measure"] and rule.get("candidates") == same["candidates"]
+        if "measure" in rule
+        and (
+            (rule["measure"] == same["measure"] and rule["candidates"] == same["candidates"])
+            or (
+                rule["z"] == same["z"]
+                and (rule["measure"] == same["measure"]) != (rule["candidates"] == same["candidates"])
+            )
+        )
     ]
     lines = [
         "merge-ls's check of its allocation against the uniform widths on the probes, chosen on the "
@@ -168,6 +175,54 @@ def choice_table(choice: dict[str, Any]) -> list[str]:
         mark = " (chosen)" if name == chosen else ""
         lines.append(f"| {name}{mark} | {rule['mean_gain']:+.3f} | {rule['worst']:+.2f} | {below} |")
     return lines + [""]
+
+
+def hard_cells_table(choice: dict[str, Any], sweep: dict[str, Any] | None) -> list[str]:
+    """Every candidate of merge-ls at the cells where its chosen widths lost to uniform ones: on
+    validation under the chosen rule or the one before it (``former``), or on test in the sweep
+    (shown, never chosen on)."""
+    summary = choice["summary"]
+    named = [summary["chosen"], summary.get("former")]
+    cells = {
+        (c.rsplit(" ", 2)[0], c.rsplit(" ", 2)[1].rstrip(":"))
+        for name in named
+        if name in summary["rules"]
+        for c in summary["rules"][name]["cells_below_uniform"]
+    }
+    for name, result in (sweep or {}).get("models", {}).items():
+        at = {(r["kept"], r["allocation"]): r for r in result["rows"] if r["method"] == "merge-ls"}
+        for (kept, allocation), row in at.items():
+            uniform = at.get((kept, "uniform"))
+            if allocation == "error" and uniform and row["accuracy"] < uniform["accuracy"]:
+                cells.add((name, f"{kept:.0%}"))
+    rows = []
+    for name, result in choice["models"].items():
+        for row in result["rows"]:
+            if (name, f"{row['kept']:.0%}") not in cells or "val_se" not in row:
+                continue
+            uniform = next(
+                r for r in result["rows"] if r["kept"] == row["kept"] and r["candidate"] == "uniform"
+            )
+            diff = row["val_accuracy"] - uniform["val_accuracy"]
+            rows.append(
+                f"| {name} | {row['kept']:.0%} | {row['candidate']} | {row['val_accuracy']:.2f} | "
+                f"{diff:+.2f} ± {row['val_se']:.2f} | {row['val_gained']} / {row['val_lost']} | "
+                f"{row['t_mse']:+.2f} | {row['t_fresh_mse']:+.2f} |"
+            )
+    if not rows:
+        return []
+    lines = [
+        "merge-ls's candidates where its pick lost to the uniform widths on validation (the chosen "
+        "rule or the one before it) or test (sweep): validation accuracy minus uniform's with its "
+        "paired standard error (images right that uniform gets wrong / the reverse), and how many "
+        "standard errors each is closer than uniform on the probes (`t_mse`) and on fresh probes of "
+        "another seed (`t_fresh_mse`); `p*`: the propagation-aware curves (`group_impact`):",
+        "",
+        "| model | kept | candidate | validation | minus uniform | gained / lost | t_mse "
+        "| t_fresh_mse |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    return lines + rows + [""]
 
 
 def holdout_table(holdout: dict[str, Any]) -> list[str]:
@@ -291,7 +346,9 @@ def tables() -> str:
     if VALIDATION.is_file():
         lines += validation_table(json.loads(VALIDATION.read_text()))
     if CHOICE.is_file():
-        lines += choice_table(json.loads(CHOICE.read_text()))
+        choice = json.loads(CHOICE.read_text())
+        lines += choice_table(choice)
+        lines += hard_cells_table(choice, json.loads(SWEEP.read_text()) if SWEEP.is_file() else None)
     if HOLDOUT.is_file():
         lines += holdout_table(json.loads(HOLDOUT.read_text()))
     if WEIGHT_CHECK.is_file():

@@ -289,3 +289,48 @@ def test_calibration_batches_check_the_allocation_of_a_token_model(
     result = nm.compress(model, ids, target_params=0.5, calibration=calibration)
     uniform = nm.compress(model, ids, target_params=0.5, allocation="uniform")
     assert result.report.allocation == "uniform" and _widths(result) == _widths(uniform)
+
+
+def test_merge_ls_data_free_check_scores_probes_its_fit_never_saw(
+    lenet: torch.nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from neuronmerge import engine, probes
+
+    made = probes.cached_probes
+    seeds: list[int] = []
+
+    def spied(model: torch.nn.Module, example: torch.Tensor, **options: object) -> object:
+        seeds.append(int(options.get("seed", 0)))  # type: ignore[call-overload]
+        return made(model, example, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(probes, "cached_probes", spied)
+    # Few, quickly made probes (both seeds): what is tested is which ones the check scores on.
+    monkeypatch.setattr(probes, "FULL", probes.Regime(128, 20, 0.05, 170e9, derived=False))
+    monkeypatch.setattr(allocation_check, "NEGLIGIBLE", 0.0)  # always try the allocation
+    monkeypatch.setattr(allocation_check, "FITTED_SIGNIFICANCE", -math.inf)  # closer on average wins
+    monkeypatch.setattr(allocation_check, "FITTED_BANDS", (0.2,))
+    checked = nm.compress(lenet, X, target_params=0.3, method="merge-ls")
+    assert seeds[-1] == allocation_check.CHECK_SEED != 0
+    # The pick is the one closer on those fresh probes, not on the fit's own.
+    fresh = made(engine.capture(lenet, X), X, seed=allocation_check.CHECK_SEED)
+    dense = allocation_check.outputs(lenet, fresh)
+    uniform = nm.compress(lenet, X, target_params=0.3, method="merge-ls", allocation="uniform")
+    monkeypatch.setattr(allocation_check, "ENABLED", False)
+    monkeypatch.setattr(budget, "BAND", 0.2)
+    alone = nm.compress(lenet, X, target_params=0.3, method="merge-ls")
+    errors = {
+        name: float(
+            allocation_check.probe_errors(allocation_check.outputs(r.model, fresh), dense).mean()
+        )
+        for name, r in (("uniform", uniform), ("error", alone))
+    }
+    expected = min(errors, key=lambda name: (errors[name], name == "error"))
+    assert checked.report.allocation == expected
+    kept = uniform if expected == "uniform" else alone
+    assert [s.kept for s in checked.report.sites] == [s.kept for s in kept.report.sites]
+    # Without a seed for the check, no other probes are made.
+    monkeypatch.setattr(allocation_check, "ENABLED", True)
+    monkeypatch.setattr(allocation_check, "CHECK_SEED", None)
+    seeds.clear()
+    nm.compress(lenet, X, target_params=0.3, method="merge-ls")
+    assert allocation_check.CHECK_SEED not in seeds and set(seeds) <= {0}

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import functools
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
 
-from neuronmerge import allocation_check, engine, lsq, norm_repair, probes, widths
+from neuronmerge import allocation_check, engine, group_impact, lsq, norm_repair, probes, widths
 from neuronmerge.budget import Allocation
 from neuronmerge.capture import ExampleInputs, as_input_tuple
 from neuronmerge.criteria import check_ratio
@@ -200,7 +201,8 @@ def compress(
     smallest per parameter (or MAC) saved, each group within a trust band around the uniform widths
     (see ``budget``); every method then builds the uniform widths too, and keeps an allocation only
     when its outputs on the model's synthetic probes (or the ``calibration`` batches: ``merge`` and
-    ``prune`` read them for this check alone) are significantly closer to the model's, and only
+    ``prune`` read them for this check alone; ``merge-ls``, which fits on its probes, is scored on
+    fresh ones of another seed) are significantly closer to the model's, and only
     tries one when the uniform widths' are not already as close as the probes can vouch for
     (``allocation_check``; the report's ``allocation`` says which widths were kept). Making the
     probes costs seconds on a small net, once per model; where none can be made (several inputs,
@@ -274,8 +276,12 @@ def _compress(
         batches = _check_batches(gm, inputs, expected, calibration, source)
         allocation = "error" if batches else UNCHECKED
     if batches:
+        fresh = None
+        fitted = isinstance(source, lsq.MeasuredMoments) and calibration is None
+        if fitted and allocation_check.CHECK_SEED is not None:
+            fresh = functools.partial(_check_probes, gm, inputs[0], allocation_check.CHECK_SEED)
         small, decompositions, allocation = _checked_allocation(
-            gm, groups, inputs, options, chosen, source, batches
+            gm, groups, inputs, options, chosen, source, batches, fresh
         )
     else:
         keep = widths.kept_counts(
@@ -393,12 +399,15 @@ def _checked_allocation(
     chosen: MethodObject,
     source: lsq.MomentSource | None,
     batches: tuple[tuple[torch.Tensor, ...], ...],
+    fresh: Callable[[], tuple[tuple[torch.Tensor, ...], ...]] | None = None,
 ) -> tuple[fx.GraphModule, dict[str, GroupDecomposition], str]:
     """Under a target: the uniform widths and the allocation at every band of
     ``allocation_check.BANDS``, and the one whose outputs on ``batches`` stay closest to the dense
     model's kept (an allocation only when significantly closer than uniform, and not at all when
-    uniform's error is already negligible; see ``allocation_check``). Returns the graph, its
-    decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
+    uniform's error is already negligible; see ``allocation_check``). ``fresh``, for a method that
+    fits on ``batches``: makes the probes the candidates are scored on instead (called only when a
+    candidate is scored), with ``allocation_check.FITTED_BANDS`` and ``FITTED_SIGNIFICANCE``.
+    Returns the graph, its decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
     dense = allocation_check.outputs(gm, batches)
     candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
     label, keep = next(candidates)  # uniform
@@ -407,11 +416,26 @@ def _checked_allocation(
     )
     best = (label, keep, uniform_errors, built)
     if not allocation_check.negligible(uniform_errors):
+        bands: tuple[float, ...] = allocation_check.BANDS
+        threshold = allocation_check.SIGNIFICANCE
+        if fresh is not None and built is not None:  # not with HELD_OUT: its folds are batches'
+            batches = fresh()
+            dense = allocation_check.outputs(gm, batches)
+            uniform_errors = allocation_check.probe_errors(
+                allocation_check.outputs(built[0], batches), dense
+            )
+            best = (label, keep, uniform_errors, built)
+            bands, threshold = allocation_check.FITTED_BANDS, allocation_check.FITTED_SIGNIFICANCE
+        impact = None
+        if group_impact.ENABLED and isinstance(source, lsq.MeasuredMoments):
+            impact = _impact(gm, groups, keep, options, inputs, chosen, source)
+        candidates = _candidate_widths(gm, groups, inputs, options, chosen, source, bands, impact)
+        next(candidates)  # uniform, built above
         for label, keep in candidates:
             errors, built = _probe_errors(
                 gm, groups, keep, options, inputs, chosen, source, batches, dense
             )
-            if allocation_check.replaces(uniform_errors, best[2], errors):
+            if allocation_check.replaces(uniform_errors, best[2], errors, threshold):
                 best = (label, keep, errors, built)
     label, keep, _, built = best
     if built is None:
@@ -426,14 +450,17 @@ def _candidate_widths(
     options: Options,
     chosen: MethodObject,
     source: lsq.MomentSource | None,
+    bands: Sequence[float] | None = None,
+    impact: Mapping[str, tuple[int, float]] | None = None,
 ) -> Iterator[tuple[str, dict[str, int]]]:
     """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
-    ``uniform`` first, then the allocation at each band of ``allocation_check.BANDS`` that differs
-    from those before it."""
+    ``uniform`` first, then the allocation at each of ``bands`` (default
+    ``allocation_check.BANDS``) that differs from those before it (its curves rescaled by
+    ``impact``, see ``widths.kept_counts``)."""
     uniform_request = dataclasses.replace(options.budget, allocation="uniform")
     seen = [widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)]
     yield "uniform", seen[0]
-    for band in allocation_check.BANDS:
+    for band in allocation_check.BANDS if bands is None else bands:
         keep = widths.kept_counts(
             gm,
             groups,
@@ -444,10 +471,43 @@ def _candidate_widths(
             criterion=options.criterion,
             moments=source,
             band=band,
+            impact=impact,
         )
         if keep not in seen:
             seen.append(keep)
             yield f"band {band}", keep
+
+
+def _impact(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    uniform_keep: Mapping[str, int],
+    options: Options,
+    inputs: tuple[torch.Tensor, ...],
+    chosen: MethodObject,
+    source: lsq.MeasuredMoments,
+) -> dict[str, tuple[int, float]]:
+    """Per group the allocation moves and the uniform widths cut: its uniform width and the output
+    error on the probes of cutting it alone there (``group_impact``)."""
+    cut = [
+        g
+        for g in groups
+        if uniform_keep[g.name] < g.channels and widths.allocated(gm, g, options.budget)
+    ]
+    if not cut:
+        return {}
+    decompositions = engine.decompose(gm, cut, uniform_keep, options, Inputs(inputs, source), chosen)
+    errors = group_impact.output_errors(gm, cut, decompositions, source)
+    return {name: (uniform_keep[name], error) for name, error in errors.items()}
+
+
+def _check_probes(
+    gm: fx.GraphModule, example: torch.Tensor, seed: int
+) -> tuple[tuple[torch.Tensor, ...], ...]:
+    """The probes the check scores ``merge-ls``'s candidates on, on its data-free path: made as its
+    own are, with another seed (``allocation_check.CHECK_SEED``), so that no candidate's fit saw
+    them; made once per model and reused at other targets."""
+    return tuple(probes.cached_probes(gm, example, seed=seed))
 
 
 def _probe_errors(

@@ -211,6 +211,16 @@ def merge_error_curve(
     return curve / whole if relative else curve
 
 
+def rescaled(error: Sequence[float], at: int, value: float) -> tuple[float, ...]:
+    """``error`` multiplied so that ``error[at] == value`` (its shape kept): a curve put on the scale
+    of a measurement taken at one width (``group_impact``). Unchanged when ``error[at]`` is not
+    positive (nothing to scale)."""
+    if error[at] <= 0:
+        return tuple(error)
+    factor = value / error[at]
+    return tuple(e * factor for e in error)
+
+
 def _monotone(error: Sequence[float]) -> list[float]:
     """``error`` made non-increasing in the kept count (a kept channel never adds damage)."""
     out = list(error)

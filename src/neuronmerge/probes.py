@@ -356,19 +356,26 @@ _CACHE_SIZE = 4
 
 
 def cached_probes(
-    model: nn.Module | fx.GraphModule, example: torch.Tensor, *, progress: bool | None = None
+    model: nn.Module | fx.GraphModule,
+    example: torch.Tensor,
+    *,
+    progress: bool | None = None,
+    seed: int = 0,
 ) -> list[tuple[torch.Tensor, ...]]:
-    """``synthesize_probes(model, example)`` with the defaults, made once per model and reused.
+    """``synthesize_probes(model, example, seed=seed)`` with the defaults, made once per model (and
+    seed) and reused.
 
     The key is a digest of the model's weights and buffers and of the input shape, so a model
     changed in place is never served stale probes. The returned tensors are shared: read them only.
     """
-    settings = (PROBES, MATCHED, FULL, DERIVED, FORWARD_MACS, MIN_PROBES, MIN_STEPS, TOLERANCE, NOISE)
+    settings = (
+        PROBES, MATCHED, FULL, DERIVED, FORWARD_MACS, MIN_PROBES, MIN_STEPS, TOLERANCE, NOISE, seed
+    )  # fmt: skip
     key = _fingerprint(model, example, settings)
     if key in _CACHE:
         _CACHE.move_to_end(key)
         return list(_CACHE[key])
-    probes = synthesize_probes(model, example, progress=progress)
+    probes = synthesize_probes(model, example, progress=progress, seed=seed)
     _CACHE[key] = probes
     while len(_CACHE) > _CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import fx
@@ -108,6 +108,17 @@ def least_squares_curves(
     return curves
 
 
+def holds(group: Group) -> bool:
+    """Whether a target keeps ``group`` at the uniform allocation's width (``HOLD_STREAMS``)."""
+    return HOLD_STREAMS and group.pattern == "residual"
+
+
+def allocated(graph_module: fx.GraphModule, group: Group, request: budget.Request) -> bool:
+    """Whether ``group``'s width under ``request``'s target is the allocation's to choose: costed
+    (``costed``), with no explicit ratio, and not held (``holds``)."""
+    return costed(graph_module, group) and explicit_ratio(group, request) is None and not holds(group)
+
+
 def explicit_ratio(group: Group, request: budget.Request) -> float | None:
     """The ratio of the first ``request.ratios`` glob matching one of the group's producers."""
     return next(
@@ -127,6 +138,7 @@ def kept_counts(
     criterion: str = "l1-norm",
     moments: MomentSource | None = None,
     band: float | None = None,
+    impact: Mapping[str, tuple[int, float]] | None = None,
 ) -> dict[str, int]:
     """How many channels every group keeps.
 
@@ -136,7 +148,9 @@ def kept_counts(
     their channels, and the others get the widths ``budget`` allocates, from their merge
     residual on the weights, or, given ``merge-ls``'s ``moments`` source, from its least-squares
     residual on them (``least_squares_curves``), each within ``band`` of the uniform widths
-    (default ``budget.BAND``). Raises
+    (default ``budget.BAND``). ``impact`` (group name -> (width, output error), from
+    ``group_impact``) rescales those groups' curves to equal the measured error at that width
+    (``budget.rescaled``). Raises
     ``InvalidArgumentError`` when a group would keep no channel or the target is out of reach.
     """
     shares: dict[str, float] = {}
@@ -180,7 +194,9 @@ def kept_counts(
             budgets.append(budget.GroupBudget(group.name, group.channels, (), keep, keep))
             continue
         curve = curves.get(group.name, (0.0,) * (group.channels + 1))
-        held = HOLD_STREAMS and group.pattern == "residual"
+        if impact and group.name in impact and group.name in curves:
+            curve = budget.rescaled(curve, *impact[group.name])
+        held = holds(group)
         budgets.append(budget.GroupBudget(group.name, group.channels, curve, 1, group.channels, held))
     what = "parameters" if request.metric == "params" else "MACs per example"
     target = request.absolute(whole_model)

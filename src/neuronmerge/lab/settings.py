@@ -2,7 +2,8 @@
 
 The validation experiments (``experiments/*_validation.py``, ``budget_*.py``) compare settings that
 the library fixes as module constants once chosen: the budget's trust band, whether an allocation
-is checked on the probes and how, how it derives probes, how it repairs BatchNorm
+is checked on the probes and how, whether ``merge-ls`` scales its curves by each group's measured
+output error (``group_impact``), how it derives probes, how it repairs BatchNorm
 statistics on them, and where its data-free path gets them. Each experiment used to assign those
 constants and restore them in its own ``try``/``finally``; ``overridden`` is that, once, with every
 setting named in one table so that a misspelt name is an error rather than a new attribute nobody
@@ -15,7 +16,7 @@ import contextlib
 from collections.abc import Iterator
 from types import ModuleType
 
-from neuronmerge import allocation_check, budget, lsq, norm_repair, probes, widths
+from neuronmerge import allocation_check, budget, group_impact, lsq, norm_repair, probes, widths
 from neuronmerge.errors import InvalidArgumentError
 
 #: Every setting ``overridden`` may change: its keyword, and the module constant it stands for.
@@ -23,6 +24,10 @@ SETTINGS: dict[str, tuple[ModuleType, str]] = {
     "band": (budget, "BAND"),
     "check": (allocation_check, "ENABLED"),
     "check_bands": (allocation_check, "BANDS"),
+    "check_seed": (allocation_check, "CHECK_SEED"),
+    "fitted_bands": (allocation_check, "FITTED_BANDS"),
+    "fitted_significance": (allocation_check, "FITTED_SIGNIFICANCE"),
+    "group_impact": (group_impact, "ENABLED"),
     "significance": (allocation_check, "SIGNIFICANCE"),
     "held_out": (allocation_check, "HELD_OUT"),
     "negligible": (allocation_check, "NEGLIGIBLE"),
