@@ -94,7 +94,11 @@ def run_model(name: str, data: Any, save: Any) -> dict[str, Any]:
         chosen = options.method_object()
         gm = engine.capture(model, inputs)
         groups, _ = engine.groups(gm, options, chosen)
-        candidates = dict(api._candidate_widths(gm, groups, inputs, options, chosen, source))
+        uniform = api._uniform_widths(gm, groups, inputs, options, chosen)
+        candidates = {
+            "uniform": uniform,
+            **dict(api._band_widths(gm, groups, inputs, options, chosen, source, uniform)),
+        }
         errors: dict[str, dict[str, torch.Tensor]] = {}
         uniform_right = None
         for label, keep in candidates.items():

@@ -109,7 +109,7 @@ def test_held_out_errors_are_fitted_without_the_probes_they_score(lenet: torch.n
     gm = engine.capture(lenet, X)
     groups, _ = engine.groups(gm, options, chosen)
     source = lsq.MeasuredMoments(tuple(BATCHES))
-    _, keep = next(api._candidate_widths(gm, groups, (X,), options, chosen, source))
+    keep = api._uniform_widths(gm, groups, (X,), options, chosen)
     dense = allocation_check.outputs(gm, BATCHES)
     args = (gm, groups, keep, options, (X,), chosen, source, tuple(BATCHES), dense)
     in_sample, built = api._probe_errors(*args, False)

@@ -41,7 +41,7 @@ def test_impact_is_the_output_error_of_cutting_the_group_alone(setting: tuple[ob
     _, options, chosen, gm, groups, source = setting
     assert isinstance(gm, torch.fx.GraphModule) and isinstance(options, Options)
     assert isinstance(groups, list) and isinstance(source, lsq.MeasuredMoments)
-    _, uniform = next(api._candidate_widths(gm, groups, (X,), options, chosen, source))  # type: ignore[arg-type]
+    uniform = api._uniform_widths(gm, groups, (X,), options, chosen)  # type: ignore[arg-type]
     before = {k: v.clone() for k, v in gm.state_dict().items()}
     impact = api._impact(gm, groups, uniform, options, (X,), chosen, source)  # type: ignore[arg-type]
     assert impact and set(impact) <= {g.name for g in groups}

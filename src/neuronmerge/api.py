@@ -409,12 +409,11 @@ def _checked_allocation(
     candidate is scored), with ``allocation_check.FITTED_BANDS`` and ``FITTED_SIGNIFICANCE``.
     Returns the graph, its decompositions, and ``"error"`` or ``"uniform"`` for the widths kept."""
     dense = allocation_check.outputs(gm, batches)
-    candidates = _candidate_widths(gm, groups, inputs, options, chosen, source)
-    label, keep = next(candidates)  # uniform
+    uniform = _uniform_widths(gm, groups, inputs, options, chosen)
     uniform_errors, built = _probe_errors(
-        gm, groups, keep, options, inputs, chosen, source, batches, dense
+        gm, groups, uniform, options, inputs, chosen, source, batches, dense
     )
-    best = (label, keep, uniform_errors, built)
+    best = ("uniform", uniform, uniform_errors, built)
     if not allocation_check.negligible(uniform_errors):
         bands: tuple[float, ...] = allocation_check.BANDS
         threshold = allocation_check.SIGNIFICANCE
@@ -424,14 +423,13 @@ def _checked_allocation(
             uniform_errors = allocation_check.probe_errors(
                 allocation_check.outputs(built[0], batches), dense
             )
-            best = (label, keep, uniform_errors, built)
+            best = ("uniform", uniform, uniform_errors, built)
             bands, threshold = allocation_check.FITTED_BANDS, allocation_check.FITTED_SIGNIFICANCE
         impact = None
         if group_impact.ENABLED and isinstance(source, lsq.MeasuredMoments):
-            impact = _impact(gm, groups, keep, options, inputs, chosen, source)
-        candidates = _candidate_widths(gm, groups, inputs, options, chosen, source, bands, impact)
-        next(candidates)  # uniform, built above
-        for label, keep in candidates:
+            impact = _impact(gm, groups, uniform, options, inputs, chosen, source)
+        allocations = _band_widths(gm, groups, inputs, options, chosen, source, uniform, bands, impact)
+        for label, keep in allocations:
             errors, built = _probe_errors(
                 gm, groups, keep, options, inputs, chosen, source, batches, dense
             )
@@ -443,23 +441,35 @@ def _checked_allocation(
     return built[0], built[1], "uniform" if label == "uniform" else "error"
 
 
-def _candidate_widths(
+def _uniform_widths(
+    gm: fx.GraphModule,
+    groups: list[Group],
+    inputs: tuple[torch.Tensor, ...],
+    options: Options,
+    chosen: MethodObject,
+) -> dict[str, int]:
+    """The widths of ``options``' target with the same fraction removed from every group: the
+    baseline ``_checked_allocation`` holds each allocation against."""
+    uniform_request = dataclasses.replace(options.budget, allocation="uniform")
+    return widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)
+
+
+def _band_widths(
     gm: fx.GraphModule,
     groups: list[Group],
     inputs: tuple[torch.Tensor, ...],
     options: Options,
     chosen: MethodObject,
     source: lsq.MomentSource | None,
+    uniform: dict[str, int],
     bands: Sequence[float] | None = None,
     impact: Mapping[str, tuple[int, float]] | None = None,
 ) -> Iterator[tuple[str, dict[str, int]]]:
-    """The widths ``_checked_allocation`` chooses among, by label, made as they are asked for:
-    ``uniform`` first, then the allocation at each of ``bands`` (default
-    ``allocation_check.BANDS``) that differs from those before it (its curves rescaled by
-    ``impact``, see ``widths.kept_counts``)."""
-    uniform_request = dataclasses.replace(options.budget, allocation="uniform")
-    seen = [widths.kept_counts(gm, groups, inputs, None, uniform_request, chosen)]
-    yield "uniform", seen[0]
+    """The allocations ``_checked_allocation`` holds against the ``uniform`` widths, by label,
+    made as they are asked for: the allocation at each of ``bands`` (default
+    ``allocation_check.BANDS``) that differs from uniform's and those before it (its curves
+    rescaled by ``impact``, see ``widths.kept_counts``)."""
+    seen = [uniform]
     for band in allocation_check.BANDS if bands is None else bands:
         keep = widths.kept_counts(
             gm,
