@@ -13,7 +13,7 @@ from neuronmerge import hf
 from neuronmerge.errors import InvalidArgumentError
 from neuronmerge.ffn import FFNOptions, compress_ffns, mlp_inputs
 from neuronmerge.hf import block_kinds, compress_pretrained
-from tests.hf_models import llama, opt
+from tests.hf_models import llama, opt, plant_duplicates
 
 IDS = torch.randint(0, 50, (2, 8), generator=torch.Generator().manual_seed(0))
 PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -79,14 +79,9 @@ def test_same_class_out_and_plain_transformers_reloads_it(
 def test_opt_relu_planted_duplicates_merge_exactly() -> None:
     torch.manual_seed(0)
     model = opt().eval()
-    with torch.no_grad():
-        for layer in model.model.decoder.layers:
-            # neurons 32..63 are positive multiples of neurons 0..31 (weights and biases)
-            scale = torch.rand(32, 1) * 0.5 + 0.25
-            layer.fc1.weight[32:] = scale * layer.fc1.weight[:32]
-            layer.fc1.bias[32:] = scale[:, 0] * layer.fc1.bias[:32]
-            layer.fc1.weight[:32] *= 2  # the originals have the larger norms (kept by l1-norm)
-            layer.fc1.bias[:32] *= 2
+    for layer in model.model.decoder.layers:
+        # neurons 32..63 are positive multiples of neurons 0..31 (weights and biases)
+        plant_duplicates(layer.fc1.weight, layer.fc1.bias)
     result = compress_pretrained(model, 0.5, method="merge")
     assert result.width_after == 32
     assert all(b.report.sites[0].merged == 32 for b in result.blocks)
@@ -104,13 +99,8 @@ def test_llama_gated_planted_duplicates_merge_exactly() -> None:
     # neuron i equals s * neuron j when gate rows are equal and up row i = s * up row j (any act)
     torch.manual_seed(0)
     model = llama().eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            mlp = layer.mlp
-            scale = torch.rand(32, 1) * 0.5 + 0.25
-            mlp.gate_proj.weight[32:] = mlp.gate_proj.weight[:32]
-            mlp.up_proj.weight[32:] = scale * mlp.up_proj.weight[:32]
-            mlp.up_proj.weight[:32] *= 2  # originals get the larger norms (kept by l1-norm)
+    for layer in model.model.layers:
+        plant_duplicates(layer.mlp.up_proj.weight, gate=layer.mlp.gate_proj.weight)
     result = compress_pretrained(model, 0.5, method="merge")
     assert result.model.config.intermediate_size == 32
     assert torch.allclose(_out(result.model), _out(model), atol=1e-5)
