@@ -23,9 +23,8 @@ from torch import nn
 
 from neuronmerge.budget import Term
 from neuronmerge.evaluate import flops_by_layer
+from neuronmerge.graph.ops import LAYERS
 from neuronmerge.types import ParamSlice
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 @dataclass(frozen=True)
@@ -107,13 +106,13 @@ def model_costs(
             params.extend(terms)
             fixed += rest
         if "*" in mine:  # a follower (a depthwise conv): each channel's MACs are its share
-            if isinstance(module, _LAYERS) and name in macs_now:
+            if isinstance(module, LAYERS) and name in macs_now:
                 size = int(module.weight.shape[0])
                 terms, rest = _sliced(size, macs_now[name] // size, mine["*"])
                 macs.extend(terms)
             fixed += sum(p.numel() for p in own)
             continue
-        if not isinstance(module, _LAYERS) or not own:
+        if not isinstance(module, LAYERS) or not own:
             fixed += sum(p.numel() for p in own)
             continue
         rows, columns, kernel = _width(module)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from neuronmerge.errors import InvalidArgumentError
+from neuronmerge.graph.ops import CONVS, LAYERS
 
 
 @contextmanager
@@ -95,7 +96,7 @@ def flops_by_layer(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]
             if isinstance(module, nn.Linear):
                 macs = output.numel() * module.in_features
             else:
-                assert isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                assert isinstance(module, CONVS)
                 kernel = math.prod(module.kernel_size)
                 macs = output.numel() * (module.in_channels // module.groups) * kernel
             counts[name] = counts.get(name, 0) + macs
@@ -105,7 +106,7 @@ def flops_by_layer(model: nn.Module, example_inputs: Tensor | tuple[Tensor, ...]
     handles = [
         module.register_forward_hook(hook_for(name))
         for name, module in model.named_modules()
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+        if isinstance(module, LAYERS)
     ]
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     device = _device(model)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from neuronmerge.evaluate import count_parameters, flops_by_layer
+from neuronmerge.graph.ops import CONVS
 from neuronmerge.types import Skipped
 
 
@@ -69,7 +70,7 @@ class SiteCounts(Protocol):
 def _out_channels(layer: nn.Module) -> int:
     if isinstance(layer, nn.Linear):
         return layer.out_features
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if isinstance(layer, CONVS):
         return layer.out_channels
     raise TypeError(f"not a Linear/Conv layer: {type(layer).__name__}")
 

@@ -73,7 +73,7 @@ _aten = torch.ops.aten
 #: The convolutions: weight ``(out, in / groups, *kernel)``, channels on axis 1 of a batched input.
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: The layers whose rows are channels: what a group's producers and consumers are.
-LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+LAYERS = (nn.Linear, *CONVS)
 
 
 @dataclass(frozen=True)
